@@ -1,0 +1,282 @@
+"""MBWQLinear: a drop-in for bitorch-engine's ``MBWQLinearCuda``.
+
+Same constructor arguments and defaults, same buffers (names, dtypes, shapes), same methods.
+Differences, all deliberate:
+
+* ``prepare_params()`` validates the layer and builds the kernels' tables as non-persistent
+  buffers; it deletes nothing, so ``state_dict()`` always returns the stored format.
+* ``forward`` keeps the input's leading dimensions (``[M, K] -> [M, N]``, the original gave
+  ``[1, M, N]``), accepts fp16 and bf16 activations (fp32 on CPU too) and never syncs the host.
+* Malformed layers raise ``ValueError`` naming the field instead of decoding garbage.
+* ``.to(dtype)`` / ``.bfloat16()`` leave the stored fp16 tensors alone (they are part of the
+  format); activations choose the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import format as fmt
+from . import ops
+
+# Buffers of the original that carry no weight information (FORMAT.md §2.2): accepted in a
+# state_dict and dropped.
+LEGACY_KEYS = ("g_idx", "wf", "qstatistic", "qzeros_zeros", "qzeros_scales", "qscales_zeros",
+               "qscales_scales", "privileged_grad")
+# Stored tensors whose checkpoint shape replaces the buffer's, as the original does.
+RESHAPEABLE_KEYS = ("qweight", "scales", "zeros", "q_perm", "q_groups")
+STORED_DTYPES = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.float16,
+                 "q_perm": torch.int16, "q_groups": torch.int16, "channel_scale": torch.float16,
+                 "bias": torch.float16}
+
+
+class MBWQLinear(nn.Module):
+    """Mixed-bit-width quantized linear layer, ``y = (x * channel_scale) @ W (+ bias)``.
+
+    Arguments as in the original. Only these change the layer: ``in_channels``, ``out_channels``,
+    ``w_bit`` and ``group_size`` (uniform mode), ``disable_bias``, ``use_mbw``, ``groups`` and
+    ``rows_packed`` (initial buffer shapes in mixed mode; a checkpoint's shapes replace them).
+    ``a_bit`` must be 16, ``dtype`` float16, ``use_gba_quant`` True and ``asym`` False (the only
+    configuration of the original that works); ``dq_group_size``, ``dq_mode`` and
+    ``requires_grad`` are accepted for compatibility and have no effect here.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, a_bit: int = 16, w_bit: int = 4,
+                 dtype: torch.dtype = torch.half, group_size: int = -1, use_gba_quant: bool = True,
+                 dq_group_size: int = -1, dq_mode: int = 2, disable_bias: bool = True,
+                 asym: bool = False, requires_grad: bool = True, use_mbw: bool = True,
+                 groups: int = 64, rows_packed: int = 64) -> None:
+        super().__init__()
+        _check_int("in_channels", in_channels)
+        fmt.check_in_features(in_channels)
+        _check_int("out_channels", out_channels)
+        if out_channels <= 0:
+            raise ValueError(f"out_channels must be positive, got {out_channels}")
+        if a_bit != 16:
+            raise ValueError(f"a_bit must be 16 (activations are fp16/bf16), got {a_bit}")
+        if dtype != torch.half:
+            raise ValueError(f"dtype must be torch.float16 (the stored scales/zeros are fp16; "
+                             f"activations may still be bf16), got {dtype}")
+        if not use_gba_quant or asym:
+            raise ValueError(f"only use_gba_quant=True, asym=False is a working MBWQ configuration, "
+                             f"got use_gba_quant={use_gba_quant}, asym={asym}")
+        if group_size == -1:
+            group_size = in_channels
+        _check_int("group_size", group_size)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.a_bit, self.w_bit, self.dtype = a_bit, w_bit, dtype
+        self.group_size, self.use_mbw = group_size, bool(use_mbw)
+        self.use_gba_quant, self.asym = use_gba_quant, asym
+        self.dq_group_size, self.dq_mode = dq_group_size, dq_mode
+        self.disable_bias, self.requires_grad = disable_bias, requires_grad
+        self.groups, self.rows_packed = groups, rows_packed
+        K, N = in_channels, out_channels
+        if self.use_mbw:
+            if w_bit not in fmt.WIDTHS:
+                raise ValueError(f"w_bit must be one of {fmt.WIDTHS}, got {w_bit}")
+            for name, v in (("groups", groups), ("rows_packed", rows_packed)):
+                _check_int(name, v)
+                if v <= 0:
+                    raise ValueError(f"{name} must be positive, got {v}")
+            G, R = groups, rows_packed
+        else:
+            fmt.uniform_groups(K, w_bit, group_size)  # validates w_bit and group_size
+            G, R = math.ceil(K / group_size), K * w_bit // 32
+        self.register_buffer("qweight", torch.zeros(R, N, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(G, N, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(G, N, dtype=torch.float16))
+        self.register_buffer("q_perm", torch.zeros(K, dtype=torch.int16))
+        self.register_buffer("channel_scale", torch.ones(1, 1, K, dtype=torch.float16))
+        if self.use_mbw:
+            self.register_buffer("q_groups", torch.zeros(2 * G, dtype=torch.int16))
+        if not disable_bias:
+            self.register_buffer("bias", torch.zeros(N, dtype=torch.float16))
+        else:
+            self.bias = None
+        # Kernel tables, built by prepare_params(); never saved (the state_dict is the stored format).
+        self.register_buffer("_blocks", torch.empty(0, 3, dtype=torch.int32), persistent=False)
+        self.register_buffer("_perm", torch.empty(0, dtype=torch.int32), persistent=False)
+        self.rows: List[int] = [0] * 7
+        self.q_group_map: Optional[Tensor] = None
+        self._prepared = False
+
+    # ------------------------------------------------------------------ stored tensors
+    def __setattr__(self, name, value):
+        if name in STORED_DTYPES and "_prepared" in self.__dict__:
+            self.__dict__["_prepared"] = False  # any new weight data needs prepare_params()
+        super().__setattr__(name, value)
+
+    def set_qweight_data(self, data: Tensor) -> None:
+        self.qweight = _stored("qweight", data)
+
+    def set_scales(self, scales: Tensor) -> None:
+        self.scales = _stored("scales", scales)
+
+    def set_zeros(self, zeros: Tensor) -> None:
+        self.zeros = _stored("zeros", zeros)
+
+    def _stored_groups(self) -> List[fmt.Group]:
+        K, N = self.in_channels, self.out_channels
+        for name, want in STORED_DTYPES.items():
+            t = getattr(self, name, None)
+            if t is not None and t.dtype != want:
+                raise ValueError(f"{name} must be {want}, got {t.dtype}")
+        if self.qweight.dim() != 2 or self.qweight.shape[1] != N:
+            raise ValueError(f"qweight must have shape [rows, {N}], got {tuple(self.qweight.shape)}")
+        if self.use_mbw:
+            groups = fmt.parse_q_groups(self.q_groups, K, self.qweight.shape[0])
+        else:
+            if self.qweight.shape[0] != K * self.w_bit // 32:
+                raise ValueError(f"qweight must have shape [{K * self.w_bit // 32}, {N}] for "
+                                 f"{self.w_bit}-bit uniform weights, got {tuple(self.qweight.shape)}")
+            groups = fmt.uniform_groups(K, self.w_bit, self.group_size)
+        G = len(groups)
+        for name in ("scales", "zeros"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (G, N):
+                raise ValueError(f"{name} must have shape [{G}, {N}] ({G} groups), got {tuple(t.shape)}")
+        if self.channel_scale.numel() != K:
+            raise ValueError(f"channel_scale must have {K} elements, got {tuple(self.channel_scale.shape)}")
+        if self.bias is not None and tuple(self.bias.shape) != (N,):
+            raise ValueError(f"bias must have shape [{N}], got {tuple(self.bias.shape)}")
+        devices = {t.device for t in (self.qweight, self.scales, self.zeros, self.q_perm,
+                                      self.channel_scale)}
+        if len(devices) > 1:
+            raise ValueError(f"all stored tensors must be on one device, found {sorted(map(str, devices))}")
+        return groups
+
+    def check_parameters(self) -> None:
+        """Validate every stored tensor (FORMAT.md §10); raises ValueError naming the problem."""
+        self._stored_groups()
+        fmt.perm_index(self.q_perm, self.in_channels, self.use_mbw)
+
+    def prepare_params(self) -> None:
+        """Validate the layer and build the kernel tables (host work, once per layer)."""
+        groups = self._stored_groups()
+        perm = fmt.perm_index(self.q_perm, self.in_channels, self.use_mbw)
+        device = self.qweight.device
+        self._blocks = fmt.make_blocks(groups).to(device)
+        self._perm = perm.to(device)
+        if self.use_mbw:
+            self.rows = fmt.rows_list(groups)
+            self.q_group_map = fmt.group_map(groups).to(device)
+        else:
+            self.rows = [0] * 7
+        self._prepared = True
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._prepared:
+            raise RuntimeError("MBWQLinear: call prepare_params() after loading weights and "
+                               "before forward()")
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"MBWQLinear: input has {x.shape[-1]} features (shape "
+                             f"{tuple(x.shape)}), the layer expects {self.in_channels}")
+        y = ops.gemm(x.reshape(-1, self.in_channels), self.qweight, self.scales, self.zeros,
+                     self._blocks, self._perm, self.channel_scale.reshape(-1), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_channels)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float16) -> Tensor:
+        """``W [in, out]`` with ``forward(x) == (x * channel_scale) @ W + bias``."""
+        if not self._prepared:
+            raise RuntimeError("MBWQLinear: call prepare_params() first")
+        return ops.dequant(self.qweight, self.scales, self.zeros, self._blocks, self._perm, dtype)
+
+    @staticmethod
+    def q42fp_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bits: int,
+                     q_perm: Tensor) -> Tensor:
+        """Uniform-mode dequantization, original input order, fp16 ``[K, N]``."""
+        if bits not in fmt.UNIFORM_WIDTHS:
+            raise ValueError(f"bits must be 4 or 2 for q42fp_weight, got {bits}")
+        K = qweight.shape[0] * 32 // bits
+        blocks = fmt.make_blocks(fmt.uniform_groups(K, bits, group_size)).to(qweight.device)
+        perm = fmt.perm_index(q_perm, K, use_mbw=False).to(qweight.device)
+        return ops.dequant(qweight, scales, zeros, blocks, perm)
+
+    @staticmethod
+    def exl2fp_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, q_perm: Tensor,
+                      q_group_map: Tensor, rows: List[int]) -> Tensor:
+        """Mixed-mode dequantization, original input order, fp16 ``[K, N]``."""
+        groups = fmt.groups_from_group_map(q_group_map, rows)
+        K = groups[-1].first_row + groups[-1].rows
+        end = groups[-1].start + groups[-1].packed_rows
+        if end != qweight.shape[0]:
+            raise ValueError(f"q_group_map and rows describe {end} packed rows but qweight has "
+                             f"{qweight.shape[0]}")
+        blocks = fmt.make_blocks(groups).to(qweight.device)
+        perm = fmt.perm_index(q_perm, K, use_mbw=True).to(qweight.device)
+        return ops.dequant(qweight, scales, zeros, blocks, perm)
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a stored-format dict (the original's keys). Missing keys keep their current
+        values; legacy keys are ignored; other unknown keys raise ``KeyError`` when ``strict``."""
+        known = set(self.state_dict().keys())
+        unknown = [k for k in state_dict if k not in known and k not in LEGACY_KEYS
+                   and not (k == "bias" and self.bias is None)]
+        if strict and unknown:
+            raise KeyError(f"MBWQLinear.load_state_dict: unexpected keys {unknown}")
+        for k in known & set(state_dict):
+            self._assign_stored(k, state_dict[k])
+        if {"qweight", "scales", "zeros", "q_perm"} <= set(state_dict):
+            self.check_parameters()  # reject a malformed layer now, not at the first kernel
+        return nn.modules.module._IncompatibleKeys([], unknown)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Used when the layer sits inside a model: same rules as load_state_dict above.
+        for k in LEGACY_KEYS + (("bias",) if self.bias is None else ()):
+            state_dict.pop(prefix + k, None)
+        for k in RESHAPEABLE_KEYS:
+            t = state_dict.get(prefix + k)
+            if t is not None and getattr(self, k, None) is not None:
+                self._assign_stored(k, t)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._prepared = False
+
+    def _assign_stored(self, name: str, value: Tensor) -> None:
+        value = _stored(name, value)
+        current = getattr(self, name)
+        with torch.no_grad():
+            if current is not None and current.shape == value.shape:
+                current.copy_(value)
+                self._prepared = False
+            else:  # a checkpoint with other group/row counts replaces the buffer, as the original
+                setattr(self, name, value.to(self.qweight.device).clone())
+
+    def _apply(self, fn, recurse=True):
+        # Keep stored tensors in their format dtypes when the model is cast (model.bfloat16()):
+        # move them to the new device only.
+        before = {k: b for k, b in self._buffers.items() if b is not None and k in STORED_DTYPES}
+        super()._apply(fn, recurse)
+        for k, old in before.items():
+            new = self._buffers[k]
+            if new.dtype != old.dtype:
+                self._buffers[k] = old.to(device=new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        mode = "mixed" if self.use_mbw else f"uniform {self.w_bit}-bit g{self.group_size}"
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, {mode}, "
+                f"bias={self.bias is not None}")
+
+
+MBWQLinearCuda = MBWQLinear
+
+
+def _check_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+
+
+def _stored(name: str, value: Tensor) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    want = STORED_DTYPES[name]
+    if value.dtype != want:
+        raise ValueError(f"{name} must be {want} (the stored format), got {value.dtype}")
+    return value

@@ -1,0 +1,110 @@
+"""Typed wrappers, fake (meta) kernels and the autograd formula of every mbwq op.
+
+The schemas live in csrc/ops.cpp; the argument layout (stored ``qweight`` + ``blocks`` table +
+``perm``) is drawn in csrc/format.h and built by :func:`mbwq_ops.format.make_blocks`.
+Each fake kernel repeats the C++ wrapper's checks with ``torch._check`` so that a bad call fails
+the same way under ``torch.compile``; output shapes never depend on tensor values.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BLOCK_ROWS = 32  # stored rows per entry of the blocks table (csrc/format.h: kBlockRows)
+BLOCK_COLS = 3  # (bits, word, group)
+
+
+def dequant(
+    qweight: Tensor, scales: Tensor, zeros: Tensor, blocks: Tensor, perm: Tensor,
+    dtype: torch.dtype = torch.float16,
+) -> Tensor:
+    """Full weight ``W [K, N]`` in original input order (``y = x @ W``), as ``dtype``."""
+    return torch.ops.mbwq.dequant.default(qweight, scales, zeros, blocks, perm, dtype)
+
+
+def gemm(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, blocks: Tensor, perm: Tensor,
+    channel_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+) -> Tensor:
+    """``round(x * channel_scale) @ W + bias`` for 2-D ``x [M, K]``; output ``[M, N]`` in x's dtype."""
+    return torch.ops.mbwq.gemm.default(x, qweight, scales, zeros, blocks, perm, channel_scale, bias)
+
+
+def _check_weight_args(qweight, scales, zeros, blocks, perm):
+    torch._check(qweight.dim() == 2 and qweight.dtype == torch.int32,
+                 lambda: f"mbwq: qweight must be a 2-D int32 tensor, got {qweight.dim()}-D {qweight.dtype}")
+    torch._check(scales.dim() == 2 and scales.dtype == torch.float16,
+                 lambda: f"mbwq: scales must be a 2-D float16 tensor, got {scales.dim()}-D {scales.dtype}")
+    torch._check(zeros.shape == scales.shape and zeros.dtype == torch.float16,
+                 lambda: f"mbwq: zeros must be float16 with the shape of scales {tuple(scales.shape)}, "
+                         f"got {zeros.dtype} {tuple(zeros.shape)}")
+    torch._check(scales.shape[1] == qweight.shape[1],
+                 lambda: f"mbwq: scales has {scales.shape[1]} columns but qweight has {qweight.shape[1]}")
+    torch._check(blocks.dim() == 2 and blocks.shape[1] == BLOCK_COLS and blocks.dtype == torch.int32,
+                 lambda: f"mbwq: blocks must be int32 [K/32, {BLOCK_COLS}], got {blocks.dtype} "
+                         f"{tuple(blocks.shape)}")
+    K = blocks.shape[0] * BLOCK_ROWS
+    torch._check(perm.dim() == 1 and perm.dtype == torch.int32
+                 and (perm.numel() == 0 or perm.numel() == K),
+                 lambda: f"mbwq: perm must be int32 [{K}] or [0] (identity), got {perm.dtype} "
+                         f"{tuple(perm.shape)}")
+    for t in (scales, zeros, blocks, perm):
+        torch._check(t.device == qweight.device,
+                     lambda: f"mbwq: all weight tensors must be on {qweight.device}, found one on {t.device}")
+    return K, qweight.shape[1]
+
+
+@torch.library.register_fake("mbwq::dequant")
+def _dequant_fake(qweight, scales, zeros, blocks, perm, dtype):
+    K, N = _check_weight_args(qweight, scales, zeros, blocks, perm)
+    return qweight.new_empty((K, N), dtype=dtype)
+
+
+@torch.library.register_fake("mbwq::gemm")
+def _gemm_fake(x, qweight, scales, zeros, blocks, perm, channel_scale, bias):
+    K, N = _check_weight_args(qweight, scales, zeros, blocks, perm)
+    torch._check(x.dim() == 2, lambda: f"mbwq: x must be 2-D [M, K], got {x.dim()}-D {tuple(x.shape)}")
+    torch._check(x.shape[1] == K, lambda: f"mbwq: x has {x.shape[1]} features but the layer has {K}")
+    torch._check(x.dtype in (torch.float16, torch.bfloat16, torch.float32),
+                 lambda: f"mbwq: x must be float16, bfloat16 or float32, got {x.dtype}")
+    torch._check(x.device == qweight.device,
+                 lambda: f"mbwq: x is on {x.device} but the weights are on {qweight.device}")
+    if channel_scale is not None:
+        torch._check(channel_scale.dim() == 1 and channel_scale.numel() == K
+                     and channel_scale.dtype.is_floating_point,
+                     lambda: f"mbwq: channel_scale must be a floating [{K}] tensor, got "
+                             f"{channel_scale.dtype} {tuple(channel_scale.shape)}")
+        torch._check(channel_scale.device == x.device,
+                     lambda: f"mbwq: channel_scale is on {channel_scale.device} but x is on {x.device}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.numel() == N and bias.dtype.is_floating_point,
+                     lambda: f"mbwq: bias must be a floating [{N}] tensor, got {bias.dtype} "
+                             f"{tuple(bias.shape)}")
+        torch._check(bias.device == x.device,
+                     lambda: f"mbwq: bias is on {bias.device} but x is on {x.device}")
+    return x.new_empty((x.shape[0], N))
+
+
+# Autograd: y = xs @ W with xs = x * channel_scale, so dL/dx = (dL/dy @ W^T) * channel_scale.
+# The quantized weights, scales, zeros and bias are buffers and get no gradient.
+def _gemm_setup_context(ctx, inputs, output):
+    x, qweight, scales, zeros, blocks, perm, channel_scale, bias = inputs
+    ctx.save_for_backward(qweight, scales, zeros, blocks, perm, channel_scale)
+    ctx.x_dtype = x.dtype
+
+
+def _gemm_backward(ctx, grad_y):
+    qweight, scales, zeros, blocks, perm, channel_scale = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        W = dequant(qweight, scales, zeros, blocks, perm, torch.float32)
+        grad_x = grad_y.float() @ W.t()
+        if channel_scale is not None:
+            grad_x = grad_x * channel_scale.float()
+        grad_x = grad_x.to(ctx.x_dtype)
+    return grad_x, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("mbwq::gemm", _gemm_backward, setup_context=_gemm_setup_context)
