@@ -162,7 +162,8 @@ def parse_q_groups(q_groups: Tensor, in_features: int, packed_rows: int) -> List
         first += rows
     end = groups[-1].start + groups[-1].packed_rows
     if end != packed_rows:
-        raise ValueError(f"q_groups describe {end} packed rows but qweight has {packed_rows}")
+        raise ValueError(f"q_groups describe {end} packed rows (for in_features={in_features}) but "
+                         f"qweight has {packed_rows}")
     return groups
 
 

@@ -191,8 +191,11 @@ class MBWQLinear(nn.Module):
         """Uniform-mode dequantization, original input order, fp16 ``[K, N]``."""
         if bits not in fmt.UNIFORM_WIDTHS:
             raise ValueError(f"bits must be 4 or 2 for q42fp_weight, got {bits}")
+        _check_dequant_args(qweight, scales, zeros)
         K = qweight.shape[0] * 32 // bits
-        blocks = fmt.make_blocks(fmt.uniform_groups(K, bits, group_size)).to(qweight.device)
+        groups = fmt.uniform_groups(K, bits, group_size)
+        _check_group_count(scales, len(groups))
+        blocks = fmt.make_blocks(groups).to(qweight.device)
         perm = fmt.perm_index(q_perm, K, use_mbw=False).to(qweight.device)
         return ops.dequant(qweight, scales, zeros, blocks, perm)
 
@@ -200,7 +203,9 @@ class MBWQLinear(nn.Module):
     def exl2fp_weight(qweight: Tensor, scales: Tensor, zeros: Tensor, q_perm: Tensor,
                       q_group_map: Tensor, rows: List[int]) -> Tensor:
         """Mixed-mode dequantization, original input order, fp16 ``[K, N]``."""
+        _check_dequant_args(qweight, scales, zeros)
         groups = fmt.groups_from_group_map(q_group_map, rows)
+        _check_group_count(scales, len(groups))
         K = groups[-1].first_row + groups[-1].rows
         end = groups[-1].start + groups[-1].packed_rows
         if end != qweight.shape[0]:
@@ -230,7 +235,7 @@ class MBWQLinear(nn.Module):
         # Used when the layer sits inside a model: same rules as load_state_dict above.
         for k in LEGACY_KEYS + (("bias",) if self.bias is None else ()):
             state_dict.pop(prefix + k, None)
-        for k in RESHAPEABLE_KEYS:
+        for k in STORED_DTYPES:  # dtype checks and reshapeable keys, as in load_state_dict
             t = state_dict.get(prefix + k)
             if t is not None and getattr(self, k, None) is not None:
                 self._assign_stored(k, t)
@@ -245,6 +250,9 @@ class MBWQLinear(nn.Module):
             if current is not None and current.shape == value.shape:
                 current.copy_(value)
                 self._prepared = False
+            elif name not in RESHAPEABLE_KEYS:
+                raise ValueError(f"{name} must have shape {tuple(current.shape)}, got "
+                                 f"{tuple(value.shape)}")
             else:  # a checkpoint with other group/row counts replaces the buffer, as the original
                 setattr(self, name, value.to(self.qweight.device).clone())
 
@@ -271,6 +279,22 @@ MBWQLinearCuda = MBWQLinear
 def _check_int(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{name} must be an int, got {v!r}")
+
+
+def _check_dequant_args(qweight: Tensor, scales: Tensor, zeros: Tensor) -> None:
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        _stored(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if scales.shape[1] != qweight.shape[1] or zeros.shape != scales.shape:
+        raise ValueError(f"scales and zeros must have qweight's {qweight.shape[1]} columns and one "
+                         f"shape, got scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}")
+
+
+def _check_group_count(scales: Tensor, G: int) -> None:
+    # checked here, before any kernel reads scales/zeros rows by group index
+    if scales.shape[0] != G:
+        raise ValueError(f"scales must have one row per group ({G}), got shape {tuple(scales.shape)}")
 
 
 def _stored(name: str, value: Tensor) -> Tensor:

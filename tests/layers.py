@@ -101,5 +101,23 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -16}[dtype]
 
 
+def error_bound(dtype: torch.dtype, ref: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on ``|result - ref|`` for a result in ``dtype``:
+    ``tolerance(dtype) * (|ref| + S)`` plus the spacing of ``dtype``'s subnormals (where the
+    output's rounding error is absolute, not relative)."""
+    fi = torch.finfo(dtype)
+    return tolerance(dtype) * (ref.abs() + S) + fi.smallest_normal * fi.eps
+
+
 def devices() -> List[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_params():
+    """``devices()`` for ``pytest.mark.parametrize``: cuda always listed, marked ``cuda`` and
+    skipped where CUDA is absent, so a CPU-only run reports the GPU variants as skipped."""
+    import pytest
+
+    return ["cpu", pytest.param("cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
