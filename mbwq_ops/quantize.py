@@ -1,0 +1,786 @@
+"""Quantize ``nn.Linear`` layers and whole models into the MBWQ stored format (FORMAT.md).
+
+Vocabulary: ``W [K, N] = linear.weight.T``; a *stored row* is one input feature placed at
+position ``k`` of the packed matrix (``q_perm[k]`` names the feature); a *group* is a run of
+stored rows sharing one width and one fp16 ``(scale, zero)`` pair per output column.
+
+Pipeline of one layer::
+
+    W, H (Hessian of the layer's inputs, or none)
+      -> order the input features by importance        (H_kk * |W_k|^2, most important first)
+      -> cut that order into *units* of ``unit_rows`` rows (multiples of 32)
+      -> give each unit a width (and group size): fixed, from a strategy, or by allocation
+      -> stored order = units sorted by width 8, 6, 5, 4, 3, 2 (stable) -> q_perm
+      -> RTN or GPTQ over the stored rows, group by group -> codes, scales, zeros
+      -> pack -> MBWQLinear
+
+Grid of a group (asymmetric min/max): ``zero = -min`` and ``scale = (max + zero) / (2^b - 1)``,
+both rounded *up* to fp16, so every weight of the group lies inside the representable range
+``[-zero, (2^b - 1) * scale - zero]`` and round-to-nearest errs by at most half a step (plus the
+fp16 rounding of the dequantized value).
+
+Bit budget (what :func:`bits_per_weight` counts): every stored bit of ``qweight``, ``scales``
+and ``zeros`` divided by ``K * N``. A group of ``r`` rows at width ``b`` therefore costs
+``N * (r * b + 32)`` bits. ``q_perm``, ``q_groups``, ``channel_scale`` and ``bias`` are per-layer
+metadata and are reported separately (``bits_per_weight(..., include_metadata=True)``).
+
+Allocation (``quantize_model(bpw=...)``): for every unit of every layer and every candidate
+``(width, group size)`` the output error of round-to-nearest is *measured*,
+``E = tr(dW^T H_uu dW)`` (``H = I`` without calibration data), normalised by the layer's output
+energy ``tr(W^T H W)``. Choosing one candidate per unit to minimise the summed error under the
+total bit budget is a multiple-choice knapsack; it is solved by a Lagrangian search over the
+price of a bit followed by a greedy fill of the remaining budget.
+
+GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"): rows are quantized one at a time in stored order and the rounding
+error of each row is spread over the rows not yet quantized through the upper Cholesky factor
+of ``H^-1``; error propagation to later blocks is batched. Groups take their grid from the
+already-updated weights when their first row is reached. Act-order comes for free: the stored
+order puts the features with the largest ``H_kk`` first (within each width).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import format as fmt
+from .layer import MBWQLinear
+
+__all__ = [
+    "quantize_linear", "quantize_model", "bits_per_weight", "layer_bits", "collect_hessians",
+    "load_strategy", "strategy_from_model", "LayerPlan", "pack_codes_fast",
+]
+
+WIDTHS = fmt.WIDTHS
+
+
+# ============================================================================ fp16 grid helpers
+def _fp16_up(v: Tensor) -> Tensor:
+    """Smallest fp16 value >= v (v float64); saturates at the fp16 maximum."""
+    h = v.clamp(max=65504.0).to(torch.float16)
+    low = h.to(torch.float64) < v
+    if bool(low.any()):
+        h = torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h
+
+
+def rtn_grid(w: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """Asymmetric min/max grid of a group ``w [..., rows, N]``: fp16 ``scale``, ``zero``
+    ``[..., N]`` (min/max over the rows of each column).
+
+    ``zero`` and ``scale`` are rounded up so that ``[-zero, maxq*scale - zero]`` covers
+    ``[min, max]`` of every column exactly.
+    """
+    maxq = (1 << bits) - 1
+    w = w.to(torch.float64)
+    lo, hi = w.amin(-2), w.amax(-2)
+    zero = _fp16_up(-lo)
+    scale = _fp16_up((hi + zero.to(torch.float64)) / maxq)
+    tiny = torch.tensor(2.0 ** -24, dtype=torch.float16, device=w.device)
+    scale = torch.where(scale > 0, scale, tiny)
+    return scale, zero
+
+
+def quantize_to_grid(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """Codes (int64) of ``w [..., N]`` on the grid, and their exact dequantized values (float64,
+    rounded once to fp16 like the kernels do)."""
+    s, z = scale.to(torch.float64), zero.to(torch.float64)
+    codes = torch.round((w.to(torch.float64) + z) / s).clamp_(0, (1 << bits) - 1)
+    deq = (codes * s - z).to(torch.float32).to(torch.float16).to(torch.float64)
+    # (float64 -> float32 -> fp16 could round twice; the error it adds is below one fp16 ulp
+    # and only matters for error feedback, never for the stored codes.)
+    return codes.to(torch.int64), deq
+
+
+# ============================================================================ packing
+def pack_codes_fast(codes: Tensor, bits: int) -> Tensor:
+    """Vectorised :func:`mbwq_ops.format.pack_codes`: codes ``[rows, N]`` (rows % 32 == 0) to
+    int32 ``[rows*bits/32, N]`` (FORMAT.md §4). Loops over the 32 rows of a block only."""
+    rows, N = codes.shape
+    if rows % 32:
+        raise ValueError(f"rows must be a multiple of 32, got {rows}")
+    c = codes.to(torch.int64).reshape(rows // 32, 32, N)
+    words = torch.zeros(rows // 32, bits, N, dtype=torch.int64, device=codes.device)
+    for r in range(32):
+        j, s = divmod(r * bits, 32)
+        words[:, j] |= (c[:, r] << s) & 0xFFFFFFFF
+        if s + bits > 32:
+            words[:, j + 1] |= c[:, r] >> (32 - s)
+    words = words.reshape(rows * bits // 32, N)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+# ============================================================================ plans
+@dataclass
+class LayerPlan:
+    """How one layer is stored: ``order`` (stored row -> input feature) and the groups as
+    ``(bits, rows)`` in stored order. ``use_mbw=False`` means uniform mode."""
+
+    order: Tensor
+    groups: List[Tuple[int, int]]
+    use_mbw: bool = True
+    w_bit: int = 4
+    group_size: int = 128
+
+    def check(self, K: int) -> None:
+        if sum(r for _, r in self.groups) != K:
+            raise ValueError(f"plan covers {sum(r for _, r in self.groups)} rows, layer has {K}")
+        ws = [b for b, _ in self.groups]
+        if any(WIDTHS.index(a) > WIDTHS.index(b) for a, b in zip(ws, ws[1:])):
+            raise ValueError(f"groups must be sorted by width 8..2, got {ws}")
+        if any(r <= 0 or r % 32 for _, r in self.groups):
+            raise ValueError(f"every group needs a positive multiple of 32 rows, got "
+                             f"{[r for _, r in self.groups]}")
+
+
+def _split(rows: int, size: int) -> List[int]:
+    out = []
+    while rows > 0:
+        out.append(min(size, rows))
+        rows -= size
+    return out
+
+
+def _importance(W: Tensor, H: Optional[Tensor]) -> Tensor:
+    energy = W.float().pow(2).sum(1)
+    if H is not None:
+        energy = energy * torch.diagonal(H).float().clamp_min(0)
+    return energy
+
+
+def _check_group_size(gs: int) -> None:
+    if not isinstance(gs, int) or gs <= 0 or gs % 32:
+        raise ValueError(f"group_size must be a positive multiple of 32, got {gs!r}")
+
+
+def _assemble(order: Tensor, unit_rows: List[int], choice: List[Tuple[int, int]]) -> LayerPlan:
+    """Stored order from units (in importance order) and their (bits, group size) choices:
+    units sorted by width (stable), each split into groups of its group size."""
+    starts = [0]
+    for r in unit_rows:
+        starts.append(starts[-1] + r)
+    idx = sorted(range(len(unit_rows)), key=lambda u: WIDTHS.index(choice[u][0]))
+    perm, groups = [], []
+    for u in idx:
+        b, gs = choice[u]
+        perm.append(order[starts[u]:starts[u + 1]])
+        groups += [(b, r) for r in _split(unit_rows[u], gs)]
+    return LayerPlan(torch.cat(perm), groups, True, groups[0][0], choice[idx[0]][1])
+
+
+# ============================================================================ core quantizers
+def _quantize_rtn(Ws: Tensor, groups: Sequence[Tuple[int, int]]):
+    codes, scales, zeros, first = [], [], [], 0
+    for b, r in groups:
+        w = Ws[first:first + r]
+        s, z = rtn_grid(w, b)
+        c, _ = quantize_to_grid(w, s, z, b)
+        codes.append(c)
+        scales.append(s)
+        zeros.append(z)
+        first += r
+    return torch.cat(codes), torch.stack(scales), torch.stack(zeros)
+
+
+def _prepare_hessian(H: Tensor, damp: float) -> Tensor:
+    H = H.to(torch.float64).clone()
+    d = torch.diagonal(H)
+    dead = d <= 0
+    d[dead] = 1.0
+    d += damp * float(d.mean())
+    return H
+
+
+def _gptq(Ws: Tensor, Hs: Tensor, groups: Sequence[Tuple[int, int]], damp: float = 0.01,
+          block: int = 128):
+    """GPTQ over stored rows ``Ws [K, N]`` with Hessian ``Hs [K, K]`` in the same order."""
+    K, N = Ws.shape
+    H = _prepare_hessian(Hs, damp)
+    try:
+        L = torch.linalg.cholesky(H)
+    except RuntimeError:  # not positive definite even after damping: damp harder
+        H += torch.eye(K, dtype=H.dtype, device=H.device) * float(torch.diagonal(H).mean())
+        L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True).to(torch.float32)
+    W = Ws.to(torch.float32).clone()
+    codes = torch.empty(K, N, dtype=torch.int64, device=W.device)
+    scales, zeros = [], []
+    group_of_row = []
+    bounds = set()
+    first = 0
+    for gi, (b, r) in enumerate(groups):
+        bounds.add(first)
+        group_of_row += [gi] * r
+        first += r
+    cuts = sorted(bounds | set(range(0, K, block)) | {K})
+    scale = zero = None
+    for i1, i2 in zip(cuts, cuts[1:]):
+        gi = group_of_row[i1]
+        b, r = groups[gi]
+        if i1 in bounds:  # a group starts: grid from the weights as updated so far
+            g0 = i1
+            scale, zero = rtn_grid(W[g0:g0 + r], b)
+            scales.append(scale)
+            zeros.append(zero)
+        W1 = W[i1:i2].clone()
+        E = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            w = W1[j]
+            c, q = quantize_to_grid(w, scale, zero, b)
+            codes[i1 + j] = c
+            err = (w - q.to(torch.float32)) / U1[j, j]
+            W1[j:] -= U1[j, j:, None] * err[None, :]
+            E[j] = err
+        if i2 < K:
+            W[i2:] -= U[i1:i2, i2:].t() @ E
+    return codes, torch.stack(scales), torch.stack(zeros)
+
+
+def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor, zeros: Tensor,
+                 bias: Optional[Tensor], device) -> MBWQLinear:
+    first, parts = 0, []
+    for b, r in plan.groups:
+        parts.append(pack_codes_fast(codes[first:first + r], b))
+        first += r
+    qweight = torch.cat(parts, 0)
+    order = plan.order.to(torch.int64)
+    q_perm = torch.where(order >= 32768, order - 65536, order).to(torch.int16)
+    sd = {"qweight": qweight, "scales": scales.to(torch.float16), "zeros": zeros.to(torch.float16),
+          "q_perm": q_perm, "channel_scale": torch.ones(1, 1, K, dtype=torch.float16)}
+    if plan.use_mbw:
+        sd["q_groups"] = fmt.q_groups_tensor(fmt.mixed_groups([b for b, _ in plan.groups],
+                                                             [r for _, r in plan.groups]))
+        layer = MBWQLinear(K, N, w_bit=plan.groups[0][0], group_size=plan.group_size, use_mbw=True,
+                           disable_bias=bias is None, groups=len(plan.groups),
+                           rows_packed=qweight.shape[0])
+    else:
+        layer = MBWQLinear(K, N, w_bit=plan.w_bit, group_size=plan.group_size, use_mbw=False,
+                           disable_bias=bias is None)
+    if bias is not None:
+        sd["bias"] = bias.detach().to(torch.float16)
+    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    layer.load_state_dict(sd)
+    layer.to(device)
+    layer.prepare_params()
+    return layer
+
+
+def _weight_of(linear: nn.Linear) -> Tensor:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+    W = linear.weight.detach()
+    if W.device.type == "meta":
+        raise ValueError("the linear layer's weight is on the meta device (no values to quantize)")
+    return W.t().to(torch.float32)  # [K, N]
+
+
+def _check_linear(linear: nn.Linear) -> Tuple[int, int]:
+    K, N = linear.in_features, linear.out_features
+    fmt.check_in_features(K)
+    return K, N
+
+
+def quantize_with_plan(linear: nn.Linear, plan: LayerPlan, H: Optional[Tensor] = None,
+                       damp: float = 0.01) -> MBWQLinear:
+    """Quantize ``linear`` into the layout ``plan`` (GPTQ when ``H`` is given, else RTN)."""
+    K, N = _check_linear(linear)
+    plan.check(K)
+    W = _weight_of(linear)
+    order = plan.order.to(W.device)
+    Ws = W[order]
+    if H is not None:
+        H = H.to(W.device)
+        codes, scales, zeros = _gptq(Ws, H[order][:, order], plan.groups, damp)
+    else:
+        codes, scales, zeros = _quantize_rtn(Ws, plan.groups)
+    return _build_layer(K, N, plan, codes, scales, zeros, linear.bias, linear.weight.device)
+
+
+# ============================================================================ measurement
+def _hessian_from(calibration: Optional[Tensor], K: int, device) -> Optional[Tensor]:
+    if calibration is None:
+        return None
+    if calibration.dim() == 2 and calibration.shape[0] == K and calibration.shape[1] == K \
+            and calibration.dtype == torch.float64:
+        return calibration.to(device)  # already a Hessian (float64 [K, K])
+    x = calibration.reshape(-1, K).to(device=device, dtype=torch.float64)
+    return (x.t() @ x) / max(1, x.shape[0])
+
+
+@dataclass
+class _Measured:
+    K: int
+    N: int
+    order: Tensor
+    unit_rows: List[int]
+    cands: List[Tuple[int, int]]
+    err: Tensor  # [U, C] normalised errors
+    cost: Tensor  # [U, C] bits
+
+
+def _measure(W: Tensor, H: Optional[Tensor], unit_rows_size: int, widths: Sequence[int],
+             group_sizes: Sequence[int], damp: float = 0.01) -> _Measured:
+    K, N = W.shape
+    if H is not None:  # the same damping as GPTQ: a few calibration tokens must not mislead
+        H = _prepare_hessian(H, damp)
+    order = torch.argsort(_importance(W, H), descending=True, stable=True)
+    unit_rows = _split(K, unit_rows_size)
+    Ws = W[order]
+    Hs = H[order][:, order].to(torch.float32) if H is not None else None
+    cands = [(b, gs) for b in widths for gs in group_sizes]
+    err = torch.empty(len(unit_rows), len(cands), dtype=torch.float64)
+    cost = torch.empty_like(err)
+    # Units of equal size are measured together ([U, rows, N] batches).
+    first = 0
+    spans: Dict[int, List[Tuple[int, int]]] = {}
+    for u, r in enumerate(unit_rows):
+        spans.setdefault(r, []).append((u, first))
+        first += r
+    for r, items in spans.items():
+        idx = torch.tensor([u for u, _ in items])
+        w = torch.stack([Ws[f:f + r] for _, f in items])  # [U, r, N]
+        Hu = (torch.stack([Hs[f:f + r, f:f + r] for _, f in items]) if Hs is not None else None)
+        for c, (b, gs) in enumerate(cands):
+            n_groups = -(-r // gs)
+            pad = n_groups * gs - r
+            wg = w if pad == 0 else torch.cat([w, w[:, -1:].expand(-1, pad, -1)], 1)
+            wg = wg.reshape(len(items), n_groups, gs, N)
+            sc, ze = rtn_grid(wg, b)
+            _, deq = quantize_to_grid(wg, sc[:, :, None], ze[:, :, None], b)
+            dW = (deq - wg.to(torch.float64)).to(torch.float32).reshape(len(items), -1, N)[:, :r]
+            e = (dW * (Hu @ dW)).sum((1, 2)) if Hu is not None else dW.pow(2).sum((1, 2))
+            err[idx, c] = e.to("cpu", torch.float64)
+            cost[idx, c] = float(N * (r * b + 32 * n_groups))
+    energy = float((W * (H.to(torch.float32) @ W)).sum()) if H is not None else float(W.pow(2).sum())
+    return _Measured(K, N, order.cpu(), unit_rows, cands, err / max(energy, 1e-30), cost)
+
+
+def _allocate(err: Tensor, cost: Tensor, budget: float) -> Tensor:
+    """Multiple-choice knapsack: one candidate per row of ``err``/``cost`` minimising the summed
+    error with summed cost <= budget. Lagrangian bisection, then a greedy fill."""
+    U = err.shape[0]
+    rows = torch.arange(U)
+    min_cost = float(cost.min(1).values.sum())
+    if budget < min_cost - 1e-6:
+        raise ValueError(f"the bit budget is below the cheapest layout ({min_cost / 1:.0f} bits "
+                         f"needed, {budget:.0f} allowed)")
+
+    def pick(lam: float) -> Tensor:
+        score = err + lam * cost
+        # ties: the cheaper candidate
+        best = score.min(1, keepdim=True).values
+        tie = score <= best + 1e-18
+        return torch.where(tie, cost, torch.full_like(cost, float("inf"))).argmin(1)
+
+    choice = pick(0.0)
+    if float(cost[rows, choice].sum()) > budget:
+        lo, hi = 0.0, 1.0
+        while float(cost[rows, pick(hi)].sum()) > budget:
+            hi *= 4.0
+            if hi > 1e30:
+                break
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            if float(cost[rows, pick(mid)].sum()) > budget:
+                lo = mid
+            else:
+                hi = mid
+        choice = pick(hi)
+    # greedy fill: best error decrease per extra bit that still fits
+    spent = float(cost[rows, choice].sum())
+    while True:
+        cur_e = err[rows, choice].unsqueeze(1)
+        cur_c = cost[rows, choice].unsqueeze(1)
+        de = cur_e - err  # gain
+        dc = cost - cur_c
+        ok = (de > 0) & (dc <= budget - spent + 1e-6)
+        if not bool(ok.any()):
+            break
+        ratio = torch.where(ok, de / dc.clamp_min(1e-9), torch.full_like(de, -1.0))
+        ratio = torch.where(ok & (dc <= 0), torch.full_like(de, float("inf")), ratio)
+        flat = int(ratio.argmax())
+        u, c = divmod(flat, err.shape[1])
+        spent += float(dc[u, c])
+        choice[u] = c
+    return choice
+
+
+# ============================================================================ public: one layer
+def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 4,
+                    group_size: Union[int, Sequence[int]] = 128, *,
+                    calibration: Optional[Tensor] = None, method: str = "auto",
+                    act_order: bool = True, damp: float = 0.01, use_mbw: Optional[bool] = None,
+                    bits_prop: Optional[Sequence[float]] = None,
+                    widths: Sequence[int] = WIDTHS, unit_rows: Optional[int] = None) -> MBWQLinear:
+    """Quantize one ``nn.Linear`` (fp16/bf16/fp32 weight) into an :class:`MBWQLinear`.
+
+    * ``bits`` int: one width for the whole layer. 4 and 2 give a uniform layer
+      (``use_mbw=False``, ``group_size`` rows per group); 8, 6, 5, 3 (or ``use_mbw=True``) give a
+      mixed-mode layer whose groups all have that width.
+    * ``bits`` float (e.g. ``3.0``, also ``4.0``): a mixed layer within that many bits per weight
+      (codes + scales + zeros), widths chosen per unit of rows from ``widths`` to minimise the
+      measured error.
+      ``group_size`` may then be a tuple of candidate group sizes.
+    * ``bits`` list with ``bits_prop`` (green-bit-llm strategy): that share of the input features
+      at each width, the most important features at the highest width; ``group_size`` may be a
+      dict ``{bits: group_size}``.
+    * ``calibration``: inputs of the layer (``[..., K]``) or a float64 Hessian ``[K, K]``; with it
+      ``method="auto"`` runs GPTQ (``act_order`` orders features by ``H_kk``), without it RTN.
+    """
+    K, N = _check_linear(linear)
+    W = _weight_of(linear)
+    H = _hessian_from(calibration, K, W.device)
+    if method not in ("auto", "rtn", "gptq"):
+        raise ValueError(f"method must be 'auto', 'rtn' or 'gptq', got {method!r}")
+    if method == "gptq" and H is None:
+        raise ValueError("method='gptq' needs calibration data (layer inputs or a Hessian)")
+    use_h = H if method in ("auto", "gptq") else None
+
+    if isinstance(bits, (list, tuple)):
+        plan = plan_from_strategy(W, H, {"bits": list(bits), "bits_prop": bits_prop,
+                                         "group_size": group_size})
+    elif isinstance(bits, float):
+        gss = [group_size] if isinstance(group_size, int) else list(group_size)
+        for g in gss:
+            _check_group_size(g)
+        m = _measure(W, H, unit_rows or max(gss), widths, gss, damp)
+        choice = _allocate(m.err, m.cost, float(bits) * K * N)
+        plan = _assemble(m.order, m.unit_rows, [m.cands[int(c)] for c in choice])
+    else:
+        b = int(bits)
+        if b not in WIDTHS:
+            raise ValueError(f"bits must be one of {WIDTHS}, got {bits}")
+        if not isinstance(group_size, int):
+            raise ValueError(f"group_size must be an int for a single width, got {group_size!r}")
+        _check_group_size(group_size)
+        mbw = (b not in fmt.UNIFORM_WIDTHS) if use_mbw is None else bool(use_mbw)
+        if not mbw and b not in fmt.UNIFORM_WIDTHS:
+            raise ValueError(f"uniform layers (use_mbw=False) take bits 4 or 2, got {b}")
+        if H is not None and act_order:
+            order = torch.argsort(torch.diagonal(H), descending=True, stable=True).cpu()
+        else:
+            order = torch.arange(K)
+        plan = LayerPlan(order, [(b, r) for r in _split(K, group_size)], mbw, b, group_size)
+    return quantize_with_plan(linear, plan, use_h, damp)
+
+
+# ============================================================================ strategies
+def plan_from_strategy(W: Tensor, H: Optional[Tensor], entry: Dict) -> LayerPlan:
+    """A layer plan from one green-bit-llm strategy entry
+    ``{"bits": [4, 2], "bits_prop": [0.75, 0.25], "group_size": {"4": 32, "2": 32}}``.
+
+    Feature counts per width follow green-bit-llm: every width but the last gets
+    ``max(1, int(K * prop) // gs) * gs`` features, the last one the rest. The most important
+    features (``H_kk * |W_k|^2``) get the highest width."""
+    K = W.shape[0]
+    bits = [int(b) for b in entry["bits"]]
+    prop = entry.get("bits_prop")
+    if prop is None:
+        if len(bits) != 1:
+            raise ValueError(f"strategy entry with bits {bits} needs bits_prop")
+        prop = [1.0]
+    prop = [float(p) for p in prop]
+    if len(prop) != len(bits):
+        raise ValueError(f"bits {bits} and bits_prop {prop} differ in length")
+    gs_raw = entry.get("group_size", 128)
+    if isinstance(gs_raw, dict):
+        gs = [int(gs_raw.get(str(b), gs_raw.get(b, 128))) for b in bits]
+    elif isinstance(gs_raw, (list, tuple)):
+        gs = [int(g) for g in gs_raw]
+    else:
+        gs = [int(gs_raw)] * len(bits)
+    for b in bits:
+        if b not in WIDTHS:
+            raise ValueError(f"strategy width {b} is not one of {WIDTHS}")
+    for g in gs:
+        _check_group_size(g)
+    pairs = sorted(zip(bits, prop, gs), key=lambda t: WIDTHS.index(t[0]))
+    counts, used = [], 0
+    for i, (b, p, g) in enumerate(pairs):
+        n = K - used if i == len(pairs) - 1 else max(1, int(K * p) // g) * g
+        n = max(0, min(n, K - used))
+        n -= n % 32
+        counts.append(n)
+        used += n
+    counts[-1] += K - used  # any remainder (multiple of 32) goes to the last width
+    order = torch.argsort(_importance(W, H), descending=True, stable=True).cpu()
+    groups = []
+    for (b, _, g), n in zip(pairs, counts):
+        groups += [(b, r) for r in _split(n, g)]
+    plan = LayerPlan(order, groups, True, groups[0][0], pairs[0][2])
+    plan.check(K)
+    return plan
+
+
+def load_strategy(path_or_dict: Union[str, Dict]) -> Dict[str, Dict]:
+    """Read a green-bit-llm ``quant_strategy.json`` (or its dict). Returns the ``measurement``
+    mapping: either flat (``{layer name: entry}``) or per block
+    (``{"model.layers.0": {"self_attn.q_proj" | "q_proj": entry}}``)."""
+    if isinstance(path_or_dict, dict):
+        d = path_or_dict
+    else:
+        with open(path_or_dict) as f:
+            d = json.load(f)
+    m = d.get("measurement", d)
+    if not isinstance(m, dict):
+        raise ValueError("strategy: 'measurement' must be a mapping of layer names")
+    return m
+
+
+def _is_entry(v) -> bool:
+    return isinstance(v, dict) and "bits" in v
+
+
+def strategy_entry(strategy: Dict[str, Dict], name: str) -> Optional[Dict]:
+    """The strategy entry for the module ``name`` (exact flat key, or block prefix + sub-key
+    matched on the last components, as green-bit-llm does)."""
+    v = strategy.get(name)
+    if _is_entry(v):
+        return v
+    best = None
+    for block, sub in strategy.items():
+        if isinstance(sub, dict) and not _is_entry(sub) and name.startswith(block + "."):
+            if best is None or len(block) > len(best):
+                best = block
+    if best is None:
+        return None
+    rest = name[len(best) + 1:]
+    sub = strategy[best]
+    if _is_entry(sub.get(rest)):
+        return sub[rest]
+    last = rest.split(".")[-1]
+    if _is_entry(sub.get(last)):
+        return sub[last]
+    for k, e in sub.items():
+        if _is_entry(e) and rest.endswith(k):
+            return e
+    return None
+
+
+def strategy_from_model(model: nn.Module) -> Dict:
+    """A green-bit-llm style ``{"measurement": {name: {bits, bits_prop, group_size}}}`` that
+    describes the MBWQ layers of ``model`` (flat keys)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MBWQLinear):
+            info = layer_bits(m)
+            rows = info["rows_per_width"]
+            bits = [b for b in WIDTHS if rows.get(b)]
+            out[name] = {"bits": bits,
+                         "bits_prop": [rows[b] / m.in_channels for b in bits],
+                         "group_size": {str(b): info["group_size_per_width"][b] for b in bits}}
+    return {"measurement": out}
+
+
+# ============================================================================ accounting
+def _stored_groups(layer: MBWQLinear) -> List[fmt.Group]:
+    if layer.use_mbw:
+        return fmt.parse_q_groups(layer.q_groups, layer.in_channels, layer.qweight.shape[0])
+    return fmt.uniform_groups(layer.in_channels, layer.w_bit, layer.group_size)
+
+
+def layer_bits(layer: MBWQLinear) -> Dict:
+    """Stored-size facts of one layer: bits of codes / scales / zeros / metadata, bpw, widths."""
+    K, N = layer.in_channels, layer.out_channels
+    groups = _stored_groups(layer)
+    code = layer.qweight.numel() * 32
+    sz = (layer.scales.numel() + layer.zeros.numel()) * 16
+    meta = layer.q_perm.numel() * 16 + layer.channel_scale.numel() * 16
+    if layer.use_mbw:
+        meta += layer.q_groups.numel() * 16
+    if layer.bias is not None:
+        meta += layer.bias.numel() * 16
+    rows: Dict[int, int] = {}
+    gsz: Dict[int, int] = {}
+    for g in groups:
+        rows[g.bits] = rows.get(g.bits, 0) + g.rows
+        gsz[g.bits] = max(gsz.get(g.bits, 0), g.rows)
+    return {"in_features": K, "out_features": N, "use_mbw": layer.use_mbw,
+            "code_bits": code, "scale_zero_bits": sz, "metadata_bits": meta,
+            "weights": K * N, "bpw": (code + sz) / (K * N),
+            "bpw_with_metadata": (code + sz + meta) / (K * N),
+            "groups": [[g.bits, g.rows] for g in groups],
+            "rows_per_width": rows, "group_size_per_width": gsz,
+            "bytes": (code + sz + meta) // 8}
+
+
+def bits_per_weight(model_or_layer: nn.Module, include_metadata: bool = False) -> float:
+    """Bits per quantized weight: every stored bit of ``qweight``, ``scales`` and ``zeros``
+    (plus ``q_perm``, ``q_groups``, ``channel_scale`` and ``bias`` with ``include_metadata``)
+    over all MBWQ layers, divided by their number of weights."""
+    layers = [model_or_layer] if isinstance(model_or_layer, MBWQLinear) else [
+        m for m in model_or_layer.modules() if isinstance(m, MBWQLinear)]
+    if not layers:
+        raise ValueError("no MBWQLinear layer found")
+    bits = weights = 0
+    for m in layers:
+        info = layer_bits(m)
+        bits += info["code_bits"] + info["scale_zero_bits"]
+        if include_metadata:
+            bits += info["metadata_bits"]
+        weights += info["weights"]
+    return bits / weights
+
+
+# ============================================================================ model level
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    for p in patterns:
+        if name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def _run_calibration(model: nn.Module, calibration) -> None:
+    with torch.no_grad():
+        if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
+            calibration(model)
+            return
+        items = [calibration] if isinstance(calibration, (Tensor, dict)) else list(calibration)
+        for item in items:
+            if isinstance(item, dict):
+                model(**item)
+            elif isinstance(item, (tuple, list)):
+                model(*item)
+            else:
+                model(item)
+
+
+def collect_hessians(model: nn.Module, names: Sequence[str], calibration) -> Dict[str, Tensor]:
+    """``H = mean(x x^T)`` (float64 ``[K, K]``) of the inputs of each named ``nn.Linear``, from
+    running ``model`` on ``calibration`` (a tensor, a list of batches -- dicts are passed as
+    keyword arguments, tuples as positional ones -- or a callable ``f(model)``)."""
+    mods = dict(model.named_modules())
+    H: Dict[str, Tensor] = {}
+    count: Dict[str, int] = {}
+    hooks = []
+
+    def make(name):
+        def hook(mod, args):
+            x = args[0].detach().reshape(-1, mod.in_features).to(torch.float64)
+            if name not in H:
+                H[name] = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64,
+                                      device=x.device)
+                count[name] = 0
+            H[name] += x.t() @ x
+            count[name] += x.shape[0]
+        return hook
+
+    for n in names:
+        hooks.append(mods[n].register_forward_pre_hook(make(n)))
+    try:
+        _run_calibration(model, calibration)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: H[n] / max(1, count[n]) for n in H}
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _progress(it, verbose: bool, desc: str, total: Optional[int] = None):
+    if not verbose:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, total=total, unit="layer")
+
+
+def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=None,
+                   skip: Sequence[str] = ("lm_head",), group_size: Union[int, Sequence[int]] = 128,
+                   *, bits: Optional[int] = None, strategy=None, widths: Sequence[int] = WIDTHS,
+                   method: str = "auto", act_order: bool = True, damp: float = 0.01,
+                   verbose: bool = True) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (except names matching ``skip``; layers whose
+    ``in_features`` is not a multiple of 32 are kept too, with a warning) by an
+    :class:`MBWQLinear`, in place; returns ``model``.
+
+    * ``bpw`` (default 3.0): mixed widths chosen per unit of ``group_size`` rows *and* per layer
+      to minimise the summed, normalised output error of all layers under a total budget of
+      ``bpw`` bits per weight (codes + scales + zeros). ``group_size`` may be a tuple of
+      candidates, e.g. ``(32, 64, 128)``: units then have ``max`` rows and each picks its groups.
+    * ``bits`` (4 or 2: uniform layers; 8/6/5/3: single-width mixed layers) instead of ``bpw``.
+    * ``strategy``: a green-bit-llm ``quant_strategy.json`` path or dict; layers it names use its
+      widths and proportions, the others fall back to ``bits``/``bpw``.
+    * ``calibration``: model inputs (see :func:`collect_hessians`); with it the error is measured
+      under the inputs' Hessian and layers are quantized with GPTQ (``method="auto"``).
+    """
+    targets = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not isinstance(m, MBWQLinear):
+            if _matches(name, skip):
+                continue
+            if m.in_features % 32 or m.in_features > fmt.MAX_IN_FEATURES:
+                warnings.warn(f"quantize_model: keeping {name} unquantized (in_features="
+                              f"{m.in_features} is not a multiple of 32)")
+                continue
+            targets.append(name)
+    if not targets:
+        raise ValueError("quantize_model: no nn.Linear layer to quantize")
+    strat = load_strategy(strategy) if strategy is not None else None
+    mods = dict(model.named_modules())
+    hessians = collect_hessians(model, targets, calibration) if calibration is not None else {}
+    use_h = method in ("auto", "gptq")
+    if method == "gptq" and not hessians:
+        raise ValueError("method='gptq' needs calibration data")
+
+    plans: Dict[str, LayerPlan] = {}
+    to_allocate = []
+    for name in targets:
+        lin = mods[name]
+        entry = strategy_entry(strat, name) if strat is not None else None
+        if entry is not None:
+            plans[name] = plan_from_strategy(_weight_of(lin), hessians.get(name), entry)
+        elif bits is not None:
+            b = int(bits)
+            if b not in WIDTHS:
+                raise ValueError(f"bits must be one of {WIDTHS}, got {bits}")
+            gs = group_size if isinstance(group_size, int) else max(group_size)
+            _check_group_size(gs)
+            K = lin.in_features
+            H = hessians.get(name)
+            order = (torch.argsort(torch.diagonal(H), descending=True, stable=True).cpu()
+                     if H is not None and act_order else torch.arange(K))
+            plans[name] = LayerPlan(order, [(b, r) for r in _split(K, gs)],
+                                    b not in fmt.UNIFORM_WIDTHS, b, gs)
+        else:
+            to_allocate.append(name)
+
+    if to_allocate:
+        if bpw is None:
+            raise ValueError("quantize_model: give bpw, bits or a strategy covering every layer")
+        gss = [group_size] if isinstance(group_size, int) else list(group_size)
+        for g in gss:
+            _check_group_size(g)
+        measured = {}
+        for name in _progress(to_allocate, verbose, "measuring"):
+            W = _weight_of(mods[name])
+            measured[name] = _measure(W, hessians.get(name), max(gss), widths, gss, damp)
+        err = torch.cat([measured[n].err for n in to_allocate])
+        cost = torch.cat([measured[n].cost for n in to_allocate])
+        budget = float(bpw) * sum(measured[n].K * measured[n].N for n in to_allocate)
+        choice = _allocate(err, cost, budget)
+        at = 0
+        for n in to_allocate:
+            m = measured[n]
+            U = len(m.unit_rows)
+            plans[n] = _assemble(m.order, m.unit_rows,
+                                 [m.cands[int(c)] for c in choice[at:at + U]])
+            at += U
+
+    for name in _progress(targets, verbose, "quantizing"):
+        lin = mods[name]
+        H = hessians.pop(name, None) if use_h else None
+        q = quantize_with_plan(lin, plans[name], H, damp)
+        _set_module(model, name, q)
+    return model

@@ -1,0 +1,317 @@
+"""Quantizer: RTN error bound, exact bit accounting, allocation, GPTQ, strategies, model API."""
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mbwq_ops
+from mbwq_ops import format as fmt
+from mbwq_ops import quantize as Q
+from mbwq_ops.reference import dequant_reference
+
+
+def _linear(K, N, seed=0, row_sigma=0.0, bias=False, dtype=torch.float32):
+    """nn.Linear whose input features have log-normal magnitudes (``row_sigma`` > 0: structured)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        rows = torch.exp(row_sigma * torch.randn(K, generator=g))
+        lin.weight.copy_(torch.randn(N, K, generator=g) * rows[None] / math.sqrt(K))
+        if bias:
+            lin.bias.copy_(torch.randn(N, generator=g))
+    return lin.to(dtype)
+
+
+def _ref_weight(layer):
+    """W [K, N] from the independent reference decoder, straight from the stored tensors."""
+    return dequant_reference(layer.qweight, layer.scales, layer.zeros, layer.q_perm,
+                             layer.in_channels, use_mbw=layer.use_mbw,
+                             q_groups=layer.q_groups if layer.use_mbw else None,
+                             group_size=layer.group_size).double()
+
+
+def _stored_rows(layer):
+    groups = Q._stored_groups(layer)
+    perm = layer.q_perm.long() & 0xFFFF
+    if not layer.use_mbw and not bool(perm.any()):
+        perm = torch.arange(layer.in_channels)
+    gid = torch.cat([torch.full((g.rows,), i) for i, g in enumerate(groups)])
+    return perm, gid, groups
+
+
+# ----------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("bits", fmt.WIDTHS)
+def test_fast_packer_matches_format(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (96, 5), generator=g)
+    codes[0, 0], codes[1, 1] = (1 << bits) - 1, 0  # extreme codes present
+    packed = Q.pack_codes_fast(codes, bits)
+    assert torch.equal(packed, fmt.pack_codes(codes, bits))
+    assert torch.equal(fmt.unpack_codes(packed, bits), codes)
+
+
+# ----------------------------------------------------------------------------- RTN bound
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 128), (5, 32), (6, 96), (8, 64)])
+def test_rtn_error_at_most_half_a_step(bits, group_size):
+    lin = _linear(256, 48, seed=bits, row_sigma=1.0)
+    layer = mbwq_ops.quantize_linear(lin, bits=bits, group_size=group_size, method="rtn")
+    W = lin.weight.detach().t().double()
+    deq = _ref_weight(layer)
+    perm, gid, _ = _stored_rows(layer)
+    step = layer.scales.double()[gid]  # [K, N] in stored order
+    err = (W[perm] - deq[perm]).abs()
+    # half a step, plus the fp16 rounding of the dequantized value (half an ulp)
+    ulp = torch.finfo(torch.float16).eps * deq[perm].abs().clamp_min(2.0 ** -14)
+    assert bool((err <= step / 2 + ulp / 2 + 1e-12).all()), float((err - step / 2 - ulp / 2).max())
+    # and the step is tight: (max - min) / (2^b - 1) up to fp16 rounding
+    for g in range(layer.scales.shape[0]):
+        rows = W[perm][gid == g]
+        want = (rows.max(0).values - rows.min(0).values) / ((1 << bits) - 1)
+        assert bool((layer.scales[g].double() <= want * (1 + 2 ** -9) + 2 ** -24).all())
+
+
+def test_rtn_constant_group_and_dtypes():
+    lin = _linear(64, 16, seed=3, bias=True)
+    with torch.no_grad():
+        lin.weight[:, :32] = 0.25  # a constant group (zero range)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        layer = mbwq_ops.quantize_linear(lin.to(dtype), bits=4, group_size=32)
+        deq = _ref_weight(layer)
+        assert torch.allclose(deq[:32], torch.full((32, 16), 0.25, dtype=torch.float64), atol=1e-3)
+        assert torch.equal(layer.bias, lin.bias.detach().half())
+        x = torch.randn(3, 64)
+        assert torch.allclose(layer(x), x @ deq.float() + layer.bias.float(), atol=1e-3)
+
+
+def test_bad_arguments():
+    lin = _linear(64, 16)
+    with pytest.raises(ValueError, match="bits"):
+        mbwq_ops.quantize_linear(lin, bits=7)
+    with pytest.raises(ValueError, match="group_size"):
+        mbwq_ops.quantize_linear(lin, bits=4, group_size=48)
+    with pytest.raises(ValueError, match="uniform"):
+        mbwq_ops.quantize_linear(lin, bits=3, use_mbw=False)
+    with pytest.raises(ValueError, match="budget"):
+        mbwq_ops.quantize_linear(lin, bits=2.0, group_size=32)  # cheapest layout is 3.0 bpw
+    with pytest.raises(ValueError, match="gptq"):
+        mbwq_ops.quantize_linear(lin, bits=4, method="gptq")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mbwq_ops.quantize_linear(nn.Linear(40, 8), bits=4)
+
+
+# ----------------------------------------------------------------------------- accounting
+def test_bits_per_weight_exact():
+    K, N = 320, 24
+    lin = _linear(K, N, seed=1, bias=True)
+    u4 = mbwq_ops.quantize_linear(lin, bits=4, group_size=128)  # groups 128, 128, 64
+    assert not u4.use_mbw and u4.scales.shape == (3, N)
+    assert mbwq_ops.bits_per_weight(u4) == (K * N * 4 + 3 * N * 32) / (K * N)
+    m3 = mbwq_ops.quantize_linear(lin, bits=3, group_size=64)
+    assert m3.use_mbw and mbwq_ops.bits_per_weight(m3) == 3 + 32 / 64
+    meta = 16 * K + 16 * K + 16 * 2 * 5 + 16 * N  # q_perm, channel_scale, q_groups, bias
+    assert mbwq_ops.bits_per_weight(m3, include_metadata=True) == 3.5 + meta / (K * N)
+    # an allocated layer: the figure is exactly the stored tensors' bits
+    mx = mbwq_ops.quantize_linear(lin, bits=3.3, group_size=64)
+    stored = mx.qweight.numel() * 32 + (mx.scales.numel() + mx.zeros.numel()) * 16
+    assert mbwq_ops.bits_per_weight(mx) == stored / (K * N) <= 3.3
+    by_groups = sum(N * (r * b + 32) for b, r in Q.layer_bits(mx)["groups"])
+    assert by_groups == stored
+    # a model: weighted by layer size
+    model = nn.Sequential(_linear(64, 32, seed=2), _linear(32, 96, seed=3))
+    mbwq_ops.quantize_model(model, bits=4, group_size=32, verbose=False)
+    assert mbwq_ops.bits_per_weight(model) == 5.0
+    with pytest.raises(ValueError, match="no MBWQLinear"):
+        mbwq_ops.bits_per_weight(nn.Linear(4, 4))
+
+
+# ----------------------------------------------------------------------------- allocation
+def _werr(lin, layer):
+    return float((_ref_weight(layer) - lin.weight.detach().t().double()).pow(2).sum())
+
+
+def test_mixed_layer_is_valid_and_sorted():
+    lin = _linear(512, 40, seed=4, row_sigma=1.0)
+    layer = mbwq_ops.quantize_linear(lin, bits=3.0, group_size=(32, 64, 128))
+    bits = [b for b, _ in Q.layer_bits(layer)["groups"]]
+    assert len(set(bits)) > 1  # really mixed
+    assert bits == sorted(bits, key=fmt.WIDTHS.index)
+    perm = (layer.q_perm.long() & 0xFFFF)
+    assert torch.equal(perm.sort().values, torch.arange(512)) and not torch.equal(perm, torch.arange(512))
+    assert mbwq_ops.bits_per_weight(layer) <= 3.0
+    x = torch.randn(5, 512)
+    assert torch.allclose(layer(x).double(), x.double() @ _ref_weight(layer), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 128), (3, 64), (2, 32)])
+def test_mixed_allocation_beats_uniform_at_same_budget(bits, gs):
+    lin = _linear(1024, 64, seed=bits, row_sigma=1.0)  # structured: rows of very different size
+    uni = mbwq_ops.quantize_linear(lin, bits=bits, group_size=gs, method="rtn")
+    budget = mbwq_ops.bits_per_weight(uni)
+    mixed = mbwq_ops.quantize_linear(lin, bits=float(budget), group_size=gs)
+    assert mbwq_ops.bits_per_weight(mixed) <= budget
+    assert _werr(lin, mixed) < 0.8 * _werr(lin, uni)
+
+
+def test_allocation_ties_on_unstructured_weights():
+    # i.i.d. weights: nothing to exploit, allocation must not lose to the uniform layout
+    lin = _linear(512, 64, seed=9, row_sigma=0.0)
+    uni = mbwq_ops.quantize_linear(lin, bits=4, group_size=128)
+    mixed = mbwq_ops.quantize_linear(lin, bits=4.25, group_size=128)
+    assert _werr(lin, mixed) <= 1.02 * _werr(lin, uni)
+
+
+def test_knapsack_within_budget_and_never_worse_than_any_uniform_choice():
+    g = torch.Generator().manual_seed(0)
+    U, C = 7, 4
+    cost = torch.tensor([[2.0, 3.0, 4.0, 6.0]]).repeat(U, 1) * (1 + torch.arange(U)[:, None] % 3)
+    err = torch.rand(U, 1, generator=g) * torch.tensor([[8.0, 4.0, 2.0, 1.0]])
+    for budget in (float(cost[:, 0].sum()), float(cost[:, 1].sum()), float(cost[:, 2].sum()) + 3):
+        choice = Q._allocate(err, cost, budget)
+        rows = torch.arange(U)
+        assert float(cost[rows, choice].sum()) <= budget + 1e-9
+        best = min(float(err[rows, torch.tensor(c)].sum())
+                   for c in itertools.product(range(C), repeat=U)
+                   if float(cost[rows, torch.tensor(c)].sum()) <= budget)
+        got = float(err[rows, choice].sum())
+        assert got <= best * 1.25 + 1e-12
+        for c in range(C):  # uniform choices that fit
+            if float(cost[:, c].sum()) <= budget:
+                assert got <= float(err[:, c].sum()) + 1e-12
+
+
+def test_model_allocation_uses_budget_across_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(_linear(256, 128, seed=1, row_sigma=1.2), nn.ReLU(),
+                          _linear(128, 256, seed=2, row_sigma=0.0))
+    ref = [m for m in model if isinstance(m, nn.Linear)]
+    import copy
+    uni = mbwq_ops.quantize_model(copy.deepcopy(model), bits=4, group_size=128, verbose=False)
+    mix = mbwq_ops.quantize_model(copy.deepcopy(model), bpw=4.25, group_size=128, verbose=False)
+    assert mbwq_ops.bits_per_weight(mix) <= 4.25
+    def total(qm):
+        qs = [m for m in qm if isinstance(m, mbwq_ops.MBWQLinear)]
+        return sum(_werr(l, q) / float(l.weight.detach().pow(2).sum()) for l, q in zip(ref, qs))
+    assert total(mix) < total(uni)
+    # the structured layer got more bits than the unstructured one
+    q0, q1 = [m for m in mix if isinstance(m, mbwq_ops.MBWQLinear)]
+    assert set(b for b, _ in Q.layer_bits(q0)["groups"]) != {4} or \
+        set(b for b, _ in Q.layer_bits(q1)["groups"]) != {4}
+
+
+# ----------------------------------------------------------------------------- GPTQ
+def _correlated_inputs(K, n, seed=0):
+    mix = torch.randn(K // 8, K, generator=torch.Generator().manual_seed(1234))  # shared
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, K // 8, generator=g)
+    return z @ mix + 0.05 * torch.randn(n, K, generator=g)  # low-rank + a little noise
+
+
+@pytest.mark.parametrize("bits,gs", [(3, 64), (4, 128)])
+def test_gptq_beats_rtn_on_correlated_activations(bits, gs):
+    K, N = 256, 64
+    lin = _linear(K, N, seed=5)
+    X = _correlated_inputs(K, 2048)
+    Xt = _correlated_inputs(K, 512, seed=1)  # held-out inputs from the same distribution
+    ref = lin(Xt).detach()
+    rtn = mbwq_ops.quantize_linear(lin, bits=bits, group_size=gs, method="rtn")
+    gptq = mbwq_ops.quantize_linear(lin, bits=bits, group_size=gs, calibration=X)
+    e_rtn = float((rtn(Xt) - ref).norm())
+    e_gptq = float((gptq(Xt) - ref).norm())
+    assert e_gptq < 0.7 * e_rtn
+    # act-order: the stored order is by decreasing H_kk, a true permutation
+    perm = gptq.q_perm.long() & 0xFFFF
+    d = (X.double().t() @ X.double()).diagonal()
+    assert torch.equal(perm.sort().values, torch.arange(K))
+    assert bool((d[perm][:-1] >= d[perm][1:]).all())
+    # a precomputed Hessian gives the same layer
+    H = X.double().t() @ X.double() / X.shape[0]
+    same = mbwq_ops.quantize_linear(lin, bits=bits, group_size=gs, calibration=H)
+    assert torch.equal(same.qweight, gptq.qweight)
+
+
+def test_gptq_mixed_and_model_calibration():
+    K = 256
+    model = nn.Sequential(_linear(K, 128, seed=6, row_sigma=0.7), nn.GELU(), _linear(128, 64, seed=7))
+    X = _correlated_inputs(K, 1024)
+    import copy
+    rtn = mbwq_ops.quantize_model(copy.deepcopy(model), bpw=3.5, group_size=64, verbose=False)
+    gptq = mbwq_ops.quantize_model(copy.deepcopy(model), bpw=3.5, group_size=64,
+                                   calibration=[X[:512], X[512:]], verbose=False)
+    Xt = _correlated_inputs(K, 256, seed=3)
+    ref = model(Xt).detach()
+    assert float((gptq(Xt) - ref).norm()) < float((rtn(Xt) - ref).norm())
+    assert mbwq_ops.bits_per_weight(gptq) <= 3.5
+
+
+def test_hessians_from_hooks():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    x = torch.randn(10, 32)
+    H = Q.collect_hessians(model, ["0", "2"], [x[:4], x[4:]])
+    assert torch.allclose(H["0"], x.double().t() @ x.double() / 10)
+    h1 = torch.relu(model[0](x)).detach().double()
+    assert torch.allclose(H["2"], h1.t() @ h1 / 10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- strategies
+def test_green_bit_strategy_nested_and_flat():
+    from mbwq_ops.tiny_llama import LlamaConfig, TinyLlama
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_seq_len=16)
+    strategy = {"measurement": {
+        "model.layers.0": {
+            "q_proj": {"bits": [4, 2], "bits_prop": [0.75, 0.25], "group_size": {"4": 32, "2": 32}},
+            "mlp.down_proj": {"bits": [2, 8], "bits_prop": [0.5, 0.5], "group_size": {"8": 64, "2": 32}},
+        },
+        "model.layers.1.mlp.up_proj": {"bits": [3], "bits_prop": [1.0], "group_size": {"3": 64}},
+    }}
+    model = TinyLlama(cfg)
+    mbwq_ops.quantize_model(model, bits=4, strategy=strategy, verbose=False)
+    L = model.model.layers
+    q = Q.layer_bits(L[0].self_attn.q_proj)
+    assert q["rows_per_width"] == {4: 96, 2: 32} and q["groups"] == [[4, 32]] * 3 + [[2, 32]]
+    d = Q.layer_bits(L[0].mlp.down_proj)  # K = 256; widths sorted 8 before 2
+    assert d["groups"] == [[8, 64], [8, 64], [2, 32], [2, 32], [2, 32], [2, 32]]
+    assert Q.layer_bits(L[1].mlp.up_proj)["groups"] == [[3, 64], [3, 64]]
+    k = L[0].self_attn.k_proj  # not in the strategy: falls back to bits=4
+    assert not k.use_mbw and k.w_bit == 4
+    # a strategy written from a model reproduces its layout
+    derived = Q.strategy_from_model(model)
+    assert derived["measurement"]["model.layers.0.self_attn.q_proj"]["bits"] == [4, 2]
+    again = TinyLlama(cfg)
+    mbwq_ops.quantize_model(again, strategy=derived, bpw=None, verbose=False)
+    assert Q.layer_bits(again.model.layers[0].mlp.down_proj)["groups"] == d["groups"]
+
+
+def test_strategy_file(tmp_path):
+    import json
+    path = tmp_path / "quant_strategy.json"
+    path.write_text(json.dumps({"measurement": {"0": {"bits": [6, 3], "bits_prop": [0.5, 0.5],
+                                                      "group_size": {"6": 64, "3": 64}}}}))
+    model = nn.Sequential(_linear(256, 32, seed=1), nn.ReLU(), _linear(32, 16, seed=2))
+    mbwq_ops.quantize_model(model, bpw=4.0, strategy=str(path), verbose=False)
+    assert Q.layer_bits(model[0])["rows_per_width"] == {6: 128, 3: 128}
+    assert isinstance(model[2], mbwq_ops.MBWQLinear)  # allocated, not in the file
+
+
+# ----------------------------------------------------------------------------- model API
+def test_quantize_model_swaps_linears_and_is_quiet(capsys):
+    from mbwq_ops.tiny_llama import LlamaConfig, TinyLlama
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1,
+                      num_heads=2, num_kv_heads=1, max_seq_len=16)
+    model = TinyLlama(cfg)
+    model.extra = nn.Linear(40, 8)  # in_features not a multiple of 32: kept, with a warning
+    with pytest.warns(UserWarning, match="extra"):
+        mbwq_ops.quantize_model(model, bpw=3.0, skip=("lm_head", "*.v_proj"), verbose=False)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    names = {n for n, m in model.named_modules() if isinstance(m, mbwq_ops.MBWQLinear)}
+    assert names == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                     "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj",
+                     "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"}
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.extra, nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.v_proj, nn.Linear)
+    assert mbwq_ops.bits_per_weight(model) <= 3.0
+    tokens = torch.randint(0, 64, (2, 8))
+    assert model(tokens).shape == (2, 8, 64)
