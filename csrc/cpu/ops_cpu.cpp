@@ -7,7 +7,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "../checks.h"
 
@@ -86,6 +88,62 @@ at::Tensor dequant_stored(const at::Tensor& qweight, const at::Tensor& scales,
   return W;
 }
 
+// Small M: y = xs @ W without materialising W. The 32 rows of a block share one scale and
+// zero per column, so  sum_r x_r (c_r s - z) = s * sum_r x_r c_r - z * sum_r x_r : the inner
+// loop is one multiply-add per code and row of x, over contiguous columns (vectorisable).
+// Threads own disjoint column ranges and sum in a fixed order: deterministic.
+constexpr int64_t kDirectMaxM = 16;
+
+at::Tensor gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& zeros, const at::Tensor& blocks) {
+  const int64_t M = xs.size(0), K = xs.size(1), N = qweight.size(1);
+  at::Tensor y = at::zeros({M, N}, xs.options());
+  const float* x = xs.data_ptr<float>();
+  const uint32_t* q = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  const at::Half* sc = scales.data_ptr<at::Half>();
+  const at::Half* ze = zeros.data_ptr<at::Half>();
+  const int32_t* b = blocks.data_ptr<int32_t>();
+  float* out = y.data_ptr<float>();
+  constexpr int64_t kCols = 256;
+  at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> code(kCols), part(M * kCols);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * kCols, nc = std::min(kCols, N - n0);
+      for (int64_t j = 0; j < K / kBlockRows; ++j) {
+        const int bits = b[j * kBlockCols + kColBits];
+        const int64_t word = b[j * kBlockCols + kColWord], group = b[j * kBlockCols + kColGroup];
+        const uint32_t mask = (1u << bits) - 1u;
+        std::fill(part.begin(), part.end(), 0.f);
+        for (int r = 0; r < kBlockRows; ++r) {  // the code rule of format.h, for nc columns
+          const int bit = r * bits, s = bit & 31;
+          const uint32_t* w0 = q + (word + (bit >> 5)) * N + n0;
+          if (s + bits > 32) {
+            for (int64_t n = 0; n < nc; ++n)
+              code[n] = float(((w0[n] >> s) | (w0[n + N] << (32 - s))) & mask);
+          } else {
+            for (int64_t n = 0; n < nc; ++n) code[n] = float((w0[n] >> s) & mask);
+          }
+          for (int64_t m = 0; m < M; ++m) {
+            const float xv = x[m * K + j * kBlockRows + r];
+            float* p = &part[m * kCols];
+            for (int64_t n = 0; n < nc; ++n) p[n] += xv * code[n];
+          }
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          float xsum = 0.f;
+          for (int r = 0; r < kBlockRows; ++r) xsum += x[m * K + j * kBlockRows + r];
+          for (int64_t n = 0; n < nc; ++n) {
+            const float s_ = static_cast<float>(sc[group * N + n0 + n]);
+            const float z_ = static_cast<float>(ze[group * N + n0 + n]);
+            out[m * N + n0 + n] += s_ * part[m * kCols + n] - z_ * xsum;
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
 at::Tensor dequant_cpu(const at::Tensor& qweight_, const at::Tensor& scales_,
                        const at::Tensor& zeros_, const at::Tensor& blocks_,
                        const at::Tensor& perm_, at::ScalarType dtype) {
@@ -123,7 +181,9 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight_, const at::T
     check_perm_values(perm);
     xs = xs.index_select(1, perm.to(at::kLong));  // stored row k multiplies x[:, perm[k]]
   }
-  at::Tensor y = at::mm(xs, dequant_stored(qweight, scales, zeros, blocks).to(at::kFloat));
+  at::Tensor y = x.size(0) <= kDirectMaxM
+                     ? gemm_direct(xs, qweight, scales, zeros, blocks)
+                     : at::mm(xs, dequant_stored(qweight, scales, zeros, blocks).to(at::kFloat));
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return y.to(x.scalar_type());
 }
