@@ -56,13 +56,15 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing, got "
                          f"[{int(c.min())}, {int(c.max())}]")
-    words = torch.zeros(rows * bits // 32, N, dtype=torch.int64, device=codes.device)
-    for r in range(rows):
-        bit = r * bits
-        j, s = divmod(bit, 32)
-        words[j] |= (c[r] << s) & 0xFFFFFFFF
+    # Blocks of 32 rows fill exactly `bits` words each, so all blocks pack in parallel.
+    c = c.reshape(rows // 32, 32, N)
+    words = torch.zeros(rows // 32, bits, N, dtype=torch.int64, device=codes.device)
+    for r in range(32):
+        j, s = divmod(r * bits, 32)
+        words[:, j] |= (c[:, r] << s) & 0xFFFFFFFF
         if s + bits > 32:  # the code's high bits spill into the next word
-            words[j + 1] |= c[r] >> (32 - s)
+            words[:, j + 1] |= c[:, r] >> (32 - s)
+    words = words.reshape(rows * bits // 32, N)
     return _as_int32(words)
 
 

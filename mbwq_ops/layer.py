@@ -118,7 +118,8 @@ class MBWQLinear(nn.Module):
     def set_zeros(self, zeros: Tensor) -> None:
         self.zeros = _stored("zeros", zeros)
 
-    def _stored_groups(self) -> List[fmt.Group]:
+    def stored_groups(self) -> List[fmt.Group]:
+        """The layer's groups, read from the stored tensors and validated (ValueError)."""
         K, N = self.in_channels, self.out_channels
         for name, want in STORED_DTYPES.items():
             t = getattr(self, name, None)
@@ -150,12 +151,12 @@ class MBWQLinear(nn.Module):
 
     def check_parameters(self) -> None:
         """Validate every stored tensor (FORMAT.md §10); raises ValueError naming the problem."""
-        self._stored_groups()
+        self.stored_groups()
         fmt.perm_index(self.q_perm, self.in_channels, self.use_mbw)
 
     def prepare_params(self) -> None:
         """Validate the layer and build the kernel tables (host work, once per layer)."""
-        groups = self._stored_groups()
+        groups = self.stored_groups()
         perm = fmt.perm_index(self.q_perm, self.in_channels, self.use_mbw)
         device = self.qweight.device
         self._blocks = fmt.make_blocks(groups).to(device)

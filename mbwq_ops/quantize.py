@@ -54,7 +54,7 @@ from .layer import MBWQLinear
 
 __all__ = [
     "quantize_linear", "quantize_model", "bits_per_weight", "layer_bits", "collect_hessians",
-    "load_strategy", "strategy_from_model", "LayerPlan", "pack_codes_fast",
+    "load_strategy", "strategy_from_model", "LayerPlan",
 ]
 
 WIDTHS = fmt.WIDTHS
@@ -96,24 +96,6 @@ def quantize_to_grid(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tuple
     # (float64 -> float32 -> fp16 could round twice; the error it adds is below one fp16 ulp
     # and only matters for error feedback, never for the stored codes.)
     return codes.to(torch.int64), deq
-
-
-# ============================================================================ packing
-def pack_codes_fast(codes: Tensor, bits: int) -> Tensor:
-    """Vectorised :func:`mbwq_ops.format.pack_codes`: codes ``[rows, N]`` (rows % 32 == 0) to
-    int32 ``[rows*bits/32, N]`` (FORMAT.md §4). Loops over the 32 rows of a block only."""
-    rows, N = codes.shape
-    if rows % 32:
-        raise ValueError(f"rows must be a multiple of 32, got {rows}")
-    c = codes.to(torch.int64).reshape(rows // 32, 32, N)
-    words = torch.zeros(rows // 32, bits, N, dtype=torch.int64, device=codes.device)
-    for r in range(32):
-        j, s = divmod(r * bits, 32)
-        words[:, j] |= (c[:, r] << s) & 0xFFFFFFFF
-        if s + bits > 32:
-            words[:, j + 1] |= c[:, r] >> (32 - s)
-    words = words.reshape(rows * bits // 32, N)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
 # ============================================================================ plans
@@ -248,7 +230,7 @@ def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor,
                  bias: Optional[Tensor], device) -> MBWQLinear:
     first, parts = 0, []
     for b, r in plan.groups:
-        parts.append(pack_codes_fast(codes[first:first + r], b))
+        parts.append(fmt.pack_codes(codes[first:first + r], b))
         first += r
     qweight = torch.cat(parts, 0)
     order = plan.order.to(torch.int64)
@@ -581,16 +563,10 @@ def strategy_from_model(model: nn.Module) -> Dict:
 
 
 # ============================================================================ accounting
-def _stored_groups(layer: MBWQLinear) -> List[fmt.Group]:
-    if layer.use_mbw:
-        return fmt.parse_q_groups(layer.q_groups, layer.in_channels, layer.qweight.shape[0])
-    return fmt.uniform_groups(layer.in_channels, layer.w_bit, layer.group_size)
-
-
 def layer_bits(layer: MBWQLinear) -> Dict:
     """Stored-size facts of one layer: bits of codes / scales / zeros / metadata, bpw, widths."""
     K, N = layer.in_channels, layer.out_channels
-    groups = _stored_groups(layer)
+    groups = layer.stored_groups()
     code = layer.qweight.numel() * 32
     sz = (layer.scales.numel() + layer.zeros.numel()) * 16
     meta = layer.q_perm.numel() * 16 + layer.channel_scale.numel() * 16

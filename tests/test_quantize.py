@@ -33,23 +33,12 @@ def _ref_weight(layer):
 
 
 def _stored_rows(layer):
-    groups = Q._stored_groups(layer)
+    groups = layer.stored_groups()
     perm = layer.q_perm.long() & 0xFFFF
     if not layer.use_mbw and not bool(perm.any()):
         perm = torch.arange(layer.in_channels)
     gid = torch.cat([torch.full((g.rows,), i) for i, g in enumerate(groups)])
     return perm, gid, groups
-
-
-# ----------------------------------------------------------------------------- packing
-@pytest.mark.parametrize("bits", fmt.WIDTHS)
-def test_fast_packer_matches_format(bits):
-    g = torch.Generator().manual_seed(bits)
-    codes = torch.randint(0, 1 << bits, (96, 5), generator=g)
-    codes[0, 0], codes[1, 1] = (1 << bits) - 1, 0  # extreme codes present
-    packed = Q.pack_codes_fast(codes, bits)
-    assert torch.equal(packed, fmt.pack_codes(codes, bits))
-    assert torch.equal(fmt.unpack_codes(packed, bits), codes)
 
 
 # ----------------------------------------------------------------------------- RTN bound
