@@ -25,17 +25,20 @@ cxx_flags = ["-O3", "-std=c++17"]
 if want_cuda():
     ext = cpp_extension.CUDAExtension(
         "mbwq_ops._C",
-        sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/cuda/*.cu"),
+        sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/cuda/*.cpp")
+        + sources("csrc/cuda/*.cu"),
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": [
                 "-O3",
                 "-std=c++17",
                 "-lineinfo",
-                # Hopper first (sm_90a unlocks wgmma/setmaxnreg), Ampere SASS + PTX for the rest
+                # Hopper SASS (sm_90a unlocks wgmma/setmaxnreg) + compute_80 PTX, which the
+                # driver compiles once for Ampere and anything else newer than sm_80
                 "-gencode=arch=compute_90a,code=sm_90a",
-                "-gencode=arch=compute_80,code=sm_80",
                 "-gencode=arch=compute_80,code=compute_80",
+                # compile the targets of one file in parallel (the unrolled decoders are big)
+                "--threads=2",
             ],
         },
     )

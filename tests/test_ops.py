@@ -97,7 +97,7 @@ def test_grad_x_equals_reference(device, spec, M, data):
     layer(x).backward(g)
     assert x.grad.dtype == dtype and x.grad.shape == x.shape
     # y = (x * cs) @ W  =>  dL/dx = (g @ W^T) * cs
-    cs = t["channel_scale"].reshape(-1).double()
+    cs = t["channel_scale"].reshape(-1).cpu().double()
     ref = (g.cpu().double() @ W.t()) * cs
     S = (g.cpu().double().abs() @ W.abs().t()) * cs.abs()
     err = (x.grad.cpu().double() - ref).abs()

@@ -1,0 +1,68 @@
+// Small device helpers shared by the CUDA kernels: 16-bit float conversions and the
+// argument-dtype tags the host passes for optional tensors.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace mbwq {
+namespace cuda {
+
+// dtype of an optional channel_scale / bias as the kernels see it. The host converts any other
+// floating dtype to float32 first (at::Tensor::to), which is what the CPU kernel does too.
+enum AuxKind : int { kAuxNone = 0, kAuxHalf = 1, kAuxBF16 = 2, kAuxFloat = 3 };
+
+__device__ __forceinline__ float aux_load(const void* p, int kind, int64_t i) {
+  switch (kind) {
+    case kAuxHalf: return __half2float(static_cast<const __half*>(p)[i]);
+    case kAuxBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// Activation / output element types: __half, __nv_bfloat16 or float.
+template <typename T> struct Cvt;
+template <> struct Cvt<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ __half from_h(__half v) { return v; }
+};
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+  // fp16 -> bf16 goes through float (exact), then one rounding to bf16
+  static __device__ __forceinline__ __nv_bfloat16 from_h(__half v) {
+    return __float2bfloat16_rn(__half2float(v));
+  }
+};
+template <> struct Cvt<float> {
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
+  static __device__ __forceinline__ float from_h(__half v) { return __half2float(v); }
+};
+
+// Round a float to T and back: the value a T tensor would hold.
+template <typename T>
+__device__ __forceinline__ float round_as(float v) {
+  return Cvt<T>::to_f(Cvt<T>::from_f(v));
+}
+
+__device__ __forceinline__ float qnan() { return __int_as_float(0x7fc00000); }
+
+// Validated block metadata (format.h): bits == 0 marks a block whose table entry is out of
+// range; kernels turn it into NaN instead of reading outside qweight / scales.
+struct BlockMeta {
+  int bits, word, group;
+};
+
+__device__ __forceinline__ BlockMeta load_block(const int* blocks, int j, int R, int G) {
+  BlockMeta b{blocks[3 * j + 0], blocks[3 * j + 1], blocks[3 * j + 2]};
+  const bool ok = (b.bits == 2 || b.bits == 3 || b.bits == 4 || b.bits == 5 || b.bits == 6 ||
+                   b.bits == 8) &&
+                  b.word >= 0 && b.word <= R - b.bits && b.group >= 0 && b.group < G;
+  if (!ok) b = BlockMeta{0, 0, 0};
+  return b;
+}
+
+}  // namespace cuda
+}  // namespace mbwq

@@ -1,0 +1,73 @@
+// Per-width decoders of one 32-row block of one column (format.h, FORMAT.md §4).
+//
+// A block of width b is b consecutive qweight words of one column, read as one little-endian
+// bit string; row r holds string bits [r*b, r*b + b). Layouts within a block (| = word edge,
+// rN = row N; codes that straddle two words are marked *):
+//
+//   b=2  word0: r0..r15          word1: r16..r31                        (16 per word)
+//   b=3  word0: r0..r9, r10*lo2  word1: r10*hi1, r11..r20, r21*lo1      word2: r21*hi2, r22..r31
+//   b=4  word0: r0..r7   word1: r8..r15   word2: r16..r23   word3: r24..r31      (8 per word)
+//   b=5  word0: r0..r5, r6*lo2      word1: r6*hi3, r7..r11, r12*lo4     word2: r12*hi1, r13..r18,
+//        r19*lo1   word3: r19*hi4, r20..r24, r25*lo3   word4: r25*hi2, r26..r31
+//   b=6  word0: r0..r4, r5*lo2      word1: r5*hi4, r6..r9, r10*lo4      word2: r10*hi2, r11..r15
+//        (16 rows per 3 words; words 3..5 repeat the pattern for r16..r31)
+//   b=8  word w: rows 4w..4w+3 (one byte each)
+//
+// Every position below is a compile-time constant once the row loop is unrolled: a straddling
+// code costs one funnel shift (SHF), any other code one AND/OR (LOP3), and the shift count
+// never depends on data.
+//
+// Exact int -> float without I2F (a slow conversion): put the code straight into the mantissa
+// of a float whose exponent makes bit `sh` the units place:
+//
+//     bits = ((150 - sh) << 23) | (code << sh)      value = 2^(23-sh) + code       (sh + b <= 23)
+//
+// and subtract the constant 2^(23-sh) (exact). Since the code already sits at bit `sh` in its
+// word, `(word & (mask << sh)) | exponent` is a single LOP3, and one FADD finishes the job.
+// Codes in bits 16..31 of a word first take a shared `word >> 16`.
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace mbwq {
+namespace cuda {
+
+// Code of row r (0..31) as an exact float. w = the block's BITS words of this column.
+template <int BITS>
+__device__ __forceinline__ float code_f32(const uint32_t (&w)[BITS], int r) {
+  const int bit = r * BITS, j = bit >> 5, s = bit & 31;
+  uint32_t src;
+  int sh;
+  if (s + BITS > 32) {  // straddles words j and j+1: low part from w[j], high part from w[j+1]
+    src = __funnelshift_r(w[j], w[j + 1], s);
+    sh = 0;
+  } else if (s + BITS <= 23) {
+    src = w[j];
+    sh = s;
+  } else {  // s >= 16 here (s > 23 - BITS >= 15)
+    src = w[j] >> 16;
+    sh = s - 16;
+  }
+  const uint32_t expo = static_cast<uint32_t>(150 - sh) << 23;
+  const uint32_t mask = ((1u << BITS) - 1u) << sh;
+  return __uint_as_float((src & mask) | expo) - __uint_as_float(expo);
+}
+
+// Code of row r as an integer (same rule as format.h: block_code).
+template <int BITS>
+__device__ __forceinline__ uint32_t code_u32(const uint32_t (&w)[BITS], int r) {
+  const int bit = r * BITS, j = bit >> 5, s = bit & 31;
+  const uint32_t v = (s + BITS > 32) ? __funnelshift_r(w[j], w[j + 1], s) : (w[j] >> s);
+  return v & ((1u << BITS) - 1u);
+}
+
+// fp16 weight exactly as the original computes it: one fused multiply-add, one rounding.
+// The code becomes an fp16 value through the same mantissa trick (0x6400 = 1024.0, codes < 256).
+__device__ __forceinline__ __half dequant_h(uint32_t code, __half scale, __half neg_zero) {
+  const __half c = __hsub(__ushort_as_half(static_cast<unsigned short>(0x6400u | code)),
+                          __ushort_as_half(static_cast<unsigned short>(0x6400u)));
+  return __hfma(c, scale, neg_zero);
+}
+
+}  // namespace cuda
+}  // namespace mbwq

@@ -1,0 +1,60 @@
+// Host-side entry points of the CUDA kernels (defined in gemv.cu and dequant.cu, called by
+// ops_cuda.cu). Every launcher runs on the current stream of the current device; the caller
+// holds the device guard and has checked shapes (checks.h).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace mbwq {
+namespace cuda {
+
+// Largest M the small-M (weights-read-once) kernel takes; larger M go through
+// dequant + cuBLAS. Chosen from shapes only (ops_cuda.cu: gemm_cuda). Measured on an H100,
+// 8192 x 28672 4-bit: the CUDA-core kernel wins up to M = 8 (293 us against ~390 us for
+// dequant + cuBLAS) and loses from M = 16 (595 us), where its FMAs, not bytes, set the time;
+// M in 9..64 is the place for a tensor-core (mma on dequantized registers) kernel.
+constexpr int64_t kGemvMaxM = 8;
+
+// True when the small-M kernel may take this layer: it loads 4 adjacent columns of qweight as
+// one 16-byte vector and 4 scales/zeros as 8 bytes, so N % 4 == 0 and aligned pointers.
+// Activations must be fp16 or bf16.
+// fp16 / bf16 activations only (fp32 is not a speed path and takes dequant + cuBLAS).
+bool gemv_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                    const at::Tensor& zeros);
+
+// y[M, N] = round(x * cs)[:, perm] @ Wstored + bias, for 1 <= M (any M; used for M <= kGemvMaxM).
+// cs / bias are float16, bfloat16 or float32 (or absent).
+void gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+          const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
+          const std::optional<at::Tensor>& cs, const std::optional<at::Tensor>& bias,
+          at::Tensor& y);
+
+// Largest M of the tensor-core path (gemm_mma.cu); fp16 / bf16 activations, any N.
+constexpr int64_t kMmaMaxM = 64;
+
+// y[M, N] = round(x * cs)[:, perm] @ Wstored + bias on tensor cores (mma.sync), weights read
+// once per call, for 1 <= M <= kMmaMaxM.
+void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+              const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
+              const std::optional<at::Tensor>& cs, const std::optional<at::Tensor>& bias,
+              at::Tensor& y);
+
+// Multiprocessor count of the current device (read once per device).
+int sm_count();
+
+// out[perm[k], n] (or out[k, n] when perm is empty) = fp16(code * scale - zero), as out's dtype.
+void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+             const at::Tensor& blocks, const at::Tensor& perm, at::Tensor& out);
+
+// xs[m, k] = round_x(x[m, perm[k]] * cs[perm[k]]) in x's dtype (stored row order).
+void gather_scale(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
+                  at::Tensor& xs);
+
+// The kernels read channel_scale / bias as float16, bfloat16 or float32; anything else is
+// converted to float32 first (what the CPU kernel computes with).
+at::Tensor aux_tensor(const at::Tensor& t);
+int aux_kind(const std::optional<at::Tensor>& t);
+
+}  // namespace cuda
+}  // namespace mbwq

@@ -1,0 +1,100 @@
+// CUDA implementations of the mbwq ops: argument checks (checks.h, shared with the CPU kernels
+// and mirrored by the fake kernels), device guard, current stream, and the shape-based choice
+// of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
+// wrappers; the kernels and their launchers are in the .cu files (launch.h).
+//
+//   M <= kGemvMaxM, fp16/bf16 x, N % 4 == 0 (aligned)  ->  gemv.cu: CUDA cores, weights read once
+//   M <= kMmaMaxM, fp16/bf16 x                         ->  gemm_mma.cu: tensor cores, weights
+//                                                          read once, exact fp16 W
+//   otherwise (large M, fp32 x)                        ->  gather x (perm, channel_scale) +
+//                                                          dequantize W in stored order into x's
+//                                                          dtype + cuBLAS (at::mm)
+//
+// Nothing here reads tensor values on the host or synchronises; every temporary comes from
+// the caching allocator (at::empty), so both paths can be captured in a CUDA graph. Bad values
+// in blocks / perm (which only a device read could see) are guarded inside the kernels: they
+// produce NaN (or skip a row) instead of reading or writing out of bounds.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "launch.h"
+
+namespace mbwq {
+namespace {
+
+at::Tensor dequant_cuda(const at::Tensor& qweight_, const at::Tensor& scales_,
+                        const at::Tensor& zeros_, const at::Tensor& blocks_,
+                        const at::Tensor& perm_, at::ScalarType dtype) {
+  check_weight_args(qweight_, scales_, zeros_, blocks_, perm_);
+  const c10::cuda::CUDAGuard guard(qweight_.device());
+  const at::Tensor qweight = qweight_.contiguous(), scales = scales_.contiguous(),
+                   zeros = zeros_.contiguous(), blocks = blocks_.contiguous(),
+                   perm = perm_.contiguous();
+  const int64_t K = blocks.size(0) * kBlockRows, N = qweight.size(1);
+  // The kernel writes fp16 / bf16 / fp32; any other dtype is the fp16 result converted, which
+  // is what the CPU kernel returns too.
+  const bool direct = dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat;
+  at::Tensor out = at::empty({K, N}, scales.options().dtype(direct ? dtype : at::kHalf));
+  cuda::dequant(qweight, scales, zeros, blocks, perm, out);
+  return direct ? out : out.to(dtype);
+}
+
+at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at::Tensor& scales_,
+                     const at::Tensor& zeros_, const at::Tensor& blocks_, const at::Tensor& perm_,
+                     const std::optional<at::Tensor>& channel_scale,
+                     const std::optional<at::Tensor>& bias) {
+  check_weight_args(qweight_, scales_, zeros_, blocks_, perm_);
+  check_gemm_args(x_, qweight_, blocks_, channel_scale, bias);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous(), qweight = qweight_.contiguous(),
+                   scales = scales_.contiguous(), zeros = zeros_.contiguous(),
+                   blocks = blocks_.contiguous(), perm = perm_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) {  // empty sum: y = bias (or 0), rounded once
+    at::Tensor acc = at::zeros({M, N}, x.options().dtype(at::kFloat));
+    if (bias.has_value()) acc.add_(bias->to(at::kFloat));
+    y.copy_(acc);
+    return y;
+  }
+
+  if (M <= cuda::kGemvMaxM && cuda::gemv_supported(x, qweight, scales, zeros)) {
+    cuda::gemv(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
+    return y;
+  }
+  const bool half_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  if (half_x && M <= cuda::kMmaMaxM) {
+    cuda::gemm_mma(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
+    return y;
+  }
+
+  // Large M (or an N the vector kernel cannot take): x in stored row order, W in stored row
+  // order in x's dtype (fp16 bit-exact; bf16 / fp32 converted from the fp16 value), cuBLAS.
+  at::Tensor xs = x;
+  if (perm.numel() > 0 || channel_scale.has_value()) {
+    xs = at::empty_like(x);
+    cuda::gather_scale(x, perm, channel_scale, xs);
+  }
+  at::Tensor Ws = at::empty({K, N}, x.options());
+  cuda::dequant(qweight, scales, zeros, blocks, at::Tensor(perm.new_empty({0})), Ws);
+  if (bias.has_value()) {
+    // fp32 accumulation + bias in the epilogue, one rounding to x's dtype
+    at::addmm_out(y, bias->to(x.scalar_type()), xs, Ws);
+  } else {
+    at::mm_out(y, xs, Ws);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mbwq, CUDA, m) {
+  m.impl("dequant", &dequant_cuda);
+  m.impl("gemm", &gemm_cuda);
+}
+
+}  // namespace mbwq

@@ -1,0 +1,297 @@
+"""Benchmark mbwq::gemm against the card's read bandwidth and torch's own matmuls.
+
+One run measures, on the current CUDA device:
+  * read bandwidth: a large device reduction and a large device-to-device copy (bytes read
+    [+ written] / time); the larger of the two is `read_bw_tbs`;
+  * torch.matmul in fp16 and bf16 on the same [M, K] x [K, N] problem;
+  * torch.ops.aten._weight_int4pack_mm (4-bit, group 128, bf16) where it runs, else null;
+  * our gemm through torch.ops.mbwq.gemm (CUDA-graph replays) and through MBWQLinear (eager
+    calls, so Python / launch overhead shows);
+for M in {1, 2, 4, ..., 4096} on LLM layer shapes, in the formats uniform 4-bit g128, uniform
+2-bit g64, and mixed 4/3/2-bit groups of 32-128 rows averaging ~2.5 and ~3.0 code bits.
+
+Timing: warm-up, then a CUDA graph of several calls replayed many times, timed with CUDA
+events; the median per call over the replays is reported. Every call of a graph uses another
+copy of the weights and x, and the copies together are larger than L2 (RotateBytes), so the
+numbers are DRAM numbers, not L2 hits.
+
+Layers are random like tests/layers.py (codes uniform over all 2^b values: uniformly random
+qweight words ARE uniform random codes for every width; random fp16 scales/zeros, random
+channel scales and q_perm), generated on the GPU so that big shapes build in milliseconds.
+
+Output: a table on stdout and BENCHMARKS.json (list of records; see RECORD_KEYS), written to
+--out (default: $OUT/BENCHMARKS.json if $OUT is set, else ./BENCHMARKS.json).
+    python scripts/bench.py            # full run (a few minutes on an H100)
+    python scripts/bench.py --quick    # 8192x28672, 4-bit + mixed 2.5, M in {1, 16, 256}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import mbwq_ops  # noqa: E402
+from mbwq_ops import format as fmt  # noqa: E402
+
+RotateBytes = 200 << 20  # > 4x the H100's 50 MB L2
+ALL_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+ALL_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K, N)
+ALL_FORMATS = ["q4_g128", "q2_g64", "mixed_2.5", "mixed_3.0"]
+# mixed formats: probability of each width per group (4/3/2-bit), groups of 32..128 rows
+MIXES = {"mixed_2.5": {4: 0.1, 3: 0.3, 2: 0.6}, "mixed_3.0": {4: 0.3, 3: 0.4, 2: 0.3}}
+RECORD_KEYS = ["device", "torch", "commit", "shape", "format", "bpw", "M", "us", "layer_us",
+               "matmul_fp16_us", "matmul_bf16_us", "int4pack_us", "weight_bytes",
+               "read_bw_tbs", "eff_tbs", "pct_bw", "speedup_fp16"]
+
+
+# ----------------------------------------------------------------------------- timing
+def time_graph(fn_list, min_replays=10, target_ms=200.0) -> float:
+    """Median microseconds per call of fn_list[i]() over CUDA-graph replays of all of them."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in fn_list[:3] if len(fn_list) > 3 else fn_list:
+            fn()
+        for fn in fn_list:
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fn_list:
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    g.replay()
+    end.record()
+    end.synchronize()
+    one = max(start.elapsed_time(end), 1e-3)
+    replays = int(min(max(min_replays, target_ms / one), 200))
+    times = []
+    for _ in range(replays):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fn_list))
+    del g
+    return statistics.median(times)
+
+
+def time_eager(fn_list, reps=5) -> float:
+    for fn in fn_list:
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for fn in fn_list:
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fn_list))
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, math.ceil(RotateBytes / max(nbytes, 1)))
+
+
+def read_bandwidth() -> Dict[str, float]:
+    """TB/s of a 2 GiB reduction (bytes read) and of a 1 GiB copy (bytes read + written)."""
+    n = (2 << 30) // 4
+    buf = torch.rand(n, device="cuda")
+    out = torch.empty((), device="cuda")
+    t_sum = time_graph([lambda: torch.sum(buf, 0, out=out)], min_replays=20, target_ms=300)
+    a = buf[: n // 2]
+    b = torch.empty_like(a)
+    t_copy = time_graph([lambda: b.copy_(a)], min_replays=20, target_ms=300)
+    res = {"sum_tbs": n * 4 / t_sum / 1e6, "copy_tbs": 2 * a.numel() * 4 / t_copy / 1e6}
+    del buf, a, b
+    torch.cuda.empty_cache()
+    return res
+
+
+# ----------------------------------------------------------------------------- layers
+def make_groups(fmt_name: str, K: int, rng: random.Random) -> List[fmt.Group]:
+    if fmt_name == "q4_g128":
+        return fmt.uniform_groups(K, 4, 128)
+    if fmt_name == "q2_g64":
+        return fmt.uniform_groups(K, 2, 64)
+    mix = MIXES[fmt_name]
+    rows, widths, left = [], [], K
+    while left:
+        r = min(left, 32 * rng.randint(1, 4))
+        rows.append(r)
+        widths.append(rng.choices(list(mix), weights=list(mix.values()))[0])
+        left -= r
+    order = sorted(range(len(rows)), key=lambda i: fmt.WIDTHS.index(widths[i]))
+    return fmt.mixed_groups([widths[i] for i in order], [rows[i] for i in order])
+
+
+def make_layer(fmt_name: str, K: int, N: int, seed: int = 0):
+    """A prepared MBWQLinear on the GPU with random (never all-zero) weights."""
+    rng = random.Random(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    groups = make_groups(fmt_name, K, rng)
+    R = groups[-1].start + groups[-1].packed_rows
+    G = len(groups)
+    use_mbw = fmt_name.startswith("mixed")
+    layer = mbwq_ops.MBWQLinear(K, N, w_bit=groups[0].bits,
+                                group_size=128 if fmt_name == "q4_g128" else 64,
+                                use_mbw=use_mbw, groups=G, rows_packed=R).cuda()
+    qweight = torch.randint(-(2 ** 31), 2 ** 31 - 1, (R, N), dtype=torch.int32, device="cuda",
+                            generator=gen)
+    scales = (torch.rand(G, N, device="cuda", generator=gen) * 0.02 + 0.001).half()
+    max_code = torch.tensor([float((1 << g.bits) - 1) for g in groups], device="cuda").view(G, 1)
+    zeros = (scales.float() * max_code * (0.3 + 0.4 * torch.rand(G, N, device="cuda",
+                                                                  generator=gen))).half()
+    perm = torch.randperm(K, device="cuda", generator=gen)
+    sd = {"qweight": qweight, "scales": scales, "zeros": zeros,
+          "q_perm": torch.where(perm >= 32768, perm - 65536, perm).to(torch.int16),
+          "channel_scale": (0.5 + torch.rand(1, 1, K, device="cuda", generator=gen)).half()}
+    if use_mbw:
+        sd["q_groups"] = fmt.q_groups_tensor(groups).cuda()
+    layer.load_state_dict(sd)
+    layer.prepare_params()
+    wbytes = qweight.numel() * 4 + scales.numel() * 2 + zeros.numel() * 2
+    return layer, wbytes
+
+
+def op_args(layer):
+    return (layer.qweight, layer.scales, layer.zeros, layer._blocks, layer._perm,
+            layer.channel_scale.reshape(-1), layer.bias)
+
+
+def clone_layer_args(layer, n):
+    base = op_args(layer)
+    out = [base]
+    for _ in range(n - 1):
+        out.append(tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in base))
+    return out
+
+
+# ----------------------------------------------------------------------------- baselines
+def bench_matmul(K, N, Ms, dtype) -> Dict[int, float]:
+    n = copies_for(K * N * 2)
+    Ws = [torch.randn(K, N, device="cuda", dtype=dtype) for _ in range(n)]
+    res = {}
+    for M in Ms:
+        xs = [torch.randn(M, K, device="cuda", dtype=dtype) for _ in range(n)]
+        res[M] = time_graph([lambda x=x, W=W: torch.matmul(x, W) for x, W in zip(xs, Ws)])
+        del xs
+    del Ws
+    torch.cuda.empty_cache()
+    return res
+
+
+def bench_int4pack(K, N, Ms) -> Dict[int, Optional[float]]:
+    """aten._weight_int4pack_mm (bf16, 4-bit, group 128), or None where it does not run."""
+    try:
+        n = copies_for(K * N // 2)
+        packs = []
+        for _ in range(n):
+            w = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device="cuda")
+            packs.append(torch.ops.aten._convert_weight_to_int4pack(w, 8))
+        sz = torch.rand(K // 128, N, 2, device="cuda").to(torch.bfloat16)
+        res = {}
+        for M in Ms:
+            xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+            res[M] = time_graph([lambda x=x, p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, sz)
+                                 for x, p in zip(xs, packs)])
+        return res
+    except Exception as e:  # not built for this GPU / torch version
+        print(f"bench: _weight_int4pack_mm unavailable ({type(e).__name__}: {str(e)[:120]})")
+        return {M: None for M in Ms}
+    finally:
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- main
+def commit_id() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return os.environ.get("MBWQ_COMMIT", "unknown")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small subset (well under a minute)")
+    ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--Ms", default=None, help="comma-separated M list (overrides the preset)")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "bench.py needs a CUDA device"
+    torch.manual_seed(0)
+    if args.quick:
+        shapes, formats, Ms = [(8192, 28672)], ["q4_g128", "mixed_2.5"], [1, 16, 256]
+    else:
+        shapes, formats, Ms = ALL_SHAPES, ALL_FORMATS, ALL_M
+    if args.Ms:
+        Ms = [int(m) for m in args.Ms.split(",")]
+    out_path = args.out or os.path.join(os.environ.get("OUT", "."), "BENCHMARKS.json")
+
+    device = torch.cuda.get_device_name()
+    bw = read_bandwidth()
+    read_bw = max(bw["sum_tbs"], bw["copy_tbs"])
+    print(f"device: {device}, torch {torch.__version__}, read bandwidth: reduction "
+          f"{bw['sum_tbs']:.2f} TB/s, copy {bw['copy_tbs']:.2f} TB/s -> {read_bw:.2f} TB/s")
+    common = {"device": device, "torch": torch.__version__, "commit": commit_id()}
+
+    records = []
+    header = (f"{'K x N':>12} {'format':>10} {'bpw':>5} {'M':>5} {'us':>9} {'layer':>9} "
+              f"{'fp16':>9} {'bf16':>9} {'int4pk':>9} {'TB/s':>6} {'%bw':>5} {'x fp16':>6}")
+    for K, N in shapes:
+        mm16 = bench_matmul(K, N, Ms, torch.float16)
+        mm_bf = bench_matmul(K, N, Ms, torch.bfloat16)
+        i4 = bench_int4pack(K, N, Ms)
+        print(f"\n{header}")
+        for f in formats:
+            layer, wbytes = make_layer(f, K, N)
+            n = copies_for(wbytes)
+            arg_sets = clone_layer_args(layer, n)
+            bpw = wbytes * 8 / (K * N)
+            for M in Ms:
+                xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in range(n)]
+                us = time_graph([lambda x=x, a=a: torch.ops.mbwq.gemm(x, *a)
+                                 for x, a in zip(xs, arg_sets)])
+                layer_us = time_eager([lambda x=x: layer(x) for x in xs[:1]] * 4)
+                eff = wbytes / us / 1e6
+                rec = dict(common, shape=[K, N], format=f, bpw=round(bpw, 3), M=M, us=round(us, 2),
+                           layer_us=round(layer_us, 2), matmul_fp16_us=round(mm16[M], 2),
+                           matmul_bf16_us=round(mm_bf[M], 2),
+                           int4pack_us=None if i4[M] is None else round(i4[M], 2),
+                           weight_bytes=wbytes, read_bw_tbs=round(read_bw, 3),
+                           eff_tbs=round(eff, 3), pct_bw=round(100 * eff / read_bw, 1),
+                           speedup_fp16=round(mm16[M] / us, 2))
+                records.append(rec)
+                i4s = "-" if rec["int4pack_us"] is None else f"{rec['int4pack_us']:.1f}"
+                print(f"{K:>5} x{N:>6} {f:>10} {bpw:5.2f} {M:5d} {us:9.1f} {layer_us:9.1f} "
+                      f"{mm16[M]:9.1f} {mm_bf[M]:9.1f} {i4s:>9} {eff:6.2f} {rec['pct_bw']:5.1f} "
+                      f"{rec['speedup_fp16']:6.2f}", flush=True)
+                del xs
+            del layer, arg_sets
+            torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as fh:
+        json.dump(records, fh, indent=1)
+    print(f"\nwrote {len(records)} records to {out_path}")
+
+
+if __name__ == "__main__":
+    main()

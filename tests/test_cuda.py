@@ -1,0 +1,317 @@
+"""CUDA-specific tests: every kernel path against mbwq_ops.reference, determinism, CUDA graphs,
+torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
+
+Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cu), chosen from shapes only:
+  * small M (M <= 8, N % 4 == 0, aligned): weights-read-once kernel; with a single K split
+    (few K blocks) it writes y itself, with several (many K blocks, few column tiles) it writes
+    fp32 partials reduced by a second kernel;
+  * M <= 64 otherwise (fp16/bf16): tensor-core kernel (gemm_mma.cu), exact fp16 weights;
+  * larger M or fp32 activations: gather x + dequant W + cuBLAS.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mbwq_ops
+from mbwq_ops import reference
+from layers import LayerSpec, error_bound, make_layer, random_mixed_spec, reference_weight
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DTYPES = [torch.float16, torch.bfloat16]
+GEMV_MAX_M = 8  # csrc/cuda/launch.h: kGemvMaxM (kMmaMaxM = 64 above it)
+
+
+def gemm_args(layer):
+    return (layer.qweight, layer.scales, layer.zeros, layer._blocks, layer._perm,
+            layer.channel_scale.reshape(-1), layer.bias)
+
+
+def run_gemm(layer, x):
+    return mbwq_ops.gemm(x, *gemm_args(layer))
+
+
+def assert_close_to_reference(y, x, W, layer, dtype=None):
+    """|y - ref| <= tol * (|ref| + S) elementwise (tests/layers.py: error_bound)."""
+    dtype = dtype or x.dtype
+    cs, bias = layer.channel_scale.reshape(-1), layer.bias
+    ref = reference.gemm_reference(x, W, cs, bias)
+    S = reference.error_scale(x, W, cs, bias)
+    err = (y.detach().cpu().double() - ref).abs()
+    bound = error_bound(dtype, ref, S)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all(), "non-finite output where the reference is finite"
+    bad = err > bound
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} outputs off; worst "
+                           f"{float((err / bound.clamp_min(1e-30)).max()):.3g} x tolerance")
+
+
+def layer_and_weight(spec):
+    layer, t = make_layer(spec, "cuda")
+    return layer, reference_weight(spec, {k: v.cpu() for k, v in t.items()})
+
+
+def rand_x(M, K, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(M, K, generator=g) * scale).to(dtype).cuda()
+
+
+SPECS = {
+    "q4g128": LayerSpec(1024, 256, False, w_bit=4, group_size=128, perm="random", bias=True, seed=1),
+    "q2g64": LayerSpec(512, 384, False, w_bit=2, group_size=64, perm="zeros", seed=2),
+    "mixed_all": LayerSpec(1024, 192, True, widths=(8, 6, 5, 4, 3, 2),
+                           group_rows=(128, 160, 192, 224, 160, 160), perm="random", seed=3),
+    "mixed_432": LayerSpec(768, 128, True, widths=(4, 3, 3, 2, 2),
+                           group_rows=(96, 128, 32, 256, 256), perm="identity", bias=True, seed=4),
+    # many K blocks over one column tile: the small-M kernel splits K across CTAs
+    "splitk": LayerSpec(4096, 128, True, widths=(8, 5, 4, 3, 2),
+                        group_rows=(512, 512, 1024, 1024, 1024), perm="random", bias=True, seed=5),
+    # one K block: a single split, the CTA writes y itself
+    "onesplit": LayerSpec(64, 1024, True, widths=(6, 3), group_rows=(32, 32), perm="random",
+                          bias=True, seed=6),
+    # N % 4 != 0: the large path for every M
+    "n_odd": LayerSpec(256, 130, True, widths=(5, 4, 2), group_rows=(64, 96, 96), perm="random",
+                       bias=True, seed=7),
+}
+MS = [1, 2, 3, 5, 8, 17, 32, 33, 118, 1000]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_every_path_vs_reference(name, dtype):
+    layer, W = layer_and_weight(SPECS[name])
+    for i, M in enumerate(MS):
+        x = rand_x(M, layer.in_channels, dtype, seed=i)
+        assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+
+
+def test_gemm_float32_activations():
+    layer, W = layer_and_weight(SPECS["mixed_all"])
+    for M in (1, 7, 40):
+        x = rand_x(M, layer.in_channels, torch.float32, seed=M)
+        assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+
+
+@st.composite
+def cuda_cases(draw):
+    use_mbw = draw(st.booleans())
+    K = 32 * draw(st.integers(1, 48))
+    N = draw(st.sampled_from([4, 60, 128, 132, 256, 520, 66, 131]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = random.Random(seed)
+    if use_mbw:
+        widths = draw(st.lists(st.sampled_from([8, 6, 5, 4, 3, 2]), min_size=1, max_size=6,
+                               unique=True))
+        spec = random_mixed_spec(rng, K, N, widths, perm=draw(st.sampled_from(["random", "identity"])),
+                                 bias=draw(st.booleans()), seed=seed)
+    else:
+        spec = LayerSpec(K, N, False, w_bit=draw(st.sampled_from([4, 2])),
+                         group_size=32 * draw(st.integers(1, 8)),
+                         perm=draw(st.sampled_from(["random", "identity", "zeros"])),
+                         bias=draw(st.booleans()), seed=seed)
+    M = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 13, 17, 31, 32, 33, 64, 118]))
+    dtype = draw(st.sampled_from(DTYPES))
+    return spec, M, dtype
+
+
+@given(cuda_cases())
+def test_gemm_property_vs_reference(case):
+    spec, M, dtype = case
+    layer, W = layer_and_weight(spec)
+    x = rand_x(M, spec.in_features, dtype, seed=M)
+    assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+
+
+@pytest.mark.parametrize("name", ["q4g128", "mixed_all", "n_odd", "splitk"])
+def test_dequant_bit_exact(name):
+    spec = SPECS[name]
+    layer, W = layer_and_weight(spec)
+    Wc = layer.dequantized_weight(torch.float16)
+    assert torch.equal(Wc.cpu(), W)
+    assert torch.equal(layer.dequantized_weight(torch.bfloat16).cpu(), W.to(torch.bfloat16))
+    assert torch.equal(layer.dequantized_weight(torch.float32).cpu(), W.float())
+    assert torch.equal(layer.dequantized_weight(torch.float64).cpu(), W.double())
+
+
+# The golden layers run on CUDA through tests/test_golden.py (parametrized by device).
+
+
+def test_m_zero_and_shapes():
+    layer, _ = layer_and_weight(SPECS["q4g128"])
+    for dtype in DTYPES:
+        y = run_gemm(layer, torch.empty(0, layer.in_channels, dtype=dtype, device="cuda"))
+        assert y.shape == (0, layer.out_channels) and y.dtype == dtype and y.is_cuda
+    y = layer(rand_x(6, layer.in_channels, torch.float16).view(2, 3, -1))
+    assert y.shape == (2, 3, layer.out_channels)
+
+
+def test_non_contiguous_and_misaligned_inputs():
+    layer, W = layer_and_weight(SPECS["mixed_432"])
+    x = rand_x(5, 2 * layer.in_channels, torch.float16)[:, ::2]  # strided
+    assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+    # qweight at a 4-byte offset: the 16-byte vector kernel must not be used, result unchanged
+    q = layer.qweight
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    q_off = buf[1:].view_as(q)
+    q_off.copy_(q)
+    x = rand_x(3, layer.in_channels, torch.float16, seed=3)
+    y = mbwq_ops.gemm(x, q_off, *gemm_args(layer)[1:])
+    assert_close_to_reference(y, x, W, layer)
+    assert torch.equal(mbwq_ops.dequant(q_off, *gemm_args(layer)[1:5]).cpu(), W)
+
+
+def test_bf16_large_values_and_fp16_finite():
+    layer, W = layer_and_weight(SPECS["mixed_all"])
+    x = rand_x(4, layer.in_channels, torch.bfloat16, scale=1e30)
+    assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+    x = rand_x(40, layer.in_channels, torch.bfloat16, scale=1e30)
+    assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+    # fp16: inputs near the top of the range, outputs still representable
+    layer, W = layer_and_weight(SPECS["q2g64"])
+    for M in (1, 9, 64):
+        x = rand_x(M, layer.in_channels, torch.float16, seed=M)
+        x = (x / x.abs().amax() * 60000).half()
+        cs = layer.channel_scale.reshape(-1)
+        ref = reference.gemm_reference(x, W, cs, layer.bias)
+        if ref.abs().max() < 6e4:
+            y = run_gemm(layer, x)
+            assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("M", [1, 5, 20, 64])
+def test_invalid_tables_do_not_crash(M):
+    layer, _ = layer_and_weight(SPECS["mixed_432"])
+    q, s, z, blocks, perm, cs, bias = gemm_args(layer)
+    x = rand_x(M, layer.in_channels, torch.float16)
+    bad = blocks.clone()
+    bad[1, 0] = 7                      # no such width
+    bad[3, 1] = q.shape[0] + 100       # qweight row past the end
+    bad[5, 2] = -1                     # no such group
+    y = mbwq_ops.gemm(x, q, s, z, bad, perm, cs, bias)
+    W = mbwq_ops.dequant(q, s, z, bad, perm)
+    bad_perm = torch.full_like(perm, 1 << 20) if perm.numel() else torch.full(
+        (layer.in_channels,), -5, dtype=torch.int32, device="cuda")
+    y2 = mbwq_ops.gemm(x, q, s, z, blocks, bad_perm, cs, bias)
+    mbwq_ops.dequant(q, s, z, blocks, bad_perm)
+    torch.cuda.synchronize()
+    assert torch.isnan(y).any() and torch.isnan(W).any() and torch.isnan(y2).all()
+    # the context is still healthy
+    y3 = run_gemm(layer, x)
+    torch.cuda.synchronize()
+    assert torch.isfinite(y3).all()
+
+
+@pytest.mark.parametrize("name,M", [("onesplit", 3), ("splitk", 1), ("splitk", 7),
+                                    ("q4g128", 118), ("n_odd", 2), ("splitk", 20),
+                                    ("mixed_all", 64), ("onesplit", 33)])
+def test_deterministic(name, M):
+    layer, _ = layer_and_weight(SPECS[name])
+    for dtype in DTYPES:
+        x = rand_x(M, layer.in_channels, dtype, seed=11)
+        first = run_gemm(layer, x)
+        for _ in range(19):
+            assert torch.equal(run_gemm(layer, x), first)
+    W = layer.dequantized_weight()
+    for _ in range(19):
+        assert torch.equal(layer.dequantized_weight(), W)
+
+
+def mixed_stack():
+    rng = random.Random(0)
+    specs = [random_mixed_spec(rng, 512, 768, (4, 3, 2), bias=True, seed=1),
+             random_mixed_spec(rng, 768, 256, (8, 6, 5), seed=2),
+             LayerSpec(256, 512, False, w_bit=4, group_size=64, perm="random", seed=3),
+             random_mixed_spec(rng, 512, 512, (6, 4, 2), seed=4)]
+    return torch.nn.Sequential(*[make_layer(s, "cuda")[0] for s in specs])
+
+
+@pytest.mark.parametrize("M", [4, 48])
+def test_cuda_graph_capture_replay(M):
+    model = mixed_stack()
+    static_x = rand_x(M, 512, torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(2):
+            model(static_x)  # warm-up (cuBLAS handles, smem attributes)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), torch.no_grad():
+        static_y = model(static_x)
+    for seed in range(3):
+        x = rand_x(M, 512, torch.float16, seed=100 + seed)
+        static_x.copy_(x)
+        g.replay()
+        with torch.no_grad():
+            eager = model(x)
+        torch.cuda.synchronize()
+        if M <= GEMV_MAX_M:
+            assert torch.equal(static_y, eager)
+        else:  # cuBLAS may pick another algorithm under capture
+            torch.testing.assert_close(static_y, eager, rtol=2e-3, atol=2e-3)
+
+
+def test_torch_compile_reduce_overhead_frames():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = mixed_stack()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    Ms = [2, 3, 17, 33, 118]
+    with torch.no_grad():
+        for M in Ms:
+            x = rand_x(M, 512, torch.float16, seed=M)
+            torch._dynamo.mark_dynamic(x, 0)
+            for _ in range(3):  # record + replay the CUDA graph
+                y = compiled(x).clone()
+            torch.testing.assert_close(y, model(x), rtol=2e-3, atol=2e-3)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_cpu_gpu_move_after_prepare():
+    for name in ("mixed_all", "q4g128"):
+        spec = SPECS[name]
+        layer, t = make_layer(spec, "cpu")
+        W = reference_weight(spec, t)
+        for M in (3, 40):
+            x = torch.randn(M, spec.in_features).half()
+            y_cpu = layer(x)
+            layer.cuda()
+            y_gpu = layer(x.cuda())
+            assert_close_to_reference(y_gpu, x, W, layer)
+            assert torch.equal(layer.dequantized_weight().cpu(), W)
+            layer.cpu()
+            assert torch.equal(layer(x), y_cpu)
+            sd = layer.state_dict()
+            for k, v in t.items():
+                assert torch.equal(sd[k], v), k
+
+
+def test_opcheck_cuda():
+    layer, _ = layer_and_weight(SPECS["mixed_432"])
+    args = gemm_args(layer)
+    for M, dtype in ((1, torch.float16), (5, torch.bfloat16), (40, torch.float16)):
+        x = rand_x(M, layer.in_channels, dtype).requires_grad_()
+        torch.library.opcheck(torch.ops.mbwq.gemm.default, (x, *args))
+        torch.library.opcheck(torch.ops.mbwq.gemm.default, (x.detach(), *args[:5], None, None))
+    torch.library.opcheck(torch.ops.mbwq.dequant.default, (*args[:5], torch.bfloat16))
+
+
+def test_current_stream_and_device_guard():
+    layer, W = layer_and_weight(SPECS["mixed_432"])
+    x = rand_x(3, layer.in_channels, torch.float16)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = run_gemm(layer, x)
+        y_big = run_gemm(layer, rand_x(64, layer.in_channels, torch.float16))
+    s.synchronize()
+    assert_close_to_reference(y, x, W, layer)
+    assert y_big.shape[0] == 64
