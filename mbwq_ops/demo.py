@@ -68,7 +68,7 @@ def output_error(model, ref_logits: torch.Tensor, tokens: torch.Tensor) -> Dict[
     """Relative logit error and next-token (top-1) agreement against the reference."""
     model.drop_cache()
     logits = model(tokens).float()
-    ref = ref_logits.float()
+    ref = ref_logits.float().to(logits.device)
     rel = float((logits - ref).norm() / ref.norm())
     agree = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
     return {"logit_rel_err": rel, "top1_agreement": agree}

@@ -173,7 +173,7 @@ __device__ __forceinline__ void fetch(Stage& st, uint32_t meta, int q, const uin
 // xs: gathered, scaled, interleaved activations [MT * 8, K] (rows >= M are zero).
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 template <typename T, int MT>
-__global__ void __launch_bounds__(kWarps * 32, MT <= 4 ? 2 : 1)
+__global__ void __launch_bounds__(kWarps * 32, 2)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
@@ -326,7 +326,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   const int M = x.size(0), K = x.size(1), N = qweight.size(1);
   const int R = qweight.size(0), G = scales.size(0);
   const int MT = (M + 7) / 8;
-  const int MT_pad = MT <= 1 ? 1 : MT <= 2 ? 2 : MT <= 4 ? 4 : 8;
+  const int MT_pad = MT <= 1 ? 1 : MT <= 2 ? 2 : 4;
   const int M_pad = MT_pad * 8;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor xs = at::empty({M_pad, K}, x.options());
@@ -375,8 +375,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   switch (MT_pad) {
     case 1: run(mma_gemm_kernel<T, 1>); break;
     case 2: run(mma_gemm_kernel<T, 2>); break;
-    case 4: run(mma_gemm_kernel<T, 4>); break;
-    default: run(mma_gemm_kernel<T, 8>); break;
+    default: run(mma_gemm_kernel<T, 4>); break;
   }
   if (splits > 1) {
     const int64_t MN = int64_t(M) * N;

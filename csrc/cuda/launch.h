@@ -9,12 +9,14 @@
 namespace mbwq {
 namespace cuda {
 
-// Largest M the small-M (weights-read-once) kernel takes; larger M go through
-// dequant + cuBLAS. Chosen from shapes only (ops_cuda.cu: gemm_cuda). Measured on an H100,
-// 8192 x 28672 4-bit: the CUDA-core kernel wins up to M = 8 (293 us against ~390 us for
-// dequant + cuBLAS) and loses from M = 16 (595 us), where its FMAs, not bytes, set the time;
-// M in 9..64 is the place for a tensor-core (mma on dequantized registers) kernel.
-constexpr int64_t kGemvMaxM = 8;
+// Path boundaries, from shapes only (ops_cuda.cpp: gemm_cuda). Measured on an H100 at
+// 8192 x 28672 4-bit g128 (scripts/bench.py, median of CUDA-graph replays):
+//   M          1     2     4     8     16    32    64    (us)
+//   gemv       98    124   165   301   -     -     -
+//   mma        171   173   174   174   192   232   488
+//   dequant+cuBLAS  ~385 .. 420 for any M <= 256
+// so the CUDA-core kernel takes M <= 4, the tensor-core kernel 5..32, cuBLAS the rest.
+constexpr int64_t kGemvMaxM = 4;
 
 // True when the small-M kernel may take this layer: it loads 4 adjacent columns of qweight as
 // one 16-byte vector and 4 scales/zeros as 8 bytes, so N % 4 == 0 and aligned pointers.
@@ -31,7 +33,7 @@ void gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scal
           at::Tensor& y);
 
 // Largest M of the tensor-core path (gemm_mma.cu); fp16 / bf16 activations, any N.
-constexpr int64_t kMmaMaxM = 64;
+constexpr int64_t kMmaMaxM = 32;
 
 // y[M, N] = round(x * cs)[:, perm] @ Wstored + bias on tensor cores (mma.sync), weights read
 // once per call, for 1 <= M <= kMmaMaxM.
