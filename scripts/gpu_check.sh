@@ -4,6 +4,7 @@
 #
 #   scripts/gpu_check.sh             # logs under $OUT if set, else ./.device_out
 #   BENCH=full scripts/gpu_check.sh  # full benchmark instead of --quick
+#   DEMO=0 scripts/gpu_check.sh      # skip the demo
 #   TESTS="tests/test_cuda.py" scripts/gpu_check.sh   # other pytest selection (default: every
 #                                                      # test marked cuda, one process per file)
 #
@@ -88,8 +89,9 @@ else
   step bench bench.log $PY scripts/bench.py --quick --out "$OUT/BENCHMARKS.json"
 fi
 
-# The main job, as the README runs it (CUDA preset: ~0.9 B parameters, CUDA graphs).
-step demo demo.log $PY -m mbwq_ops.demo
+# The main job, as the README runs it (CUDA preset: ~0.9 B parameters, CUDA graphs);
+# DEMO=0 skips it.
+if [ "${DEMO:-1}" = 1 ]; then step demo demo.log $PY -m mbwq_ops.demo; fi
 
 echo "=== summary"
 for k in build tests memcheck racecheck bench demo; do echo "$k: ${RESULT[$k]:-not run}"; done
