@@ -16,6 +16,8 @@ namespace cuda {
 //   mma        171   173   174   174   192   232   488
 //   dequant+cuBLAS  ~385 .. 420 for any M <= 256
 // so the CUDA-core kernel takes M <= 4, the tensor-core kernel 5..32, cuBLAS the rest.
+// (With three CTAs per SM the tensor-core kernel later measured 152 us at M = 8 and 163 us at
+// M = 16; M = 2..4 was not re-measured, so the M <= 4 boundary may now sit too high.)
 constexpr int64_t kGemvMaxM = 4;
 
 // True when the small-M kernel may take this layer: it loads 4 adjacent columns of qweight as
