@@ -155,7 +155,11 @@ class MBWQLinear(nn.Module):
         fmt.perm_index(self.q_perm, self.in_channels, self.use_mbw)
 
     def prepare_params(self) -> None:
-        """Validate the layer and build the kernel tables (host work, once per layer)."""
+        """Validate the layer and build the kernel tables (host work, once per layer).
+
+        Assigning a stored tensor (``layer.q_perm = ...``, the setters, ``load_state_dict``)
+        marks the layer unprepared; after changing ``q_perm`` or ``q_groups`` *in place*, call
+        this again yourself, since the tables are derived from them."""
         groups = self.stored_groups()
         perm = fmt.perm_index(self.q_perm, self.in_channels, self.use_mbw)
         device = self.qweight.device
