@@ -123,7 +123,7 @@ def mixed_groups(widths: Sequence[int], rows: Sequence[int]) -> List[Group]:
 def q_groups_tensor(groups: Sequence[Group]) -> Tensor:
     """The stored ``q_groups`` buffer: int16 ``[2G]`` of (bits, packed start) pairs."""
     flat = [v for g in groups for v in (g.bits, g.start)]
-    return _as_int16(torch.tensor(flat, dtype=torch.int64))
+    return as_int16(torch.tensor(flat, dtype=torch.int64))
 
 
 def parse_q_groups(q_groups: Tensor, in_features: int, packed_rows: int) -> List[Group]:
@@ -189,7 +189,7 @@ def group_map(groups: Sequence[Group]) -> Tensor:
     for gi, g in enumerate(groups):
         left = torch.arange(g.rows, 0, -1, dtype=torch.int64)
         parts.append(torch.stack([torch.full_like(left, gi), left], 1).reshape(-1))
-    return _as_int16(torch.cat(parts))
+    return as_int16(torch.cat(parts))
 
 
 def groups_from_group_map(q_group_map: Tensor, rows: Sequence[int]) -> List[Group]:
@@ -263,5 +263,7 @@ def check_in_features(in_features: int) -> None:
                          f"{MAX_IN_FEATURES}, got {in_features}")
 
 
-def _as_int16(v: Tensor) -> Tensor:
+def as_int16(v: Tensor) -> Tensor:
+    """Values 0..65535 as the int16 bit patterns the format stores (q_perm, q_groups)."""
+    v = v.to(torch.int64)
     return torch.where(v >= 1 << 15, v - (1 << 16), v).to(torch.int16)

@@ -228,18 +228,12 @@ def _gptq(Ws: Tensor, Hs: Tensor, groups: Sequence[Tuple[int, int]], damp: float
 
 def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor, zeros: Tensor,
                  bias: Optional[Tensor], device) -> MBWQLinear:
-    first, parts = 0, []
-    for b, r in plan.groups:
-        parts.append(fmt.pack_codes(codes[first:first + r], b))
-        first += r
-    qweight = torch.cat(parts, 0)
-    order = plan.order.to(torch.int64)
-    q_perm = torch.where(order >= 32768, order - 65536, order).to(torch.int16)
+    groups = fmt.mixed_groups([b for b, _ in plan.groups], [r for _, r in plan.groups])
+    qweight = fmt.pack_groups(codes, groups)
     sd = {"qweight": qweight, "scales": scales.to(torch.float16), "zeros": zeros.to(torch.float16),
-          "q_perm": q_perm, "channel_scale": torch.ones(1, 1, K, dtype=torch.float16)}
+          "q_perm": fmt.as_int16(plan.order), "channel_scale": torch.ones(1, 1, K, dtype=torch.float16)}
     if plan.use_mbw:
-        sd["q_groups"] = fmt.q_groups_tensor(fmt.mixed_groups([b for b, _ in plan.groups],
-                                                             [r for _, r in plan.groups]))
+        sd["q_groups"] = fmt.q_groups_tensor(groups)
         layer = MBWQLinear(K, N, w_bit=plan.groups[0][0], group_size=plan.group_size, use_mbw=True,
                            disable_bias=bias is None, groups=len(plan.groups),
                            rows_packed=qweight.shape[0])

@@ -65,7 +65,7 @@ def build(spec: LayerSpec, device="cpu") -> Dict[str, torch.Tensor]:
         "qweight": fmt.pack_groups(codes, groups),
         "scales": scales,
         "zeros": zeros,
-        "q_perm": torch.where(q_perm >= 32768, q_perm - 65536, q_perm).to(torch.int16),
+        "q_perm": fmt.as_int16(q_perm),
         "channel_scale": (0.5 + torch.rand(1, 1, K, generator=g)).half(),
     }
     if spec.use_mbw:
