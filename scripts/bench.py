@@ -235,6 +235,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small subset (well under a minute)")
     ap.add_argument("--out", default=None, help="JSON output path")
     ap.add_argument("--Ms", default=None, help="comma-separated M list (overrides the preset)")
+    ap.add_argument("--shapes", default=None, help="comma-separated KxN list, e.g. 4096x4096")
+    ap.add_argument("--formats", default=None, help="comma-separated formats, e.g. q4_g128")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench.py needs a CUDA device"
     torch.manual_seed(0)
@@ -244,6 +246,13 @@ def main():
         shapes, formats, Ms = ALL_SHAPES, ALL_FORMATS, ALL_M
     if args.Ms:
         Ms = [int(m) for m in args.Ms.split(",")]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.formats:
+        formats = args.formats.split(",")
+        unknown = sorted(set(formats) - set(ALL_FORMATS))
+        if unknown:
+            ap.error(f"unknown format(s) {unknown}; choose from {ALL_FORMATS}")
     out_path = args.out or os.path.join(os.environ.get("OUT", "."), "BENCHMARKS.json")
 
     device = torch.cuda.get_device_name()

@@ -5,6 +5,8 @@
 #   scripts/gpu_check.sh             # logs under $OUT if set, else ./.device_out
 #   BENCH=full scripts/gpu_check.sh  # full benchmark instead of --quick
 #   DEMO=0 scripts/gpu_check.sh      # skip the demo
+#   SANITIZE=0 scripts/gpu_check.sh  # skip compute-sanitizer
+#   BENCH_ARGS="--Ms 1,16 --shapes 4096x4096" scripts/gpu_check.sh   # other bench selection
 #   TESTS="tests/test_cuda.py" scripts/gpu_check.sh   # other pytest selection (default: every
 #                                                      # test marked cuda, one process per file)
 #
@@ -81,9 +83,13 @@ run_tests() {
 }
 step tests tests.log run_tests
 SAN="compute-sanitizer --error-exitcode 1 --print-limit 20"
-step memcheck memcheck.log $SAN --tool memcheck $PY scripts/sanitize_paths.py
-step racecheck racecheck.log $SAN --tool racecheck $PY scripts/sanitize_paths.py
-if [ "${BENCH:-quick}" = full ]; then
+if [ "${SANITIZE:-1}" = 1 ]; then
+  step memcheck memcheck.log $SAN --tool memcheck $PY scripts/sanitize_paths.py
+  step racecheck racecheck.log $SAN --tool racecheck $PY scripts/sanitize_paths.py
+fi
+if [ -n "${BENCH_ARGS:-}" ]; then
+  step bench bench.log $PY scripts/bench.py $BENCH_ARGS --out "$OUT/BENCHMARKS.json"
+elif [ "${BENCH:-quick}" = full ]; then
   step bench bench.log $PY scripts/bench.py --out "$OUT/BENCHMARKS.json"
 else
   step bench bench.log $PY scripts/bench.py --quick --out "$OUT/BENCHMARKS.json"

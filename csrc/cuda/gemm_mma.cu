@@ -3,37 +3,66 @@
 //
 // Roles: W^T is the A operand (16 output columns x 16 k), xs^T the B operand (16 k x 8 tokens),
 // fp32 accumulators. Every packed weight byte is read from DRAM once per call, whatever M.
+// The kernel is built to spend as few instructions per weight as possible, because at small M
+// it must keep up with DRAM: ~2 instructions per 4-bit code, against ~4.5 of bandwidth budget.
 //
 // ---------------------------------------------------------------------------------------
-// Which codes a lane decodes. Lane = (g, q) with g = lane / 4 (0..7), q = lane % 4 (0..3).
+// Work split.  CTA = 8 warps = WC column warps x WK = 8 / WC k-warps.
+//
+//   columns n ->    warp tile = 32*QN columns (QN = 1 or 2 quads of 4 columns per lane)
+//        +-----------+-----------+
+//   k    | wc=0 kw=0 | wc=1 kw=0 |     grid.x = column tiles of WC warp tiles
+//   |    +-----------+-----------+     grid.y = K splits (fp32 partials + reduce kernel)
+//   v    | wc=0 kw=1 | wc=1 kw=1 |     k-warps of a CTA take contiguous ranges of 32-row
+//        +-----------+-----------+     blocks and add up through shared memory in order.
+//
+// Each warp streams its blocks through a private ring of STAGES shared-memory slots filled
+// with cp.async (16-byte copies, STAGES - 1 blocks in flight, no CTA barrier in the loop).
+// A slot holds the block's `bits` qweight rows of the warp's columns and, only when the
+// block starts a new group, the scales and zeros rows:
+//
+//   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros |
+//           rows padded to 32 mod 128 bytes so that the LDS.128 below are conflict-free
+//
+// Activations come from the gathered, interleaved xs (gather_x_kernel) through the L1 cache:
+// the column warps of a CTA and CTAs on the same SM read the same x lines.
+//
+// ---------------------------------------------------------------------------------------
+// Which codes a lane decodes. Lane = (g, t) with g = lane / 4 (0..7), t = lane % 4 (0..3).
 // The mma fixes which (n, k) entries of A a lane holds: rows (= output columns) g and g+8,
-// k-columns {2q, 2q+1, 2q+8, 2q+9}. The k order inside a k16 step is ours to choose, as long
-// as the B operand (x) uses the same one. We give lane q the 8 consecutive stored rows
-// 8q .. 8q+7 of each 32-row block, i.e. its bits [8q*b, 8q*b + 8b) of the column's bit
-// string = bytes [q*b, q*b + b) of the block's b words: one lane never needs more than two
-// adjacent words.
+// k-columns {2t, 2t+1, 2t+8, 2t+9}. The k order inside a k16 step is ours to choose, as long
+// as the B operand (x) uses the same one. Lane t decodes the 8 consecutive stored rows
+// 8t .. 8t+7 of each 32-row block: bytes [t*b, t*b + b) of the column's b-word bit string,
+// which lie in the block's words j0 = (t*b) / 4 and j0 + 1.
 //
 //   column strip of one block (b words, bit string little-endian):
-//     | lane0: rows 0-7 | lane1: rows 8-15 | lane2: rows 16-23 | lane3: rows 24-31 |
-//       bytes [0,b)       bytes [b,2b)       bytes [2b,3b)       bytes [3b,4b)
+//     | lane t=0: rows 0-7 | t=1: rows 8-15 | t=2: rows 16-23 | t=3: rows 24-31 |
+//       bytes [0,b)          bytes [b,2b)     bytes [2b,3b)      bytes [3b,4b)
 //
-// With c0..c7 the lane's codes (rows 8q+0..8q+7), half2 pairs (c_i, c_i+4) feed the mma:
-//     k-step 0: A regs {(c0,c4) col g, (c0,c4) col g+8, (c1,c5) col g, (c1,c5) col g+8}
-//     k-step 1: A regs {(c2,c6) col g, (c2,c6) col g+8, (c3,c7) col g, (c3,c7) col g+8}
-// so mma k-index 2q <-> row 8q+2s, 2q+1 <-> 8q+2s+4, 2q+8 <-> 8q+2s+1, 2q+9 <-> 8q+2s+5.
-// x is stored in shared memory in the matching order, each 8-row chunk as
-//     [x0 x4 | x1 x5 | x2 x6 | x3 x7]      (one 16-byte load gives both k-steps' B regs)
-// For 4-bit codes (c_i, c_i+4) sit 16 bits apart in one word, so a pair is one shift and one
-// mask-or; other widths spread their bits first.
+// A lane's 8 codes c0..c7 (rows 8t + i) become four half2 pairs P_i = (c_i, c_{i+4}):
+//     k-step 0 A regs: {P0 col A, P0 col B, P1 col A, P1 col B}
+//     k-step 1 A regs: {P2 col A, P2 col B, P3 col A, P3 col B}
+// so mma k-index 2t <-> row 8t+2s, 2t+1 <-> 8t+2s+4, 2t+8 <-> 8t+2s+1, 2t+9 <-> 8t+2s+5, and
+// xs stores every 8-row chunk as [x0 x4 | x1 x5 | x2 x6 | x3 x7]: one 16-byte load gives both
+// k-steps' B registers.
 //
-// A pair of codes becomes a pair of fp16 weights without int->float conversions:
-//     0x6400 | c  is the fp16 number 1024 + c  (c < 1024)  ->  subtract 1024 (exact)
-//     w = fma(c, scale, -zero) in fp16: one rounding, the original's exact weight.
-// For bf16 activations the fp16 weight is then converted to bf16.
+// Columns: a lane owns the 4*QN columns 32q + 4g + e (quad q < QN, e < 4), read as one 16-byte
+// load per quad and qweight row. Its mma i = 2q + k (k < 2) takes column 4q + k as A row g and
+// column 4q + k + 2 as A row g+8, so one quad's words are decoded before the next is loaded.
+//
+// A code pair becomes fp16 without int->float conversions: with the pair's two codes masked
+// in place at bits [e, e+b) and [16+e, 16+e+b) of a word,
+//     0x6400 | (c << e)  is the fp16 number 1024 + c * 2^e  (exact while c * 2^e < 1024)
+// and one HFMA2 (x 2^-e, - 1024 * 2^-e) gives c exactly. Then w = fma(c, scale, -zero) in fp16:
+// one rounding, the original's exact weight. For bf16 activations w is converted to bf16.
 // ---------------------------------------------------------------------------------------
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
 
 #include "../format.h"
 #include "common.cuh"
@@ -43,15 +72,32 @@ namespace mbwq {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;                 // warps per CTA
-constexpr int kColsPerWarp = 16;          // one m16 tile of output columns
-constexpr int kCtaCols = kWarps * kColsPerWarp;
-constexpr int kStages = 4;                // blocks of 32 rows in flight per warp (registers)
-constexpr int kXPadBytes = 64;            // x row stride = 64 mod 128 bytes: conflict-free LDS.128
+constexpr int kWarps = 8;  // warps per CTA
 
-// Packed per-block metadata in shared memory: bits | group << 4 | word << 16 (0 = invalid).
-__device__ __forceinline__ uint32_t pack_meta(int bits, int word, int group) {
-  return uint32_t(bits) | (uint32_t(group) << 4) | (uint32_t(word) << 16);
+// Geometry of one ring slot for a warp tile of 32 * QN columns.
+template <int QN>
+struct Slot {
+  static constexpr int kCols = 32 * QN;
+  static constexpr int kChunks = kCols / 4;              // 16-byte chunks per qweight row
+  static constexpr int kRowStride = 4 * kCols + 32;      // = 32 mod 128: conflict-free LDS.128
+  static constexpr int kSzOffset = 8 * kRowStride;       // scales row, then zeros row (fp16)
+  static constexpr int kSlotBytes = kSzOffset + 4 * kCols;
+};
+
+// ---- small PTX wrappers -----------------------------------------------------------------
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  // src-size 0 fills the 16 bytes with zeros and reads nothing (columns past N)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 template <typename T>
@@ -59,13 +105,13 @@ struct MmaOp;
 
 template <>
 struct MmaOp<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
+  static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
   static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {
     return *reinterpret_cast<uint32_t*>(&w);
@@ -74,13 +120,13 @@ struct MmaOp<__half> {
 
 template <>
 struct MmaOp<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
+  static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
   static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {
     __nv_bfloat162 v = __float22bfloat162_rn(__half22float2(w));
@@ -88,189 +134,349 @@ struct MmaOp<__nv_bfloat16> {
   }
 };
 
-// One block's raw data for one lane, fetched kStages blocks ahead.
-struct Stage {
-  uint32_t meta;          // packed (bits, group, word); 0 = none / invalid
-  uint32_t lo0, hi0;      // column g:   the lane's two words
-  uint32_t lo1, hi1;      // column g+8
-  uint32_t sz0, sz1;      // scale | zero << 16 (fp16 bits) of both columns
+__device__ __forceinline__ __half2 as_h2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+
+// Codes masked at bit offset E inside each half (see the header) -> exact fp16 codes.
+template <int E>
+__device__ __forceinline__ __half2 code_pair(uint32_t masked) {
+  const __half2 v = as_h2(masked | 0x64006400u);
+  if constexpr (E == 0) {
+    return __hsub2(v, as_h2(0x64006400u));  // (1024 + c) - 1024
+  } else {
+    constexpr uint32_t kScale = uint32_t(15 - E) << 10;             // 2^-E
+    constexpr uint32_t kBias = 0x8000u | (uint32_t(25 - E) << 10);  // -(1024 * 2^-E)
+    return __hfma2(v, as_h2(kScale | (kScale << 16)), as_h2(kBias | (kBias << 16)));
+  }
+}
+
+// The lane's 8 codes of one column as the pairs P0..P3 (header), from the two words that hold
+// its bytes [t*B, t*B + B): lo = word j0, hi = word j0 + 1. Bit layouts per width (format.h):
+template <int B>
+__device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, int t, __half2 (&p)[4]) {
+  const int sh = 8 * ((t * B) & 3);  // the lane's first bit inside lo
+  if constexpr (B == 2) {
+    // 16 bits: c0..c3 in byte (sh/8), c4..c7 in the next; spread them to bytes 0 and 2.
+    const uint32_t v = __byte_perm(lo, 0u, 0x4140u + 0x0101u * (sh >> 3));
+    p[0] = code_pair<0>(v & 0x00030003u);
+    p[1] = code_pair<2>(v & 0x000C000Cu);
+    p[2] = code_pair<4>(v & 0x00300030u);
+    p[3] = code_pair<6>(v & 0x00C000C0u);
+  } else if constexpr (B == 4) {
+    // one word: c_i at bits 4i, c_{i+4} at 4i + 16, already 16 bits apart.
+    const uint32_t v8 = lo >> 8;
+    p[0] = code_pair<0>(lo & 0x000F000Fu);
+    p[1] = code_pair<4>(lo & 0x00F000F0u);
+    p[2] = code_pair<0>(v8 & 0x000F000Fu);
+    p[3] = code_pair<4>(v8 & 0x00F000F0u);
+  } else if constexpr (B == 8) {
+    // c0..c3 = bytes of lo, c4..c7 = bytes of hi: byte i of each into halves 0 and 1.
+    p[0] = code_pair<0>(__byte_perm(lo, hi, 0x0400u) & 0x00FF00FFu);
+    p[1] = code_pair<0>(__byte_perm(lo, hi, 0x0501u) & 0x00FF00FFu);
+    p[2] = code_pair<0>(__byte_perm(lo, hi, 0x0602u) & 0x00FF00FFu);
+    p[3] = code_pair<0>(__byte_perm(lo, hi, 0x0703u) & 0x00FF00FFu);
+  } else if constexpr (B == 3) {
+    // 24 bits, c_i at 3i. Move c4..c7 (bits 12..23) up by 4: c_{i+4} lands at 16 + 3i.
+    const uint32_t v = __funnelshift_r(lo, hi, sh);
+    const uint32_t u = (v & 0xFFFu) | ((v << 4) & 0xFFFFF000u);
+    p[0] = code_pair<0>(u & 0x00070007u);
+    p[1] = code_pair<3>(u & 0x00380038u);
+    p[2] = code_pair<6>(u & 0x01C001C0u);
+    p[3] = code_pair<3>((u >> 6) & 0x00380038u);
+  } else {
+    // B = 5 (40 bits) or 6 (48 bits): L = bits 0..31, C = bits 4B..4B+31 (c4..c7 at 0, B, 2B,
+    // 3B). u1 = low halves of L and C (c0, c1[, c2] | c4, c5[, c6]); u2 = their bits 8..23.
+    const uint32_t L = __funnelshift_r(lo, hi, sh);
+    const uint32_t H = hi >> sh;
+    const uint32_t C = __funnelshift_r(L, H, 4 * B);
+    const uint32_t u1 = __byte_perm(L, C, 0x5410u);
+    const uint32_t u2 = __byte_perm(L, C, 0x6521u);
+    if constexpr (B == 5) {  // c0 0, c1 5, c2 10, c3 15..19 (u2: 7)
+      p[0] = code_pair<0>(u1 & 0x001F001Fu);
+      p[1] = code_pair<5>(u1 & 0x03E003E0u);
+      p[2] = code_pair<0>((u1 >> 10) & 0x001F001Fu);
+      p[3] = code_pair<0>((u2 >> 7) & 0x001F001Fu);
+    } else {  // B = 6: c0 0, c1 6, c2 12..17 (u2: 4), c3 18..23 (u2: 10)
+      p[0] = code_pair<0>(u1 & 0x003F003Fu);
+      p[1] = code_pair<0>((u1 >> 6) & 0x003F003Fu);
+      p[2] = code_pair<4>(u2 & 0x03F003F0u);
+      p[3] = code_pair<0>((u2 >> 10) & 0x003F003Fu);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t comp(const uint4& v, int e) {
+  return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ __half2 dup_half(uint32_t two_halves, int e) {
+  return as_h2(__byte_perm(two_halves, 0u, (e & 1) ? 0x3232u : 0x1010u));
+}
+
+// The word of a lane's scales (or -zeros) that holds column u: quad u / 4, halves (u % 4) / 2.
+template <int QN>
+__device__ __forceinline__ uint32_t scale_word(const uint2 (&v)[QN], int u) {
+  return (u % 4) < 2 ? v[u / 4].x : v[u / 4].y;
+}
+
+// One 32-row block of width B from ring slot `slot`: decode the lane's 8 codes of each of its
+// 4*QN columns into exact fp16 weights and run the mma for all MT token tiles.
+template <int B, int QN, int MT, typename T>
+__device__ __forceinline__ void compute_block(const unsigned char* slot, int g, int t,
+                                              const uint2 (&sc)[QN], const uint2 (&nz)[QN],
+                                              const uint4 (&xb)[MT], float (&acc)[2 * QN][MT][4]) {
+  using R = Slot<QN>;
+  const int j0 = (t * B) >> 2;
+#pragma unroll
+  for (int q = 0; q < QN; ++q) {  // one quad at a time: only its words are live
+    const unsigned char* p = slot + j0 * R::kRowStride + 128 * q + 16 * g;
+    const uint4 lo = *reinterpret_cast<const uint4*>(p);
+    // widths 2 and 4 never cross a word; the others may (the row exists in the slot)
+    const uint4 hi = (B == 2 || B == 4) ? lo : *reinterpret_cast<const uint4*>(p + R::kRowStride);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      // mma i = 2q + k: A row g = lane column 4q + k, A row g + 8 = lane column 4q + k + 2
+      const int i = 2 * q + k, ua = 4 * q + k, ub = ua + 2;
+      __half2 pa[4], pb[4];
+      decode_pairs<B>(comp(lo, k), comp(hi, k), t, pa);
+      decode_pairs<B>(comp(lo, k + 2), comp(hi, k + 2), t, pb);
+      // scale and -zero of both columns as (v, v) pairs
+      const __half2 sa = dup_half(scale_word(sc, ua), ua), za = dup_half(scale_word(nz, ua), ua);
+      const __half2 sb = dup_half(scale_word(sc, ub), ub), zb = dup_half(scale_word(nz, ub), ub);
+      uint32_t wa[4], wb[4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        wa[s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
+        wb[s] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        MmaOp<T>::run(acc[i][mt], wa[0], wb[0], wa[1], wb[1], xb[mt].x, xb[mt].y);
+        MmaOp<T>::run(acc[i][mt], wa[2], wb[2], wa[3], wb[3], xb[mt].z, xb[mt].w);
+      }
+    }
+  }
+}
+
+// The copies a lane queues for every block, fixed for the kernel: lane l copies 16-byte chunk
+// l % kChunks of qweight rows l / kChunks, + 32 / kChunks, ... and, when the block starts a new
+// group, lanes 0 .. kChunks - 1 copy the scales (first half) and zeros (second half) rows.
+//
+//   QN = 2: kChunks = 16   lanes 0-15 -> rows 0, 2, 4, 6   lanes 16-31 -> rows 1, 3, 5, 7
+//   QN = 1: kChunks = 8    lanes 8r .. 8r+7 -> rows r, r + 4
+template <int QN>
+struct LaneCopies {
+  using R = Slot<QN>;
+  static constexpr int kRowStep = 32 / R::kChunks;
+  // Column offsets, not pointers: the tensors' base addresses stay in the kernel's parameter
+  // bank instead of taking registers.
+  int q_col, sz_col;       // first column of the lane's qweight / scales-or-zeros chunk
+  uint32_t q_dst, sz_dst;  // offsets inside a slot (q_dst: of row 0)
+  int row0;
+  bool q_ok, sz_ok, zeros_half;  // chunk inside [0, N); sz_ok also: this lane copies s/z
+
+  __device__ __forceinline__ LaneCopies(int N, int n_warp, int lane) {
+    const int c = lane % R::kChunks;
+    row0 = lane / R::kChunks;
+    q_ok = n_warp + 4 * c < N;
+    q_col = q_ok ? n_warp + 4 * c : 0;
+    q_dst = 16 * c;  // + r * kRowStride for row r
+    constexpr int kHalf = R::kChunks / 2;  // chunks per scales row
+    const int which = (lane / kHalf) & 1, c2 = lane % kHalf;
+    zeros_half = which;
+    sz_ok = lane < R::kChunks && n_warp + 8 * c2 < N;
+    sz_col = sz_ok ? n_warp + 8 * c2 : 0;
+    sz_dst = R::kSzOffset + which * 2 * R::kCols + 16 * c2;
+  }
+
+  // Queue block (bits, word, group) into the slot at shared address `slot`.
+  __device__ __forceinline__ void issue(uint32_t slot, int bits, int word, int group,
+                                        bool new_group, const uint32_t* __restrict__ qweight,
+                                        const uint16_t* __restrict__ scales,
+                                        const uint16_t* __restrict__ zeros, int N) const {
+    for (int r = row0; r < bits; r += kRowStep)
+      cp_async16(slot + q_dst + r * R::kRowStride, qweight + size_t(word + r) * N + q_col, q_ok);
+    if (new_group && row0 == 0 && (threadIdx.x % 32) < R::kChunks)
+      cp_async16(slot + sz_dst, (zeros_half ? zeros : scales) + size_t(group) * N + sz_col, sz_ok);
+  }
 };
 
-// Pair i (0..3) of a lane's string: codes c_i (low half) and c_{i+4} (high half) as the fp16
-// bit patterns 0x6400 | c.
-template <int B>
-__device__ __forceinline__ uint32_t code_pair(uint64_t s, int i) {
-  constexpr uint32_t kMask = (1u << B) - 1u;
-  if constexpr (B == 4) {
-    // c_i at bits 4i, c_{i+4} at 4i + 16: already 16 bits apart.
-    return ((uint32_t(s) >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
-  } else if constexpr (B == 2) {
-    // c0..c3 in byte 0, c4..c7 in byte 1: move byte 1 to byte 2, then as for 4-bit.
-    const uint32_t t = __byte_perm(uint32_t(s), 0u, 0x4140);  // bytes [b0, 0, b1, 0]
-    return ((t >> (2 * i)) & 0x00030003u) | 0x64006400u;
-  } else if constexpr (B == 8) {
-    // c_i is byte i of the low word, c_{i+4} byte i of the high word.
-    const uint32_t t = __byte_perm(uint32_t(s), uint32_t(s >> 32), 0x0400 + i * 0x0101);
-    return (t & 0x00FF00FFu) | 0x64006400u;
-  } else {
-    const uint32_t lo = uint32_t(s >> (B * i)) & kMask;
-    const uint32_t hi = uint32_t(s >> (B * (i + 4))) & kMask;
-    return lo | (hi << 16) | 0x64006400u;
-  }
-}
 
-// Decode a lane's 8 codes of both its columns into the A registers of the block's two k-steps.
-template <int B, typename T>
-__device__ __forceinline__ void decode_block(const Stage& st, int q, uint32_t (&a)[2][4]) {
-  // The lane's bytes [q*B, q*B + B) start (q*B) % 4 bytes into its first word.
-  const int shift = 8 * ((q * B) & 3);  // constant 0 for B = 4, 8
-  const uint64_t s0 = ((uint64_t(st.hi0) << 32) | st.lo0) >> shift;
-  const uint64_t s1 = ((uint64_t(st.hi1) << 32) | st.lo1) >> shift;
-  const uint32_t sz0 = st.sz0, sz1 = st.sz1;
-  const __half2 k1024 = __half2half2(__ushort_as_half(0x6400));
-  const __half2 sc0 = __half2half2(__ushort_as_half(uint16_t(sz0)));
-  const __half2 nz0 = __hneg2(__half2half2(__ushort_as_half(uint16_t(sz0 >> 16))));
-  const __half2 sc1 = __half2half2(__ushort_as_half(uint16_t(sz1)));
-  const __half2 nz1 = __hneg2(__half2half2(__ushort_as_half(uint16_t(sz1 >> 16))));
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t p0 = code_pair<B>(s0, i), p1 = code_pair<B>(s1, i);
-    __half2 c0 = __hsub2(*reinterpret_cast<__half2*>(&p0), k1024);
-    __half2 c1 = __hsub2(*reinterpret_cast<__half2*>(&p1), k1024);
-    // step s = i / 2; within a step, even i -> regs 0/1, odd i -> regs 2/3
-    a[i >> 1][(i & 1) * 2 + 0] = MmaOp<T>::from_fp16x2(__hfma2(c0, sc0, nz0));
-    a[i >> 1][(i & 1) * 2 + 1] = MmaOp<T>::from_fp16x2(__hfma2(c1, sc1, nz1));
-  }
-}
-
-__device__ __forceinline__ void fetch(Stage& st, uint32_t meta, int q, const uint32_t* qweight,
-                                      const uint16_t* scales, const uint16_t* zeros, int N,
-                                      int n0, bool ok0, bool ok1) {
-  st.meta = meta;
-  st.lo0 = st.hi0 = st.lo1 = st.hi1 = 0;
-  st.sz0 = st.sz1 = 0;
-  if (meta == 0) return;
-  const int bits = meta & 15, group = (meta >> 4) & 4095, word = meta >> 16;
-  const int byte0 = q * bits;
-  const int64_t row_lo = word + (byte0 >> 2);
-  const bool need_hi = (byte0 & 3) + bits > 4;  // never past the block: see the header
-  const uint32_t* p = qweight + row_lo * N + n0;
-  if (ok0) {
-    st.lo0 = __ldg(p);
-    if (need_hi) st.hi0 = __ldg(p + N);
-    st.sz0 = uint32_t(__ldg(scales + int64_t(group) * N + n0)) |
-             (uint32_t(__ldg(zeros + int64_t(group) * N + n0)) << 16);
-  }
-  if (ok1) {
-    st.lo1 = __ldg(p + 8);
-    if (need_hi) st.hi1 = __ldg(p + N + 8);
-    st.sz1 = uint32_t(__ldg(scales + int64_t(group) * N + n0 + 8)) |
-             (uint32_t(__ldg(zeros + int64_t(group) * N + n0 + 8)) << 16);
-  }
-}
-
-// grid: (ceil(N / kCtaCols), splits); block: kWarps * 32 threads.
-// xs: gathered, scaled, interleaved activations [MT * 8, K] (rows >= M are zero).
+// grid: (column tiles, splits); block: kWarps * 32 threads.
+// xs: gathered, scaled, interleaved activations [M, K].
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
-// Three CTAs per SM for one or two token tiles (<= 80 registers, no spills; measured on an
-// H100 at 8192 x 28672 4-bit: M = 16 193 -> 166 us), two for four tiles (80 would spill).
-template <typename T, int MT>
-__global__ void __launch_bounds__(kWarps * 32, MT <= 2 ? 3 : 2)
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
+__global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
-                    int blocks_per_split, int chunk_blocks) {
+                    int WC, int blocks_per_split) {
+  using Rg = Slot<QN>;
+  constexpr int kStages = STAGES;
+  constexpr int kWarpBytes = STAGES * Rg::kSlotBytes;
   extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wc = warp % WC, kw = warp / WC, WK = kWarps / WC;
+  const int n_warp = (blockIdx.x * WC + wc) * Rg::kCols;
+
+  // This warp's contiguous range of blocks inside the CTA's K split.
   const int nblocks = K / kBlockRows;
   const int jb0 = blockIdx.y * blocks_per_split;
-  const int jb1 = min(nblocks, jb0 + blocks_per_split);
-  const int my_blocks = max(0, jb1 - jb0);
-  const int x_stride = chunk_blocks * kBlockRows * 2 + kXPadBytes;  // bytes per token row
-  uint32_t* meta_s = reinterpret_cast<uint32_t*>(smem);
-  unsigned char* x_s = smem + ((blocks_per_split * 4 + 15) / 16) * 16;
+  const int len = max(0, min(blocks_per_split, nblocks - jb0));
+  const int per = (len + WK - 1) / WK;
+  const int wb = jb0 + kw * per;
+  const int nb = max(0, min(per, len - kw * per));
 
-  // Block table of this split -> shared memory, validated (a bad entry poisons the output
-  // instead of steering loads out of bounds).
-  for (int j = threadIdx.x; j < my_blocks; j += blockDim.x) {
-    const BlockMeta b = load_block(blocks, jb0 + j, R, G);  // bits == 0 when out of range
-    meta_s[j] = b.bits ? pack_meta(b.bits, b.word, b.group) : 0u;
+  // The CTA's block table, validated, in shared memory: (bits | group << 4, word) per block,
+  // bits == 0 for an entry that points outside qweight / scales (its output becomes NaN).
+  int2* meta = reinterpret_cast<int2*>(smem + kWarps * kWarpBytes);
+  for (int j = threadIdx.x; j < len; j += blockDim.x) {
+    const BlockMeta b = load_block(blocks, jb0 + j, R, G);
+    meta[j] = make_int2(b.bits | (b.group << 4), b.word);
+  }
+  __syncthreads();
+  const int2* my_meta = meta + (wb - jb0);
+  unsigned char* ring = smem + warp * kWarpBytes;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+
+  float acc[2 * QN][MT][4];
+#pragma unroll
+  for (int i = 0; i < 2 * QN; ++i)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc[i][mt][0] = acc[i][mt][1] = acc[i][mt][2] = acc[i][mt][3] = 0.f;
+
+  // Producer side: block i's copies go to slot i % kStages. Scales/zeros are copied only when
+  // the group changes; the consumer below applies the same rule to the same table.
+  const LaneCopies<QN> copies(N, n_warp, lane);
+  int issue_group = -1;
+  auto issue = [&](int i) {
+    const int2 e = my_meta[i];
+    const int bits = e.x & 15, group = e.x >> 4;
+    const bool new_group = bits != 0 && group != issue_group;
+    issue_group = bits ? group : -1;
+    copies.issue(ring_s + (i % kStages) * Rg::kSlotBytes, bits, e.y, group, new_group, qweight,
+                 scales, zeros, N);
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nb) issue(s);
+    cp_async_commit();
   }
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, q = lane % 4;
-  const int n0 = blockIdx.x * kCtaCols + warp * kColsPerWarp + g;
-  const bool ok0 = n0 < N, ok1 = n0 + 8 < N;
-  bool poisoned = false;
-  float acc[MT][4];
+  // x fragments of block j for the lane's tokens 8*mt + g (zero past M).
+  auto load_x = [&](int j, uint4 (&xb)[MT]) {
 #pragma unroll
-  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-
-  __syncthreads();
-  Stage ring[kStages];
-#pragma unroll
-  for (int d = 0; d < kStages; ++d)
-    fetch(ring[d], d < my_blocks ? meta_s[d] : 0u, q, qweight, scales, zeros, N, n0, ok0, ok1);
-
-  for (int c0 = 0; c0 < my_blocks; c0 += chunk_blocks) {
-    const int cn = min(chunk_blocks, my_blocks - c0);
-    // x rows of this chunk -> shared memory (16-byte copies; already interleaved)
-    __syncthreads();
-    const int vec_per_row = cn * kBlockRows / 8;
-    for (int v = threadIdx.x; v < MT * 8 * vec_per_row; v += blockDim.x) {
-      const int m = v / vec_per_row, c = v % vec_per_row;
-      const int4 val = __ldg(reinterpret_cast<const int4*>(
-          xs + int64_t(m) * K + int64_t(jb0 + c0) * kBlockRows + c * 8));
-      *reinterpret_cast<int4*>(x_s + m * x_stride + c * 16) = val;
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = 8 * mt + g;
+      xb[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xs + int64_t(m) * K +
+                                                            int64_t(j) * kBlockRows + 8 * t))
+                     : make_uint4(0, 0, 0, 0);
     }
-    __syncthreads();
-    for (int jl = 0; jl < cn; jl += kStages) {
+  };
+
+  uint2 sc[QN], nz[QN];  // the lane's 4*QN scales and -zeros (fp16), this block's group
+  int cur_group = -1;
+  bool poisoned = false;
+  uint4 xb[MT], xn[MT];
+  if (nb > 0) load_x(wb, xn);
+  for (int i = 0; i < nb; ++i) {
 #pragma unroll
-      for (int d = 0; d < kStages; ++d) {
-        const int j = c0 + jl + d;  // block (relative to the split) held by ring[d]
-        if (jl + d < cn) {
-          Stage st = ring[d];
-          const int nxt = j + kStages;
-          fetch(ring[d], nxt < my_blocks ? meta_s[nxt] : 0u, q, qweight, scales, zeros, N, n0,
-                ok0, ok1);
-          uint32_t a[2][4];
-          switch (st.meta & 15) {
-            case 2: decode_block<2, T>(st, q, a); break;
-            case 3: decode_block<3, T>(st, q, a); break;
-            case 4: decode_block<4, T>(st, q, a); break;
-            case 5: decode_block<5, T>(st, q, a); break;
-            case 6: decode_block<6, T>(st, q, a); break;
-            case 8: decode_block<8, T>(st, q, a); break;
-            default: poisoned = true; continue;
-          }
+    for (int mt = 0; mt < MT; ++mt) xb[mt] = xn[mt];
+    if (i + 1 < nb) load_x(wb + i + 1, xn);  // one block ahead
+    cp_async_wait<kStages - 2>();
+    __syncwarp();
+    const unsigned char* slot = ring + (i % kStages) * Rg::kSlotBytes;
+    const int2 e = my_meta[i];
+    const int bits = e.x & 15, group = e.x >> 4;
+    if (bits != 0 && group != cur_group) {
+      cur_group = group;
 #pragma unroll
-          for (int t = 0; t < MT; ++t) {
-            const int4 xb = *reinterpret_cast<const int4*>(
-                x_s + (t * 8 + g) * x_stride + ((j - c0) * kBlockRows + 8 * q) * 2);
-            MmaOp<T>::run(acc[t], a[0], uint32_t(xb.x), uint32_t(xb.y));
-            MmaOp<T>::run(acc[t], a[1], uint32_t(xb.z), uint32_t(xb.w));
-          }
-        }
+      for (int q = 0; q < QN; ++q) {
+        sc[q] = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 64 * q + 8 * g);
+        const uint2 z2 = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 2 * Rg::kCols +
+                                                         64 * q + 8 * g);
+        nz[q] = make_uint2(z2.x ^ 0x80008000u, z2.y ^ 0x80008000u);  // -zero: flip fp16 signs
       }
     }
+    switch (bits) {
+      case 2: compute_block<2, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
+      case 3: compute_block<3, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
+      case 4: compute_block<4, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
+      case 5: compute_block<5, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
+      case 6: compute_block<6, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
+      case 8: compute_block<8, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
+      default: poisoned = true; cur_group = -1;
+    }
+    __syncwarp();  // every lane is done with the slot before it is refilled
+    if (i + kStages - 1 < nb) issue(i + kStages - 1);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+
+  if (poisoned) {
+#pragma unroll
+    for (int i = 0; i < 2 * QN; ++i)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][mt][e] = qnan();
   }
 
-  // Accumulator (16 columns x 8 tokens per tile): c0,c1 -> column g, tokens 2q, 2q+1;
-  // c2,c3 -> column g+8, same tokens.
-  const float nan = qnan();
+  // Add the k-warps' partial sums in the fixed order kw = 0, 1, ..., WK - 1 (deterministic).
+  constexpr int kRegs = 2 * QN * MT * 4;
+  float* red = reinterpret_cast<float*>(smem);
+  __syncthreads();  // every warp is done with its ring
+  if (kw > 0) {
+    float* dst = red + ((kw - 1) * WC + wc) * kRegs * 32 + lane;
 #pragma unroll
-  for (int t = 0; t < MT; ++t) {
+    for (int i = 0; i < 2 * QN; ++i)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int m = t * 8 + 2 * q + (e & 1);
-      const int n = n0 + (e >> 1) * 8;
-      if (m >= M || n >= N) continue;
-      float v = poisoned ? nan : acc[t][e];
-      if (gridDim.y == 1) {
-        if (bias_kind != kAuxNone) v += aux_load(bias, bias_kind, n);
-        reinterpret_cast<T*>(out)[int64_t(m) * N + n] = Cvt<T>::from_f(v);
-      } else {
-        reinterpret_cast<float*>(out)[(int64_t(blockIdx.y) * M + m) * N + n] = v;
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dst[((i * MT + mt) * 4 + e) * 32] = acc[i][mt][e];
+  }
+  __syncthreads();
+  if (kw > 0) return;
+  for (int k = 1; k < WK; ++k) {
+    const float* src = red + ((k - 1) * WC + wc) * kRegs * 32 + lane;
+#pragma unroll
+    for (int i = 0; i < 2 * QN; ++i)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][mt][e] += src[((i * MT + mt) * 4 + e) * 32];
+  }
+
+  // Accumulator of mma i = 2q + k, tile mt: e = 0, 1 -> lane column 4q + k, tokens 8mt + 2t, +1;
+  // e = 2, 3 -> lane column 4q + k + 2, same tokens. Lane column 4q + c is n_warp + 32q + 4g + c.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = 8 * mt + 2 * t + h;
+      if (m >= M) continue;
+#pragma unroll
+      for (int q = 0; q < QN; ++q) {
+        const int n = n_warp + 32 * q + 4 * g;
+        if (n >= N) continue;  // N % 8 == 0: a quad is all in or all out
+        float v[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c)  // column 4q + c: mma 2q + c % 2, A row g (c < 2) or g + 8
+          v[c] = c < 2 ? acc[2 * q + c][mt][h] : acc[2 * q + c - 2][mt][2 + h];
+        if (gridDim.y == 1) {
+          if (bias_kind != kAuxNone)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) v[c] += aux_load(bias, bias_kind, n + c);
+          alignas(8) T o[4] = {Cvt<T>::from_f(v[0]), Cvt<T>::from_f(v[1]), Cvt<T>::from_f(v[2]),
+                               Cvt<T>::from_f(v[3])};
+          *reinterpret_cast<uint2*>(reinterpret_cast<T*>(out) + int64_t(m) * N + n) =
+              *reinterpret_cast<const uint2*>(o);
+        } else {
+          *reinterpret_cast<float4*>(reinterpret_cast<float*>(out) +
+                                     (int64_t(blockIdx.y) * M + m) * N + n) =
+              make_float4(v[0], v[1], v[2], v[3]);
+        }
       }
     }
   }
@@ -290,28 +496,26 @@ __global__ void reduce_splits_kernel(const float* __restrict__ part, const void*
 }
 
 // xs[m, k'] = round_T(x[m, perm[k]] * channel_scale[perm[k]]) with k' the interleaved position
-// of stored row k (see header), rows m >= M zero. An out-of-range perm entry gives NaN.
+// of stored row k (see header). An out-of-range perm entry gives NaN.
 template <typename T>
 __global__ void gather_x_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm,
                                 const void* __restrict__ cs, int cs_kind, T* __restrict__ xs,
-                                int M, int M_pad, int K, bool has_perm) {
+                                int M, int K, bool has_perm) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // one 8-row chunk
   const int chunks = K / 8;
-  if (i >= int64_t(M_pad) * chunks) return;
+  if (i >= int64_t(M) * chunks) return;
   const int m = int(i / chunks), c = int(i % chunks);
   T v[8];
 #pragma unroll
   for (int r = 0; r < 8; ++r) {
     const int k = c * 8 + r;
-    float f = 0.f;
-    if (m < M) {
-      const int src = has_perm ? perm[k] : k;
-      if (src < 0 || src >= K) {
-        f = qnan();
-      } else {
-        f = Cvt<T>::to_f(x[int64_t(m) * K + src]);
-        if (cs_kind != kAuxNone) f = round_as<T>(f * aux_load(cs, cs_kind, src));
-      }
+    float f;
+    const int src = has_perm ? perm[k] : k;
+    if (src < 0 || src >= K) {
+      f = qnan();
+    } else {
+      f = Cvt<T>::to_f(x[int64_t(m) * K + src]);
+      if (cs_kind != kAuxNone) f = round_as<T>(f * aux_load(cs, cs_kind, src));
     }
     v[r] = Cvt<T>::from_f(f);
   }
@@ -320,86 +524,145 @@ __global__ void gather_x_kernel(const T* __restrict__ x, const int32_t* __restri
   *reinterpret_cast<int4*>(xs + int64_t(m) * K + c * 8) = *reinterpret_cast<int4*>(o);
 }
 
+// Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
+// a sweep can change it in-process), else 0. Results do not depend on it beyond rounding order.
+int tuning_override(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::max(0, std::atoi(v)) : 0;
+}
+
+// Most 32-row blocks one CTA takes (its block table lives in shared memory); longer K is split.
+constexpr int kMaxBlocksPerCta = 1024;
+
+// Kernel configurations: MT token tiles, QN quads per lane, STAGES ring slots per warp and the
+// CTAs per SM the registers are sized for. Shared memory per CTA: 8 warps x STAGES slots + table
+//   MT = 1: QN 2, 3 stages, 3 CTAs/SM (8 x 3 x 2560 + 8 KB = 68 KB; <= 80 registers)
+//   MT = 2: QN 2, 4 stages, 2 CTAs/SM (88 KB)
+//   MT = 4: QN 1, 4 stages, 2 CTAs/SM (52 KB; 4 token tiles need the registers)
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
+void run_kernel(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+                const at::Tensor& zeros, const at::Tensor& blocks, const void* bias_p,
+                int bias_kind, void* out, int M, int WC, cudaStream_t stream) {
+  const int K = xs.size(1), N = qweight.size(1);
+  const int R = qweight.size(0), G = scales.size(0);
+  const int nblocks = K / kBlockRows;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS>;
+  const size_t ring = size_t(kWarps) * STAGES * Slot<QN>::kSlotBytes + kMaxBlocksPerCta * sizeof(int2);
+  const size_t red = size_t(kWarps) * 2 * QN * MT * 4 * 32 * sizeof(float);
+  const size_t smem = std::max(ring, red);
+  // Raise the shared-memory limit and read the occupancy once per device.
+  static int ctas_per_sm[64] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  dev = std::min(dev, 63);
+  if (ctas_per_sm[dev] == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(smem)));
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
+    ctas_per_sm[dev] = std::max(n, 1);
+  }
+  const int tiles = (N + WC * Slot<QN>::kCols - 1) / (WC * Slot<QN>::kCols);
+  const int WK = kWarps / WC;
+  const int slots = sm_count() * ctas_per_sm[dev];
+  // K splits: model the time as waves x (blocks per warp + a pipeline ramp of ~STAGES
+  // blocks), plus the fp32 partials' traffic, and take the cheapest.
+  const double weight_bytes = double(qweight.numel()) * 4;
+  int best_s = 1;
+  double best = 1e300;
+  const int forced = tuning_override("MBWQ_MMA_SPLITS");
+  const int s_min = (nblocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta;
+  for (int s = s_min; s <= std::max(s_min, std::min(64, nblocks / (2 * WK))); ++s) {
+    const int bps = (nblocks + s - 1) / s;
+    const int ss = (nblocks + bps - 1) / bps;
+    const double waves = std::ceil(double(tiles) * ss / slots);
+    const double per_warp = std::ceil(double(bps) / WK) + STAGES;
+    const double partial = ss > 1 ? 2.0 * ss * M * N * 4 / weight_bytes : 0.0;
+    const double cost = waves * per_warp * (1.0 + partial);
+    if (cost < best * 0.999) best = cost, best_s = ss;
+  }
+  if (forced > 0) best_s = std::max(forced, s_min);
+  const int bps = (nblocks + best_s - 1) / best_s;
+  const int splits = (nblocks + bps - 1) / bps;
+
+  at::Tensor part;
+  void* dst = out;
+  if (splits > 1) {
+    part = at::empty({splits, M, N}, xs.options().dtype(at::kFloat));
+    dst = part.data_ptr();
+  }
+  kernel<<<dim3(tiles, splits), kWarps * 32, smem, stream>>>(
+      reinterpret_cast<const T*>(xs.data_ptr()),
+      reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
+      reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+      reinterpret_cast<const uint16_t*>(zeros.data_ptr()), blocks.data_ptr<int32_t>(),
+      splits > 1 ? nullptr : bias_p, bias_kind, dst, M, K, N, R, G, WC, bps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t MN = int64_t(M) * N;
+    reduce_splits_kernel<T><<<(MN + 255) / 256, 256, 0, stream>>>(
+        part.data_ptr<float>(), bias_p, bias_kind, reinterpret_cast<T*>(out), splits, MN, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 template <typename T>
 void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
             const std::optional<at::Tensor>& channel_scale, const std::optional<at::Tensor>& bias,
             at::Tensor& y) {
-  const int M = x.size(0), K = x.size(1), N = qweight.size(1);
-  const int R = qweight.size(0), G = scales.size(0);
-  const int MT = (M + 7) / 8;
-  const int MT_pad = MT <= 1 ? 1 : MT <= 2 ? 2 : 4;
-  const int M_pad = MT_pad * 8;
+  const int M = x.size(0), K = x.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor xs = at::empty({M_pad, K}, x.options());
+  at::Tensor xs = at::empty({M, K}, x.options());
   const at::Tensor cs_t = channel_scale.has_value() ? aux_tensor(*channel_scale) : at::Tensor();
   {
-    const int64_t n = int64_t(M_pad) * (K / 8);
+    const int64_t n = int64_t(M) * (K / 8);
     gather_x_kernel<T><<<(n + 255) / 256, 256, 0, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), perm.numel() ? perm.data_ptr<int32_t>() : nullptr,
         cs_t.defined() ? cs_t.data_ptr() : nullptr, cs_t.defined() ? aux_kind(cs_t) : kAuxNone,
-        reinterpret_cast<T*>(xs.data_ptr()), M, M_pad, K, perm.numel() > 0);
+        reinterpret_cast<T*>(xs.data_ptr()), M, K, perm.numel() > 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int nblocks = K / kBlockRows;
-  const int col_ctas = (N + kCtaCols - 1) / kCtaCols;
-  const int sms = sm_count();
-  // Enough CTAs for ~4 per SM, each split keeping at least 8 blocks of 32 rows.
-  int splits = std::max(1, std::min((4 * sms + col_ctas - 1) / col_ctas, nblocks / 8));
-  const int bps = (nblocks + splits - 1) / splits;
-  splits = (nblocks + bps - 1) / bps;
-  const int chunk_blocks = std::min(bps, std::max(kStages, 64 / MT_pad));
-  const size_t smem = ((bps * 4 + 15) / 16) * 16 +
-                      size_t(M_pad) * (chunk_blocks * kBlockRows * 2 + kXPadBytes);
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
   const void* bias_p = bias_t.defined() ? bias_t.data_ptr() : nullptr;
   const int bias_kind = bias_t.defined() ? aux_kind(bias_t) : kAuxNone;
-  at::Tensor part;
   void* out = y.data_ptr();
-  if (splits > 1) {
-    part = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
-    out = part.data_ptr();
-  }
-  dim3 grid(col_ctas, splits);
-  auto run = [&](auto kernel) {
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          int(smem)));
-    }
-    kernel<<<grid, kWarps * 32, smem, stream>>>(
-        reinterpret_cast<const T*>(xs.data_ptr()),
-        reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
-        reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-        reinterpret_cast<const uint16_t*>(zeros.data_ptr()), blocks.data_ptr<int32_t>(), bias_p,
-        bias_kind, out, M, K, N, R, G, bps, chunk_blocks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  switch (MT_pad) {
-    case 1: run(mma_gemm_kernel<T, 1>); break;
-    case 2: run(mma_gemm_kernel<T, 2>); break;
-    default: run(mma_gemm_kernel<T, 4>); break;
-  }
-  if (splits > 1) {
-    const int64_t MN = int64_t(M) * N;
-    reduce_splits_kernel<T><<<(MN + 255) / 256, 256, 0, stream>>>(
-        part.data_ptr<float>(), bias_p, bias_kind, reinterpret_cast<T*>(y.data_ptr()), splits, MN,
-        N);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int wc = tuning_override("MBWQ_MMA_WC");
+  auto pick = [&](int dflt) { return (wc == 1 || wc == 2 || wc == 4 || wc == 8) ? wc : dflt; };
+  // One token tile: two quads per lane (fewer instructions per weight), k-warps only.
+  // More tiles: the x fragments of more tokens are shared by more column warps.
+  if (M <= 8) {
+    run_kernel<T, 1, 2, 3, 3>(xs, qweight, scales, zeros, blocks, bias_p, bias_kind, out, M, pick(1), stream);
+  } else if (M <= 16) {
+    run_kernel<T, 2, 2, 4, 2>(xs, qweight, scales, zeros, blocks, bias_p, bias_kind, out, M, pick(2), stream);
+  } else {
+    run_kernel<T, 4, 1, 4, 2>(xs, qweight, scales, zeros, blocks, bias_p, bias_kind, out, M, pick(4), stream);
   }
 }
 
 }  // namespace
 
+bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                   const at::Tensor& zeros) {
+  auto aligned16 = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  return (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
+         x.size(1) % 8 == 0 && qweight.size(1) % 8 == 0 && aligned16(x) && aligned16(qweight) &&
+         aligned16(scales) && aligned16(zeros);
+}
+
 void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                   const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
-                   const std::optional<at::Tensor>& channel_scale,
-                   const std::optional<at::Tensor>& bias, at::Tensor& y) {
+              const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
+              const std::optional<at::Tensor>& channel_scale,
+              const std::optional<at::Tensor>& bias, at::Tensor& y) {
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMmaMaxM, "mbwq: tensor-core path needs 1 <= M <= ",
               kMmaMaxM, ", got M = ", x.size(0));
+  TORCH_CHECK(mma_supported(x, qweight, scales, zeros),
+              "mbwq: internal: tensor-core path called with unsupported arguments");
   if (x.scalar_type() == at::kHalf) {
     launch<__half>(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
   } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "mbwq: tensor-core path takes fp16 or bf16");
     launch<__nv_bfloat16>(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
   }
 }

@@ -34,8 +34,13 @@ void gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scal
           const std::optional<at::Tensor>& cs, const std::optional<at::Tensor>& bias,
           at::Tensor& y);
 
-// Largest M of the tensor-core path (gemm_mma.cu); fp16 / bf16 activations, any N.
+// Largest M of the tensor-core path (gemm_mma.cu).
 constexpr int64_t kMmaMaxM = 32;
+
+// True when the tensor-core kernel may take this layer: fp16 / bf16 activations, K and N
+// multiples of 8 (16-byte copies of qweight rows, scales and zeros) and 16-byte aligned data.
+bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                   const at::Tensor& zeros);
 
 // y[M, N] = round(x * cs)[:, perm] @ Wstored + bias on tensor cores (mma.sync), weights read
 // once per call, for 1 <= M <= kMmaMaxM.

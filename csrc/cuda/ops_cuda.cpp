@@ -62,13 +62,12 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     return y;
   }
 
-  if (M <= cuda::kGemvMaxM && cuda::gemv_supported(x, qweight, scales, zeros)) {
-    cuda::gemv(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
+  if (M <= cuda::kMmaMaxM && cuda::mma_supported(x, qweight, scales, zeros)) {
+    cuda::gemm_mma(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
     return y;
   }
-  const bool half_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (half_x && M <= cuda::kMmaMaxM) {
-    cuda::gemm_mma(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
+  if (M <= cuda::kGemvMaxM && cuda::gemv_supported(x, qweight, scales, zeros)) {
+    cuda::gemv(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
     return y;
   }
 
