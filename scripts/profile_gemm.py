@@ -1,9 +1,9 @@
 """Run one mbwq gemm per path on an LLM-sized layer, for a profiler to look at:
 
-    ncu --section SpeedOfLight --section WarpStateStats -k regex:gemv|mma python scripts/profile_gemm.py
+    ncu --section SpeedOfLight --section WarpStateStats -k regex:mma python scripts/profile_gemm.py
 
-Layer 8192 x 28672, uniform 4-bit g128 (random codes); M = 1 (small-M kernel), 16 and 64
-(tensor-core kernel). Each call is warmed up first, then run once more for the profiler.
+Layer 8192 x 28672, uniform 4-bit g128 (random codes); M = 1, 16 (tensor-core kernel) and 64
+(dequant + cuBLAS). Each call is warmed up first, then run once more for the profiler.
 """
 import os
 import sys

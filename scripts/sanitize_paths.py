@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck  python scripts/sanitize_paths.py
     compute-sanitizer --tool racecheck python scripts/sanitize_paths.py
 
-Paths: the tensor-core kernel (fp16/bf16, 4 < M <= 32: one, two and four 8-token tiles), the small-M kernel for each x-row tile (M = 1, 2, 3..4, 5..8, chunked M > 8), one and
+Paths: the tensor-core kernel (fp16/bf16, M <= 32: one, two and four 8-token tiles), one and
 several K splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations,
 channel_scale and bias in several dtypes or absent, identity and random perm; the large-M
 path (x gather + stored-order dequant + cuBLAS); dequant with 4-column and 1-column threads

@@ -97,7 +97,7 @@ def reference_weight(spec: LayerSpec, t: Dict[str, torch.Tensor]) -> torch.Tenso
 def tolerance(dtype: torch.dtype) -> float:
     """Relative bound per unit of ``|ref| + S`` (S = reference.error_scale) for a gemm result
     in ``dtype``: the output's rounding plus, for bf16 on the dequant+matmul path, the
-    rounding of W to bf16. The small-M kernels use the unrounded ``code*scale - zero`` instead
+    rounding of W to bf16. The CPU small-M kernel uses the unrounded ``code*scale - zero`` instead
     of dequant's fp16 W (at most half an fp16 ulp, 2^-11 relative, per weight), which bounds
     fp32 results at 2^-11 S; fp32 accumulation adds far less."""
     return {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -10}[dtype]

@@ -1,12 +1,11 @@
 """CUDA-specific tests: every kernel path against mbwq_ops.reference, determinism, CUDA graphs,
 torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
 
-Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cu), chosen from shapes only:
-  * small M (M <= 4, N % 4 == 0, aligned): weights-read-once kernel; with a single K split
-    (few K blocks) it writes y itself, with several (many K blocks, few column tiles) it writes
-    fp32 partials reduced by a second kernel;
-  * M <= 32 otherwise (fp16/bf16): tensor-core kernel (gemm_mma.cu), exact fp16 weights;
-  * larger M or fp32 activations: gather x + dequant W + cuBLAS.
+Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
+  * M <= 32, fp16/bf16, K and N multiples of 8: tensor-core kernel (gemm_mma.cu), exact fp16
+    weights; with a single K split it writes y itself, with several (many K blocks, few column
+    tiles) it writes fp32 partials reduced by a second kernel;
+  * larger M, fp32 activations or N % 8 != 0: gather x + dequant W + cuBLAS.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DTYPES = [torch.float16, torch.bfloat16]
-MMA_MAX_M = 32  # csrc/cuda/launch.h: kMmaMaxM (the tensor-core kernel takes 5..32)
+MMA_MAX_M = 32  # csrc/cuda/launch.h: kMmaMaxM (the tensor-core kernel takes 1..32)
 
 
 def gemm_args(layer):
@@ -69,13 +68,13 @@ SPECS = {
                            group_rows=(128, 160, 192, 224, 160, 160), perm="random", seed=3),
     "mixed_432": LayerSpec(768, 128, True, widths=(4, 3, 3, 2, 2),
                            group_rows=(96, 128, 32, 256, 256), perm="identity", bias=True, seed=4),
-    # many K blocks over one column tile: the small-M kernel splits K across CTAs
+    # many K blocks over one column tile: the tensor-core kernel splits K across CTAs
     "splitk": LayerSpec(4096, 128, True, widths=(8, 5, 4, 3, 2),
                         group_rows=(512, 512, 1024, 1024, 1024), perm="random", bias=True, seed=5),
     # one K block: a single split, the CTA writes y itself
     "onesplit": LayerSpec(64, 1024, True, widths=(6, 3), group_rows=(32, 32), perm="random",
                           bias=True, seed=6),
-    # N % 4 != 0: the large path for every M
+    # N % 8 != 0: the large path for every M
     "n_odd": LayerSpec(256, 130, True, widths=(5, 4, 2), group_rows=(64, 96, 96), perm="random",
                        bias=True, seed=7),
 }
@@ -102,7 +101,7 @@ def test_gemm_float32_activations():
 def cuda_cases(draw):
     use_mbw = draw(st.booleans())
     K = 32 * draw(st.integers(1, 48))
-    N = draw(st.sampled_from([4, 60, 128, 132, 256, 520, 66, 131]))
+    N = draw(st.sampled_from([4, 60, 72, 128, 132, 200, 256, 520, 66, 131]))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = random.Random(seed)
     if use_mbw:

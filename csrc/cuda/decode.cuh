@@ -13,45 +13,15 @@
 //        (16 rows per 3 words; words 3..5 repeat the pattern for r16..r31)
 //   b=8  word w: rows 4w..4w+3 (one byte each)
 //
-// Every position below is a compile-time constant once the row loop is unrolled: a straddling
-// code costs one funnel shift (SHF), any other code one AND/OR (LOP3), and the shift count
-// never depends on data.
-//
-// Exact int -> float without I2F (a slow conversion): put the code straight into the mantissa
-// of a float whose exponent makes bit `sh` the units place:
-//
-//     bits = ((150 - sh) << 23) | (code << sh)      value = 2^(23-sh) + code       (sh + b <= 23)
-//
-// and subtract the constant 2^(23-sh) (exact). Since the code already sits at bit `sh` in its
-// word, `(word & (mask << sh)) | exponent` is a single LOP3, and one FADD finishes the job.
-// Codes in bits 16..31 of a word first take a shared `word >> 16`.
+// With the row loop unrolled every position is a compile-time constant: a straddling code
+// costs one funnel shift, any other code one shift-and-mask, and the shift count never depends
+// on data. (The tensor-core kernel decodes a lane's 8 codes at once instead: gemm_mma.cu.)
 #pragma once
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 namespace mbwq {
 namespace cuda {
-
-// Code of row r (0..31) as an exact float. w = the block's BITS words of this column.
-template <int BITS>
-__device__ __forceinline__ float code_f32(const uint32_t (&w)[BITS], int r) {
-  const int bit = r * BITS, j = bit >> 5, s = bit & 31;
-  uint32_t src;
-  int sh;
-  if (s + BITS > 32) {  // straddles words j and j+1: low part from w[j], high part from w[j+1]
-    src = __funnelshift_r(w[j], w[j + 1], s);
-    sh = 0;
-  } else if (s + BITS <= 23) {
-    src = w[j];
-    sh = s;
-  } else {  // s >= 16 here (s > 23 - BITS >= 15)
-    src = w[j] >> 16;
-    sh = s - 16;
-  }
-  const uint32_t expo = static_cast<uint32_t>(150 - sh) << 23;
-  const uint32_t mask = ((1u << BITS) - 1u) << sh;
-  return __uint_as_float((src & mask) | expo) - __uint_as_float(expo);
-}
 
 // Code of row r as an integer (same rule as format.h: block_code).
 template <int BITS>

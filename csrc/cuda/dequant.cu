@@ -1,5 +1,5 @@
-// Dequantization (mbwq::dequant, and the weight half of the large-M gemm path) and the x
-// gather of the large-M path.
+// Dequantization (mbwq::dequant, and the weight half of the large-M gemm path), the x
+// gather of the large-M path, and the host helpers every launcher uses (SM count, aux tensors).
 //
 // Dequant: one thread = one 32-row block x CW adjacent columns (CW = 4 when N % 4 == 0, so
 // that a warp reads 512 contiguous bytes of each qweight row and writes whole rows of W).
@@ -208,6 +208,38 @@ void gather_scale(const at::Tensor& x, const at::Tensor& perm, const std::option
       break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- host helpers shared by the launchers (launch.h) ----
+
+// Multiprocessor count of the current device, read once per device (a shape input of the
+// split heuristic, constant for the process).
+int sm_count() {
+  static int cached[64] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 64) dev = 63;
+  if (cached[dev] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    cached[dev] = v > 0 ? v : 1;
+  }
+  return cached[dev];
+}
+
+at::Tensor aux_tensor(const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  at::Tensor c = (dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat) ? t : t.to(at::kFloat);
+  return c.contiguous();
+}
+
+int aux_kind(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return kAuxNone;
+  switch (t->scalar_type()) {
+    case at::kHalf: return kAuxHalf;
+    case at::kBFloat16: return kAuxBF16;
+    default: return kAuxFloat;
+  }
 }
 
 }  // namespace cuda

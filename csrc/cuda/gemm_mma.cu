@@ -136,10 +136,19 @@ struct MmaOp<__nv_bfloat16> {
 
 __device__ __forceinline__ __half2 as_h2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
 
-// Codes masked at bit offset E inside each half (see the header) -> exact fp16 codes.
-template <int E>
-__device__ __forceinline__ __half2 code_pair(uint32_t masked) {
-  const __half2 v = as_h2(masked | 0x64006400u);
+// (v & MASK) | 0x6400_6400 in one LOP3 (ptxas does not fuse two immediates by itself).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t mask_or_magic(uint32_t v) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(v), "n"(MASK), "r"(0x64006400u));
+  return d;
+}
+
+// The two codes of v selected by MASK, at bit offset E inside each half (see the header) ->
+// exact fp16 codes.
+template <int E, uint32_t MASK>
+__device__ __forceinline__ __half2 code_pair(uint32_t word) {
+  const __half2 v = as_h2(mask_or_magic<MASK>(word));
   if constexpr (E == 0) {
     return __hsub2(v, as_h2(0x64006400u));  // (1024 + c) - 1024
   } else {
@@ -157,31 +166,31 @@ __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, int t, __
   if constexpr (B == 2) {
     // 16 bits: c0..c3 in byte (sh/8), c4..c7 in the next; spread them to bytes 0 and 2.
     const uint32_t v = __byte_perm(lo, 0u, 0x4140u + 0x0101u * (sh >> 3));
-    p[0] = code_pair<0>(v & 0x00030003u);
-    p[1] = code_pair<2>(v & 0x000C000Cu);
-    p[2] = code_pair<4>(v & 0x00300030u);
-    p[3] = code_pair<6>(v & 0x00C000C0u);
+    p[0] = code_pair<0, 0x00030003u>(v);
+    p[1] = code_pair<2, 0x000C000Cu>(v);
+    p[2] = code_pair<4, 0x00300030u>(v);
+    p[3] = code_pair<6, 0x00C000C0u>(v);
   } else if constexpr (B == 4) {
     // one word: c_i at bits 4i, c_{i+4} at 4i + 16, already 16 bits apart.
     const uint32_t v8 = lo >> 8;
-    p[0] = code_pair<0>(lo & 0x000F000Fu);
-    p[1] = code_pair<4>(lo & 0x00F000F0u);
-    p[2] = code_pair<0>(v8 & 0x000F000Fu);
-    p[3] = code_pair<4>(v8 & 0x00F000F0u);
+    p[0] = code_pair<0, 0x000F000Fu>(lo);
+    p[1] = code_pair<4, 0x00F000F0u>(lo);
+    p[2] = code_pair<0, 0x000F000Fu>(v8);
+    p[3] = code_pair<4, 0x00F000F0u>(v8);
   } else if constexpr (B == 8) {
     // c0..c3 = bytes of lo, c4..c7 = bytes of hi: byte i of each into halves 0 and 1.
-    p[0] = code_pair<0>(__byte_perm(lo, hi, 0x0400u) & 0x00FF00FFu);
-    p[1] = code_pair<0>(__byte_perm(lo, hi, 0x0501u) & 0x00FF00FFu);
-    p[2] = code_pair<0>(__byte_perm(lo, hi, 0x0602u) & 0x00FF00FFu);
-    p[3] = code_pair<0>(__byte_perm(lo, hi, 0x0703u) & 0x00FF00FFu);
+    p[0] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0400u));
+    p[1] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0501u));
+    p[2] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0602u));
+    p[3] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0703u));
   } else if constexpr (B == 3) {
     // 24 bits, c_i at 3i. Move c4..c7 (bits 12..23) up by 4: c_{i+4} lands at 16 + 3i.
     const uint32_t v = __funnelshift_r(lo, hi, sh);
     const uint32_t u = (v & 0xFFFu) | ((v << 4) & 0xFFFFF000u);
-    p[0] = code_pair<0>(u & 0x00070007u);
-    p[1] = code_pair<3>(u & 0x00380038u);
-    p[2] = code_pair<6>(u & 0x01C001C0u);
-    p[3] = code_pair<3>((u >> 6) & 0x00380038u);
+    p[0] = code_pair<0, 0x00070007u>(u);
+    p[1] = code_pair<3, 0x00380038u>(u);
+    p[2] = code_pair<6, 0x01C001C0u>(u);
+    p[3] = code_pair<3, 0x00380038u>(u >> 6);
   } else {
     // B = 5 (40 bits) or 6 (48 bits): L = bits 0..31, C = bits 4B..4B+31 (c4..c7 at 0, B, 2B,
     // 3B). u1 = low halves of L and C (c0, c1[, c2] | c4, c5[, c6]); u2 = their bits 8..23.
@@ -191,15 +200,15 @@ __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, int t, __
     const uint32_t u1 = __byte_perm(L, C, 0x5410u);
     const uint32_t u2 = __byte_perm(L, C, 0x6521u);
     if constexpr (B == 5) {  // c0 0, c1 5, c2 10, c3 15..19 (u2: 7)
-      p[0] = code_pair<0>(u1 & 0x001F001Fu);
-      p[1] = code_pair<5>(u1 & 0x03E003E0u);
-      p[2] = code_pair<0>((u1 >> 10) & 0x001F001Fu);
-      p[3] = code_pair<0>((u2 >> 7) & 0x001F001Fu);
+      p[0] = code_pair<0, 0x001F001Fu>(u1);
+      p[1] = code_pair<5, 0x03E003E0u>(u1);
+      p[2] = code_pair<0, 0x001F001Fu>(u1 >> 10);
+      p[3] = code_pair<0, 0x001F001Fu>(u2 >> 7);
     } else {  // B = 6: c0 0, c1 6, c2 12..17 (u2: 4), c3 18..23 (u2: 10)
-      p[0] = code_pair<0>(u1 & 0x003F003Fu);
-      p[1] = code_pair<0>((u1 >> 6) & 0x003F003Fu);
-      p[2] = code_pair<4>(u2 & 0x03F003F0u);
-      p[3] = code_pair<0>((u2 >> 10) & 0x003F003Fu);
+      p[0] = code_pair<0, 0x003F003Fu>(u1);
+      p[1] = code_pair<0, 0x003F003Fu>(u1 >> 6);
+      p[2] = code_pair<4, 0x03F003F0u>(u2);
+      p[3] = code_pair<0, 0x003F003Fu>(u2 >> 10);
     }
   }
 }
@@ -293,8 +302,13 @@ struct LaneCopies {
                                         bool new_group, const uint32_t* __restrict__ qweight,
                                         const uint16_t* __restrict__ scales,
                                         const uint16_t* __restrict__ zeros, int N) const {
-    for (int r = row0; r < bits; r += kRowStep)
-      cp_async16(slot + q_dst + r * R::kRowStride, qweight + size_t(word + r) * N + q_col, q_ok);
+    // rows row0, row0 + kRowStep, ... < bits: a fixed, predicated set (8 rows at most)
+    const uint32_t* src = qweight + size_t(word + row0) * N + q_col;
+    const uint32_t dst = slot + q_dst + row0 * R::kRowStride;
+#pragma unroll
+    for (int k = 0; k < 8 / kRowStep; ++k)
+      if (row0 + k * kRowStep < bits)
+        cp_async16(dst + k * kRowStep * R::kRowStride, src + size_t(k * kRowStep) * N, q_ok);
     if (new_group && row0 == 0 && (threadIdx.x % 32) < R::kChunks)
       cp_async16(slot + sz_dst, (zeros_half ? zeros : scales) + size_t(group) * N + sz_col, sz_ok);
   }
@@ -346,47 +360,57 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[i][mt][0] = acc[i][mt][1] = acc[i][mt][2] = acc[i][mt][3] = 0.f;
 
-  // Producer side: block i's copies go to slot i % kStages. Scales/zeros are copied only when
+  // Producer side: block i's copies go to slot i % kStages (kept as rotating indices). Scales/zeros are copied only when
   // the group changes; the consumer below applies the same rule to the same table.
   const LaneCopies<QN> copies(N, n_warp, lane);
   int issue_group = -1;
-  auto issue = [&](int i) {
+  auto issue = [&](int i, int slot) {
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
     const bool new_group = bits != 0 && group != issue_group;
     issue_group = bits ? group : -1;
-    copies.issue(ring_s + (i % kStages) * Rg::kSlotBytes, bits, e.y, group, new_group, qweight,
-                 scales, zeros, N);
+    copies.issue(ring_s + slot * Rg::kSlotBytes, bits, e.y, group, new_group, qweight, scales,
+                 zeros, N);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nb) issue(s);
+    if (s < nb) issue(s, s);
     cp_async_commit();
   }
 
-  // x fragments of block j for the lane's tokens 8*mt + g (zero past M).
-  auto load_x = [&](int j, uint4 (&xb)[MT]) {
+  // x fragments of the lane's tokens 8*mt + g (zero past M) for one block; xp walks the
+  // warp's blocks (token g's row, 8 elements per lane).
+  const T* xp = xs + int64_t(g) * K + int64_t(wb) * kBlockRows + 8 * t;
+  auto load_x = [&](const T* p, uint4 (&xb)[MT]) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int m = 8 * mt + g;
-      xb[mt] = m < M ? __ldg(reinterpret_cast<const uint4*>(xs + int64_t(m) * K +
-                                                            int64_t(j) * kBlockRows + 8 * t))
-                     : make_uint4(0, 0, 0, 0);
-    }
+    for (int mt = 0; mt < MT; ++mt)
+      xb[mt] = 8 * mt + g < M ? __ldg(reinterpret_cast<const uint4*>(p + int64_t(8 * mt) * K))
+                              : make_uint4(0, 0, 0, 0);
   };
 
   uint2 sc[QN], nz[QN];  // the lane's 4*QN scales and -zeros (fp16), this block's group
   int cur_group = -1;
   bool poisoned = false;
+  // Several token tiles: x one block ahead in registers. One tile (80-register budget for
+  // three CTAs per SM): loaded at the top of the iteration, its latency hidden by other warps.
+  constexpr bool kPrefetchX = MT > 1;
   uint4 xb[MT], xn[MT];
-  if (nb > 0) load_x(wb, xn);
+  if (kPrefetchX && nb > 0) load_x(xp, xn);
+  int slot_c = 0, slot_i = kStages - 1;  // ring slots of the block computed / issued next
   for (int i = 0; i < nb; ++i) {
+    if constexpr (kPrefetchX) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) xb[mt] = xn[mt];
-    if (i + 1 < nb) load_x(wb + i + 1, xn);  // one block ahead
+      for (int mt = 0; mt < MT; ++mt) xb[mt] = xn[mt];
+      xp += kBlockRows;
+      if (i + 1 < nb) load_x(xp, xn);  // one block ahead
+    } else {
+      load_x(xp, xb);
+      xp += kBlockRows;
+    }
     cp_async_wait<kStages - 2>();
     __syncwarp();
-    const unsigned char* slot = ring + (i % kStages) * Rg::kSlotBytes;
+    const unsigned char* slot = ring + slot_c * Rg::kSlotBytes;
+    slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
     if (bits != 0 && group != cur_group) {
@@ -409,7 +433,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       default: poisoned = true; cur_group = -1;
     }
     __syncwarp();  // every lane is done with the slot before it is refilled
-    if (i + kStages - 1 < nb) issue(i + kStages - 1);
+    if (i + kStages - 1 < nb) issue(i + kStages - 1, slot_i);
+    slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
     cp_async_commit();
   }
   cp_async_wait<0>();

@@ -3,12 +3,10 @@
 // of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
 // wrappers; the kernels and their launchers are in the .cu files (launch.h).
 //
-//   M <= kGemvMaxM, fp16/bf16 x, N % 4 == 0 (aligned)  ->  gemv.cu: CUDA cores, weights read once
-//   M <= kMmaMaxM, fp16/bf16 x                         ->  gemm_mma.cu: tensor cores, weights
-//                                                          read once, exact fp16 W
-//   otherwise (large M, fp32 x)                        ->  gather x (perm, channel_scale) +
-//                                                          dequantize W in stored order into x's
-//                                                          dtype + cuBLAS (at::mm)
+//   M <= kMmaMaxM, fp16/bf16 x, K, N % 8 == 0  ->  gemm_mma.cu: tensor cores, weights read
+//                                                  once, exact fp16 W
+//   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
+//                                                  W in stored order into x's dtype + cuBLAS
 //
 // Nothing here reads tensor values on the host or synchronises; every temporary comes from
 // the caching allocator (at::empty), so both paths can be captured in a CUDA graph. Bad values
@@ -66,12 +64,8 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     cuda::gemm_mma(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
     return y;
   }
-  if (M <= cuda::kGemvMaxM && cuda::gemv_supported(x, qweight, scales, zeros)) {
-    cuda::gemv(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
-    return y;
-  }
 
-  // Large M (or an N the vector kernel cannot take): x in stored row order, W in stored row
+  // Large M (or a layer the tensor-core kernel cannot take): x in stored row order, W in stored row
   // order in x's dtype (fp16 bit-exact; bf16 / fp32 converted from the fp16 value), cuBLAS.
   at::Tensor xs = x;
   if (perm.numel() > 0 || channel_scale.has_value()) {
