@@ -23,6 +23,9 @@ Output: a table on stdout and BENCHMARKS.json (list of records; see RECORD_KEYS)
 --out (default: $OUT/BENCHMARKS.json if $OUT is set, else ./BENCHMARKS.json).
     python scripts/bench.py            # full run (a few minutes on an H100)
     python scripts/bench.py --quick    # 8192x28672, 4-bit + mixed 2.5, M in {1, 16, 256}
+
+It also times a decode step (M = 1) of 8 transformer blocks shaped like an 8B model's (records
+with "kind": "decode_stack"; --stack-blocks 0 skips it).
 """
 from __future__ import annotations
 
@@ -221,6 +224,42 @@ def bench_int4pack(K, N, Ms) -> Dict[int, Optional[float]]:
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- decode stack
+# Per transformer block of an 8B-class model: q, k, v, o (4096 x 4096), gate and up
+# (4096 x 14336), down (14336 x 4096), as (K, N).
+STACK_BLOCK = [(4096, 4096)] * 4 + [(4096, 14336)] * 2 + [(14336, 4096)]
+
+
+def bench_decode_stack(blocks: int, formats: List[str]) -> List[dict]:
+    """One decode step (M = 1) through `blocks` blocks of STACK_BLOCK, captured in one CUDA
+    graph: fp16 torch.matmul against mbwq layers in each format. Each projection takes a fixed
+    [1, K] input, so the step costs the projections alone (no attention, norms or activations);
+    the stack's weights (several GB) are far larger than L2."""
+    shapes = STACK_BLOCK * blocks
+    res = []
+    Ws = [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.02 for K, N in shapes]
+    xs = {K: torch.randn(1, K, device="cuda", dtype=torch.float16) for K, _ in shapes}
+    fp16_us = time_graph([lambda: [torch.matmul(xs[K], W) for (K, _), W in zip(shapes, Ws)]])
+    del Ws
+    torch.cuda.empty_cache()
+    for f in formats:
+        layers, wbytes = [], 0
+        for i, (K, N) in enumerate(shapes):
+            layer, nb = make_layer(f, K, N, seed=i)
+            layers.append(layer)
+            wbytes += nb
+        us = time_graph([lambda: [lay(xs[K]) for (K, _), lay in zip(shapes, layers)]])
+        res.append({"kind": "decode_stack", "blocks": blocks, "format": f,
+                    "bpw": round(wbytes * 8 / sum(K * N for K, N in shapes), 3),
+                    "weight_bytes": wbytes, "us_per_token": round(us, 1),
+                    "tokens_per_s": round(1e6 / us, 1), "fp16_us_per_token": round(fp16_us, 1),
+                    "fp16_tokens_per_s": round(1e6 / fp16_us, 1),
+                    "speedup_fp16": round(fp16_us / us, 2)})
+        del layers
+        torch.cuda.empty_cache()
+    return res
+
+
 # ----------------------------------------------------------------------------- main
 def commit_id() -> str:
     try:
@@ -237,6 +276,8 @@ def main():
     ap.add_argument("--Ms", default=None, help="comma-separated M list (overrides the preset)")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN list, e.g. 4096x4096")
     ap.add_argument("--formats", default=None, help="comma-separated formats, e.g. q4_g128")
+    ap.add_argument("--stack-blocks", type=int, default=8,
+                    help="decode-step figure: blocks of an 8B-shaped stack (0 = skip)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench.py needs a CUDA device"
     torch.manual_seed(0)
@@ -296,6 +337,14 @@ def main():
                 del xs
             del layer, arg_sets
             torch.cuda.empty_cache()
+    if args.stack_blocks > 0:
+        print(f"\ndecode step, M = 1, {args.stack_blocks} blocks of "
+              f"{len(STACK_BLOCK)} projections (8B-model shapes), one CUDA graph:")
+        for r in bench_decode_stack(args.stack_blocks, ["q4_g128", "mixed_2.5"]):
+            records.append(dict(common, **r))
+            print(f"  {r['format']:>10} {r['bpw']:5.2f} bpw  {r['us_per_token']:8.1f} us/token "
+                  f"{r['tokens_per_s']:8.1f} tok/s   fp16 {r['fp16_us_per_token']:8.1f} us/token "
+                  f"{r['fp16_tokens_per_s']:8.1f} tok/s   x{r['speedup_fp16']:.2f}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as fh:
         json.dump(records, fh, indent=1)
