@@ -2,9 +2,9 @@
 torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
 
 Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
-  * M <= 32, fp16/bf16, K and N multiples of 8: tensor-core kernel (gemm_mma.cu), exact fp16
-    weights; with a single K split it writes y itself, with several (many K blocks, few column
-    tiles) it writes fp32 partials reduced by a second kernel;
+  * M <= 64, fp16/bf16, K and N multiples of 8: tensor-core kernel (gemm_mma.cu, 32 rows per
+    call), exact fp16 weights; with a single K split it writes y itself, with several (many K
+    blocks, few column tiles) it writes fp32 partials reduced by a second kernel;
   * larger M, fp32 activations or N % 8 != 0: gather x + dequant W + cuBLAS.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DTYPES = [torch.float16, torch.bfloat16]
-MMA_MAX_M = 32  # csrc/cuda/launch.h: kMmaMaxM (the tensor-core kernel takes 1..32)
+MMA_MAX_M = 64  # csrc/cuda/launch.h: kMmaChunkedMaxM (the tensor-core path takes 1..64)
 
 
 def gemm_args(layer):
@@ -78,7 +78,7 @@ SPECS = {
     "n_odd": LayerSpec(256, 130, True, widths=(5, 4, 2), group_rows=(64, 96, 96), perm="random",
                        bias=True, seed=7),
 }
-MS = [1, 2, 3, 5, 8, 17, 32, 33, 118, 1000]
+MS = [1, 2, 3, 5, 8, 17, 32, 33, 64, 65, 118, 1000]
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -10,12 +10,15 @@ namespace mbwq {
 namespace cuda {
 
 // Path boundaries, from shapes only (ops_cuda.cpp: gemm_cuda): the tensor-core kernel takes
-// 1 <= M <= kMmaMaxM (fp16 / bf16, mma_supported), dequant + cuBLAS everything else. Measured on
-// an H100 at 8192 x 28672 4-bit g128 (BENCHMARKS.md): the tensor-core kernel beats the former
-// CUDA-core kernel from M = 1 on, and dequant + cuBLAS from M = 64 on is the faster path.
+// 1 <= M <= kMmaChunkedMaxM (fp16 / bf16, mma_supported), dequant + cuBLAS everything else.
+// Measured on an H100 (BENCHMARKS.md): the tensor-core kernel beats the former CUDA-core
+// kernel from M = 1 on.
 //
-// Largest M of the tensor-core path (gemm_mma.cu).
+// Largest M of one tensor-core kernel call (gemm_mma.cu), and largest M that takes the
+// tensor-core path as row chunks of kMmaMaxM (H100, 8192 x 28672 4-bit: M = 64 in two chunks
+// beats dequant + cuBLAS; at M = 128 four chunks would not).
 constexpr int64_t kMmaMaxM = 32;
+constexpr int64_t kMmaChunkedMaxM = 64;
 
 // True when the tensor-core kernel may take this layer: fp16 / bf16 activations, K and N
 // multiples of 8 (16-byte copies of qweight rows, scales and zeros) and 16-byte aligned data.

@@ -3,8 +3,8 @@
 // of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
 // wrappers; the kernels and their launchers are in the .cu files (launch.h).
 //
-//   M <= kMmaMaxM, fp16/bf16 x, K, N % 8 == 0  ->  gemm_mma.cu: tensor cores, weights read
-//                                                  once, exact fp16 W
+//   M <= kMmaChunkedMaxM, fp16/bf16 x,          ->  gemm_mma.cu: tensor cores, weights read
+//   K, N % 8 == 0                                   once per kMmaMaxM rows, exact fp16 W
 //   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
 //                                                  W in stored order into x's dtype + cuBLAS
 //
@@ -13,6 +13,8 @@
 // in blocks / perm (which only a device read could see) are guarded inside the kernels: they
 // produce NaN (or skip a row) instead of reading or writing out of bounds.
 #include <ATen/ATen.h>
+
+#include <algorithm>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -60,8 +62,15 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     return y;
   }
 
-  if (M <= cuda::kMmaMaxM && cuda::mma_supported(x, qweight, scales, zeros)) {
-    cuda::gemm_mma(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
+  if (M <= cuda::kMmaChunkedMaxM && cuda::mma_supported(x, qweight, scales, zeros)) {
+    // Up to kMmaMaxM rows per kernel call; a few more as row chunks (each reads the weights
+    // once: two reads at M = 64 still beat dequantizing all of W).
+    for (int64_t m0 = 0; m0 < M; m0 += cuda::kMmaMaxM) {
+      const int64_t rows = std::min(cuda::kMmaMaxM, M - m0);
+      at::Tensor y_rows = y.narrow(0, m0, rows);
+      cuda::gemm_mma(x.narrow(0, m0, rows), qweight, scales, zeros, blocks, perm, channel_scale,
+                     bias, y_rows);
+    }
     return y;
   }
 
