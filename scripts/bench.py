@@ -262,11 +262,14 @@ def bench_decode_stack(blocks: int, formats: List[str]) -> List[dict]:
 
 # ----------------------------------------------------------------------------- main
 def commit_id() -> str:
+    """$MBWQ_COMMIT when set (a copied tree's .git can lag behind its files), else git HEAD."""
+    if os.environ.get("MBWQ_COMMIT"):
+        return os.environ["MBWQ_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT,
                                        stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
-        return os.environ.get("MBWQ_COMMIT", "unknown")
+        return "unknown"
 
 
 def main():

@@ -19,6 +19,7 @@ OUT=${OUT:-$PWD/.device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}
+# Pass MBWQ_COMMIT=<sha> when the tree was copied: its .git may not be the files' commit.
 export MBWQ_COMMIT=${MBWQ_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 PY=${PYTHON:-python3}
 declare -A RESULT
