@@ -4,7 +4,9 @@
 // Roles: W^T is the A operand (16 output columns x 16 k), xs^T the B operand (16 k x 8 tokens),
 // fp32 accumulators. Every packed weight byte is read from DRAM once per call, whatever M.
 // The kernel is built to spend as few instructions per weight as possible, because at small M
-// it must keep up with DRAM: ~2 instructions per 4-bit code, against ~4.5 of bandwidth budget.
+// it must keep up with DRAM: at the H100's issue rate, full bandwidth on 4-bit codes leaves
+// ~5 instructions per code and lane. The decode below takes ~2.2; with the ring bookkeeping,
+// copies and x loads the loop measured ~5 (BENCHMARKS.md), so it is issue-bound today.
 //
 // ---------------------------------------------------------------------------------------
 // Work split.  CTA = 8 warps = WC column warps x WK = 8 / WC k-warps.
@@ -281,7 +283,7 @@ struct LaneCopies {
   int q_col, sz_col;       // first column of the lane's qweight / scales-or-zeros chunk
   uint32_t q_dst, sz_dst;  // offsets inside a slot (q_dst: of row 0)
   int row0;
-  bool q_ok, sz_ok, zeros_half;  // chunk inside [0, N); sz_ok also: this lane copies s/z
+  bool q_ok, sz_ok, zeros_half;  // chunk inside [0, N)
 
   __device__ __forceinline__ LaneCopies(int N, int n_warp, int lane) {
     const int c = lane % R::kChunks;
@@ -292,7 +294,7 @@ struct LaneCopies {
     constexpr int kHalf = R::kChunks / 2;  // chunks per scales row
     const int which = (lane / kHalf) & 1, c2 = lane % kHalf;
     zeros_half = which;
-    sz_ok = lane < R::kChunks && n_warp + 8 * c2 < N;
+    sz_ok = n_warp + 8 * c2 < N;
     sz_col = sz_ok ? n_warp + 8 * c2 : 0;
     sz_dst = R::kSzOffset + which * 2 * R::kCols + 16 * c2;
   }
@@ -309,11 +311,21 @@ struct LaneCopies {
     for (int k = 0; k < 8 / kRowStep; ++k)
       if (row0 + k * kRowStep < bits)
         cp_async16(dst + k * kRowStep * R::kRowStride, src + size_t(k * kRowStep) * N, q_ok);
-    if (new_group && row0 == 0 && (threadIdx.x % 32) < R::kChunks)
+    if (new_group && row0 == 0)  // lanes 0 .. kChunks - 1
       cp_async16(slot + sz_dst, (zeros_half ? zeros : scales) + size_t(group) * N + sz_col, sz_ok);
   }
 };
 
+
+// True when a block of (bits, group) needs its group's scales and zeros: it is valid and its
+// group differs from the last valid block's (`last`, updated; an invalid block resets it).
+// The copy side and the compute side both walk the warp's blocks through this one rule, so a
+// slot holds scales exactly when the consumer reloads them.
+__device__ __forceinline__ bool starts_group(int bits, int group, int& last) {
+  const bool start = bits != 0 && group != last;
+  last = bits != 0 ? group : -1;
+  return start;
+}
 
 // grid: (column tiles, splits); block: kWarps * 32 threads.
 // xs: gathered, scaled, interleaved activations [M, K].
@@ -360,15 +372,14 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[i][mt][0] = acc[i][mt][1] = acc[i][mt][2] = acc[i][mt][3] = 0.f;
 
-  // Producer side: block i's copies go to slot i % kStages (kept as rotating indices). Scales/zeros are copied only when
-  // the group changes; the consumer below applies the same rule to the same table.
+  // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
+  // scales and zeros only when starts_group says so.
   const LaneCopies<QN> copies(N, n_warp, lane);
   int issue_group = -1;
   auto issue = [&](int i, int slot) {
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
-    const bool new_group = bits != 0 && group != issue_group;
-    issue_group = bits ? group : -1;
+    const bool new_group = starts_group(bits, group, issue_group);
     copies.issue(ring_s + slot * Rg::kSlotBytes, bits, e.y, group, new_group, qweight, scales,
                  zeros, N);
   };
@@ -413,8 +424,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
-    if (bits != 0 && group != cur_group) {
-      cur_group = group;
+    if (starts_group(bits, group, cur_group)) {
 #pragma unroll
       for (int q = 0; q < QN; ++q) {
         sc[q] = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 64 * q + 8 * g);
@@ -430,7 +440,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       case 5: compute_block<5, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
       case 6: compute_block<6, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
       case 8: compute_block<8, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
-      default: poisoned = true; cur_group = -1;
+      default: poisoned = true;
     }
     __syncwarp();  // every lane is done with the slot before it is refilled
     if (i + kStages - 1 < nb) issue(i + kStages - 1, slot_i);
