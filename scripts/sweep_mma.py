@@ -1,13 +1,16 @@
-"""Sweep the tensor-core kernel's launch knobs (column warps per CTA, K splits) on the device:
+"""Sweep the tensor-core kernel's tuning knobs on the device:
 
-    python scripts/sweep_mma.py --shapes 8192x28672,4096x4096 --Ms 1,16,32 --wc 1,2,4 --splits 0,1,2,4
+    python scripts/sweep_mma.py --shapes 8192x28672,4096x4096 --Ms 1,16,32 \
+        --set MBWQ_MMA_WC=1,2,4 --set MBWQ_MMA_SPLITS=0,2,4
 
-Each point sets MBWQ_MMA_WC / MBWQ_MMA_SPLITS (csrc/cuda/gemm_mma.cu reads them at every call;
-0 = the built-in choice) and times mbwq::gemm like scripts/bench.py (CUDA-graph replays over
-weight copies larger than L2, median). Prints one line per point; the fastest per (shape, M)
+Each --set names an environment variable that csrc/cuda/gemm_mma.cu reads at every call
+(0 or unset = the built-in choice): MBWQ_MMA_WC (column warps per CTA), MBWQ_MMA_SPLITS
+(K splits). Every combination is timed like scripts/bench.py (CUDA-graph replays over weight
+copies larger than L2, median). Prints one line per point; the fastest per (shape, format, M)
 is marked with *.
 """
 import argparse
+import itertools
 import os
 
 import torch
@@ -20,9 +23,11 @@ def main():
     ap.add_argument("--shapes", default="8192x28672")
     ap.add_argument("--formats", default="q4_g128")
     ap.add_argument("--Ms", default="1,16")
-    ap.add_argument("--wc", default="0")
-    ap.add_argument("--splits", default="0")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=v1,v2",
+                    help="an environment knob and the values to try (repeatable)")
     args = ap.parse_args()
+    knobs = [(k, v.split(",")) for k, v in (s.split("=", 1) for s in args.set)]
+    names = [k for k, _ in knobs]
     bw = read_bandwidth()["sum_tbs"]
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bw:.2f} TB/s")
     for shape in args.shapes.split(","):
@@ -33,18 +38,20 @@ def main():
             for M in (int(m) for m in args.Ms.split(",")):
                 xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in arg_sets]
                 rows = []
-                for wc in args.wc.split(","):
-                    for sp in args.splits.split(","):
-                        os.environ["MBWQ_MMA_WC"], os.environ["MBWQ_MMA_SPLITS"] = wc, sp
-                        us = time_graph([lambda x=x, a=a: torch.ops.mbwq.gemm(x, *a)
-                                         for x, a in zip(xs, arg_sets)])
-                        rows.append((us, wc, sp))
-                best = min(rows)[0]
-                for us, wc, sp in rows:
+                for values in itertools.product(*(v for _, v in knobs)):
+                    os.environ.update(zip(names, values))
+                    us = time_graph([lambda x=x, a=a: torch.ops.mbwq.gemm(x, *a)
+                                     for x, a in zip(xs, arg_sets)])
+                    rows.append((us, values))
+                best = min(r[0] for r in rows)
+                for us, values in rows:
                     pct = 100 * wbytes / us / 1e6 / bw
-                    print(f"{K}x{N} {f} M={M:<3} wc={wc} splits={sp:<2} {us:8.1f} us "
-                          f"{pct:5.1f}% bw {'*' if us == best else ''}", flush=True)
-            os.environ.pop("MBWQ_MMA_WC"), os.environ.pop("MBWQ_MMA_SPLITS")
+                    point = " ".join(f"{k.removeprefix('MBWQ_MMA_').lower()}={v}"
+                                     for k, v in zip(names, values))
+                    print(f"{K}x{N} {f} M={M:<3} {point} {us:8.1f} us {pct:5.1f}% bw "
+                          f"{'*' if us == best else ''}", flush=True)
+    for k in names:
+        os.environ.pop(k, None)
 
 
 if __name__ == "__main__":

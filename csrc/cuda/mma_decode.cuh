@@ -1,0 +1,200 @@
+// Bit-level core of the tensor-core kernels (gemm_mma.cu): packed codes -> exact fp16
+// weights -> mma.sync.m16n8k16, for one lane's share of a 32-row block.
+//
+// ---------------------------------------------------------------------------------------
+// Which codes a lane decodes. Lane = (g, t) with g = lane / 4 (0..7), t = lane % 4 (0..3).
+// The mma fixes which (n, k) entries of A a lane holds: rows (= output columns) g and g+8,
+// k-columns {2t, 2t+1, 2t+8, 2t+9}. The k order inside a k16 step is ours to choose, as long
+// as the B operand (x) uses the same one. Lane t decodes the 8 consecutive stored rows
+// 8t .. 8t+7 of each 32-row block: bytes [t*b, t*b + b) of the column's b-word bit string,
+// which lie in the block's words j0 = (t*b) / 4 and j0 + 1.
+//
+//   column strip of one block (b words, bit string little-endian):
+//     | lane t=0: rows 0-7 | t=1: rows 8-15 | t=2: rows 16-23 | t=3: rows 24-31 |
+//       bytes [0,b)          bytes [b,2b)     bytes [2b,3b)      bytes [3b,4b)
+//
+// A lane's 8 codes c0..c7 (rows 8t + i) become four half2 pairs P_i = (c_i, c_{i+4}):
+//     k-step 0 A regs: {P0 col A, P0 col B, P1 col A, P1 col B}
+//     k-step 1 A regs: {P2 col A, P2 col B, P3 col A, P3 col B}
+// so mma k-index 2t <-> row 8t+2s, 2t+1 <-> 8t+2s+4, 2t+8 <-> 8t+2s+1, 2t+9 <-> 8t+2s+5, and
+// xs stores every 8-row chunk as [x0 x4 | x1 x5 | x2 x6 | x3 x7]: one 16-byte load gives both
+// k-steps' B registers.
+//
+// Columns: a lane owns the 4*QN columns 32q + 4g + e (quad q < QN, e < 4), read as one 16-byte
+// load per quad and qweight row. Its mma i = 2q + k (k < 2) takes column 4q + k as A row g and
+// column 4q + k + 2 as A row g+8, so one quad's words are decoded before the next is loaded.
+//
+// A code pair becomes fp16 without int->float conversions: with the pair's two codes masked
+// in place at bits [e, e+b) and [16+e, 16+e+b) of a word,
+//     0x6400 | (c << e)  is the fp16 number 1024 + c * 2^e  (exact while c * 2^e < 1024)
+// and one HFMA2 (x 2^-e, - 1024 * 2^-e) gives c exactly. Then w = fma(c, scale, -zero) in fp16:
+// one rounding, the original's exact weight. For bf16 activations w is converted to bf16.
+// ---------------------------------------------------------------------------------------
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace mbwq {
+namespace cuda {
+
+template <typename T>
+struct MmaOp;
+
+template <>
+struct MmaOp<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {
+    return *reinterpret_cast<uint32_t*>(&w);
+  }
+};
+
+template <>
+struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {
+    __nv_bfloat162 v = __float22bfloat162_rn(__half22float2(w));
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ __half2 as_h2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+
+// (v & MASK) | 0x6400_6400 in one LOP3 (ptxas does not fuse two immediates by itself).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t mask_or_magic(uint32_t v) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(v), "n"(MASK), "r"(0x64006400u));
+  return d;
+}
+
+// The two codes of v selected by MASK, at bit offset E inside each half (see the header) ->
+// exact fp16 codes.
+template <int E, uint32_t MASK>
+__device__ __forceinline__ __half2 code_pair(uint32_t word) {
+  const __half2 v = as_h2(mask_or_magic<MASK>(word));
+  if constexpr (E == 0) {
+    return __hsub2(v, as_h2(0x64006400u));  // (1024 + c) - 1024
+  } else {
+    constexpr uint32_t kScale = uint32_t(15 - E) << 10;             // 2^-E
+    constexpr uint32_t kBias = 0x8000u | (uint32_t(25 - E) << 10);  // -(1024 * 2^-E)
+    return __hfma2(v, as_h2(kScale | (kScale << 16)), as_h2(kBias | (kBias << 16)));
+  }
+}
+
+// The lane's 8 codes of one column as the pairs P0..P3 (header), from the two words that hold
+// its bytes [t*B, t*B + B): lo = word j0, hi = word j0 + 1. Bit layouts per width (format.h):
+template <int B>
+__device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, int t, __half2 (&p)[4]) {
+  const int sh = 8 * ((t * B) & 3);  // the lane's first bit inside lo
+  if constexpr (B == 2) {
+    // 16 bits: c0..c3 in byte (sh/8), c4..c7 in the next; spread them to bytes 0 and 2.
+    const uint32_t v = __byte_perm(lo, 0u, 0x4140u + 0x0101u * (sh >> 3));
+    p[0] = code_pair<0, 0x00030003u>(v);
+    p[1] = code_pair<2, 0x000C000Cu>(v);
+    p[2] = code_pair<4, 0x00300030u>(v);
+    p[3] = code_pair<6, 0x00C000C0u>(v);
+  } else if constexpr (B == 4) {
+    // one word: c_i at bits 4i, c_{i+4} at 4i + 16, already 16 bits apart.
+    const uint32_t v8 = lo >> 8;
+    p[0] = code_pair<0, 0x000F000Fu>(lo);
+    p[1] = code_pair<4, 0x00F000F0u>(lo);
+    p[2] = code_pair<0, 0x000F000Fu>(v8);
+    p[3] = code_pair<4, 0x00F000F0u>(v8);
+  } else if constexpr (B == 8) {
+    // c0..c3 = bytes of lo, c4..c7 = bytes of hi: byte i of each into halves 0 and 1.
+    p[0] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0400u));
+    p[1] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0501u));
+    p[2] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0602u));
+    p[3] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0703u));
+  } else if constexpr (B == 3) {
+    // 24 bits, c_i at 3i. Move c4..c7 (bits 12..23) up by 4: c_{i+4} lands at 16 + 3i.
+    const uint32_t v = __funnelshift_r(lo, hi, sh);
+    const uint32_t u = (v & 0xFFFu) | ((v << 4) & 0xFFFFF000u);
+    p[0] = code_pair<0, 0x00070007u>(u);
+    p[1] = code_pair<3, 0x00380038u>(u);
+    p[2] = code_pair<6, 0x01C001C0u>(u);
+    p[3] = code_pair<3, 0x00380038u>(u >> 6);
+  } else {
+    // B = 5 (40 bits) or 6 (48 bits): L = bits 0..31, C = bits 4B..4B+31 (c4..c7 at 0, B, 2B,
+    // 3B). u1 = low halves of L and C (c0, c1[, c2] | c4, c5[, c6]); u2 = their bits 8..23.
+    const uint32_t L = __funnelshift_r(lo, hi, sh);
+    const uint32_t H = hi >> sh;
+    const uint32_t C = __funnelshift_r(L, H, 4 * B);
+    const uint32_t u1 = __byte_perm(L, C, 0x5410u);
+    const uint32_t u2 = __byte_perm(L, C, 0x6521u);
+    if constexpr (B == 5) {  // c0 0, c1 5, c2 10, c3 15..19 (u2: 7)
+      p[0] = code_pair<0, 0x001F001Fu>(u1);
+      p[1] = code_pair<5, 0x03E003E0u>(u1);
+      p[2] = code_pair<0, 0x001F001Fu>(u1 >> 10);
+      p[3] = code_pair<0, 0x001F001Fu>(u2 >> 7);
+    } else {  // B = 6: c0 0, c1 6, c2 12..17 (u2: 4), c3 18..23 (u2: 10)
+      p[0] = code_pair<0, 0x003F003Fu>(u1);
+      p[1] = code_pair<0, 0x003F003Fu>(u1 >> 6);
+      p[2] = code_pair<4, 0x03F003F0u>(u2);
+      p[3] = code_pair<0, 0x003F003Fu>(u2 >> 10);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t comp(const uint4& v, int e) {
+  return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ __half2 dup_half(uint32_t two_halves, int e) {
+  return as_h2(__byte_perm(two_halves, 0u, (e & 1) ? 0x3232u : 0x1010u));
+}
+
+// The word of a lane's scales (or -zeros) that holds column u: quad u / 4, halves (u % 4) / 2.
+template <int QN>
+__device__ __forceinline__ uint32_t scale_word(const uint2 (&v)[QN], int u) {
+  return (u % 4) < 2 ? v[u / 4].x : v[u / 4].y;
+}
+
+// One quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and hi
+// (row j0 + 1; unused for widths 2 and 4) of the quad's columns become exact fp16 weights,
+// then the mma for all MT token tiles.
+template <int B, int QN, int MT, typename T>
+__device__ __forceinline__ void compute_quad(int q, const uint4& lo, const uint4& hi, int t,
+                                             const uint2 (&sc)[QN], const uint2 (&nz)[QN],
+                                             const uint4 (&xb)[MT], float (&acc)[2 * QN][MT][4]) {
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    // mma i = 2q + k: A row g = lane column 4q + k, A row g + 8 = lane column 4q + k + 2
+    const int i = 2 * q + k, ua = 4 * q + k, ub = ua + 2;
+    __half2 pa[4], pb[4];
+    decode_pairs<B>(comp(lo, k), comp(hi, k), t, pa);
+    decode_pairs<B>(comp(lo, k + 2), comp(hi, k + 2), t, pb);
+    // scale and -zero of both columns as (v, v) pairs
+    const __half2 sa = dup_half(scale_word(sc, ua), ua), za = dup_half(scale_word(nz, ua), ua);
+    const __half2 sb = dup_half(scale_word(sc, ub), ub), zb = dup_half(scale_word(nz, ub), ub);
+    uint32_t wa[4], wb[4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      wa[s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
+      wb[s] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      MmaOp<T>::run(acc[i][mt], wa[0], wb[0], wa[1], wb[1], xb[mt].x, xb[mt].y);
+      MmaOp<T>::run(acc[i][mt], wa[2], wb[2], wa[3], wb[3], xb[mt].z, xb[mt].w);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace mbwq

@@ -1,0 +1,182 @@
+// Pieces shared by the tensor-core kernels (gemm_mma.cu) around the decode: x in stored
+// row order, the warp's range of blocks, the block table in shared memory, group changes,
+// scales, and the deterministic reduction of the k-warps' sums at the end.
+#pragma once
+#include <stdint.h>
+
+#include "../format.h"
+#include "common.cuh"
+
+namespace mbwq {
+namespace cuda {
+
+constexpr int kWarps = 8;  // warps per CTA
+// Most 32-row blocks one CTA takes (its block table lives in shared memory); longer K is split.
+constexpr int kMaxBlocksPerCta = 1024;
+// Shared memory for x gathered inside the kernel (fused_x); larger M x K-range takes the
+// gather kernel.
+constexpr int kFusedXBytes = 64 * 1024;
+
+// True when a block of (bits, group) needs its group's scales and zeros: it is valid and its
+// group differs from the last valid block's (`last`, updated; an invalid block resets it).
+// The copy side and the compute side both walk the warp's blocks through this one rule, so a
+// slot holds scales exactly when the consumer reloads them.
+__device__ __forceinline__ bool starts_group(int bits, int group, int& last) {
+  const bool start = bits != 0 && group != last;
+  last = bits != 0 ? group : -1;
+  return start;
+}
+
+// ---- activations: x gathered into stored row order, scaled, interleaved ---------------------
+
+// The raw activations and how to bring them into stored row order.
+template <typename T>
+struct XArgs {
+  const T* x;           // [M, K]
+  const int32_t* perm;  // stored row -> input feature, or nullptr (identity)
+  const void* cs;       // channel_scale or nullptr
+  int cs_kind;
+};
+
+// Stored rows 8c .. 8c + 7 of token m, as one 16-byte chunk in the interleaved order
+// [0 4 1 5 2 6 3 7] (header): round_T(x[m, perm[k]] * cs[perm[k]]), NaN for a perm entry
+// outside [0, K).
+template <typename T>
+__device__ __forceinline__ uint4 gather_chunk(const XArgs<T>& a, int K, int m, int c) {
+  T v[8];
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const int k = c * 8 + r;
+    const int src = a.perm != nullptr ? a.perm[k] : k;
+    float f;
+    if (src < 0 || src >= K) {
+      f = qnan();
+    } else {
+      f = Cvt<T>::to_f(a.x[int64_t(m) * K + src]);
+      if (a.cs_kind != kAuxNone) f = round_as<T>(f * aux_load(a.cs, a.cs_kind, src));
+    }
+    v[r] = Cvt<T>::from_f(f);
+  }
+  alignas(16) T o[8] = {v[0], v[4], v[1], v[5], v[2], v[6], v[3], v[7]};
+  return *reinterpret_cast<const uint4*>(o);
+}
+
+// ---- shared by both kernels: the warp's blocks, the block table, the final reduction -------
+
+// This warp's contiguous range [wb, wb + nb) of 32-row blocks inside the CTA's K split
+// [jb0, jb0 + len), k-warp kw of WK.
+struct WarpRange {
+  int jb0, len, wb, nb;
+  __device__ __forceinline__ WarpRange(int K, int blocks_per_split, int kw, int WK) {
+    const int nblocks = K / kBlockRows;
+    jb0 = blockIdx.y * blocks_per_split;
+    len = max(0, min(blocks_per_split, nblocks - jb0));
+    const int per = (len + WK - 1) / WK;
+    wb = jb0 + kw * per;
+    nb = max(0, min(per, len - kw * per));
+  }
+};
+
+// The CTA's block table, validated, into shared memory: (bits | group << 4, word) per block,
+// bits == 0 for an entry that points outside qweight / scales (its output becomes NaN).
+__device__ __forceinline__ void stage_table(int2* meta, const int32_t* __restrict__ blocks,
+                                            const WarpRange& r, int R, int G) {
+  for (int j = threadIdx.x; j < r.len; j += blockDim.x) {
+    const BlockMeta b = load_block(blocks, r.jb0 + j, R, G);
+    meta[j] = make_int2(b.bits | (b.group << 4), b.word);
+  }
+  __syncthreads();
+}
+
+// Add the k-warps' partial sums in the fixed order kw = 0, 1, ..., WK - 1 (deterministic) and
+// write the tile: y (T, + bias) when the grid has one K split, fp32 partials otherwise.
+// Reuses shared memory from offset 0: every warp must be done with its table and ring.
+template <typename T, int MT, int QN>
+__device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool poisoned,
+                                            unsigned char* smem, int wc, int kw, int WC, int WK,
+                                            int n_warp, const void* __restrict__ bias,
+                                            int bias_kind, void* __restrict__ out, int M, int N) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  if (poisoned) {
+#pragma unroll
+    for (int i = 0; i < 2 * QN; ++i)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][mt][e] = qnan();
+  }
+  constexpr int kRegs = 2 * QN * MT * 4;
+  float* red = reinterpret_cast<float*>(smem);
+  __syncthreads();
+  if (kw > 0) {
+    float* dst = red + ((kw - 1) * WC + wc) * kRegs * 32 + lane;
+#pragma unroll
+    for (int i = 0; i < 2 * QN; ++i)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dst[((i * MT + mt) * 4 + e) * 32] = acc[i][mt][e];
+  }
+  __syncthreads();
+  if (kw > 0) return;
+  for (int k = 1; k < WK; ++k) {
+    const float* src = red + ((k - 1) * WC + wc) * kRegs * 32 + lane;
+#pragma unroll
+    for (int i = 0; i < 2 * QN; ++i)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][mt][e] += src[((i * MT + mt) * 4 + e) * 32];
+  }
+
+  // Accumulator of mma i = 2q + k, tile mt: e = 0, 1 -> lane column 4q + k, tokens 8mt + 2t, +1;
+  // e = 2, 3 -> lane column 4q + k + 2, same tokens. Lane column 4q + c is n_warp + 32q + 4g + c.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = 8 * mt + 2 * t + h;
+      if (m >= M) continue;
+#pragma unroll
+      for (int q = 0; q < QN; ++q) {
+        const int n = n_warp + 32 * q + 4 * g;
+        if (n >= N) continue;  // N % 8 == 0: a quad is all in or all out
+        float v[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c)  // column 4q + c: mma 2q + c % 2, A row g (c < 2) or g + 8
+          v[c] = c < 2 ? acc[2 * q + c][mt][h] : acc[2 * q + c - 2][mt][2 + h];
+        if (gridDim.y == 1) {
+          if (bias_kind != kAuxNone)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) v[c] += aux_load(bias, bias_kind, n + c);
+          alignas(8) T o[4] = {Cvt<T>::from_f(v[0]), Cvt<T>::from_f(v[1]), Cvt<T>::from_f(v[2]),
+                               Cvt<T>::from_f(v[3])};
+          *reinterpret_cast<uint2*>(reinterpret_cast<T*>(out) + int64_t(m) * N + n) =
+              *reinterpret_cast<const uint2*>(o);
+        } else {
+          *reinterpret_cast<float4*>(reinterpret_cast<float*>(out) +
+                                     (int64_t(blockIdx.y) * M + m) * N + n) =
+              make_float4(v[0], v[1], v[2], v[3]);
+        }
+      }
+    }
+  }
+}
+
+// The lane's scales and -zeros (fp16) of its 4*QN columns for one group.
+template <int QN>
+__device__ __forceinline__ void load_scales(const uint16_t* __restrict__ scales,
+                                            const uint16_t* __restrict__ zeros, int group, int N,
+                                            const int (&col)[QN], uint2 (&sc)[QN],
+                                            uint2 (&nz)[QN]) {
+#pragma unroll
+  for (int q = 0; q < QN; ++q) {
+    const size_t o = size_t(group) * N + col[q];
+    sc[q] = __ldg(reinterpret_cast<const uint2*>(scales + o));
+    const uint2 z2 = __ldg(reinterpret_cast<const uint2*>(zeros + o));
+    nz[q] = make_uint2(z2.x ^ 0x80008000u, z2.y ^ 0x80008000u);  // -zero: flip fp16 signs
+  }
+}
+
+}  // namespace cuda
+}  // namespace mbwq
