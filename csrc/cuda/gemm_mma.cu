@@ -557,11 +557,13 @@ void run_kernel(const Call<T>& c, int WC) {
   const int splits = (nblocks + bps - 1) / bps;
 
   // x in stored row order: gathered by each CTA into shared memory when the grid is one wave
-  // and the CTA's rows fit (small layers, where the gather kernel's launch costs more than
-  // the weights take to stream: H100 4096 x 4096, M = 1: 12.9 -> 11.9 us); else by
-  // gather_x_kernel, once for all CTAs (8192 x 28672: 70 us fused -> 79 us).
+  // and the CTA's K range is short (small layers, where the gather kernel's launch costs more
+  // than the weights take to stream: H100 4096 x 4096, M = 1: 12.9 -> 11.9 us); else by
+  // gather_x_kernel, once for all CTAs (8192 x 28672: 70 us fused -> 79 us; 28672 x 8192, one
+  // wave of 448-block ranges: 66 -> 78 us).
   const size_t x_bytes = size_t(M) * bps * kBlockRows * sizeof(T);
-  const bool fused_x = STREAM && x_bytes <= kFusedXBytes && int64_t(tiles) * splits <= slots;
+  const bool fused_x = STREAM && x_bytes <= kFusedXBytes && bps <= kFusedXMaxBlocks &&
+                       int64_t(tiles) * splits <= slots;
   XArgs<T> xa = c.xa;
   at::Tensor xs;
   if (!fused_x) {

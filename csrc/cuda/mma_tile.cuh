@@ -16,6 +16,7 @@ constexpr int kMaxBlocksPerCta = 1024;
 // Shared memory for x gathered inside the kernel (fused_x); larger M x K-range takes the
 // gather kernel.
 constexpr int kFusedXBytes = 64 * 1024;
+constexpr int kFusedXMaxBlocks = 128;  // longest K range (in blocks) a CTA gathers itself
 
 // True when a block of (bits, group) needs its group's scales and zeros: it is valid and its
 // group differs from the last valid block's (`last`, updated; an invalid block resets it).
