@@ -163,7 +163,7 @@ struct LaneCopies {
 // registers a thread. Measured on the H100 (8192 x 28672, 4-bit, loads only): four 4-bit
 // blocks in flight were no faster than two, and an L2 prefetch 2-8 blocks further ahead gave
 // nothing either.
-template <int B, int MT>
+template <int B>
 constexpr int kStreamDepth = B == 2 ? 4 : 2;
 
 template <int B, int QN>
@@ -236,7 +236,7 @@ __device__ __forceinline__ void stream_run(int r0, int r1, const int2* __restric
                                            const uint16_t* __restrict__ zeros, int N,
                                            StreamLane<QN, MT>& ln, float (&acc)[2 * QN][MT][4]) {
   using Stage = StreamStage<B, QN>;
-  constexpr int D = kStreamDepth<B, MT>;
+  constexpr int D = kStreamDepth<B>;
   Stage st[D];
 #pragma unroll
   for (int s = 0; s < D; ++s)
@@ -265,7 +265,8 @@ __device__ __forceinline__ void stream_run(int r0, int r1, const int2* __restric
 }
 
 // grid: (column tiles, splits); block: kWarps * 32 threads.
-// xs: gathered, scaled, interleaved activations [M, K].
+// xa: raw x, perm and channel_scale when fused_x (gathered here), else xa.x is the gathered,
+// scaled, interleaved xs [M, K] (gather_x_kernel).
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 template <typename T, int MT, int QN, int MIN_CTAS>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
@@ -308,10 +309,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   for (int mt = 0; mt < MT; ++mt) ln.xrow[mt] = min(8 * mt + g, M - 1);
 
   float acc[2 * QN][MT][4];
-#pragma unroll
-  for (int i = 0; i < 2 * QN; ++i)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) acc[i][mt][0] = acc[i][mt][1] = acc[i][mt][2] = acc[i][mt][3] = 0.f;
+  fill_acc<MT, QN>(acc, 0.f);
 
   bool poisoned = false;
   for (int i = 0; i < r.nb;) {
@@ -343,8 +341,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 
 // ---- ring kernel: weights through a per-warp cp.async ring in shared memory ------------------
 
-// grid: (column tiles, splits); block: kWarps * 32 threads.
-// xs: gathered, scaled, interleaved activations [M, K].
+// grid: (column tiles, splits); block: kWarps * 32 threads. Same parameters as the streaming
+// kernel (one launcher), but x always comes gathered: xa.x is xs [M, K]; fused_x is unused.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
@@ -371,10 +369,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
 
   float acc[2 * QN][MT][4];
-#pragma unroll
-  for (int i = 0; i < 2 * QN; ++i)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) acc[i][mt][0] = acc[i][mt][1] = acc[i][mt][2] = acc[i][mt][3] = 0.f;
+  fill_acc<MT, QN>(acc, 0.f);
 
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
   // scales and zeros only when starts_group says so.
@@ -434,7 +429,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
         sc[q] = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 64 * q + 8 * g);
         const uint2 z2 = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 2 * Rg::kCols +
                                                          64 * q + 8 * g);
-        nz[q] = make_uint2(z2.x ^ 0x80008000u, z2.y ^ 0x80008000u);  // -zero: flip fp16 signs
+        nz[q] = negate_halves(z2);
       }
     }
     switch (bits) {

@@ -64,6 +64,22 @@ __device__ __forceinline__ uint4 gather_chunk(const XArgs<T>& a, int K, int m, i
 
 // ---- shared by both kernels: the warp's blocks, the block table, the final reduction -------
 
+// Every accumulator of a lane set to v (0 to start, NaN for a poisoned tile).
+template <int MT, int QN>
+__device__ __forceinline__ void fill_acc(float (&acc)[2 * QN][MT][4], float v) {
+#pragma unroll
+  for (int i = 0; i < 2 * QN; ++i)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][mt][e] = v;
+}
+
+// Four fp16 values negated by flipping their sign bits (scales' zeros -> -zero for the fma).
+__device__ __forceinline__ uint2 negate_halves(uint2 v) {
+  return make_uint2(v.x ^ 0x80008000u, v.y ^ 0x80008000u);
+}
+
 // This warp's contiguous range [wb, wb + nb) of 32-row blocks inside the CTA's K split
 // [jb0, jb0 + len), k-warp kw of WK.
 struct WarpRange {
@@ -98,14 +114,7 @@ __device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool po
                                             int n_warp, const void* __restrict__ bias,
                                             int bias_kind, void* __restrict__ out, int M, int N) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  if (poisoned) {
-#pragma unroll
-    for (int i = 0; i < 2 * QN; ++i)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][mt][e] = qnan();
-  }
+  if (poisoned) fill_acc<MT, QN>(acc, qnan());
   constexpr int kRegs = 2 * QN * MT * 4;
   float* red = reinterpret_cast<float*>(smem);
   __syncthreads();
@@ -175,7 +184,7 @@ __device__ __forceinline__ void load_scales(const uint16_t* __restrict__ scales,
     const size_t o = size_t(group) * N + col[q];
     sc[q] = __ldg(reinterpret_cast<const uint2*>(scales + o));
     const uint2 z2 = __ldg(reinterpret_cast<const uint2*>(zeros + o));
-    nz[q] = make_uint2(z2.x ^ 0x80008000u, z2.y ^ 0x80008000u);  // -zero: flip fp16 signs
+    nz[q] = negate_halves(z2);
   }
 }
 
