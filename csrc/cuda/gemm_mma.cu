@@ -5,7 +5,7 @@
 // fp32 accumulators. Every packed weight byte is read from DRAM once per call, whatever M.
 //
 // ---------------------------------------------------------------------------------------
-// Work split (both kernels).  CTA = 8 warps = WC column warps x WK = 8 / WC k-warps.
+// Work split.  CTA = 8 warps = WC column warps x WK = 8 / WC k-warps.
 //
 //   columns n ->    warp tile = 32*QN columns (QN = 1 or 2 quads of 4 columns per lane)
 //        +-----------+-----------+
@@ -14,22 +14,21 @@
 //   v    | wc=0 kw=1 | wc=1 kw=1 |     k-warps of a CTA take contiguous ranges of 32-row
 //        +-----------+-----------+     blocks and add up through shared memory in order.
 //
-// Two ways to bring a warp's blocks in:
-//   - streaming kernel (M <= 8): 16-byte loads straight into registers, 2-4 blocks ahead,
-//     one loop per run of equal-width blocks (no per-block width switch); ~2.5 instructions
-//     per 4-bit code. x is gathered in the kernel for one-wave grids.
-//   - ring kernel (8 < M <= 32): a per-warp ring of cp.async slots in shared memory, with the
-//     scales copied only at group starts; x fragments of 2-4 token tiles per block.
-// Measured (BENCHMARKS.md) neither reaches DRAM bandwidth on large layers at M = 1: both stay
-// near 60 %, with or without the decode (loads only), so the limit is the memory pipeline's
-// latency, not instructions.
+// Each warp streams its blocks through a ring of STAGES cp.async slots in shared memory, 2-3
+// blocks in flight: the weights' rows, the scales and zeros at group starts, and the block's
+// x (8 tokens x 32 k per token tile, zero-filled past M). The loop waits only on the ring's
+// cp.async groups. Keeping x in registers one block ahead instead (an earlier design) put the
+// x load on the same scoreboard as the weight loads: every iteration then waited for all of
+// them, one block in flight per warp, and the time per block stayed the same for 2- and
+// 4-bit layers (BENCHMARKS.md).
 //
-// Ring slot (ring kernel):
-//   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros |
+// Ring slot:
+//   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros | x |
 //           rows padded to 32 mod 128 bytes so that the LDS.128 are conflict-free
 //
-// Activations come from the gathered, interleaved xs (gather_x_kernel, or the CTA's own gather
-// into shared memory): the column warps of a CTA and CTAs on the same SM read the same lines.
+// Activations: gather_x_kernel writes x once in stored row order, scaled and interleaved (xs),
+// and the rings copy it block by block; for small one-wave grids each CTA gathers its own K
+// range into shared memory instead (one kernel launch fewer).
 //
 // ---------------------------------------------------------------------------------------
 // The decode (which codes a lane takes, how they become fp16) is described in mma_decode.cuh.
@@ -95,6 +94,15 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, int g, 
   }
 }
 
+// A ring slot: the weight part (Slot) followed by the block's x, MT token
+// tiles of 8 tokens x 32 k (64 bytes per token, token-major), copied with the weights so
+// that the only waits in the loop are on the ring's cp.async groups.
+template <int QN, int MT>
+struct RingX {
+  static constexpr int kXOffset = Slot<QN>::kSlotBytes;
+  static constexpr int kSlotBytes = kXOffset + MT * 8 * 64;
+};
+
 // The copies a lane queues for every block, fixed for the kernel: lane l copies 16-byte chunk
 // l % kChunks of qweight rows l / kChunks, + 32 / kChunks, ... and, when the block starts a new
 // group, lanes 0 .. kChunks - 1 copy the scales (first half) and zeros (second half) rows.
@@ -144,226 +152,48 @@ struct LaneCopies {
 };
 
 
-// ---- streaming kernel: weights straight from DRAM into registers -----------------------------
-//
-// Each warp walks its blocks as runs of equal width (a mixed layer's groups are sorted by
-// width, a uniform layer is one run) and, inside a run, keeps D = kStreamDepth<B> blocks in
-// flight in registers: block i + D is loaded right after block i is computed. Every load is a
-// 16-byte LDG of 4 columns x one qweight row; the 8 lanes g of one t read 128 contiguous bytes.
-//
-//   lane (g, t), quad q:  lo = qweight[word + j0][col_q .. col_q + 3],  j0 = (t * B) / 4
-//                         hi = the row below (widths 3, 5, 6, 8: the lane's bytes may straddle)
-//
-// Columns past N are clamped to N - 4 and tokens past M to M - 1, so no load needs a predicate;
-// their results land in accumulators that are never stored.
-// Scales and zeros are prefetched into L2 when the group's first block is issued and loaded
-// into registers when it is computed.
-
-// Blocks in flight per warp by width: two (four for the half-size 2-bit blocks), within 128
-// registers a thread. Measured on the H100 (8192 x 28672, 4-bit, loads only): four 4-bit
-// blocks in flight were no faster than two, and an L2 prefetch 2-8 blocks further ahead gave
-// nothing either.
-template <int B>
-constexpr int kStreamDepth = B == 2 ? 4 : 2;
-
-template <int B, int QN>
-struct StreamStage {
-  static constexpr bool kHi = !(B == 2 || B == 4);
-  uint4 lo[QN];
-  uint4 hi[kHi ? QN : 1];
-};
-
-// Per-lane state of the streaming kernel.
-template <int QN, int MT>
-struct StreamLane {
-  int col[QN];   // first column of each quad, clamped into [0, N - 4]
-  const void* x;   // the lane's 8 x elements of block 0, token row 0 (global or shared)
-  int xrow[MT];    // token row of tile mt: 8 mt + g, clamped to M - 1
-  int xstride, t;  // elements from one token row of x to the next
-  int cur_group = -1, issue_group = -1;  // starts_group state of the compute / issue sides
-  uint2 sc[QN], nz[QN];
-};
-
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
-// x fragments of block b for the MT token tiles.
-template <typename T, int QN, int MT>
-__device__ __forceinline__ void load_x_block(const StreamLane<QN, MT>& ln, int b,
-                                             uint4 (&xb)[MT]) {
-  const T* p = static_cast<const T*>(ln.x) + b * kBlockRows;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-    xb[mt] = *reinterpret_cast<const uint4*>(p + int64_t(ln.xrow[mt]) * ln.xstride);
-}
-
-// Start the loads of the block with table entry e (width B) into stage st.
-template <int B, int QN, int MT>
-__device__ __forceinline__ void stream_issue(StreamStage<B, QN>& st, int2 e,
-                                             const uint32_t* __restrict__ qweight,
-                                             const uint16_t* __restrict__ scales,
-                                             const uint16_t* __restrict__ zeros, int N,
-                                             StreamLane<QN, MT>& ln) {
-  const int j0 = (ln.t * B) >> 2;
-  const uint32_t* row = qweight + size_t(e.y + j0) * N;
-#pragma unroll
-  for (int q = 0; q < QN; ++q) st.lo[q] = __ldg(reinterpret_cast<const uint4*>(row + ln.col[q]));
-  if constexpr (StreamStage<B, QN>::kHi) {
-    // the next row, or the same one when j0 is the block's last row (then unused)
-    const int hi_step = j0 + 1 < B ? N : 0;
-#pragma unroll
-    for (int q = 0; q < QN; ++q)
-      st.hi[q] = __ldg(reinterpret_cast<const uint4*>(row + hi_step + ln.col[q]));
-  }
-  const int group = e.x >> 4;
-  if (starts_group(B, group, ln.issue_group)) {
-#pragma unroll
-    for (int q = 0; q < QN; ++q) {
-      prefetch_l2(scales + size_t(group) * N + ln.col[q]);
-      prefetch_l2(zeros + size_t(group) * N + ln.col[q]);
-    }
-  }
-}
-
-// One run [r0, r1) of blocks of width B. The loads past the run's end re-read its last block
-// (clamped index) instead of being predicated: conditional writes of the stage registers made
-// ptxas spill.
-template <int B, typename T, int QN, int MT>
-__device__ __forceinline__ void stream_run(int r0, int r1, const int2* __restrict__ meta,
-                                           const uint32_t* __restrict__ qweight,
-                                           const uint16_t* __restrict__ scales,
-                                           const uint16_t* __restrict__ zeros, int N,
-                                           StreamLane<QN, MT>& ln, float (&acc)[2 * QN][MT][4]) {
-  using Stage = StreamStage<B, QN>;
-  constexpr int D = kStreamDepth<B>;
-  Stage st[D];
-#pragma unroll
-  for (int s = 0; s < D; ++s)
-    stream_issue<B>(st[s], meta[min(r0 + s, r1 - 1)], qweight, scales, zeros, N, ln);
-  uint4 xn[MT];  // x of the next block, one block ahead (L1 / L2 hits)
-  load_x_block<T>(ln, r0, xn);
-  for (int i = r0; i < r1; i += D) {
-#pragma unroll
-    for (int s = 0; s < D; ++s) {
-      const int b = i + s;
-      if (b < r1) {
-        uint4 xb[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) xb[mt] = xn[mt];
-        if (b + 1 < r1) load_x_block<T>(ln, b + 1, xn);
-        if (starts_group(B, meta[b].x >> 4, ln.cur_group))
-          load_scales<QN>(scales, zeros, ln.cur_group, N, ln.col, ln.sc, ln.nz);
-#pragma unroll
-        for (int q = 0; q < QN; ++q)
-          compute_quad<B, QN, MT, T>(q, st[s].lo[q], Stage::kHi ? st[s].hi[q] : st[s].lo[q], ln.t,
-                                     ln.sc, ln.nz, xb, acc);
-        stream_issue<B>(st[s], meta[min(b + D, r1 - 1)], qweight, scales, zeros, N, ln);
-      }
-    }
-  }
-}
+// ---- the kernel: weights and x through a per-warp cp.async ring in shared memory ------------
 
 // grid: (column tiles, splits); block: kWarps * 32 threads.
-// xa: raw x, perm and channel_scale when fused_x (gathered here), else xa.x is the gathered,
-// scaled, interleaved xs [M, K] (gather_x_kernel).
-// out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
-template <typename T, int MT, int QN, int MIN_CTAS>
-__global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
-    mma_stream_kernel(XArgs<T> xa, int fused_x, const uint32_t* __restrict__ qweight,
-                      const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
-                      const int32_t* __restrict__ blocks, const void* __restrict__ bias,
-                      int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
-                      int WC, int blocks_per_split) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int wc = warp % WC, kw = warp / WC, WK = kWarps / WC;
-  const int n_warp = (blockIdx.x * WC + wc) * 32 * QN;
-  const WarpRange r(K, blocks_per_split, kw, WK);
-  int2* meta = reinterpret_cast<int2*>(smem);
-  StreamLane<QN, MT> ln;
-  ln.t = t;
-  if (fused_x) {
-    // x of the CTA's K range, gathered here into shared memory (rows [M, len * 32]); saves
-    // the gather kernel's launch, which dominates small layers at M = 1.
-    T* xsm = reinterpret_cast<T*>(smem + kMaxBlocksPerCta * sizeof(int2));
-    const int chunks = r.len * (kBlockRows / 8);
-    for (int i = threadIdx.x; i < M * chunks; i += blockDim.x) {
-      const int m = i / chunks, c = i % chunks;
-      *reinterpret_cast<uint4*>(xsm + m * chunks * 8 + c * 8) =
-          gather_chunk(xa, K, m, r.jb0 * (kBlockRows / 8) + c);
-    }
-    ln.x = xsm + (r.wb - r.jb0) * kBlockRows + 8 * t;
-    ln.xstride = chunks * 8;
-  } else {
-    ln.x = xa.x + int64_t(r.wb) * kBlockRows + 8 * t;
-    ln.xstride = K;
-  }
-  stage_table(meta, blocks, r, R, G);  // its barrier also covers the x gather
-  const int2* my_meta = meta + (r.wb - r.jb0);
-
-#pragma unroll
-  for (int q = 0; q < QN; ++q) ln.col[q] = min(n_warp + 32 * q + 4 * g, N - 4);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) ln.xrow[mt] = min(8 * mt + g, M - 1);
-
-  float acc[2 * QN][MT][4];
-  fill_acc<MT, QN>(acc, 0.f);
-
-  bool poisoned = false;
-  for (int i = 0; i < r.nb;) {
-    // the run of blocks of i's width: its end is the first differing entry, 32 at a time
-    const int bits = my_meta[i].x & 15;
-    int j = i + 1;
-    for (;;) {
-      const int k = j + lane;
-      const unsigned m = __ballot_sync(~0u, k >= r.nb || (my_meta[k].x & 15) != bits);
-      if (m) {
-        j += __ffs(m) - 1;
-        break;
-      }
-      j += 32;
-    }
-    switch (bits) {
-      case 2: stream_run<2, T, QN, MT>(i, j, my_meta, qweight, scales, zeros, N, ln, acc); break;
-      case 3: stream_run<3, T, QN, MT>(i, j, my_meta, qweight, scales, zeros, N, ln, acc); break;
-      case 4: stream_run<4, T, QN, MT>(i, j, my_meta, qweight, scales, zeros, N, ln, acc); break;
-      case 5: stream_run<5, T, QN, MT>(i, j, my_meta, qweight, scales, zeros, N, ln, acc); break;
-      case 6: stream_run<6, T, QN, MT>(i, j, my_meta, qweight, scales, zeros, N, ln, acc); break;
-      case 8: stream_run<8, T, QN, MT>(i, j, my_meta, qweight, scales, zeros, N, ln, acc); break;
-      default: poisoned = true; ln.cur_group = ln.issue_group = -1;
-    }
-    i = j;
-  }
-  finish_tile<T, MT, QN>(acc, poisoned, smem, wc, kw, WC, WK, n_warp, bias, bias_kind, out, M, N);
-}
-
-// ---- ring kernel: weights through a per-warp cp.async ring in shared memory ------------------
-
-// grid: (column tiles, splits); block: kWarps * 32 threads. Same parameters as the streaming
-// kernel (one launcher), but x always comes gathered: xa.x is xs [M, K]; fused_x is unused.
+// fused_x == 0: xa.x is the gathered, scaled, interleaved xs [M, K] (gather_x_kernel) and each
+//   block's x rides in its ring slot. fused_x == 1: the CTA gathers its K range of x from the
+//   raw xa into shared memory first (small one-wave grids: saves the gather kernel's launch).
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
-    mma_gemm_kernel(XArgs<T> xa, int, const uint32_t* __restrict__ qweight,
+    mma_gemm_kernel(XArgs<T> xa, int fused_x, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                     int WC, int blocks_per_split) {
-  const T* xs = xa.x;  // gathered by gather_x_kernel
   using Rg = Slot<QN>;
+  using Rx = RingX<QN, MT>;
   constexpr int kStages = STAGES;
-  constexpr int kWarpBytes = STAGES * Rg::kSlotBytes;
+  constexpr int kWarpBytes = STAGES * Rx::kSlotBytes;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int wc = warp % WC, kw = warp / WC, WK = kWarps / WC;
-  const int n_warp = (blockIdx.x * WC + wc) * Rg::kCols;
+  const int n_warp = (blockIdx.x * WC + wc) * Slot<QN>::kCols;
   const WarpRange r(K, blocks_per_split, kw, WK);
   const int wb = r.wb, nb = r.nb;
   int2* meta = reinterpret_cast<int2*>(smem + kWarps * kWarpBytes);
-  stage_table(meta, blocks, r, R, G);
+  unsigned char* xsm = smem + kWarps * kWarpBytes + kMaxBlocksPerCta * sizeof(int2);
+  // Where the lane reads block i's x (tile mt: token row x_row[mt], 16 t bytes in):
+  //   ring:  slot + kXOffset + 64 * token        fused: xsm + x_pitch * token + 64 * (i + wb - jb0)
+  int x_pitch = 64, x_row[MT];
+  if (fused_x) {
+    const int chunks = r.len * (kBlockRows / 8);
+    for (int j = threadIdx.x; j < M * chunks; j += blockDim.x) {
+      const int m = j / chunks, c = j % chunks;
+      *reinterpret_cast<uint4*>(xsm + (m * chunks + c) * 16) =
+          gather_chunk(xa, K, m, r.jb0 * (kBlockRows / 8) + c);
+    }
+    x_pitch = chunks * 16;
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) x_row[mt] = fused_x ? min(8 * mt + g, M - 1) : 8 * mt + g;
+  stage_table(meta, blocks, r, R, G);  // its barrier also covers the x gather
   const int2* my_meta = meta + (wb - r.jb0);
   unsigned char* ring = smem + warp * kWarpBytes;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
@@ -374,13 +204,24 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
   // scales and zeros only when starts_group says so.
   const LaneCopies<QN> copies(N, n_warp, lane);
+  // x of block i (not fused): lane l copies 16-byte chunks l + 32 k (token c / 4, quarter
+  // c % 4 of its 32 k), zero-filled for tokens past M; they land in token order, 64 bytes a token.
+  const T* x_src = xa.x + int64_t(wb) * kBlockRows + 8 * (lane % 4);
   int issue_group = -1;
   auto issue = [&](int i, int slot) {
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
     const bool new_group = starts_group(bits, group, issue_group);
-    copies.issue(ring_s + slot * Rg::kSlotBytes, bits, e.y, group, new_group, qweight, scales,
-                 zeros, N);
+    const uint32_t dst = ring_s + slot * Rx::kSlotBytes;
+    copies.issue(dst, bits, e.y, group, new_group, qweight, scales, zeros, N);
+    if (!fused_x) {
+#pragma unroll
+      for (int k = 0; k < MT; ++k) {
+        const int tok = lane / 4 + 8 * k;
+        cp_async16(dst + Rx::kXOffset + 16 * (lane + 32 * k),
+                   x_src + int64_t(min(tok, M - 1)) * K + i * kBlockRows, tok < M);
+      }
+    }
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -388,39 +229,23 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     cp_async_commit();
   }
 
-  // x fragments of the lane's tokens 8*mt + g (zero past M) for one block; xp walks the
-  // warp's blocks (token g's row, 8 elements per lane).
-  const T* xp = xs + int64_t(g) * K + int64_t(wb) * kBlockRows + 8 * t;
-  auto load_x = [&](const T* p, uint4 (&xb)[MT]) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-      xb[mt] = 8 * mt + g < M ? __ldg(reinterpret_cast<const uint4*>(p + int64_t(8 * mt) * K))
-                              : make_uint4(0, 0, 0, 0);
-  };
-
   uint2 sc[QN], nz[QN];  // the lane's 4*QN scales and -zeros (fp16), this block's group
   int cur_group = -1;
   bool poisoned = false;
-  // Several token tiles: x one block ahead in registers. One tile (80-register budget for
-  // three CTAs per SM): loaded at the top of the iteration, its latency hidden by other warps.
-  constexpr bool kPrefetchX = MT > 1;
-  uint4 xb[MT], xn[MT];
-  if (kPrefetchX && nb > 0) load_x(xp, xn);
   int slot_c = 0, slot_i = kStages - 1;  // ring slots of the block computed / issued next
+  const unsigned char* x_fused = xsm + 64 * (wb - r.jb0) + 16 * t;
   for (int i = 0; i < nb; ++i) {
-    if constexpr (kPrefetchX) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) xb[mt] = xn[mt];
-      xp += kBlockRows;
-      if (i + 1 < nb) load_x(xp, xn);  // one block ahead
-    } else {
-      load_x(xp, xb);
-      xp += kBlockRows;
-    }
     cp_async_wait<kStages - 2>();
     __syncwarp();
-    const unsigned char* slot = ring + slot_c * Rg::kSlotBytes;
+    const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
     slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
+    // x fragments of tokens 8 mt + g, k 8t .. 8t + 7 (ring: lanes 0-7 of a quarter-warp read
+    // 128 contiguous bytes, conflict-free)
+    const unsigned char* xp = fused_x ? x_fused + 64 * i : slot + Rx::kXOffset + 16 * t;
+    uint4 xb[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      xb[mt] = *reinterpret_cast<const uint4*>(xp + x_row[mt] * x_pitch);
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
     if (starts_group(bits, group, cur_group)) {
@@ -482,11 +307,6 @@ int tuning_override(const char* name) {
 }
 
 
-// Kernel configurations: MT token tiles, QN quads per lane, STAGES ring slots per warp and the
-// CTAs per SM the registers are sized for. Shared memory per CTA: 8 warps x STAGES slots + table
-//   MT = 1: QN 2, 3 stages, 3 CTAs/SM (8 x 3 x 2560 + 8 KB = 68 KB; <= 80 registers)
-//   MT = 2: QN 2, 4 stages, 2 CTAs/SM (88 KB)
-//   MT = 4: QN 1, 4 stages, 2 CTAs/SM (52 KB; 4 token tiles need the registers)
 // What one call needs besides the kernel configuration.
 template <typename T>
 struct Call {
@@ -500,21 +320,21 @@ struct Call {
 };
 
 // One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
-// warp (ring kernel; the streaming kernel's ramp is about as long) and the CTAs per SM its
-// registers are sized for.
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool STREAM>
+// warp and the CTAs per SM its registers are sized for. Shared memory per CTA: the rings
+// (8 warps x STAGES slots), the block table (8 KB) and up to kFusedXBytes of fused x:
+//   MT = 1: QN 2, 4 stages (8 x 4 x 3072 + 8 KB + 8 KB = 112 KB: 2 CTAs/SM)
+//   MT = 2: QN 2, 3 stages (8 x 3 x 3584 + 16 KB = 100 KB)
+//   MT = 4: QN 1, 3 stages (8 x 3 x 3456 + 16 KB = 97 KB; 4 token tiles need the registers)
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
 void run_kernel(const Call<T>& c, int WC) {
   const int M = c.x.size(0), K = c.x.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
-  auto kernel = [] {
-    if constexpr (STREAM) return mma_stream_kernel<T, MT, QN, MIN_CTAS>;
-    else return mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS>;
-  }();
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS>;
+  const size_t rings = size_t(kWarps) * STAGES * RingX<QN, MT>::kSlotBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
-  const size_t body = STREAM ? kFusedXBytes : size_t(kWarps) * STAGES * Slot<QN>::kSlotBytes;
   const size_t red = size_t(kWarps) * 2 * QN * MT * 4 * 32 * sizeof(float);
-  const size_t smem_max = std::max(table + body, red);
+  const size_t smem_max = std::max(rings + table + kFusedXBytes, red);
   // Raise the shared-memory limit and read the occupancy once per device.
   static int ctas_per_sm[64] = {};
   int dev = 0;
@@ -552,13 +372,11 @@ void run_kernel(const Call<T>& c, int WC) {
   const int splits = (nblocks + bps - 1) / bps;
 
   // x in stored row order: gathered by each CTA into shared memory when the grid is one wave
-  // and the CTA's K range is short (small layers, where the gather kernel's launch costs more
-  // than the weights take to stream: H100 4096 x 4096, M = 1: 12.9 -> 11.9 us); else by
-  // gather_x_kernel, once for all CTAs (8192 x 28672: 70 us fused -> 79 us; 28672 x 8192, one
-  // wave of 448-block ranges: 66 -> 78 us).
+  // and the CTA's share of x is small (small layers, where the gather kernel's launch costs
+  // more than the weights take to stream); else by gather_x_kernel, once for all CTAs, and
+  // then copied block by block through the rings.
   const size_t x_bytes = size_t(M) * bps * kBlockRows * sizeof(T);
-  const bool fused_x = STREAM && x_bytes <= kFusedXBytes && bps <= kFusedXMaxBlocks &&
-                       int64_t(tiles) * splits <= slots;
+  const bool fused_x = x_bytes <= kFusedXBytes && int64_t(tiles) * splits <= slots;
   XArgs<T> xa = c.xa;
   at::Tensor xs;
   if (!fused_x) {
@@ -569,7 +387,7 @@ void run_kernel(const Call<T>& c, int WC) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     xa = XArgs<T>{reinterpret_cast<const T*>(xs.data_ptr()), nullptr, nullptr, kAuxNone};
   }
-  const size_t smem = std::max(table + (STREAM ? (fused_x ? x_bytes : 0) : body), red);
+  const size_t smem = std::max(rings + table + (fused_x ? x_bytes : 0), red);
 
   at::Tensor part;
   void* dst = c.out;
@@ -611,15 +429,13 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   const int wc = tuning_override("MBWQ_MMA_WC");
   auto pick = [&](int dflt) { return (wc == 1 || wc == 2 || wc == 4 || wc == 8) ? wc : dflt; };
-  // One token tile (M <= 8): the streaming kernel, two quads per lane, k-warps only.
-  // More tiles: the ring kernel, whose x fragments of more tokens are shared by column warps
-  // (the streaming kernel measured 3-40 % slower there, with spills at 128 registers).
+  // Token tiles by M: one (M <= 8; QN 2 and k-warps only), two, four (QN 1 for the registers).
   if (M <= 8) {
-    run_kernel<T, 1, 2, 3, 2, true>(c, pick(1));
+    run_kernel<T, 1, 2, 4, 2>(c, pick(1));
   } else if (M <= 16) {
-    run_kernel<T, 2, 2, 4, 2, false>(c, pick(2));
+    run_kernel<T, 2, 2, 3, 2>(c, pick(2));
   } else {
-    run_kernel<T, 4, 1, 4, 2, false>(c, pick(4));
+    run_kernel<T, 4, 1, 3, 2>(c, pick(4));
   }
 }
 

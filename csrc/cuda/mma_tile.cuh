@@ -1,6 +1,6 @@
-// Pieces shared by the tensor-core kernels (gemm_mma.cu) around the decode: x in stored
-// row order, the warp's range of blocks, the block table in shared memory, group changes,
-// scales, and the deterministic reduction of the k-warps' sums at the end.
+// Pieces of the tensor-core GEMM (gemm_mma.cu) around the decode: x in stored row order, the
+// warp's range of blocks, the block table in shared memory, group changes, and the
+// deterministic reduction of the k-warps' sums at the end.
 #pragma once
 #include <stdint.h>
 
@@ -13,10 +13,9 @@ namespace cuda {
 constexpr int kWarps = 8;  // warps per CTA
 // Most 32-row blocks one CTA takes (its block table lives in shared memory); longer K is split.
 constexpr int kMaxBlocksPerCta = 1024;
-// Shared memory for x gathered inside the kernel (fused_x); larger M x K-range takes the
-// gather kernel.
-constexpr int kFusedXBytes = 64 * 1024;
-constexpr int kFusedXMaxBlocks = 128;  // longest K range (in blocks) a CTA gathers itself
+// Shared memory for x gathered inside the kernel (fused_x), within what keeps two CTAs per SM;
+// a larger M x K-range takes the gather kernel.
+constexpr int kFusedXBytes = 8 * 1024;
 
 // True when a block of (bits, group) needs its group's scales and zeros: it is valid and its
 // group differs from the last valid block's (`last`, updated; an invalid block resets it).
@@ -62,7 +61,7 @@ __device__ __forceinline__ uint4 gather_chunk(const XArgs<T>& a, int K, int m, i
   return *reinterpret_cast<const uint4*>(o);
 }
 
-// ---- shared by both kernels: the warp's blocks, the block table, the final reduction -------
+// ---- the warp's blocks, the block table, the final reduction -------
 
 // Every accumulator of a lane set to v (0 to start, NaN for a poisoned tile).
 template <int MT, int QN>
@@ -170,21 +169,6 @@ __device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool po
         }
       }
     }
-  }
-}
-
-// The lane's scales and -zeros (fp16) of its 4*QN columns for one group.
-template <int QN>
-__device__ __forceinline__ void load_scales(const uint16_t* __restrict__ scales,
-                                            const uint16_t* __restrict__ zeros, int group, int N,
-                                            const int (&col)[QN], uint2 (&sc)[QN],
-                                            uint2 (&nz)[QN]) {
-#pragma unroll
-  for (int q = 0; q < QN; ++q) {
-    const size_t o = size_t(group) * N + col[q];
-    sc[q] = __ldg(reinterpret_cast<const uint2*>(scales + o));
-    const uint2 z2 = __ldg(reinterpret_cast<const uint2*>(zeros + o));
-    nz[q] = negate_halves(z2);
   }
 }
 
