@@ -27,8 +27,9 @@
 //           rows padded to 32 mod 128 bytes so that the LDS.128 are conflict-free
 //
 // Activations: gather_x_kernel writes x once in stored row order, scaled and interleaved (xs),
-// and the rings copy it block by block; for small one-wave grids each CTA gathers its own K
-// range into shared memory instead (one kernel launch fewer).
+// and the rings copy it block by block. (Gathering each CTA's K range inside the GEMM kernel
+// instead saved a launch but delayed the weight stream: H100, 14336 x 4096 q4 M = 1, 22 us ->
+// 40 us; 4096 x 4096 gained 0.1 us.)
 //
 // ---------------------------------------------------------------------------------------
 // The decode (which codes a lane takes, how they become fp16) is described in mma_decode.cuh.
@@ -113,41 +114,44 @@ template <int QN>
 struct LaneCopies {
   using R = Slot<QN>;
   static constexpr int kRowStep = 32 / R::kChunks;
-  // Column offsets, not pointers: the tensors' base addresses stay in the kernel's parameter
-  // bank instead of taking registers.
-  int q_col, sz_col;       // first column of the lane's qweight / scales-or-zeros chunk
-  uint32_t q_dst, sz_dst;  // offsets inside a slot (q_dst: of row 0)
+  // Byte pointers fixed for the kernel, so that a block's copies cost one multiply-add for
+  // its first row and one add per further row (address arithmetic was ~40 % of the loop).
+  const unsigned char* q_src;   // the lane's chunk in qweight row row0 (of word 0)
+  const unsigned char* sz_src;  // its chunk in the scales or zeros row of group 0
+  uint32_t row_bytes;           // N * 4: one qweight row
+  uint32_t q_dst, sz_dst;       // offsets inside a slot (q_dst: of row 0)
   int row0;
-  bool q_ok, sz_ok, zeros_half;  // chunk inside [0, N)
+  bool q_ok, sz_ok;             // chunk inside [0, N)
 
-  __device__ __forceinline__ LaneCopies(int N, int n_warp, int lane) {
+  __device__ __forceinline__ LaneCopies(const uint32_t* qweight, const uint16_t* scales,
+                                        const uint16_t* zeros, int N, int n_warp, int lane) {
     const int c = lane % R::kChunks;
     row0 = lane / R::kChunks;
+    row_bytes = uint32_t(N) * 4;
     q_ok = n_warp + 4 * c < N;
-    q_col = q_ok ? n_warp + 4 * c : 0;
-    q_dst = 16 * c;  // + r * kRowStride for row r
+    q_src = reinterpret_cast<const unsigned char*>(qweight + size_t(row0) * N +
+                                                   (q_ok ? n_warp + 4 * c : 0));
+    q_dst = 16 * c + row0 * R::kRowStride;  // + k * kRowStep * kRowStride for row row0 + ...
     constexpr int kHalf = R::kChunks / 2;  // chunks per scales row
     const int which = (lane / kHalf) & 1, c2 = lane % kHalf;
-    zeros_half = which;
     sz_ok = n_warp + 8 * c2 < N;
-    sz_col = sz_ok ? n_warp + 8 * c2 : 0;
+    sz_src = reinterpret_cast<const unsigned char*>((which ? zeros : scales) +
+                                                    (sz_ok ? n_warp + 8 * c2 : 0));
     sz_dst = R::kSzOffset + which * 2 * R::kCols + 16 * c2;
   }
 
   // Queue block (bits, word, group) into the slot at shared address `slot`.
   __device__ __forceinline__ void issue(uint32_t slot, int bits, int word, int group,
-                                        bool new_group, const uint32_t* __restrict__ qweight,
-                                        const uint16_t* __restrict__ scales,
-                                        const uint16_t* __restrict__ zeros, int N) const {
+                                        bool new_group) const {
     // rows row0, row0 + kRowStep, ... < bits: a fixed, predicated set (8 rows at most)
-    const uint32_t* src = qweight + size_t(word + row0) * N + q_col;
-    const uint32_t dst = slot + q_dst + row0 * R::kRowStride;
+    const unsigned char* src = q_src + size_t(uint32_t(word)) * row_bytes;
+    const size_t step = size_t(kRowStep) * row_bytes;
 #pragma unroll
     for (int k = 0; k < 8 / kRowStep; ++k)
       if (row0 + k * kRowStep < bits)
-        cp_async16(dst + k * kRowStep * R::kRowStride, src + size_t(k * kRowStep) * N, q_ok);
+        cp_async16(slot + q_dst + k * kRowStep * R::kRowStride, src + k * step, q_ok);
     if (new_group && row0 == 0)  // lanes 0 .. kChunks - 1
-      cp_async16(slot + sz_dst, (zeros_half ? zeros : scales) + size_t(group) * N + sz_col, sz_ok);
+      cp_async16(slot + sz_dst, sz_src + size_t(uint32_t(group)) * (row_bytes / 2), sz_ok);
   }
 };
 
@@ -155,13 +159,12 @@ struct LaneCopies {
 // ---- the kernel: weights and x through a per-warp cp.async ring in shared memory ------------
 
 // grid: (column tiles, splits); block: kWarps * 32 threads.
-// fused_x == 0: xa.x is the gathered, scaled, interleaved xs [M, K] (gather_x_kernel) and each
-//   block's x rides in its ring slot. fused_x == 1: the CTA gathers its K range of x from the
-//   raw xa into shared memory first (small one-wave grids: saves the gather kernel's launch).
+// xs: the gathered, scaled, interleaved x [M, K] (gather_x_kernel); each block's x rides in its
+// ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
-    mma_gemm_kernel(XArgs<T> xa, int fused_x, const uint32_t* __restrict__ qweight,
+    mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
@@ -178,22 +181,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const WarpRange r(K, blocks_per_split, kw, WK);
   const int wb = r.wb, nb = r.nb;
   int2* meta = reinterpret_cast<int2*>(smem + kWarps * kWarpBytes);
-  unsigned char* xsm = smem + kWarps * kWarpBytes + kMaxBlocksPerCta * sizeof(int2);
-  // Where the lane reads block i's x (tile mt: token row x_row[mt], 16 t bytes in):
-  //   ring:  slot + kXOffset + 64 * token        fused: xsm + x_pitch * token + 64 * (i + wb - jb0)
-  int x_pitch = 64, x_row[MT];
-  if (fused_x) {
-    const int chunks = r.len * (kBlockRows / 8);
-    for (int j = threadIdx.x; j < M * chunks; j += blockDim.x) {
-      const int m = j / chunks, c = j % chunks;
-      *reinterpret_cast<uint4*>(xsm + (m * chunks + c) * 16) =
-          gather_chunk(xa, K, m, r.jb0 * (kBlockRows / 8) + c);
-    }
-    x_pitch = chunks * 16;
-  }
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) x_row[mt] = fused_x ? min(8 * mt + g, M - 1) : 8 * mt + g;
-  stage_table(meta, blocks, r, R, G);  // its barrier also covers the x gather
+  stage_table(meta, blocks, r, R, G);
   const int2* my_meta = meta + (wb - r.jb0);
   unsigned char* ring = smem + warp * kWarpBytes;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
@@ -203,25 +191,25 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
   // scales and zeros only when starts_group says so.
-  const LaneCopies<QN> copies(N, n_warp, lane);
-  // x of block i (not fused): lane l copies 16-byte chunks l + 32 k (token c / 4, quarter
+  const LaneCopies<QN> copies(qweight, scales, zeros, N, n_warp, lane);
+  // x of block i: lane l copies 16-byte chunks l + 32 k (token c / 4, quarter
   // c % 4 of its 32 k), zero-filled for tokens past M; they land in token order, 64 bytes a token.
-  const T* x_src = xa.x + int64_t(wb) * kBlockRows + 8 * (lane % 4);
+  const T* x_src[MT];
+#pragma unroll
+  for (int k = 0; k < MT; ++k)
+    x_src[k] = xs + int64_t(min(lane / 4 + 8 * k, M - 1)) * K + int64_t(wb) * kBlockRows +
+               8 * (lane % 4);
   int issue_group = -1;
   auto issue = [&](int i, int slot) {
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
     const bool new_group = starts_group(bits, group, issue_group);
     const uint32_t dst = ring_s + slot * Rx::kSlotBytes;
-    copies.issue(dst, bits, e.y, group, new_group, qweight, scales, zeros, N);
-    if (!fused_x) {
+    copies.issue(dst, bits, e.y, group, new_group);
 #pragma unroll
-      for (int k = 0; k < MT; ++k) {
-        const int tok = lane / 4 + 8 * k;
-        cp_async16(dst + Rx::kXOffset + 16 * (lane + 32 * k),
-                   x_src + int64_t(min(tok, M - 1)) * K + i * kBlockRows, tok < M);
-      }
-    }
+    for (int k = 0; k < MT; ++k)
+      cp_async16(dst + Rx::kXOffset + 16 * (lane + 32 * k), x_src[k] + i * kBlockRows,
+                 lane / 4 + 8 * k < M);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -233,19 +221,17 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   int cur_group = -1;
   bool poisoned = false;
   int slot_c = 0, slot_i = kStages - 1;  // ring slots of the block computed / issued next
-  const unsigned char* x_fused = xsm + 64 * (wb - r.jb0) + 16 * t;
   for (int i = 0; i < nb; ++i) {
     cp_async_wait<kStages - 2>();
     __syncwarp();
     const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
     slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
-    // x fragments of tokens 8 mt + g, k 8t .. 8t + 7 (ring: lanes 0-7 of a quarter-warp read
-    // 128 contiguous bytes, conflict-free)
-    const unsigned char* xp = fused_x ? x_fused + 64 * i : slot + Rx::kXOffset + 16 * t;
+    // x fragments of tokens 8 mt + g, k 8t .. 8t + 7: lanes 0-7 of a quarter-warp read 128
+    // contiguous bytes (conflict-free)
     uint4 xb[MT];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-      xb[mt] = *reinterpret_cast<const uint4*>(xp + x_row[mt] * x_pitch);
+      xb[mt] = *reinterpret_cast<const uint4*>(slot + Rx::kXOffset + (8 * mt + g) * 64 + 16 * t);
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
     if (starts_group(bits, group, cur_group)) {
@@ -321,10 +307,10 @@ struct Call {
 
 // One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
 // warp and the CTAs per SM its registers are sized for. Shared memory per CTA: the rings
-// (8 warps x STAGES slots), the block table (8 KB) and up to kFusedXBytes of fused x:
-//   MT = 1: QN 2, 4 stages (8 x 4 x 3072 + 8 KB + 8 KB = 112 KB: 2 CTAs/SM)
-//   MT = 2: QN 2, 3 stages (8 x 3 x 3584 + 16 KB = 100 KB)
-//   MT = 4: QN 1, 3 stages (8 x 3 x 3456 + 16 KB = 97 KB; 4 token tiles need the registers)
+// (8 warps x STAGES slots) and the block table (8 KB), two CTAs per SM:
+//   MT = 1: QN 2, 4 stages (8 x 4 x 3072 + 8 KB = 104 KB)
+//   MT = 2: QN 2, 3 stages (8 x 3 x 3584 + 8 KB = 92 KB)
+//   MT = 4: QN 1, 3 stages (8 x 3 x 3456 + 8 KB = 89 KB; 4 token tiles need the registers)
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
 void run_kernel(const Call<T>& c, int WC) {
   const int M = c.x.size(0), K = c.x.size(1), N = c.qweight.size(1);
@@ -334,7 +320,7 @@ void run_kernel(const Call<T>& c, int WC) {
   const size_t rings = size_t(kWarps) * STAGES * RingX<QN, MT>::kSlotBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
   const size_t red = size_t(kWarps) * 2 * QN * MT * 4 * 32 * sizeof(float);
-  const size_t smem_max = std::max(rings + table + kFusedXBytes, red);
+  const size_t smem = std::max(rings + table, red);
   // Raise the shared-memory limit and read the occupancy once per device.
   static int ctas_per_sm[64] = {};
   int dev = 0;
@@ -342,10 +328,10 @@ void run_kernel(const Call<T>& c, int WC) {
   dev = std::min(dev, 63);
   if (ctas_per_sm[dev] == 0) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(smem_max)));
+                                        int(smem)));
     int n = 0;
     C10_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem_max));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
     ctas_per_sm[dev] = std::max(n, 1);
   }
   const int tiles = (N + WC * Slot<QN>::kCols - 1) / (WC * Slot<QN>::kCols);
@@ -371,23 +357,12 @@ void run_kernel(const Call<T>& c, int WC) {
   const int bps = (nblocks + best_s - 1) / best_s;
   const int splits = (nblocks + bps - 1) / bps;
 
-  // x in stored row order: gathered by each CTA into shared memory when the grid is one wave
-  // and the CTA's share of x is small (small layers, where the gather kernel's launch costs
-  // more than the weights take to stream); else by gather_x_kernel, once for all CTAs, and
-  // then copied block by block through the rings.
-  const size_t x_bytes = size_t(M) * bps * kBlockRows * sizeof(T);
-  const bool fused_x = x_bytes <= kFusedXBytes && int64_t(tiles) * splits <= slots;
-  XArgs<T> xa = c.xa;
-  at::Tensor xs;
-  if (!fused_x) {
-    xs = at::empty({M, K}, c.x.options());
-    const int64_t n = int64_t(M) * (K / 8);
-    gather_x_kernel<T><<<(n + 255) / 256, 256, 0, c.stream>>>(
-        c.xa, reinterpret_cast<T*>(xs.data_ptr()), M, K);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    xa = XArgs<T>{reinterpret_cast<const T*>(xs.data_ptr()), nullptr, nullptr, kAuxNone};
-  }
-  const size_t smem = std::max(rings + table + (fused_x ? x_bytes : 0), red);
+  // x in stored row order, once for all CTAs; the rings then copy it block by block.
+  at::Tensor xs = at::empty({M, K}, c.x.options());
+  const int64_t nx = int64_t(M) * (K / 8);
+  gather_x_kernel<T><<<(nx + 255) / 256, 256, 0, c.stream>>>(
+      c.xa, reinterpret_cast<T*>(xs.data_ptr()), M, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor part;
   void* dst = c.out;
@@ -396,7 +371,7 @@ void run_kernel(const Call<T>& c, int WC) {
     dst = part.data_ptr();
   }
   kernel<<<dim3(tiles, splits), kWarps * 32, smem, c.stream>>>(
-      xa, int(fused_x), reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
+      reinterpret_cast<const T*>(xs.data_ptr()), reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
       reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
       reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
       reinterpret_cast<const int32_t*>(c.blocks.data_ptr()), part.defined() ? nullptr : c.bias,

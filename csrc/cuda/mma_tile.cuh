@@ -13,10 +13,6 @@ namespace cuda {
 constexpr int kWarps = 8;  // warps per CTA
 // Most 32-row blocks one CTA takes (its block table lives in shared memory); longer K is split.
 constexpr int kMaxBlocksPerCta = 1024;
-// Shared memory for x gathered inside the kernel (fused_x), within what keeps two CTAs per SM;
-// a larger M x K-range takes the gather kernel.
-constexpr int kFusedXBytes = 8 * 1024;
-
 // True when a block of (bits, group) needs its group's scales and zeros: it is valid and its
 // group differs from the last valid block's (`last`, updated; an invalid block resets it).
 // The copy side and the compute side both walk the warp's blocks through this one rule, so a
