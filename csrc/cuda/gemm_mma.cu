@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 
 #include "../format.h"
 #include "common.cuh"
@@ -95,6 +96,10 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, int g, 
   }
 }
 
+// A block width as a type, for the lambdas that specialise on it (0: not known).
+template <int B>
+using Width = std::integral_constant<int, B>;
+
 // A ring slot: the weight part (Slot) followed by the block's x, MT token
 // tiles of 8 tokens x 32 k (64 bytes per token, token-major), copied with the weights so
 // that the only waits in the loop are on the ring's cp.async groups.
@@ -140,15 +145,18 @@ struct LaneCopies {
     sz_dst = R::kSzOffset + which * 2 * R::kCols + 16 * c2;
   }
 
-  // Queue block (bits, word, group) into the slot at shared address `slot`.
+  // Queue block (bits, word, group) into the slot at shared address `slot`: rows row0,
+  // row0 + kRowStep, ... < bits. B > 0: bits == B, known here, so only the last row of an odd
+  // width needs a predicate; B == 0: any width, every row predicated.
+  template <int B>
   __device__ __forceinline__ void issue(uint32_t slot, int bits, int word, int group,
                                         bool new_group) const {
-    // rows row0, row0 + kRowStep, ... < bits: a fixed, predicated set (8 rows at most)
     const unsigned char* src = q_src + size_t(uint32_t(word)) * row_bytes;
     const size_t step = size_t(kRowStep) * row_bytes;
+    constexpr int kSteps = B > 0 ? (B + kRowStep - 1) / kRowStep : 8 / kRowStep;
 #pragma unroll
-    for (int k = 0; k < 8 / kRowStep; ++k)
-      if (row0 + k * kRowStep < bits)
+    for (int k = 0; k < kSteps; ++k)
+      if ((B > 0 && (k + 1) * kRowStep <= B) || row0 + k * kRowStep < (B > 0 ? B : bits))
         cp_async16(slot + q_dst + k * kRowStep * R::kRowStride, src + k * step, q_ok);
     if (new_group && row0 == 0)  // lanes 0 .. kChunks - 1
       cp_async16(slot + sz_dst, sz_src + size_t(uint32_t(group)) * (row_bytes / 2), sz_ok);
@@ -200,12 +208,14 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     x_src[k] = xs + int64_t(min(lane / 4 + 8 * k, M - 1)) * K + int64_t(wb) * kBlockRows +
                8 * (lane % 4);
   int issue_group = -1;
-  auto issue = [&](int i, int slot) {
+  // Block i into ring slot `slot`; width B when the caller knows it (0: read from the table).
+  auto issue = [&](auto width, int i, int slot) {
+    constexpr int B = decltype(width)::value;
     const int2 e = my_meta[i];
-    const int bits = e.x & 15, group = e.x >> 4;
+    const int bits = B > 0 ? B : e.x & 15, group = e.x >> 4;
     const bool new_group = starts_group(bits, group, issue_group);
     const uint32_t dst = ring_s + slot * Rx::kSlotBytes;
-    copies.issue(dst, bits, e.y, group, new_group);
+    copies.template issue<B>(dst, bits, e.y, group, new_group);
 #pragma unroll
     for (int k = 0; k < MT; ++k)
       cp_async16(dst + Rx::kXOffset + 16 * (lane + 32 * k), x_src[k] + i * kBlockRows,
@@ -213,49 +223,74 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nb) issue(s, s);
+    if (s < nb) issue(Width<0>{}, s, s);
     cp_async_commit();
   }
 
   uint2 sc[QN], nz[QN];  // the lane's 4*QN scales and -zeros (fp16), this block's group
   int cur_group = -1;
-  bool poisoned = false;
   int slot_c = 0, slot_i = kStages - 1;  // ring slots of the block computed / issued next
-  for (int i = 0; i < nb; ++i) {
-    cp_async_wait<kStages - 2>();
-    __syncwarp();
-    const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
-    slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
-    // x fragments of tokens 8 mt + g, k 8t .. 8t + 7: lanes 0-7 of a quarter-warp read 128
-    // contiguous bytes (conflict-free)
-    uint4 xb[MT];
+  // Blocks [i0, i1), a run of width B (0: invalid entries, which only keep the ring going).
+  // Issues inside the run know the width too; the last kStages - 1 issue the next run's.
+  auto run = [&](auto width, int i0, int i1) {
+    constexpr int B = decltype(width)::value;
+    for (int i = i0; i < i1; ++i) {
+      cp_async_wait<kStages - 2>();
+      __syncwarp();
+      const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
+      slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
+      if constexpr (B > 0) {
+        // x fragments of tokens 8 mt + g, k 8t .. 8t + 7: lanes 0-7 of a quarter-warp read
+        // 128 contiguous bytes (conflict-free)
+        uint4 xb[MT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-      xb[mt] = *reinterpret_cast<const uint4*>(slot + Rx::kXOffset + (8 * mt + g) * 64 + 16 * t);
-    const int2 e = my_meta[i];
-    const int bits = e.x & 15, group = e.x >> 4;
-    if (starts_group(bits, group, cur_group)) {
+        for (int mt = 0; mt < MT; ++mt)
+          xb[mt] = *reinterpret_cast<const uint4*>(slot + Rx::kXOffset + (8 * mt + g) * 64 +
+                                                   16 * t);
+        if (starts_group(B, my_meta[i].x >> 4, cur_group)) {
 #pragma unroll
-      for (int q = 0; q < QN; ++q) {
-        sc[q] = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 64 * q + 8 * g);
-        const uint2 z2 = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 2 * Rg::kCols +
-                                                         64 * q + 8 * g);
-        nz[q] = negate_halves(z2);
+          for (int q = 0; q < QN; ++q) {
+            sc[q] = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 64 * q + 8 * g);
+            nz[q] = negate_halves(*reinterpret_cast<const uint2*>(
+                slot + Rg::kSzOffset + 2 * Rg::kCols + 64 * q + 8 * g));
+          }
+        }
+        compute_block<B, QN, MT, T>(slot, g, t, sc, nz, xb, acc);
+      } else {
+        cur_group = -1;
       }
+      __syncwarp();  // every lane is done with the slot before it is refilled
+      const int n = i + kStages - 1;
+      if (n < i1) issue(width, n, slot_i);
+      else if (n < nb) issue(Width<0>{}, n, slot_i);
+      slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
+      cp_async_commit();
+    }
+  };
+  bool poisoned = false;
+  for (int i = 0; i < nb;) {
+    // the run of blocks of i's width: it ends at the first differing entry, 32 at a time
+    const int bits = my_meta[i].x & 15;
+    int j = i + 1;
+    for (;;) {
+      const int k = j + lane;
+      const unsigned m = __ballot_sync(~0u, k >= nb || (my_meta[k].x & 15) != bits);
+      if (m) {
+        j += __ffs(m) - 1;
+        break;
+      }
+      j += 32;
     }
     switch (bits) {
-      case 2: compute_block<2, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
-      case 3: compute_block<3, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
-      case 4: compute_block<4, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
-      case 5: compute_block<5, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
-      case 6: compute_block<6, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
-      case 8: compute_block<8, QN, MT, T>(slot, g, t, sc, nz, xb, acc); break;
-      default: poisoned = true;
+      case 2: run(Width<2>{}, i, j); break;
+      case 3: run(Width<3>{}, i, j); break;
+      case 4: run(Width<4>{}, i, j); break;
+      case 5: run(Width<5>{}, i, j); break;
+      case 6: run(Width<6>{}, i, j); break;
+      case 8: run(Width<8>{}, i, j); break;
+      default: poisoned = true; run(Width<0>{}, i, j);
     }
-    __syncwarp();  // every lane is done with the slot before it is refilled
-    if (i + kStages - 1 < nb) issue(i + kStages - 1, slot_i);
-    slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
-    cp_async_commit();
+    i = j;
   }
   cp_async_wait<0>();
   finish_tile<T, MT, QN>(acc, poisoned, smem, wc, kw, WC, WK, n_warp, bias, bias_kind, out, M, N);
