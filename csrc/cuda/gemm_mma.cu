@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <type_traits>
 
 #include "../format.h"
@@ -346,8 +347,9 @@ struct Call {
 //   MT = 1: QN 2, 4 stages (8 x 4 x 3072 + 8 KB = 104 KB)
 //   MT = 2: QN 2, 3 stages (8 x 3 x 3584 + 8 KB = 92 KB)
 //   MT = 4: QN 1, 3 stages (8 x 3 x 3456 + 8 KB = 89 KB; 4 token tiles need the registers)
+// WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
-void run_kernel(const Call<T>& c, int WC) {
+void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int M = c.x.size(0), K = c.x.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
@@ -369,26 +371,32 @@ void run_kernel(const Call<T>& c, int WC) {
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
     ctas_per_sm[dev] = std::max(n, 1);
   }
-  const int tiles = (N + WC * Slot<QN>::kCols - 1) / (WC * Slot<QN>::kCols);
-  const int WK = kWarps / WC;
   const int slots = sm_count() * ctas_per_sm[dev];
-  // K splits: model the time as waves x (blocks per warp + a pipeline ramp of ~STAGES
-  // blocks), plus the fp32 partials' traffic, and take the cheapest.
+  // Column warps and K splits: model the time as waves x (blocks per warp + a pipeline ramp of
+  // ~STAGES blocks), plus the fp32 partials' traffic, and take the cheapest. (H100, 8192 x
+  // 28672 q4 at M = 1: 448 CTAs of one column warp = 1.7 waves, 56.7 us; 224 CTAs of two,
+  // one wave, 52.9 us. The model ranks them 72 : 68.)
   const double weight_bytes = double(c.qweight.numel()) * 4;
-  int best_s = 1;
-  double best = 1e300;
   const int forced = tuning_override("MBWQ_MMA_SPLITS");
   const int s_min = (nblocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta;
-  for (int s = s_min; s <= std::max(s_min, std::min(64, nblocks / (2 * WK))); ++s) {
-    const int bps = (nblocks + s - 1) / s;
-    const int ss = (nblocks + bps - 1) / bps;
-    const double waves = std::ceil(double(tiles) * ss / slots);
-    const double per_warp = std::ceil(double(bps) / WK) + STAGES;
-    const double partial = ss > 1 ? 2.0 * ss * M * N * 4 / weight_bytes : 0.0;
-    const double cost = waves * per_warp * (1.0 + partial);
-    if (cost < best * 0.999) best = cost, best_s = ss;
+  int WC = *wc_options.begin(), best_s = 1;
+  double best = 1e300;
+  for (const int wc : wc_options) {
+    const int tiles = (N + wc * Slot<QN>::kCols - 1) / (wc * Slot<QN>::kCols);
+    const int WK = kWarps / wc;
+    for (int s = s_min; s <= std::max(s_min, std::min(64, nblocks / (2 * WK))); ++s) {
+      if (forced > 0 && s != std::max(forced, s_min)) continue;
+      const int bps = (nblocks + s - 1) / s;
+      const int ss = (nblocks + bps - 1) / bps;
+      const double waves = std::ceil(double(tiles) * ss / slots);
+      const double per_warp = std::ceil(double(bps) / WK) + STAGES;
+      const double partial = ss > 1 ? 2.0 * ss * M * N * 4 / weight_bytes : 0.0;
+      const double cost = waves * per_warp * (1.0 + partial);
+      if (cost < best * 0.999) best = cost, best_s = ss, WC = wc;
+    }
   }
   if (forced > 0) best_s = std::max(forced, s_min);
+  const int tiles = (N + WC * Slot<QN>::kCols - 1) / (WC * Slot<QN>::kCols);
   const int bps = (nblocks + best_s - 1) / best_s;
   const int splits = (nblocks + bps - 1) / bps;
 
@@ -438,14 +446,15 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   const int wc = tuning_override("MBWQ_MMA_WC");
-  auto pick = [&](int dflt) { return (wc == 1 || wc == 2 || wc == 4 || wc == 8) ? wc : dflt; };
-  // Token tiles by M: one (M <= 8; QN 2 and k-warps only), two, four (QN 1 for the registers).
+  const bool wc_forced = wc == 1 || wc == 2 || wc == 4 || wc == 8;
+  // Token tiles by M: one (M <= 8; QN 2), two, four (QN 1 for the registers).
   if (M <= 8) {
-    run_kernel<T, 1, 2, 4, 2>(c, pick(1));
+    run_kernel<T, 1, 2, 4, 2>(c, wc_forced ? std::initializer_list<int>{wc}
+                                           : std::initializer_list<int>{1, 2});
   } else if (M <= 16) {
-    run_kernel<T, 2, 2, 3, 2>(c, pick(2));
+    run_kernel<T, 2, 2, 3, 2>(c, {wc_forced ? wc : 2});
   } else {
-    run_kernel<T, 4, 1, 3, 2>(c, pick(4));
+    run_kernel<T, 4, 1, 3, 2>(c, {wc_forced ? wc : 4});
   }
 }
 
