@@ -15,16 +15,15 @@
 //        +-----------+-----------+     blocks and add up through shared memory in order.
 //
 // Each warp streams its blocks through a ring of STAGES cp.async slots in shared memory, 2-3
-// blocks in flight: the weights' rows and the scales and zeros at group starts. The block's x
-// (8 tokens x 32 k per token tile, zero-filled past M) goes through a ring shared by the WC
-// column warps of a k-group, which copy it together and meet at a named barrier once per
-// block. The loop waits only on the rings' cp.async groups and that barrier. Keeping x in registers one block ahead instead (an earlier design) put the
+// blocks in flight: the weights' rows, the scales and zeros at group starts, and the block's
+// x (8 tokens x 32 k per token tile, zero-filled past M). The loop waits only on the ring's
+// cp.async groups. Keeping x in registers one block ahead instead (an earlier design) put the
 // x load on the same scoreboard as the weight loads: every iteration then waited for all of
 // them, one block in flight per warp, and the time per block stayed the same for 2- and
 // 4-bit layers (BENCHMARKS.md).
 //
-// Weight ring slot:
-//   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros |
+// Ring slot:
+//   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros | x |
 //           rows padded to 32 mod 128 bytes so that the LDS.128 are conflict-free
 //
 // Activations: gather_x_kernel writes x once in stored row order, scaled and interleaved (xs),
@@ -102,14 +101,14 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, int g, 
 template <int B>
 using Width = std::integral_constant<int, B>;
 
-// x of one block for MT token tiles: 8 tokens x 32 k a tile, 64 bytes per token, token-major.
-// The WC column warps of a k-group share one ring of these, each copying every WC-th chunk.
-template <int MT>
-constexpr int kXSlotBytes = MT * 8 * 64;
-
-__device__ __forceinline__ void group_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
+// A ring slot: the weight part (Slot) followed by the block's x, MT token
+// tiles of 8 tokens x 32 k (64 bytes per token, token-major), copied with the weights so
+// that the only waits in the loop are on the ring's cp.async groups.
+template <int QN, int MT>
+struct RingX {
+  static constexpr int kXOffset = Slot<QN>::kSlotBytes;
+  static constexpr int kSlotBytes = kXOffset + MT * 8 * 64;
+};
 
 // The copies a lane queues for every block, fixed for the kernel: lane l copies 16-byte chunk
 // l % kChunks of qweight rows l / kChunks, + 32 / kChunks, ... and, when the block starts a new
@@ -169,7 +168,8 @@ struct LaneCopies {
 // ---- the kernel: weights and x through a per-warp cp.async ring in shared memory ------------
 
 // grid: (column tiles, splits); block: kWarps * 32 threads.
-// xs: the gathered, scaled, interleaved x [M, K] (gather_x_kernel).
+// xs: the gathered, scaled, interleaved x [M, K] (gather_x_kernel); each block's x rides in its
+// ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
@@ -179,9 +179,9 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                     int WC, int blocks_per_split) {
   using Rg = Slot<QN>;
+  using Rx = RingX<QN, MT>;
   constexpr int kStages = STAGES;
-  constexpr int kWarpBytes = STAGES * Rg::kSlotBytes;
-  constexpr int kXBytes = kXSlotBytes<MT>;
+  constexpr int kWarpBytes = STAGES * Rx::kSlotBytes;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -189,14 +189,11 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const int n_warp = (blockIdx.x * WC + wc) * Slot<QN>::kCols;
   const WarpRange r(K, blocks_per_split, kw, WK);
   const int wb = r.wb, nb = r.nb;
-  // shared memory: | weight rings, one per warp | x rings, one per k-group | block table |
-  int2* meta = reinterpret_cast<int2*>(smem + kWarps * (kWarpBytes + kStages * kXBytes));
+  int2* meta = reinterpret_cast<int2*>(smem + kWarps * kWarpBytes);
   stage_table(meta, blocks, r, R, G);
   const int2* my_meta = meta + (wb - r.jb0);
   unsigned char* ring = smem + warp * kWarpBytes;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-  unsigned char* xring = smem + kWarps * kWarpBytes + kw * kStages * kXBytes;
-  const uint32_t xring_s = static_cast<uint32_t>(__cvta_generic_to_shared(xring));
 
   float acc[2 * QN][MT][4];
   fill_acc<MT, QN>(acc, 0.f);
@@ -204,20 +201,13 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
   // scales and zeros only when starts_group says so.
   const LaneCopies<QN> copies(qweight, scales, zeros, N, n_warp, lane);
-  // x of block i: 16-byte chunks c = 0 .. 32 MT - 1 (token c / 4, quarter c % 4 of its 32 k),
-  // zero-filled for tokens past M, landing in token order. Lane l of column warp wc copies
-  // chunks c = (l + 32 k) WC + wc: the k-group's warps copy one block's x together.
+  // x of block i: lane l copies 16-byte chunks l + 32 k (token c / 4, quarter
+  // c % 4 of its 32 k), zero-filled for tokens past M; they land in token order, 64 bytes a token.
   const T* x_src[MT];
-  uint32_t x_dst[MT];
-  bool x_on[MT], x_ok[MT];
 #pragma unroll
-  for (int k = 0; k < MT; ++k) {
-    const int c = (lane + 32 * k) * WC + wc, tok = c / 4;
-    x_on[k] = c < 32 * MT;
-    x_ok[k] = tok < M;
-    x_src[k] = xs + int64_t(min(tok, M - 1)) * K + int64_t(wb) * kBlockRows + 8 * (c % 4);
-    x_dst[k] = xring_s + 16 * c;
-  }
+  for (int k = 0; k < MT; ++k)
+    x_src[k] = xs + int64_t(min(lane / 4 + 8 * k, M - 1)) * K + int64_t(wb) * kBlockRows +
+               8 * (lane % 4);
   int issue_group = -1;
   // Block i into ring slot `slot`; width B when the caller knows it (0: read from the table).
   auto issue = [&](auto width, int i, int slot) {
@@ -225,10 +215,12 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     const int2 e = my_meta[i];
     const int bits = B > 0 ? B : e.x & 15, group = e.x >> 4;
     const bool new_group = starts_group(bits, group, issue_group);
-    copies.template issue<B>(ring_s + slot * Rg::kSlotBytes, bits, e.y, group, new_group);
+    const uint32_t dst = ring_s + slot * Rx::kSlotBytes;
+    copies.template issue<B>(dst, bits, e.y, group, new_group);
 #pragma unroll
     for (int k = 0; k < MT; ++k)
-      if (x_on[k]) cp_async16(x_dst[k] + slot * kXBytes, x_src[k] + i * kBlockRows, x_ok[k]);
+      cp_async16(dst + Rx::kXOffset + 16 * (lane + 32 * k), x_src[k] + i * kBlockRows,
+                 lane / 4 + 8 * k < M);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -245,11 +237,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     constexpr int B = decltype(width)::value;
     for (int i = i0; i < i1; ++i) {
       cp_async_wait<kStages - 2>();
-      // block i's copies by all warps of the k-group have landed, and every one of them is
-      // done with block i - 1, whose x slot the issue below refills
-      group_barrier(1 + kw, WC * 32);
-      const unsigned char* slot = ring + slot_c * Rg::kSlotBytes;
-      const unsigned char* xslot = xring + slot_c * kXBytes;
+      __syncwarp();
+      const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
       slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
       if constexpr (B > 0) {
         // x fragments of tokens 8 mt + g, k 8t .. 8t + 7: lanes 0-7 of a quarter-warp read
@@ -257,7 +246,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
         uint4 xb[MT];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          xb[mt] = *reinterpret_cast<const uint4*>(xslot + (8 * mt + g) * 64 + 16 * t);
+          xb[mt] = *reinterpret_cast<const uint4*>(slot + Rx::kXOffset + (8 * mt + g) * 64 +
+                                                   16 * t);
         if (starts_group(B, my_meta[i].x >> 4, cur_group)) {
 #pragma unroll
           for (int q = 0; q < QN; ++q) {
@@ -352,11 +342,11 @@ struct Call {
 };
 
 // One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
-// warp and the CTAs per SM its registers are sized for. Shared memory per CTA, two CTAs per SM:
-// the rings (8 warps x STAGES weight slots, up to 8 k-groups x STAGES x slots) and the table:
-//   MT = 1: QN 2, 4 stages (8 x 4 x (2560 + 512) + 8 KB = 104 KB)
-//   MT = 2: QN 2, 3 stages (8 x 3 x (2560 + 1024) + 8 KB = 92 KB)
-//   MT = 4: QN 1, 3 stages (8 x 3 x (1408 + 2048) + 8 KB = 89 KB; 4 token tiles need the registers)
+// warp and the CTAs per SM its registers are sized for. Shared memory per CTA: the rings
+// (8 warps x STAGES slots) and the block table (8 KB), two CTAs per SM:
+//   MT = 1: QN 2, 4 stages (8 x 4 x 3072 + 8 KB = 104 KB)
+//   MT = 2: QN 2, 3 stages (8 x 3 x 3584 + 8 KB = 92 KB)
+//   MT = 4: QN 1, 3 stages (8 x 3 x 3456 + 8 KB = 89 KB; 4 token tiles need the registers)
 // WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
 void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
@@ -364,7 +354,7 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS>;
-  const size_t rings = size_t(kWarps) * STAGES * (Slot<QN>::kSlotBytes + kXSlotBytes<MT>);
+  const size_t rings = size_t(kWarps) * STAGES * RingX<QN, MT>::kSlotBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
   const size_t red = size_t(kWarps) * 2 * QN * MT * 4 * 32 * sizeof(float);
   const size_t smem = std::max(rings + table, red);
