@@ -452,9 +452,11 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     run_kernel<T, 1, 2, 4, 2>(c, wc_forced ? std::initializer_list<int>{wc}
                                            : std::initializer_list<int>{1, 2});
   } else if (M <= 16) {
-    run_kernel<T, 2, 2, 3, 2>(c, {wc_forced ? wc : 2});
+    run_kernel<T, 2, 2, 3, 2>(c, wc_forced ? std::initializer_list<int>{wc}
+                                           : std::initializer_list<int>{2, 1});
   } else {
-    run_kernel<T, 4, 1, 3, 2>(c, {wc_forced ? wc : 4});
+    run_kernel<T, 4, 1, 3, 2>(c, wc_forced ? std::initializer_list<int>{wc}
+                                           : std::initializer_list<int>{4, 1});
   }
 }
 
