@@ -94,21 +94,28 @@ def reference_weight(spec: LayerSpec, t: Dict[str, torch.Tensor]) -> torch.Tenso
         use_mbw=spec.use_mbw, q_groups=t.get("q_groups"), group_size=spec.group_size)
 
 
-def tolerance(dtype: torch.dtype) -> float:
+def tolerance(dtype: torch.dtype, cublas_bf16: bool = False) -> float:
     """Relative bound per unit of ``|ref| + S`` (S = reference.error_scale) for a gemm result
     in ``dtype``: the output's rounding plus, for bf16 on the dequant+matmul path, the
     rounding of W to bf16. The CPU small-M kernel uses the unrounded ``code*scale - zero`` instead
     of dequant's fp16 W (at most half an fp16 ulp, 2^-11 relative, per weight), which bounds
-    fp32 results at 2^-11 S; fp32 accumulation adds far less."""
-    return {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -10}[dtype]
+    fp32 results at 2^-11 S; fp32 accumulation adds far less.
+
+    ``cublas_bf16``: a bf16 result of the CUDA dequant + cuBLAS path. cuBLAS may add split-K
+    partial sums in bf16 (torch's default ``allow_bf16_reduced_precision_reduction``, as for
+    any bf16 ``torch.matmul``): each partial rounded to 2^-8 of its size, up to another
+    2^-7 S over the reduction levels."""
+    base = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -10}[dtype]
+    return base + (2.0 ** -7 if cublas_bf16 and dtype == torch.bfloat16 else 0.0)
 
 
-def error_bound(dtype: torch.dtype, ref: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+def error_bound(dtype: torch.dtype, ref: torch.Tensor, S: torch.Tensor,
+                cublas_bf16: bool = False) -> torch.Tensor:
     """Elementwise bound on ``|result - ref|`` for a result in ``dtype``:
-    ``tolerance(dtype) * (|ref| + S)`` plus the spacing of ``dtype``'s subnormals (where the
-    output's rounding error is absolute, not relative)."""
+    ``tolerance(dtype, cublas_bf16) * (|ref| + S)`` plus the spacing of ``dtype``'s subnormals
+    (where the output's rounding error is absolute, not relative)."""
     fi = torch.finfo(dtype)
-    return tolerance(dtype) * (ref.abs() + S) + fi.smallest_normal * fi.eps
+    return tolerance(dtype, cublas_bf16) * (ref.abs() + S) + fi.smallest_normal * fi.eps
 
 
 def devices() -> List[str]:

@@ -43,7 +43,10 @@ def assert_close_to_reference(y, x, W, layer, dtype=None):
     ref = reference.gemm_reference(x, W, cs, bias)
     S = reference.error_scale(x, W, cs, bias)
     err = (y.detach().cpu().double() - ref).abs()
-    bound = error_bound(dtype, ref, S)
+    # the shapes csrc/cuda/ops_cuda.cpp sends to dequant + cuBLAS instead of the tensor-core kernel
+    M, K = x.reshape(-1, x.shape[-1]).shape
+    via_cublas = M > 64 or K % 8 != 0 or y.shape[-1] % 8 != 0 or x.data_ptr() % 16 != 0
+    bound = error_bound(dtype, ref, S, cublas_bf16=via_cublas)
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert torch.isfinite(y).all(), "non-finite output where the reference is finite"
     bad = err > bound
