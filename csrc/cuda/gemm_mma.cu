@@ -183,6 +183,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   constexpr int kStages = STAGES;
   constexpr int kWarpBytes = STAGES * Rx::kSlotBytes;
   extern __shared__ __align__(16) unsigned char smem[];
+  allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int wc = warp % WC, kw = warp / WC, WK = kWarps / WC;
@@ -209,22 +210,31 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     x_src[k] = xs + int64_t(min(lane / 4 + 8 * k, M - 1)) * K + int64_t(wb) * kBlockRows +
                8 * (lane % 4);
   int issue_group = -1;
-  // Block i into ring slot `slot`; width B when the caller knows it (0: read from the table).
-  auto issue = [&](auto width, int i, int slot) {
+  // Block i's weights, and its x, into ring slot `slot`; width B when the caller knows it
+  // (0: read from the table).
+  auto issue_weights = [&](auto width, int i, int slot) {
     constexpr int B = decltype(width)::value;
     const int2 e = my_meta[i];
     const int bits = B > 0 ? B : e.x & 15, group = e.x >> 4;
     const bool new_group = starts_group(bits, group, issue_group);
-    const uint32_t dst = ring_s + slot * Rx::kSlotBytes;
-    copies.template issue<B>(dst, bits, e.y, group, new_group);
+    copies.template issue<B>(ring_s + slot * Rx::kSlotBytes, bits, e.y, group, new_group);
+  };
+  auto issue_x = [&](int i, int slot) {
 #pragma unroll
     for (int k = 0; k < MT; ++k)
-      cp_async16(dst + Rx::kXOffset + 16 * (lane + 32 * k), x_src[k] + i * kBlockRows,
-                 lane / 4 + 8 * k < M);
+      cp_async16(ring_s + slot * Rx::kSlotBytes + Rx::kXOffset + 16 * (lane + 32 * k),
+                 x_src[k] + i * kBlockRows, lane / 4 + 8 * k < M);
   };
+  // The first blocks' weights are queued before waiting for the kernel that writes xs
+  // (programmatic dependent launch: this grid may start while gather_x_kernel runs, which
+  // allows it only once every kernel before it has finished);
+  // slot s's copies then complete with cp.async group s (group 0 also holds the others'
+  // weights).
+  for (int s = 0; s < kStages - 1 && s < nb; ++s) issue_weights(Width<0>{}, s, s);
+  wait_prior_grid();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nb) issue(Width<0>{}, s, s);
+    if (s < nb) issue_x(s, s);
     cp_async_commit();
   }
 
@@ -262,8 +272,9 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       }
       __syncwarp();  // every lane is done with the slot before it is refilled
       const int n = i + kStages - 1;
-      if (n < i1) issue(width, n, slot_i);
-      else if (n < nb) issue(Width<0>{}, n, slot_i);
+      if (n < i1) issue_weights(width, n, slot_i);
+      else if (n < nb) issue_weights(Width<0>{}, n, slot_i);
+      if (n < nb) issue_x(n, slot_i);
       slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
       cp_async_commit();
     }
@@ -302,6 +313,7 @@ template <typename T>
 __global__ void reduce_splits_kernel(const float* __restrict__ part, const void* __restrict__ bias,
                                      int bias_kind, T* __restrict__ y, int splits, int64_t MN,
                                      int N) {
+  wait_prior_grid();  // the partials
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= MN) return;
   float v = 0.f;
@@ -314,11 +326,43 @@ __global__ void reduce_splits_kernel(const float* __restrict__ part, const void*
 // of stored row k (see header). An out-of-range perm entry gives NaN.
 template <typename T>
 __global__ void gather_x_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K) {
+  // x may come from the previous kernel. Only then may the GEMM be scheduled: its prologue
+  // reads the weights before its own wait, and everything before this kernel is done now.
+  wait_prior_grid();
+  allow_next_grid();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // one 8-row chunk
   const int chunks = K / 8;
   if (i >= int64_t(M) * chunks) return;
   const int m = int(i / chunks), c = int(i % chunks);
   *reinterpret_cast<uint4*>(xs + int64_t(m) * K + c * 8) = gather_chunk(a, K, m, c);
+}
+
+// Launch with programmatic dependent launch where the device has it (Hopper on): the grid may
+// be scheduled while the previous kernel in the stream finishes, and each of our kernels calls
+// wait_prior_grid() before it reads anything an earlier kernel writes (or writes anything),
+// so only its independent prologue overlaps. Inside CUDA graphs this becomes a programmatic
+// edge. MBWQ_NO_PDL=1 launches plainly (for comparison).
+template <typename... KArgs, typename... Args>
+void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                    cudaStream_t stream, Args... args) {
+  static const bool pdl = [] {
+    int dev = 0, major = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major >= 9;
+  }();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  const bool use = pdl && std::getenv("MBWQ_NO_PDL") == nullptr;
+  cfg.attrs = attr;
+  cfg.numAttrs = use ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...));
 }
 
 // Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
@@ -403,9 +447,8 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   // x in stored row order, once for all CTAs; the rings then copy it block by block.
   at::Tensor xs = at::empty({M, K}, c.x.options());
   const int64_t nx = int64_t(M) * (K / 8);
-  gather_x_kernel<T><<<(nx + 255) / 256, 256, 0, c.stream>>>(
-      c.xa, reinterpret_cast<T*>(xs.data_ptr()), M, K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_chained(gather_x_kernel<T>, dim3((nx + 255) / 256), dim3(256), 0, c.stream, c.xa,
+                 reinterpret_cast<T*>(xs.data_ptr()), M, K);
 
   at::Tensor part;
   void* dst = c.out;
@@ -413,18 +456,18 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
     part = at::empty({splits, M, N}, c.x.options().dtype(at::kFloat));
     dst = part.data_ptr();
   }
-  kernel<<<dim3(tiles, splits), kWarps * 32, smem, c.stream>>>(
-      reinterpret_cast<const T*>(xs.data_ptr()), reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
-      reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
-      reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
-      reinterpret_cast<const int32_t*>(c.blocks.data_ptr()), part.defined() ? nullptr : c.bias,
-      c.bias_kind, dst, M, K, N, R, G, WC, bps);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_chained(kernel, dim3(tiles, splits), dim3(kWarps * 32), smem, c.stream,
+                 reinterpret_cast<const T*>(xs.data_ptr()),
+                 reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
+                 reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
+                 part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G, WC, bps);
   if (part.defined()) {
     const int64_t MN = int64_t(M) * N;
-    reduce_splits_kernel<T><<<(MN + 255) / 256, 256, 0, c.stream>>>(
-        part.data_ptr<float>(), c.bias, c.bias_kind, reinterpret_cast<T*>(c.out), splits, MN, N);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_chained(reduce_splits_kernel<T>, dim3((MN + 255) / 256), dim3(256), 0, c.stream,
+                   static_cast<const float*>(part.data_ptr<float>()), c.bias, c.bias_kind,
+                   reinterpret_cast<T*>(c.out), splits, MN, N);
   }
 }
 

@@ -23,6 +23,22 @@ __device__ __forceinline__ bool starts_group(int bits, int group, int& last) {
   return start;
 }
 
+// ---- programmatic dependent launch (launch_chained in gemm_mma.cu; no-ops before Hopper) ----
+
+// Let the next kernel in the stream be scheduled now (it still waits for this one's results).
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Wait until the previous kernel in the stream has finished and its writes are visible.
+__device__ __forceinline__ void wait_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // ---- activations: x gathered into stored row order, scaled, interleaved ---------------------
 
 // The raw activations and how to bring them into stored row order.
