@@ -337,11 +337,18 @@ __global__ void gather_x_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K) {
   *reinterpret_cast<uint4*>(xs + int64_t(m) * K + c * 8) = gather_chunk(a, K, m, c);
 }
 
+// Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
+// a sweep can change it in-process), else 0. Results do not depend on it beyond rounding order.
+int tuning_override(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::max(0, std::atoi(v)) : 0;
+}
+
 // Launch with programmatic dependent launch where the device has it (Hopper on): the grid may
 // be scheduled while the previous kernel in the stream finishes, and each of our kernels calls
 // wait_prior_grid() before it reads anything an earlier kernel writes (or writes anything),
 // so only its independent prologue overlaps. Inside CUDA graphs this becomes a programmatic
-// edge. MBWQ_NO_PDL=1 launches plainly (for comparison).
+// edge. MBWQ_MMA_NO_PDL=1 launches plainly (for comparison).
 template <typename... KArgs, typename... Args>
 void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                     cudaStream_t stream, Args... args) {
@@ -359,17 +366,10 @@ void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  const bool use = pdl && std::getenv("MBWQ_NO_PDL") == nullptr;
+  const bool use = pdl && tuning_override("MBWQ_MMA_NO_PDL") == 0;
   cfg.attrs = attr;
   cfg.numAttrs = use ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...));
-}
-
-// Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
-// a sweep can change it in-process), else 0. Results do not depend on it beyond rounding order.
-int tuning_override(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::max(0, std::atoi(v)) : 0;
 }
 
 
