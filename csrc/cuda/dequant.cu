@@ -212,19 +212,31 @@ void gather_scale(const at::Tensor& x, const at::Tensor& perm, const std::option
 
 // ---- host helpers shared by the launchers (launch.h) ----
 
-// Multiprocessor count of the current device, read once per device (a shape input of the
-// split heuristic, constant for the process).
-int sm_count() {
-  static int cached[64] = {};
+namespace {
+// One attribute of the current device (at least 1), read once per device into `cache`:
+// constant for the process.
+int cached_device_attribute(cudaDeviceAttr attr, int (&cache)[64]) {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev >= 64) dev = 63;
-  if (cached[dev] == 0) {
+  if (cache[dev] == 0) {
     int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    cached[dev] = v > 0 ? v : 1;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
+    cache[dev] = v > 0 ? v : 1;
   }
-  return cached[dev];
+  return cache[dev];
+}
+}  // namespace
+
+// Multiprocessor count of the current device (a shape input of the split heuristic).
+int sm_count() {
+  static int cache[64] = {};
+  return cached_device_attribute(cudaDevAttrMultiProcessorCount, cache);
+}
+
+int compute_capability_major() {
+  static int cache[64] = {};
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, cache);
 }
 
 at::Tensor aux_tensor(const at::Tensor& t) {

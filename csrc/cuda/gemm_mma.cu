@@ -352,12 +352,6 @@ int tuning_override(const char* name) {
 template <typename... KArgs, typename... Args>
 void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                     cudaStream_t stream, Args... args) {
-  static const bool pdl = [] {
-    int dev = 0, major = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    return major >= 9;
-  }();
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -366,7 +360,8 @@ void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  const bool use = pdl && tuning_override("MBWQ_MMA_NO_PDL") == 0;
+  // per device: a process may hold GPUs of several kinds
+  const bool use = compute_capability_major() >= 9 && tuning_override("MBWQ_MMA_NO_PDL") == 0;
   cfg.attrs = attr;
   cfg.numAttrs = use ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...));

@@ -32,8 +32,10 @@ void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& 
               const std::optional<at::Tensor>& cs, const std::optional<at::Tensor>& bias,
               at::Tensor& y);
 
-// Multiprocessor count of the current device (read once per device).
+// Multiprocessor count and compute-capability major of the current device (read once per
+// device).
 int sm_count();
+int compute_capability_major();
 
 // out[perm[k], n] (or out[k, n] when perm is empty) = fp16(code * scale - zero), as out's dtype.
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
