@@ -3,8 +3,9 @@
     compute-sanitizer --tool memcheck  python scripts/sanitize_paths.py
     compute-sanitizer --tool racecheck python scripts/sanitize_paths.py
 
-Paths: the tensor-core kernel (fp16/bf16, M <= 32: one, two and four 8-token tiles), one and
-several K splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations,
+Paths: the tensor-core kernel (fp16/bf16: one, two, four and eight 8-token tiles, x copied
+per warp or once per CTA, row chunks of 64 tokens), one and several K splits (+ the split
+reduction), every width, fp16 / bf16 / fp32 activations,
 channel_scale and bias in several dtypes or absent, identity and random perm; the large-M
 path (x gather + stored-order dequant + cuBLAS); dequant with 4-column and 1-column threads
 in every output dtype; misaligned qweight; invalid blocks / perm entries (NaN, no OOB).
@@ -55,7 +56,7 @@ def main():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             W = mbwq_ops.dequant(*args, dtype)
             assert torch.equal(W.cpu(), mbwq_ops.dequant(*cargs, dtype)), (spec, dtype)
-            for M in (1, 2, 3, 7, 12, 17, 40):
+            for M in (1, 2, 3, 7, 12, 17, 40, 64, 100, 300):
                 x = torch.randn(M, spec.in_features, dtype=dtype)
                 variants = ((cs, layer.bias), (cs.float(), None), (None, layer.bias),
                             (cs.to(torch.bfloat16), None))

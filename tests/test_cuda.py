@@ -2,7 +2,7 @@
 torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
 
 Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
-  * M <= 64, fp16/bf16, K and N multiples of 8: tensor-core kernel (gemm_mma.cu, 32 rows per
+  * M <= 192, fp16/bf16, K and N multiples of 8: tensor-core kernel (gemm_mma.cu, 64 rows per
     call), exact fp16 weights; with a single K split it writes y itself, with several (many K
     blocks, few column tiles) it writes fp32 partials reduced by a second kernel;
   * larger M, fp32 activations or N % 8 != 0: gather x + dequant W + cuBLAS.
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DTYPES = [torch.float16, torch.bfloat16]
-MMA_MAX_M = 64  # csrc/cuda/launch.h: kMmaChunkedMaxM (the tensor-core path takes 1..64)
+MMA_MAX_M = 192  # csrc/cuda/launch.h: kMmaChunkedMaxM (the tensor-core path takes 1..192)
 
 
 def gemm_args(layer):
@@ -45,7 +45,7 @@ def assert_close_to_reference(y, x, W, layer, dtype=None):
     err = (y.detach().cpu().double() - ref).abs()
     # the shapes csrc/cuda/ops_cuda.cpp sends to dequant + cuBLAS instead of the tensor-core kernel
     M, K = x.reshape(-1, x.shape[-1]).shape
-    via_cublas = M > 64 or K % 8 != 0 or y.shape[-1] % 8 != 0 or x.data_ptr() % 16 != 0
+    via_cublas = M > MMA_MAX_M or K % 8 != 0 or y.shape[-1] % 8 != 0 or x.data_ptr() % 16 != 0
     bound = error_bound(dtype, ref, S, cublas_bf16=via_cublas)
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert torch.isfinite(y).all(), "non-finite output where the reference is finite"
@@ -81,7 +81,7 @@ SPECS = {
     "n_odd": LayerSpec(256, 130, True, widths=(5, 4, 2), group_rows=(64, 96, 96), perm="random",
                        bias=True, seed=7),
 }
-MS = [1, 2, 3, 5, 8, 17, 32, 33, 64, 65, 118, 1000]
+MS = [1, 2, 3, 5, 8, 17, 32, 33, 64, 65, 118, 192, 193, 1000]
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -117,7 +117,7 @@ def cuda_cases(draw):
                          group_size=32 * draw(st.integers(1, 8)),
                          perm=draw(st.sampled_from(["random", "identity", "zeros"])),
                          bias=draw(st.booleans()), seed=seed)
-    M = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 13, 17, 31, 32, 33, 64, 118]))
+    M = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 13, 17, 31, 32, 33, 40, 64, 118, 300]))
     dtype = draw(st.sampled_from(DTYPES))
     return spec, M, dtype
 

@@ -14,10 +14,12 @@
 //   v    | wc=0 kw=1 | wc=1 kw=1 |     k-warps of a CTA take contiguous ranges of 32-row
 //        +-----------+-----------+     blocks and add up through shared memory in order.
 //
-// Each warp streams its blocks through a ring of STAGES cp.async slots in shared memory, 2-3
-// blocks in flight: the weights' rows, the scales and zeros at group starts, and the block's
-// x (8 tokens x 32 k per token tile, zero-filled past M). The loop waits only on the ring's
-// cp.async groups. Keeping x in registers one block ahead instead (an earlier design) put the
+// Each warp streams its blocks through a ring of STAGES cp.async slots in shared memory,
+// STAGES - 1 blocks in flight: the weights' rows, the scales and zeros at group starts, and
+// the block's x (8 tokens x 32 k per token tile, zero-filled past M). The loop waits only on
+// the ring's cp.async groups. For M > 16 (CTA_X) the warps of a CTA are all column warps
+// (WC = 8) and share one x ring, copied once per CTA: x then weighs as much as the warps'
+// weights or more, and one copy per warp multiplied the L2 traffic by 8. Keeping x in registers one block ahead instead (an earlier design) put the
 // x load on the same scoreboard as the weight loads: every iteration then waited for all of
 // them, one block in flight per warp, and the time per block stayed the same for 2- and
 // 4-bit layers (BENCHMARKS.md).
@@ -80,11 +82,11 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// One 32-row block of width B from ring slot `slot`.
+// One 32-row block of width B from ring slot `slot`, its x at `x`.
 template <int B, int QN, int MT, typename T>
-__device__ __forceinline__ void compute_block(const unsigned char* slot, int g, int t,
-                                              const uint2 (&sc)[QN], const uint2 (&nz)[QN],
-                                              const uint4 (&xb)[MT], float (&acc)[2 * QN][MT][4]) {
+__device__ __forceinline__ void compute_block(const unsigned char* slot, const unsigned char* x,
+                                              int g, int t, const uint2 (&sc)[QN],
+                                              const uint2 (&nz)[QN], float (&acc)[2 * QN][MT][4]) {
   using R = Slot<QN>;
   const int j0 = (t * B) >> 2;
 #pragma unroll
@@ -93,7 +95,7 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, int g, 
     const uint4 lo = *reinterpret_cast<const uint4*>(p);
     // widths 2 and 4 never cross a word; the others may (the row exists in the slot)
     const uint4 hi = (B == 2 || B == 4) ? lo : *reinterpret_cast<const uint4*>(p + R::kRowStride);
-    compute_quad<B, QN, MT, T>(q, lo, hi, t, sc, nz, xb, acc);
+    compute_quad<B, QN, MT, T>(q, lo, hi, g, t, sc, nz, x, acc);
   }
 }
 
@@ -101,13 +103,28 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, int g, 
 template <int B>
 using Width = std::integral_constant<int, B>;
 
-// A ring slot: the weight part (Slot) followed by the block's x, MT token
-// tiles of 8 tokens x 32 k (64 bytes per token, token-major), copied with the weights so
-// that the only waits in the loop are on the ring's cp.async groups.
-template <int QN, int MT>
-struct RingX {
-  static constexpr int kXOffset = Slot<QN>::kSlotBytes;
-  static constexpr int kSlotBytes = kXOffset + MT * 8 * 64;
+// Shared memory of a CTA: each warp's ring of STAGES slots, then (CTA_X) the CTA's x ring, then
+// the block table. A block's x is MT token tiles of 8 tokens x 32 k (64 bytes per token,
+// token-major), copied like the weights so that the only waits in the loop are on the rings'
+// cp.async groups:
+//   CTA_X false: every warp copies its own x, into its slot after the weights
+//                  | warp 0: slot 0 [weights | x] slot 1 ... | warp 1 ... | table |
+//   CTA_X true:  the CTA's warps (all column warps, one K range) share one x ring, filled by
+//                threads 0 .. 32 MT - 1 and released by a CTA barrier per block
+//                  | warp 0: slot 0 [weights] slot 1 ... | warp 1 ... | x 0 | x 1 | ... | table |
+template <int QN, int MT, int STAGES, bool CTA_X>
+struct Rings {
+  static constexpr int kXBytes = MT * 8 * 64;
+  static constexpr int kSlotBytes = Slot<QN>::kSlotBytes + (CTA_X ? 0 : kXBytes);
+  static constexpr int kWarpBytes = STAGES * kSlotBytes;
+  static constexpr int kXRing = kWarps * kWarpBytes;
+  static constexpr int kBytes = kXRing + (CTA_X ? STAGES * kXBytes : 0);
+  // offset of slot s's x from the shared memory base, for warp `warp`
+  static constexpr int kXStride = CTA_X ? kXBytes : kSlotBytes;  // from one slot's x to the next
+  static __device__ __forceinline__ int x_offset(int warp, int s) {
+    return CTA_X ? kXRing + s * kXBytes
+                 : warp * kWarpBytes + s * kSlotBytes + Slot<QN>::kSlotBytes;
+  }
 };
 
 // The copies a lane queues for every block, fixed for the kernel: lane l copies 16-byte chunk
@@ -124,34 +141,35 @@ struct LaneCopies {
   // its first row and one add per further row (address arithmetic was ~40 % of the loop).
   const unsigned char* q_src;   // the lane's chunk in qweight row row0 (of word 0)
   const unsigned char* sz_src;  // its chunk in the scales or zeros row of group 0
-  uint32_t row_bytes;           // N * 4: one qweight row
-  uint32_t q_dst, sz_dst;       // offsets inside a slot (q_dst: of row 0)
+  uint32_t q_dst, sz_dst;       // shared addresses in the ring's slot 0 (q_dst: of row 0)
   int row0;
   bool q_ok, sz_ok;             // chunk inside [0, N)
 
   __device__ __forceinline__ LaneCopies(const uint32_t* qweight, const uint16_t* scales,
-                                        const uint16_t* zeros, int N, int n_warp, int lane) {
+                                        const uint16_t* zeros, int N, int n_warp, int lane,
+                                        uint32_t ring) {
     const int c = lane % R::kChunks;
     row0 = lane / R::kChunks;
-    row_bytes = uint32_t(N) * 4;
     q_ok = n_warp + 4 * c < N;
     q_src = reinterpret_cast<const unsigned char*>(qweight + size_t(row0) * N +
                                                    (q_ok ? n_warp + 4 * c : 0));
-    q_dst = 16 * c + row0 * R::kRowStride;  // + k * kRowStep * kRowStride for row row0 + ...
+    q_dst = ring + 16 * c + row0 * R::kRowStride;  // + k * kRowStep * kRowStride for row row0 + ...
     constexpr int kHalf = R::kChunks / 2;  // chunks per scales row
     const int which = (lane / kHalf) & 1, c2 = lane % kHalf;
     sz_ok = n_warp + 8 * c2 < N;
     sz_src = reinterpret_cast<const unsigned char*>((which ? zeros : scales) +
                                                     (sz_ok ? n_warp + 8 * c2 : 0));
-    sz_dst = R::kSzOffset + which * 2 * R::kCols + 16 * c2;
+    sz_dst = ring + R::kSzOffset + which * 2 * R::kCols + 16 * c2;
   }
 
-  // Queue block (bits, word, group) into the slot at shared address `slot`: rows row0,
+  // Queue block (bits, word, group) into the slot at byte offset `slot`: rows row0,
   // row0 + kRowStep, ... < bits. B > 0: bits == B, known here, so only the last row of an odd
   // width needs a predicate; B == 0: any width, every row predicated.
   template <int B>
+  // N: the kernel argument (read from the parameter bank, not kept in a register).
   __device__ __forceinline__ void issue(uint32_t slot, int bits, int word, int group,
-                                        bool new_group) const {
+                                        bool new_group, int N) const {
+    const uint32_t row_bytes = uint32_t(N) * 4;  // one qweight row
     const unsigned char* src = q_src + size_t(uint32_t(word)) * row_bytes;
     const size_t step = size_t(kRowStep) * row_bytes;
     constexpr int kSteps = B > 0 ? (B + kRowStep - 1) / kRowStep : 8 / kRowStep;
@@ -171,44 +189,60 @@ struct LaneCopies {
 // xs: the gathered, scaled, interleaved x [M, K] (gather_x_kernel); each block's x rides in its
 // ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
+// CTA_X: one x ring for the CTA (Rings); the caller passes WC == kWarps (log2_wc = 3).
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
-                    int WC, int blocks_per_split) {
+                    int log2_wc, int blocks_per_split) {
   using Rg = Slot<QN>;
-  using Rx = RingX<QN, MT>;
+  using Rx = Rings<QN, MT, STAGES, CTA_X>;
   constexpr int kStages = STAGES;
-  constexpr int kWarpBytes = STAGES * Rx::kSlotBytes;
   extern __shared__ __align__(16) unsigned char smem[];
   allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int wc = warp % WC, kw = warp / WC, WK = kWarps / WC;
-  const int n_warp = (blockIdx.x * WC + wc) * Slot<QN>::kCols;
-  const WarpRange r(K, blocks_per_split, kw, WK);
+  // WC = 1 << log2_wc column warps, WK = kWarps / WC k-warps: shifts, which the compiler
+  // recomputes where needed instead of keeping quotients live through the main loop
+  const int wc = warp & ((1 << log2_wc) - 1), kw = warp >> log2_wc;
+  const int n_warp = ((blockIdx.x << log2_wc) + wc) * Slot<QN>::kCols;
+  const WarpRange r(K, blocks_per_split, kw, kLog2Warps - log2_wc);
   const int wb = r.wb, nb = r.nb;
-  int2* meta = reinterpret_cast<int2*>(smem + kWarps * kWarpBytes);
+  int2* meta = reinterpret_cast<int2*>(smem + Rx::kBytes);
   stage_table(meta, blocks, r, R, G);
   const int2* my_meta = meta + (wb - r.jb0);
-  unsigned char* ring = smem + warp * kWarpBytes;
-  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  unsigned char* ring = smem + warp * Rx::kWarpBytes;
+  // Every lane of the warp (CTA_X: every thread of the CTA) is done with the slot it waited for
+  // and read last.
+  auto ring_sync = [] {
+    if constexpr (CTA_X) __syncthreads();
+    else __syncwarp();
+  };
 
   float acc[2 * QN][MT][4];
   fill_acc<MT, QN>(acc, 0.f);
 
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
   // scales and zeros only when starts_group says so.
-  const LaneCopies<QN> copies(qweight, scales, zeros, N, n_warp, lane);
-  // x of block i: lane l copies 16-byte chunks l + 32 k (token c / 4, quarter
-  // c % 4 of its 32 k), zero-filled for tokens past M; they land in token order, 64 bytes a token.
-  const T* x_src[MT];
+  const LaneCopies<QN> copies(
+      qweight, scales, zeros, N, n_warp, lane,
+      static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * Rx::kWarpBytes);
+  // x of block i: MT * 32 chunks of 16 bytes, chunk c = token c / 4, quarter c % 4 of its 32 k,
+  // zero-filled for tokens past M; they land in token order, 64 bytes a token. Lane l copies
+  // chunks l + 32 k (CTA_X: thread c copies chunk c).
+  constexpr int kXCopies = CTA_X ? 1 : MT;
+  const int x_chunk = CTA_X ? int(threadIdx.x) : lane;
+  const bool x_copier = x_chunk < 32 * MT;
+  const uint32_t x_dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) +
+                         Rx::x_offset(warp, 0) + 16 * x_chunk;  // slot 0
+  // element offsets into xs (M * K < 2^31: M <= kMmaMaxM, K < 2^25), one register each
+  uint32_t x_src[kXCopies];
 #pragma unroll
-  for (int k = 0; k < MT; ++k)
-    x_src[k] = xs + int64_t(min(lane / 4 + 8 * k, M - 1)) * K + int64_t(wb) * kBlockRows +
-               8 * (lane % 4);
+  for (int k = 0; k < kXCopies; ++k)
+    x_src[k] = uint32_t(min(x_chunk / 4 + 8 * k, M - 1)) * uint32_t(K) +
+               uint32_t(wb) * kBlockRows + 8 * (x_chunk % 4);
   int issue_group = -1;
   // Block i's weights, and its x, into ring slot `slot`; width B when the caller knows it
   // (0: read from the table).
@@ -217,13 +251,14 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     const int2 e = my_meta[i];
     const int bits = B > 0 ? B : e.x & 15, group = e.x >> 4;
     const bool new_group = starts_group(bits, group, issue_group);
-    copies.template issue<B>(ring_s + slot * Rx::kSlotBytes, bits, e.y, group, new_group);
+    copies.template issue<B>(slot * Rx::kSlotBytes, bits, e.y, group, new_group, N);
   };
   auto issue_x = [&](int i, int slot) {
+    if (!x_copier) return;
 #pragma unroll
-    for (int k = 0; k < MT; ++k)
-      cp_async16(ring_s + slot * Rx::kSlotBytes + Rx::kXOffset + 16 * (lane + 32 * k),
-                 x_src[k] + i * kBlockRows, lane / 4 + 8 * k < M);
+    for (int k = 0; k < kXCopies; ++k)
+      cp_async16(x_dst + slot * Rx::kXStride + 16 * 32 * k,
+                 xs + (x_src[k] + uint32_t(i) * kBlockRows), x_chunk / 4 + 8 * k < M);
   };
   // The first blocks' weights are queued before waiting for the kernel that writes xs
   // (programmatic dependent launch: this grid may start while gather_x_kernel runs, which
@@ -242,22 +277,26 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   int cur_group = -1;
   int slot_c = 0, slot_i = kStages - 1;  // ring slots of the block computed / issued next
   // Blocks [i0, i1), a run of width B (0: invalid entries, which only keep the ring going).
-  // Issues inside the run know the width too; the last kStages - 1 issue the next run's.
+  // Each step waits for block i, then refills the slot that every lane finished in the
+  // previous step with block i + kStages - 1 (kStages - 1 blocks in flight during the
+  // compute). Issues inside the run know the width too; the last kStages - 1 issue the next
+  // run's.
   auto run = [&](auto width, int i0, int i1) {
     constexpr int B = decltype(width)::value;
     for (int i = i0; i < i1; ++i) {
       cp_async_wait<kStages - 2>();
-      __syncwarp();
+      ring_sync();
+      const int n = i + kStages - 1;
+      if (n < i1) issue_weights(width, n, slot_i);
+      else if (n < nb) issue_weights(Width<0>{}, n, slot_i);
+      if (n < nb) issue_x(n, slot_i);
+      slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
+      cp_async_commit();
+
       const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
+      const unsigned char* x = smem + Rx::x_offset(warp, slot_c);
       slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
       if constexpr (B > 0) {
-        // x fragments of tokens 8 mt + g, k 8t .. 8t + 7: lanes 0-7 of a quarter-warp read
-        // 128 contiguous bytes (conflict-free)
-        uint4 xb[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          xb[mt] = *reinterpret_cast<const uint4*>(slot + Rx::kXOffset + (8 * mt + g) * 64 +
-                                                   16 * t);
         if (starts_group(B, my_meta[i].x >> 4, cur_group)) {
 #pragma unroll
           for (int q = 0; q < QN; ++q) {
@@ -266,20 +305,12 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
                 slot + Rg::kSzOffset + 2 * Rg::kCols + 64 * q + 8 * g));
           }
         }
-        compute_block<B, QN, MT, T>(slot, g, t, sc, nz, xb, acc);
+        compute_block<B, QN, MT, T>(slot, x, g, t, sc, nz, acc);
       } else {
         cur_group = -1;
       }
-      __syncwarp();  // every lane is done with the slot before it is refilled
-      const int n = i + kStages - 1;
-      if (n < i1) issue_weights(width, n, slot_i);
-      else if (n < nb) issue_weights(Width<0>{}, n, slot_i);
-      if (n < nb) issue_x(n, slot_i);
-      slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
-      cp_async_commit();
     }
   };
-  bool poisoned = false;
   for (int i = 0; i < nb;) {
     // the run of blocks of i's width: it ends at the first differing entry, 32 at a time
     const int bits = my_meta[i].x & 15;
@@ -300,12 +331,17 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       case 5: run(Width<5>{}, i, j); break;
       case 6: run(Width<6>{}, i, j); break;
       case 8: run(Width<8>{}, i, j); break;
-      default: poisoned = true; run(Width<0>{}, i, j);
+      default: run(Width<0>{}, i, j);
     }
     i = j;
   }
   cp_async_wait<0>();
-  finish_tile<T, MT, QN>(acc, poisoned, smem, wc, kw, WC, WK, n_warp, bias, bias_kind, out, M, N);
+  // An invalid table entry in the warp's range makes its tile NaN; found again here rather
+  // than flagged in the loop, so that no register is held for it there.
+  bool poisoned = false;
+  for (int k = lane; k < nb; k += 32) poisoned |= (my_meta[k].x & 15) == 0;
+  poisoned = __any_sync(~0u, poisoned);
+  finish_tile<T, MT, QN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
 }
 
 // Sum the split partials in a fixed order (deterministic), add bias, round once.
@@ -381,19 +417,21 @@ struct Call {
 };
 
 // One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
-// warp and the CTAs per SM its registers are sized for. Shared memory per CTA: the rings
-// (8 warps x STAGES slots) and the block table (8 KB), two CTAs per SM:
-//   MT = 1: QN 2, 4 stages (8 x 4 x 3072 + 8 KB = 104 KB)
-//   MT = 2: QN 2, 3 stages (8 x 3 x 3584 + 8 KB = 92 KB)
-//   MT = 4: QN 1, 3 stages (8 x 3 x 3456 + 8 KB = 89 KB; 4 token tiles need the registers)
+// warp, the CTAs per SM its registers are sized for and where x goes (CTA_X: one ring per CTA).
+// Shared memory per CTA: the rings and the block table (8 KB), two CTAs per SM:
+//   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
+//   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
+//   MT = 4: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 2 KB + 8 KB = 73 KB)
+//   MT = 8: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 4 KB + 8 KB = 83 KB)
+// (QN 1 from 4 token tiles on: the accumulators need the registers.)
 // WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS>
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X>
 void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int M = c.x.size(0), K = c.x.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS>;
-  const size_t rings = size_t(kWarps) * STAGES * RingX<QN, MT>::kSlotBytes;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X>;
+  const size_t rings = Rings<QN, MT, STAGES, CTA_X>::kBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
   const size_t red = size_t(kWarps) * 2 * QN * MT * 4 * 32 * sizeof(float);
   const size_t smem = std::max(rings + table, red);
@@ -457,7 +495,8 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
                  reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
                  reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
                  reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
-                 part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G, WC, bps);
+                 part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G,
+                 __builtin_ctz(unsigned(WC)), bps);
   if (part.defined()) {
     const int64_t MN = int64_t(M) * N;
     launch_chained(reduce_splits_kernel<T>, dim3((MN + 255) / 256), dim3(256), 0, c.stream,
@@ -485,16 +524,20 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   const int wc = tuning_override("MBWQ_MMA_WC");
   const bool wc_forced = wc == 1 || wc == 2 || wc == 4 || wc == 8;
-  // Token tiles by M: one (M <= 8; QN 2), two, four (QN 1 for the registers).
+  // Token tiles by M: one (M <= 8; QN 2), two, four, eight (QN 1 for the registers). Up to
+  // 16 tokens each warp copies its own x; beyond, x is as many bytes as the warp's weights or
+  // more, and one copy per CTA saves the L2 traffic (H100, 8192 x 28672 q4: M = 32 111 ->
+  // 91 us; at M = 16 the CTA barrier costs more than it saves, 60.5 -> 62.1 us).
   if (M <= 8) {
-    run_kernel<T, 1, 2, 4, 2>(c, wc_forced ? std::initializer_list<int>{wc}
-                                           : std::initializer_list<int>{1, 2});
+    run_kernel<T, 1, 2, 4, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
+                                                  : std::initializer_list<int>{1, 2});
   } else if (M <= 16) {
-    run_kernel<T, 2, 2, 3, 2>(c, wc_forced ? std::initializer_list<int>{wc}
-                                           : std::initializer_list<int>{2, 1});
+    run_kernel<T, 2, 2, 3, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
+                                                   : std::initializer_list<int>{2, 1});
+  } else if (M <= 32) {
+    run_kernel<T, 4, 1, 5, 2, true>(c, {kWarps});
   } else {
-    run_kernel<T, 4, 1, 3, 2>(c, wc_forced ? std::initializer_list<int>{wc}
-                                           : std::initializer_list<int>{4, 1});
+    run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
   }
 }
 

@@ -155,8 +155,10 @@ __device__ __forceinline__ uint32_t comp(const uint4& v, int e) {
   return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
 }
 
+// Half e % 2 of two_halves in both halves. The half2 intrinsics (not a byte permute) let
+// ptxas fold the broadcast into the HFMA2 operands (.H0_H0 / .H1_H1): no instruction.
 __device__ __forceinline__ __half2 dup_half(uint32_t two_halves, int e) {
-  return as_h2(__byte_perm(two_halves, 0u, (e & 1) ? 0x3232u : 0x1010u));
+  return (e & 1) ? __high2half2(as_h2(two_halves)) : __low2half2(as_h2(two_halves));
 }
 
 // The word of a lane's scales (or -zeros) that holds column u: quad u / 4, halves (u % 4) / 2.
@@ -167,31 +169,41 @@ __device__ __forceinline__ uint32_t scale_word(const uint2 (&v)[QN], int u) {
 
 // One quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and hi
 // (row j0 + 1; unused for widths 2 and 4) of the quad's columns become exact fp16 weights,
-// then the mma for all MT token tiles.
+// then the mma for all MT token tiles. x: the block's x in shared memory, 8 tokens x 32 k a
+// token tile, 64 bytes a token; lanes 0-7 of a quarter-warp read 128 contiguous bytes
+// (conflict-free). Its fragments are loaded per tile, next to their mma, so that only one
+// tile's are live (MT = 8 keeps 64 accumulators).
 template <int B, int QN, int MT, typename T>
-__device__ __forceinline__ void compute_quad(int q, const uint4& lo, const uint4& hi, int t,
+__device__ __forceinline__ void compute_quad(int q, const uint4& lo, const uint4& hi, int g, int t,
                                              const uint2 (&sc)[QN], const uint2 (&nz)[QN],
-                                             const uint4 (&xb)[MT], float (&acc)[2 * QN][MT][4]) {
+                                             const unsigned char* x,
+                                             float (&acc)[2 * QN][MT][4]) {
+  // a[k]: A registers of mma 2q + k, k-step 0 (a[k][0..3]) and k-step 1 (a[k][4..7])
+  uint32_t a[2][8];
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     // mma i = 2q + k: A row g = lane column 4q + k, A row g + 8 = lane column 4q + k + 2
-    const int i = 2 * q + k, ua = 4 * q + k, ub = ua + 2;
+    const int ua = 4 * q + k, ub = ua + 2;
     __half2 pa[4], pb[4];
     decode_pairs<B>(comp(lo, k), comp(hi, k), t, pa);
     decode_pairs<B>(comp(lo, k + 2), comp(hi, k + 2), t, pb);
     // scale and -zero of both columns as (v, v) pairs
     const __half2 sa = dup_half(scale_word(sc, ua), ua), za = dup_half(scale_word(nz, ua), ua);
     const __half2 sb = dup_half(scale_word(sc, ub), ub), zb = dup_half(scale_word(nz, ub), ub);
-    uint32_t wa[4], wb[4];
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
-      wa[s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
-      wb[s] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
+      a[k][2 * s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
+      a[k][2 * s + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
     }
+  }
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      MmaOp<T>::run(acc[i][mt], wa[0], wb[0], wa[1], wb[1], xb[mt].x, xb[mt].y);
-      MmaOp<T>::run(acc[i][mt], wa[2], wb[2], wa[3], wb[3], xb[mt].z, xb[mt].w);
+  for (int mt = 0; mt < MT; ++mt) {
+    // x fragments of tokens 8 mt + g, k 8t .. 8t + 7
+    const uint4 xb = *reinterpret_cast<const uint4*>(x + (8 * mt + g) * 64 + 16 * t);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      MmaOp<T>::run(acc[2 * q + k][mt], a[k][0], a[k][1], a[k][2], a[k][3], xb.x, xb.y);
+      MmaOp<T>::run(acc[2 * q + k][mt], a[k][4], a[k][5], a[k][6], a[k][7], xb.z, xb.w);
     }
   }
 }

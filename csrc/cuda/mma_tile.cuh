@@ -10,7 +10,8 @@
 namespace mbwq {
 namespace cuda {
 
-constexpr int kWarps = 8;  // warps per CTA
+constexpr int kLog2Warps = 3;
+constexpr int kWarps = 1 << kLog2Warps;  // warps per CTA
 // Most 32-row blocks one CTA takes (its block table lives in shared memory); longer K is split.
 constexpr int kMaxBlocksPerCta = 1024;
 // True when a block of (bits, group) needs its group's scales and zeros: it is valid and its
@@ -92,14 +93,14 @@ __device__ __forceinline__ uint2 negate_halves(uint2 v) {
 }
 
 // This warp's contiguous range [wb, wb + nb) of 32-row blocks inside the CTA's K split
-// [jb0, jb0 + len), k-warp kw of WK.
+// [jb0, jb0 + len), k-warp kw of WK = 1 << log2_wk.
 struct WarpRange {
   int jb0, len, wb, nb;
-  __device__ __forceinline__ WarpRange(int K, int blocks_per_split, int kw, int WK) {
+  __device__ __forceinline__ WarpRange(int K, int blocks_per_split, int kw, int log2_wk) {
     const int nblocks = K / kBlockRows;
     jb0 = blockIdx.y * blocks_per_split;
     len = max(0, min(blocks_per_split, nblocks - jb0));
-    const int per = (len + WK - 1) / WK;
+    const int per = (len + (1 << log2_wk) - 1) >> log2_wk;
     wb = jb0 + kw * per;
     nb = max(0, min(per, len - kw * per));
   }
@@ -121,10 +122,14 @@ __device__ __forceinline__ void stage_table(int2* meta, const int32_t* __restric
 // Reuses shared memory from offset 0: every warp must be done with its table and ring.
 template <typename T, int MT, int QN>
 __device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool poisoned,
-                                            unsigned char* smem, int wc, int kw, int WC, int WK,
-                                            int n_warp, const void* __restrict__ bias,
-                                            int bias_kind, void* __restrict__ out, int M, int N) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+                                            unsigned char* smem, int log2_wc,
+                                            const void* __restrict__ bias, int bias_kind,
+                                            void* __restrict__ out, int M, int N) {
+  // recomputed here rather than kept live through the main loop (registers)
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
+  const int WC = 1 << log2_wc, wc = warp & (WC - 1), kw = warp >> log2_wc;
+  const int WK = kWarps >> log2_wc;
+  const int n_warp = (blockIdx.x * WC + wc) * 32 * QN;
   if (poisoned) fill_acc<MT, QN>(acc, qnan());
   constexpr int kRegs = 2 * QN * MT * 4;
   float* red = reinterpret_cast<float*>(smem);

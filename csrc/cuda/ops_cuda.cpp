@@ -64,7 +64,7 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
 
   if (M <= cuda::kMmaChunkedMaxM && cuda::mma_supported(x, qweight, scales, zeros)) {
     // Up to kMmaMaxM rows per kernel call; a few more as row chunks (each reads the weights
-    // once: two reads at M = 64 still beat dequantizing all of W).
+    // once: three reads still beat dequantizing all of W, launch.h).
     for (int64_t m0 = 0; m0 < M; m0 += cuda::kMmaMaxM) {
       const int64_t rows = std::min(cuda::kMmaMaxM, M - m0);
       at::Tensor y_rows = y.narrow(0, m0, rows);
