@@ -45,6 +45,8 @@ def main():
         LayerSpec(512, 200, False, w_bit=4, group_size=128, perm="zeros", seed=3),
         LayerSpec(256, 130, False, w_bit=2, group_size=64, perm="random", bias=True, seed=4),  # N % 4
     ]
+    # M = 65 .. 192 as tensor-core row chunks (launch.h: large layers only; here on small ones)
+    os.environ["MBWQ_MMA_MAX_M"] = "192"
     checked = 0
     for spec in specs:
         layer_cpu, _ = make_layer(spec, "cpu")

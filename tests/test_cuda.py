@@ -2,8 +2,8 @@
 torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
 
 Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
-  * M <= 192, fp16/bf16, K and N multiples of 8: tensor-core kernel (gemm_mma.cu, 64 rows per
-    call), exact fp16 weights; with a single K split it writes y itself, with several (many K
+  * M <= 64 (192 on layers of >= 2^26 weights), fp16/bf16, K and N multiples of 8: tensor-core
+    kernel (gemm_mma.cu, 64 rows per call), exact fp16 weights; with a single K split it writes y itself, with several (many K
     blocks, few column tiles) it writes fp32 partials reduced by a second kernel;
   * larger M, fp32 activations or N % 8 != 0: gather x + dequant W + cuBLAS.
 """
@@ -24,7 +24,9 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DTYPES = [torch.float16, torch.bfloat16]
-MMA_MAX_M = 192  # csrc/cuda/launch.h: kMmaChunkedMaxM (the tensor-core path takes 1..192)
+def mma_max_m(K, N):
+    """csrc/cuda/launch.h: the largest M the tensor-core path takes on a K x N layer."""
+    return 192 if K * N >= 2**26 else 64
 
 
 def gemm_args(layer):
@@ -45,7 +47,7 @@ def assert_close_to_reference(y, x, W, layer, dtype=None):
     err = (y.detach().cpu().double() - ref).abs()
     # the shapes csrc/cuda/ops_cuda.cpp sends to dequant + cuBLAS instead of the tensor-core kernel
     M, K = x.reshape(-1, x.shape[-1]).shape
-    via_cublas = M > MMA_MAX_M or K % 8 != 0 or y.shape[-1] % 8 != 0 or x.data_ptr() % 16 != 0
+    via_cublas = M > mma_max_m(K, y.shape[-1]) or K % 8 != 0 or y.shape[-1] % 8 != 0 or x.data_ptr() % 16 != 0
     bound = error_bound(dtype, ref, S, cublas_bf16=via_cublas)
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert torch.isfinite(y).all(), "non-finite output where the reference is finite"
@@ -77,6 +79,9 @@ SPECS = {
     # one K block: a single split, the CTA writes y itself
     "onesplit": LayerSpec(64, 1024, True, widths=(6, 3), group_rows=(32, 32), perm="random",
                           bias=True, seed=6),
+    # many column tiles
+    "wide": LayerSpec(256, 6152, True, widths=(4, 3, 2), group_rows=(96, 96, 64),
+                      perm="random", bias=True, seed=10),
     # N % 8 != 0: the large path for every M
     "n_odd": LayerSpec(256, 130, True, widths=(5, 4, 2), group_rows=(64, 96, 96), perm="random",
                        bias=True, seed=7),
@@ -91,6 +96,17 @@ def test_gemm_every_path_vs_reference(name, dtype):
     for i, M in enumerate(MS):
         x = rand_x(M, layer.in_channels, dtype, seed=i)
         assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+
+
+@pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk"])
+def test_mma_row_chunks(name, monkeypatch):
+    # M > 64 as row chunks of 64 (the path of large layers; forced here on small ones)
+    monkeypatch.setenv("MBWQ_MMA_MAX_M", "192")
+    layer, W = layer_and_weight(SPECS[name])
+    for dtype in DTYPES:
+        for M in (65, 130, 192):
+            x = rand_x(M, layer.in_channels, dtype, seed=M)
+            assert_close_to_reference(run_gemm(layer, x), x, W, layer)
 
 
 def test_gemm_float32_activations():
@@ -253,10 +269,30 @@ def test_cuda_graph_capture_replay(M):
         with torch.no_grad():
             eager = model(x)
         torch.cuda.synchronize()
-        if M <= MMA_MAX_M:  # our kernels: bitwise the same under capture
+        if M <= mma_max_m(512, 512):  # our kernels: bitwise the same under capture
             assert torch.equal(static_y, eager)
         else:  # cuBLAS may pick another algorithm under capture
             torch.testing.assert_close(static_y, eager, rtol=2e-3, atol=2e-3)
+
+
+def test_cuda_graph_large_m_path():
+    # gather + dequant + cuBLAS under capture, replayed on fresh inputs
+    layer, W = layer_and_weight(SPECS["wide"])
+    static_x = rand_x(300, layer.in_channels, torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        layer(static_x)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), torch.no_grad():
+        static_y = layer(static_x)
+    for seed in range(3):
+        x = rand_x(300, layer.in_channels, torch.float16, seed=200 + seed)
+        static_x.copy_(x)
+        g.replay()
+        torch.cuda.synchronize()
+        assert_close_to_reference(static_y, x, W, layer)
 
 
 def test_torch_compile_reduce_overhead_frames():

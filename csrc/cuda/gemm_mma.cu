@@ -373,12 +373,6 @@ __global__ void gather_x_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K) {
   *reinterpret_cast<uint4*>(xs + int64_t(m) * K + c * 8) = gather_chunk(a, K, m, c);
 }
 
-// Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
-// a sweep can change it in-process), else 0. Results do not depend on it beyond rounding order.
-int tuning_override(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::max(0, std::atoi(v)) : 0;
-}
 
 // Launch with programmatic dependent launch where the device has it (Hopper on): the grid may
 // be scheduled while the previous kernel in the stream finishes, and each of our kernels calls
@@ -542,6 +536,13 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
 }
 
 }  // namespace
+
+// Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
+// a sweep can change it in-process), else 0. Results do not depend on it beyond rounding order.
+int tuning_override(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::max(0, std::atoi(v)) : 0;
+}
 
 bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros) {

@@ -10,16 +10,14 @@ namespace mbwq {
 namespace cuda {
 
 // Path boundaries, from shapes only (ops_cuda.cpp: gemm_cuda): the tensor-core kernel takes
-// 1 <= M <= kMmaChunkedMaxM (fp16 / bf16, mma_supported), dequant + cuBLAS everything else.
-// Measured on an H100 (BENCHMARKS.md): the tensor-core kernel beats the former CUDA-core
-// kernel from M = 1 on.
-//
-// Largest M of one tensor-core kernel call (gemm_mma.cu), and largest M that takes the
-// tensor-core path as row chunks of kMmaMaxM, each reading the weights once (H100, 8192 x 28672
-// 4-bit: M = 128 in two chunks 238 us against 394 us for dequant + cuBLAS; M = 256 in four 477
-// us against 423 us).
+// 1 <= M <= kMmaMaxM (fp16 / bf16, mma_supported), on layers of at least kMmaChunkedMinWeights
+// weights up to kMmaChunkedMaxM as row chunks of kMmaMaxM (each chunk reads the weights once);
+// dequant + cuBLAS everything else. Measured on an H100 (BENCHMARKS.md): 8192 x 28672 4-bit,
+// M = 128 in two chunks 238 us against 394 us for dequant + cuBLAS, M = 256 in four 506 us
+// against 432 us; 4096 x 4096, M = 128: 47 us against 35 us.
 constexpr int64_t kMmaMaxM = 64;
 constexpr int64_t kMmaChunkedMaxM = 192;
+constexpr int64_t kMmaChunkedMinWeights = int64_t(1) << 26;  // K * N, e.g. 8192 x 8192
 
 // True when the tensor-core kernel may take this layer: fp16 / bf16 activations, K and N
 // multiples of 8 (16-byte copies of qweight rows, scales and zeros) and 16-byte aligned data.
@@ -32,6 +30,10 @@ void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& 
               const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
               const std::optional<at::Tensor>& cs, const std::optional<at::Tensor>& bias,
               at::Tensor& y);
+
+// Tuning hook for benchmarks (gemm_mma.cu): the positive integer in environment variable `name`,
+// read at each call, else 0.
+int tuning_override(const char* name);
 
 // Multiprocessor count and compute-capability major of the current device (read once per
 // device).

@@ -3,8 +3,8 @@
 // of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
 // wrappers; the kernels and their launchers are in the .cu files (launch.h).
 //
-//   M <= kMmaChunkedMaxM, fp16/bf16 x,          ->  gemm_mma.cu: tensor cores, weights read
-//   K, N % 8 == 0                                   once per kMmaMaxM rows, exact fp16 W
+//   M <= kMmaMaxM (kMmaChunkedMaxM on large   ->  gemm_mma.cu: tensor cores, weights read
+//   layers), fp16/bf16 x, K, N % 8 == 0             once per kMmaMaxM rows, exact fp16 W
 //   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
 //                                                  W in stored order into x's dtype + cuBLAS
 //
@@ -62,9 +62,14 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     return y;
   }
 
-  if (M <= cuda::kMmaChunkedMaxM && cuda::mma_supported(x, qweight, scales, zeros)) {
-    // Up to kMmaMaxM rows per kernel call; a few more as row chunks (each reads the weights
-    // once: three reads still beat dequantizing all of W, launch.h).
+  // Up to kMmaMaxM rows per kernel call; a few more as row chunks on large layers (each chunk
+  // reads the weights once: up to three reads still beat dequantizing all of W there; on small
+  // layers dequant + cuBLAS wins from M = 65 on, launch.h). MBWQ_MMA_MAX_M moves the boundary.
+  const int max_m_knob = cuda::tuning_override("MBWQ_MMA_MAX_M");
+  const int64_t mma_max_m = max_m_knob > 0                              ? max_m_knob
+                            : K * N >= cuda::kMmaChunkedMinWeights ? cuda::kMmaChunkedMaxM
+                                                                   : cuda::kMmaMaxM;
+  if (M <= mma_max_m && cuda::mma_supported(x, qweight, scales, zeros)) {
     for (int64_t m0 = 0; m0 < M; m0 += cuda::kMmaMaxM) {
       const int64_t rows = std::min(cuda::kMmaMaxM, M - m0);
       at::Tensor y_rows = y.narrow(0, m0, rows);
