@@ -2,7 +2,7 @@
 torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
 
 Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
-  * M <= 64 (192 on layers of >= 2^26 weights), fp16/bf16, K and N multiples of 8: tensor-core
+  * M <= 64 (192 on layers of >= 2^25 weights), fp16/bf16, K and N multiples of 8: tensor-core
     kernel (gemm_mma.cu, 64 rows per call), exact fp16 weights; with a single K split it writes y itself, with several (many K
     blocks, few column tiles) it writes fp32 partials reduced by a second kernel;
   * larger M, fp32 activations or N % 8 != 0: gather x + dequant W + cuBLAS.
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.cuda,
 DTYPES = [torch.float16, torch.bfloat16]
 def mma_max_m(K, N):
     """csrc/cuda/launch.h: the largest M the tensor-core path takes on a K x N layer."""
-    return 192 if K * N >= 2**26 else 64
+    return 192 if K * N >= 2**25 else 64
 
 
 def gemm_args(layer):

@@ -14,10 +14,11 @@ namespace cuda {
 // weights up to kMmaChunkedMaxM as row chunks of kMmaMaxM (each chunk reads the weights once);
 // dequant + cuBLAS everything else. Measured on an H100 (BENCHMARKS.md): 8192 x 28672 4-bit,
 // M = 128 in two chunks 238 us against 394 us for dequant + cuBLAS, M = 256 in four 506 us
-// against 432 us; 4096 x 4096, M = 128: 47 us against 35 us.
+// against 432 us; 4096 x 14336, M = 128: 77 us against 111 us; 4096 x 4096, M = 128: 47 us
+// against 35 us.
 constexpr int64_t kMmaMaxM = 64;
 constexpr int64_t kMmaChunkedMaxM = 192;
-constexpr int64_t kMmaChunkedMinWeights = int64_t(1) << 26;  // K * N, e.g. 8192 x 8192
+constexpr int64_t kMmaChunkedMinWeights = int64_t(1) << 25;  // K * N, e.g. 4096 x 8192
 
 // True when the tensor-core kernel may take this layer: fp16 / bf16 activations, K and N
 // multiples of 8 (16-byte copies of qweight rows, scales and zeros) and 16-byte aligned data.
