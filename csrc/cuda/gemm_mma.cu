@@ -19,10 +19,10 @@
 // the block's x (8 tokens x 32 k per token tile, zero-filled past M). The loop waits only on
 // the ring's cp.async groups. For M > 16 (CTA_X) the warps of a CTA are all column warps
 // (WC = 8) and share one x ring, copied once per CTA: x then weighs as much as the warps'
-// weights or more, and one copy per warp multiplied the L2 traffic by 8. Keeping x in registers one block ahead instead (an earlier design) put the
-// x load on the same scoreboard as the weight loads: every iteration then waited for all of
-// them, one block in flight per warp, and the time per block stayed the same for 2- and
-// 4-bit layers (BENCHMARKS.md).
+// weights or more, and one copy per warp multiplied the L2 traffic by 8. Keeping x in
+// registers one block ahead instead (an earlier design) put the x load on the same scoreboard
+// as the weight loads: every iteration then waited for all of them, one block in flight per
+// warp, and the time per block stayed the same for 2- and 4-bit layers.
 //
 // Ring slot:
 //   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros | x |
@@ -119,8 +119,8 @@ struct Rings {
   static constexpr int kWarpBytes = STAGES * kSlotBytes;
   static constexpr int kXRing = kWarps * kWarpBytes;
   static constexpr int kBytes = kXRing + (CTA_X ? STAGES * kXBytes : 0);
-  // offset of slot s's x from the shared memory base, for warp `warp`
   static constexpr int kXStride = CTA_X ? kXBytes : kSlotBytes;  // from one slot's x to the next
+  // offset of slot s's x from the shared memory base, for warp `warp`
   static __device__ __forceinline__ int x_offset(int warp, int s) {
     return CTA_X ? kXRing + s * kXBytes
                  : warp * kWarpBytes + s * kSlotBytes + Slot<QN>::kSlotBytes;
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const bool x_copier = x_chunk < 32 * MT;
   const uint32_t x_dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) +
                          Rx::x_offset(warp, 0) + 16 * x_chunk;  // slot 0
-  // element offsets into xs (M * K < 2^31: M <= kMmaMaxM, K < 2^25), one register each
+  // element offsets into xs, one register each (M * K < 2^31: M <= 64, K <= 65536)
   uint32_t x_src[kXCopies];
 #pragma unroll
   for (int k = 0; k < kXCopies; ++k)
