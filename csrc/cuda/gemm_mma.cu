@@ -183,7 +183,7 @@ struct LaneCopies {
 };
 
 
-// ---- the kernel: weights and x through a per-warp cp.async ring in shared memory ------------
+// ---- the kernel: weights and x through cp.async rings in shared memory ----------------------
 
 // grid: (column tiles, splits); block: kWarps * 32 threads.
 // xs: the gathered, scaled, interleaved x [M, K] (gather_x_kernel); each block's x rides in its
@@ -204,16 +204,15 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  // WC = 1 << log2_wc column warps, WK = kWarps / WC k-warps: shifts, which the compiler
-  // recomputes where needed instead of keeping quotients live through the main loop
-  const int wc = warp & ((1 << log2_wc) - 1), kw = warp >> log2_wc;
-  const int n_warp = ((blockIdx.x << log2_wc) + wc) * Slot<QN>::kCols;
-  const WarpRange r(K, blocks_per_split, kw, kLog2Warps - log2_wc);
+  const WarpPlace place(warp, log2_wc);
+  const int n_warp = ((blockIdx.x << log2_wc) + place.wc) * Slot<QN>::kCols;
+  const WarpRange r(K, blocks_per_split, place.kw, kLog2Warps - log2_wc);
   const int wb = r.wb, nb = r.nb;
   int2* meta = reinterpret_cast<int2*>(smem + Rx::kBytes);
   stage_table(meta, blocks, r, R, G);
   const int2* my_meta = meta + (wb - r.jb0);
   unsigned char* ring = smem + warp * Rx::kWarpBytes;
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   // Every lane of the warp (CTA_X: every thread of the CTA) is done with the slot it waited for
   // and read last.
   auto ring_sync = [] {
@@ -226,17 +225,15 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
   // scales and zeros only when starts_group says so.
-  const LaneCopies<QN> copies(
-      qweight, scales, zeros, N, n_warp, lane,
-      static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + warp * Rx::kWarpBytes);
+  const LaneCopies<QN> copies(qweight, scales, zeros, N, n_warp, lane,
+                              smem_s + warp * Rx::kWarpBytes);
   // x of block i: MT * 32 chunks of 16 bytes, chunk c = token c / 4, quarter c % 4 of its 32 k,
   // zero-filled for tokens past M; they land in token order, 64 bytes a token. Lane l copies
   // chunks l + 32 k (CTA_X: thread c copies chunk c).
   constexpr int kXCopies = CTA_X ? 1 : MT;
   const int x_chunk = CTA_X ? int(threadIdx.x) : lane;
   const bool x_copier = x_chunk < 32 * MT;
-  const uint32_t x_dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) +
-                         Rx::x_offset(warp, 0) + 16 * x_chunk;  // slot 0
+  const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) + 16 * x_chunk;  // slot 0
   // element offsets into xs, one register each (M * K < 2^31: M <= 64, K <= 65536)
   uint32_t x_src[kXCopies];
 #pragma unroll

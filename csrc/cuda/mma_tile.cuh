@@ -76,6 +76,15 @@ __device__ __forceinline__ uint4 gather_chunk(const XArgs<T>& a, int K, int m, i
 
 // ---- the warp's blocks, the block table, the final reduction -------
 
+// Where warp `warp` sits in its CTA of WC = 1 << log2_wc column warps x WK = kWarps / WC
+// k-warps: column wc = warp % WC, k-warp kw = warp / WC. Shifts, which the compiler recomputes
+// where needed (kernel start, finish_tile) instead of keeping quotients live through the loop.
+struct WarpPlace {
+  int wc, kw;
+  __device__ __forceinline__ WarpPlace(int warp, int log2_wc)
+      : wc(warp & ((1 << log2_wc) - 1)), kw(warp >> log2_wc) {}
+};
+
 // Every accumulator of a lane set to v (0 to start, NaN for a poisoned tile).
 template <int MT, int QN>
 __device__ __forceinline__ void fill_acc(float (&acc)[2 * QN][MT][4], float v) {
@@ -126,9 +135,9 @@ __device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool po
                                             const void* __restrict__ bias, int bias_kind,
                                             void* __restrict__ out, int M, int N) {
   // recomputed here rather than kept live through the main loop (registers)
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
-  const int WC = 1 << log2_wc, wc = warp & (WC - 1), kw = warp >> log2_wc;
-  const int WK = kWarps >> log2_wc;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const WarpPlace place(threadIdx.x / 32, log2_wc);
+  const int WC = 1 << log2_wc, WK = kWarps >> log2_wc, wc = place.wc, kw = place.kw;
   const int n_warp = (blockIdx.x * WC + wc) * 32 * QN;
   if (poisoned) fill_acc<MT, QN>(acc, qnan());
   constexpr int kRegs = 2 * QN * MT * 4;
