@@ -3,12 +3,14 @@ torch.compile(mode="reduce-overhead"), device moves and the guards against bad t
 
 Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
   * M <= 64 (192 on layers of >= 2^25 weights), fp16/bf16, K and N multiples of 8: tensor-core
-    kernel (gemm_mma.cu, 64 rows per call), exact fp16 weights; with a single K split it writes y itself, with several (many K
-    blocks, few column tiles) it writes fp32 partials reduced by a second kernel;
+    kernel (gemm_mma.cu, 64 rows per call), exact fp16 weights; with a single K split it writes
+    y itself, with several (many K blocks, few column tiles) it writes fp32 partials reduced by
+    a second kernel;
   * larger M, fp32 activations or N % 8 != 0: gather x + dequant W + cuBLAS.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -24,9 +26,13 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DTYPES = [torch.float16, torch.bfloat16]
+
+
 def mma_max_m(K, N):
-    """csrc/cuda/launch.h: the largest M the tensor-core path takes on a K x N layer."""
-    return 192 if K * N >= 2**25 else 64
+    """The largest M the tensor-core path takes on a K x N layer (csrc/cuda/ops_cuda.cpp with
+    launch.h's boundaries; MBWQ_MMA_MAX_M, when set, overrides them as it does there)."""
+    knob = int(os.environ.get("MBWQ_MMA_MAX_M", "0") or 0)
+    return knob if knob > 0 else 192 if K * N >= 2**25 else 64
 
 
 def gemm_args(layer):
@@ -47,7 +53,8 @@ def assert_close_to_reference(y, x, W, layer, dtype=None):
     err = (y.detach().cpu().double() - ref).abs()
     # the shapes csrc/cuda/ops_cuda.cpp sends to dequant + cuBLAS instead of the tensor-core kernel
     M, K = x.reshape(-1, x.shape[-1]).shape
-    via_cublas = M > mma_max_m(K, y.shape[-1]) or K % 8 != 0 or y.shape[-1] % 8 != 0 or x.data_ptr() % 16 != 0
+    N = y.shape[-1]
+    via_cublas = M > mma_max_m(K, N) or K % 8 != 0 or N % 8 != 0 or x.data_ptr() % 16 != 0
     bound = error_bound(dtype, ref, S, cublas_bf16=via_cublas)
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert torch.isfinite(y).all(), "non-finite output where the reference is finite"
@@ -249,19 +256,26 @@ def mixed_stack():
     return torch.nn.Sequential(*[make_layer(s, "cuda")[0] for s in specs])
 
 
-@pytest.mark.parametrize("M", [4, 20, 48])
-def test_cuda_graph_capture_replay(M):
-    model = mixed_stack()
-    static_x = rand_x(M, 512, torch.float16)
+def capture(model, static_x):
+    """``model(static_x)`` captured in a CUDA graph after a warm-up on a side stream (cuBLAS
+    handles, shared-memory attributes): the graph and its output tensor."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s), torch.no_grad():
         for _ in range(2):
-            model(static_x)  # warm-up (cuBLAS handles, smem attributes)
+            model(static_x)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g), torch.no_grad():
         static_y = model(static_x)
+    return g, static_y
+
+
+@pytest.mark.parametrize("M", [4, 20, 48])
+def test_cuda_graph_capture_replay(M):
+    model = mixed_stack()
+    static_x = rand_x(M, 512, torch.float16)
+    g, static_y = capture(model, static_x)
     for seed in range(3):
         x = rand_x(M, 512, torch.float16, seed=100 + seed)
         static_x.copy_(x)
@@ -279,14 +293,7 @@ def test_cuda_graph_large_m_path():
     # gather + dequant + cuBLAS under capture, replayed on fresh inputs
     layer, W = layer_and_weight(SPECS["wide"])
     static_x = rand_x(300, layer.in_channels, torch.float16)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        layer(static_x)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.no_grad():
-        static_y = layer(static_x)
+    g, static_y = capture(layer, static_x)
     for seed in range(3):
         x = rand_x(300, layer.in_channels, torch.float16, seed=200 + seed)
         static_x.copy_(x)
