@@ -9,6 +9,9 @@
 #   BENCH_ARGS="--Ms 1,16 --shapes 4096x4096" scripts/gpu_check.sh   # other bench selection
 #   TESTS="tests/test_cuda.py" scripts/gpu_check.sh   # other pytest selection (default: every
 #                                                      # test marked cuda, one process per file)
+#   TESTS=0 BENCH=0 scripts/gpu_check.sh               # skip the tests / the benchmark
+#   EXTRA="ncu ... python3 scripts/profile_gemm.py" scripts/gpu_check.sh   # one more command
+#                                                      # after the build (log: extra.log)
 #
 # Python wheels missing on the machine (e.g. expecttest for opcheck) are taken from ./.whl if
 # that folder exists (on the lent device: pass `.whl` in carry). Exits non-zero if any step
@@ -82,13 +85,16 @@ run_tests() {
   fi
   return $rc
 }
-step tests tests.log run_tests
+[ "${TESTS:-}" = 0 ] || step tests tests.log run_tests
 SAN="compute-sanitizer --error-exitcode 1 --print-limit 20"
 if [ "${SANITIZE:-1}" = 1 ]; then
   step memcheck memcheck.log $SAN --tool memcheck $PY scripts/sanitize_paths.py
   step racecheck racecheck.log $SAN --tool racecheck $PY scripts/sanitize_paths.py
 fi
-if [ -n "${BENCH_ARGS:-}" ]; then
+if [ -n "${EXTRA:-}" ]; then step extra extra.log bash -c "$EXTRA"; fi
+if [ "${BENCH:-}" = 0 ]; then
+  :
+elif [ -n "${BENCH_ARGS:-}" ]; then
   step bench bench.log $PY scripts/bench.py $BENCH_ARGS --out "$OUT/BENCHMARKS.json"
 elif [ "${BENCH:-quick}" = full ]; then
   step bench bench.log $PY scripts/bench.py --out "$OUT/BENCHMARKS.json"
@@ -101,5 +107,5 @@ fi
 if [ "${DEMO:-1}" = 1 ]; then step demo demo.log $PY -m mbwq_ops.demo; fi
 
 echo "=== summary"
-for k in build tests memcheck racecheck bench demo; do echo "$k: ${RESULT[$k]:-not run}"; done
+for k in build tests memcheck racecheck extra bench demo; do echo "$k: ${RESULT[$k]:-not run}"; done
 exit $fail
