@@ -3,6 +3,9 @@
 One run measures, on the current CUDA device:
   * read bandwidth: a large device reduction and a large device-to-device copy (bytes read
     [+ written] / time); the larger of the two is `read_bw_tbs`;
+  * per layer, one torch.sum over exactly the layer's weight bytes (`read_same_bytes_us`): what
+    a single read kernel achieves at that size, fixed per-call costs included (`%rd` = that
+    time / ours: above 100 means faster than reading the bytes with torch.sum);
   * torch.matmul in fp16 and bf16 on the same [M, K] x [K, N] problem;
   * torch.ops.aten._weight_int4pack_mm (4-bit, group 128, bf16) where it runs, else null;
   * our gemm through torch.ops.mbwq.gemm (CUDA-graph replays) and through MBWQLinear (eager
@@ -55,7 +58,8 @@ ALL_FORMATS = ["q4_g128", "q2_g64", "mixed_2.5", "mixed_3.0"]
 MIXES = {"mixed_2.5": {4: 0.1, 3: 0.3, 2: 0.6}, "mixed_3.0": {4: 0.3, 3: 0.4, 2: 0.3}}
 RECORD_KEYS = ["device", "torch", "commit", "shape", "format", "bpw", "M", "us", "layer_us",
                "matmul_fp16_us", "matmul_bf16_us", "int4pack_us", "weight_bytes",
-               "read_bw_tbs", "eff_tbs", "pct_bw", "speedup_fp16"]
+               "read_bw_tbs", "eff_tbs", "pct_bw", "read_same_bytes_us", "pct_read_same",
+               "speedup_fp16"]
 
 
 # ----------------------------------------------------------------------------- timing
@@ -127,6 +131,19 @@ def read_bandwidth() -> Dict[str, float]:
     del buf, a, b
     torch.cuda.empty_cache()
     return res
+
+
+def read_same_bytes_us(nbytes: int) -> float:
+    """Microseconds one torch.sum takes to read `nbytes` (fp16 buffers, rotated past L2 like the
+    layers): what a single well-tuned read kernel achieves at this size, launch, ramp-up and
+    tail included: the practical ceiling for a kernel that must read the same bytes."""
+    n = copies_for(nbytes)
+    bufs = [torch.rand(nbytes // 2, device="cuda").half() for _ in range(n)]
+    out = torch.empty((), device="cuda", dtype=torch.float32)
+    us = time_graph([lambda b=b: torch.sum(b, 0, dtype=torch.float32, out=out) for b in bufs])
+    del bufs
+    torch.cuda.empty_cache()
+    return us
 
 
 # ----------------------------------------------------------------------------- layers
@@ -308,7 +325,8 @@ def main():
 
     records = []
     header = (f"{'K x N':>12} {'format':>10} {'bpw':>5} {'M':>5} {'us':>9} {'layer':>9} "
-              f"{'fp16':>9} {'bf16':>9} {'int4pk':>9} {'TB/s':>6} {'%bw':>5} {'x fp16':>6}")
+              f"{'fp16':>9} {'bf16':>9} {'int4pk':>9} {'TB/s':>6} {'%bw':>5} {'%rd':>5} "
+              f"{'x fp16':>6}")
     for K, N in shapes:
         mm16 = bench_matmul(K, N, Ms, torch.float16)
         mm_bf = bench_matmul(K, N, Ms, torch.bfloat16)
@@ -319,6 +337,7 @@ def main():
             n = copies_for(wbytes)
             arg_sets = clone_layer_args(layer, n)
             bpw = wbytes * 8 / (K * N)
+            rd_us = read_same_bytes_us(wbytes)
             for M in Ms:
                 xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in range(n)]
                 us = time_graph([lambda x=x, a=a: torch.ops.mbwq.gemm(x, *a)
@@ -331,12 +350,14 @@ def main():
                            int4pack_us=None if i4[M] is None else round(i4[M], 2),
                            weight_bytes=wbytes, read_bw_tbs=round(read_bw, 3),
                            eff_tbs=round(eff, 3), pct_bw=round(100 * eff / read_bw, 1),
+                           read_same_bytes_us=round(rd_us, 2),
+                           pct_read_same=round(100 * rd_us / us, 1),
                            speedup_fp16=round(mm16[M] / us, 2))
                 records.append(rec)
                 i4s = "-" if rec["int4pack_us"] is None else f"{rec['int4pack_us']:.1f}"
                 print(f"{K:>5} x{N:>6} {f:>10} {bpw:5.2f} {M:5d} {us:9.1f} {layer_us:9.1f} "
                       f"{mm16[M]:9.1f} {mm_bf[M]:9.1f} {i4s:>9} {eff:6.2f} {rec['pct_bw']:5.1f} "
-                      f"{rec['speedup_fp16']:6.2f}", flush=True)
+                      f"{rec['pct_read_same']:5.1f} {rec['speedup_fp16']:6.2f}", flush=True)
                 del xs
             del layer, arg_sets
             torch.cuda.empty_cache()

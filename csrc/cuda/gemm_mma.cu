@@ -347,6 +347,9 @@ __global__ void reduce_splits_kernel(const float* __restrict__ part, const void*
                                      int bias_kind, T* __restrict__ y, int splits, int64_t MN,
                                      int N) {
   wait_prior_grid();  // the partials
+  // The next call's x gather may be scheduled now: it waits for this kernel before it reads
+  // anything, and without the early start its launch latency adds to every split call.
+  allow_next_grid();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= MN) return;
   float v = 0.f;
