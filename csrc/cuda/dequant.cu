@@ -213,18 +213,13 @@ void gather_scale(const at::Tensor& x, const at::Tensor& perm, const std::option
 // ---- host helpers shared by the launchers (launch.h) ----
 
 namespace {
-// One attribute of the current device (at least 1), read once per device into `cache`:
-// constant for the process.
+// One attribute of the current device, read once per device into `cache`.
 int cached_device_attribute(cudaDeviceAttr attr, int (&cache)[64]) {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 64) dev = 63;
-  if (cache[dev] == 0) {
+  return once_per_device(cache, [attr](int dev) {
     int v = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
-    cache[dev] = v > 0 ? v : 1;
-  }
-  return cache[dev];
+    return v;
+  });
 }
 }  // namespace
 

@@ -431,18 +431,14 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const size_t smem = std::max(rings + table, red);
   // Raise the shared-memory limit and read the occupancy once per device.
   static int ctas_per_sm[64] = {};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  dev = std::min(dev, 63);
-  if (ctas_per_sm[dev] == 0) {
+  const int slots = sm_count() * once_per_device(ctas_per_sm, [&](int) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         int(smem)));
     int n = 0;
     C10_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
-    ctas_per_sm[dev] = std::max(n, 1);
-  }
-  const int slots = sm_count() * ctas_per_sm[dev];
+    return n;
+  });
   // Column warps and K splits: model the time as waves x (blocks per warp + a pipeline ramp of
   // ~STAGES blocks), plus the fp32 partials' traffic, and take the cheapest. (H100, 8192 x
   // 28672 q4 at M = 1: 448 CTAs of one column warp = 1.7 waves, 56.7 us; 224 CTAs of two,

@@ -3,7 +3,9 @@
 // holds the device guard and has checked shapes (checks.h).
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <optional>
 
 namespace mbwq {
@@ -35,6 +37,17 @@ void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& 
 // Tuning hook for benchmarks (gemm_mma.cu): the positive integer in environment variable `name`,
 // read at each call, else 0.
 int tuning_override(const char* name);
+
+// compute(device) for the current device, computed once per device into `cache` (at least 1;
+// devices from 64 on share the last entry): for values constant for the process.
+template <typename F>
+int once_per_device(int (&cache)[64], F compute) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  int& v = cache[std::min(dev, 63)];
+  if (v == 0) v = std::max(compute(dev), 1);
+  return v;
+}
 
 // Multiprocessor count and compute-capability major of the current device (read once per
 // device).
