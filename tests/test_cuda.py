@@ -3,9 +3,10 @@ torch.compile(mode="reduce-overhead"), device moves and the guards against bad t
 
 Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
   * M <= 64 (192 on layers of >= 2^25 weights), fp16/bf16, K and N multiples of 8: tensor-core
-    kernel (gemm_mma.cu, 64 rows per call), exact fp16 weights; with a single K split it writes
-    y itself, with several (many K blocks, few column tiles) it writes fp32 partials reduced by
-    a second kernel;
+    kernel (gemm_mma.cu, row chunks of 64 on mma.sync, or of up to 128 on wgmma where more than
+    88 rows remain on compute capability 9.0), exact fp16 weights; with a single K split it
+    writes y itself, with several (many K blocks, few column tiles) it writes fp32 partials
+    reduced by a second kernel;
   * larger M, fp32 activations or N % 8 != 0: gather x + dequant W + cuBLAS.
 """
 from __future__ import annotations
@@ -93,7 +94,7 @@ SPECS = {
     "n_odd": LayerSpec(256, 130, True, widths=(5, 4, 2), group_rows=(64, 96, 96), perm="random",
                        bias=True, seed=7),
 }
-MS = [1, 2, 3, 5, 8, 17, 32, 33, 64, 65, 118, 192, 193, 1000]
+MS = [1, 2, 3, 5, 8, 17, 32, 33, 64, 65, 118, 128, 129, 192, 193, 1000]
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -106,14 +107,20 @@ def test_gemm_every_path_vs_reference(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk"])
-def test_mma_row_chunks(name, monkeypatch):
-    # M > 64 as row chunks of 64 (the path of large layers; forced here on small ones)
-    monkeypatch.setenv("MBWQ_MMA_MAX_M", "192")
+@pytest.mark.parametrize("no_wgmma", ["0", "1"])
+def test_mma_row_chunks(name, no_wgmma, monkeypatch):
+    # M beyond one call as row chunks (the path of large layers; forced here on small ones):
+    # of 64 on mma.sync; with wgmma 65 .. 128 rows as one tile where more than 88 remain
+    # (M = 100, 128; 130 = 128 + 2, 192 = 128 + 64, 300 = 128 + 128 + 44), else 64
+    monkeypatch.setenv("MBWQ_MMA_MAX_M", "300")
+    monkeypatch.setenv("MBWQ_MMA_NO_WGMMA", no_wgmma)
     layer, W = layer_and_weight(SPECS[name])
     for dtype in DTYPES:
-        for M in (65, 130, 192):
+        for M in (65, 100, 128, 130, 192, 300):
             x = rand_x(M, layer.in_channels, dtype, seed=M)
-            assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+            y = run_gemm(layer, x)
+            assert_close_to_reference(y, x, W, layer)
+            assert torch.equal(run_gemm(layer, x), y)  # deterministic
 
 
 def test_gemm_float32_activations():

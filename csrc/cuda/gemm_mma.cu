@@ -51,6 +51,7 @@
 #include "launch.h"
 #include "mma_decode.cuh"
 #include "mma_tile.cuh"
+#include "wgmma.cuh"
 
 namespace mbwq {
 namespace cuda {
@@ -97,6 +98,21 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, const u
     const uint4 hi = (B == 2 || B == 4) ? lo : *reinterpret_cast<const uint4*>(p + R::kRowStride);
     compute_quad<B, QN, MT, T>(q, lo, hi, g, t, sc, nz, x, acc);
   }
+}
+
+// The same block on the warpgroup path (wgmma.cuh; QN = 1): decode, then the block's four wgmma
+// as one committed group, reading x at shared address `x`.
+template <int B, int MT, typename T>
+__device__ __forceinline__ void wgmma_compute_block(const unsigned char* slot, uint32_t x, int g,
+                                                    int t, const uint2 (&sc)[1],
+                                                    const uint2 (&nz)[1], float (&acc)[2][MT][4]) {
+  using R = Slot<1>;
+  const unsigned char* p = slot + ((t * B) >> 2) * R::kRowStride + 16 * g;
+  const uint4 lo = *reinterpret_cast<const uint4*>(p);
+  const uint4 hi = (B == 2 || B == 4) ? lo : *reinterpret_cast<const uint4*>(p + R::kRowStride);
+  uint32_t a[2][8];
+  decode_quad<B, 1, T>(0, lo, hi, t, sc, nz, a);
+  wgmma_block<T, MT>(a, x, acc);
 }
 
 // A block width as a type, for the lambdas that specialise on it (0: not known).
@@ -190,16 +206,22 @@ struct LaneCopies {
 // ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // CTA_X: one x ring for the CTA (Rings); the caller passes WC == kWarps (log2_wc = 3).
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X>
+// WG: the products run as wgmma (wgmma.cuh; sm_90a, CTA_X, QN = 1, MT = 16), x in wgmma order.
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                     int log2_wc, int blocks_per_split) {
+  static_assert(!WG || (CTA_X && QN == 1), "the wgmma path takes one x ring and QN = 1");
+#if !MBWQ_WGMMA
+  if constexpr (WG) __trap();  // not launched without wgmma (run_kernel)
+#endif
   using Rg = Slot<QN>;
   using Rx = Rings<QN, MT, STAGES, CTA_X>;
   constexpr int kStages = STAGES;
+  constexpr int kAhead = kStages - 1;  // blocks in flight during a compute
   extern __shared__ __align__(16) unsigned char smem[];
   allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -228,17 +250,22 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const LaneCopies<QN> copies(qweight, scales, zeros, N, n_warp, lane,
                               smem_s + warp * Rx::kWarpBytes);
   // x of block i: MT * 32 chunks of 16 bytes, chunk c = token c / 4, quarter c % 4 of its 32 k,
-  // zero-filled for tokens past M; they land in token order, 64 bytes a token. Lane l copies
-  // chunks l + 32 k (CTA_X: thread c copies chunk c).
-  constexpr int kXCopies = CTA_X ? 1 : MT;
+  // zero-filled for tokens past M; they land in token order, 64 bytes a token (WG: as the
+  // pieces of wgmma.cuh). Lane l copies chunks l + 32 k (CTA_X: thread c, chunks c + 256 k).
+  constexpr int kXThreads = CTA_X ? kWarps * 32 : 32;      // threads that copy x
+  constexpr int kXCopies = (32 * MT + kXThreads - 1) / kXThreads;  // chunks a thread copies
+  constexpr int kXTokenStep = kXThreads / 4;                // tokens from one copy to the next
   const int x_chunk = CTA_X ? int(threadIdx.x) : lane;
   const bool x_copier = x_chunk < 32 * MT;
-  const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) + 16 * x_chunk;  // slot 0
-  // element offsets into xs, one register each (M * K < 2^31: M <= 64, K <= 65536)
+  const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) +  // slot 0
+                         (WG ? wgmma_x_offset<MT>(x_chunk / 4, x_chunk % 4) : 16 * x_chunk);
+  // the slot's x bytes from one copy to the next
+  constexpr uint32_t kXDstStep = WG ? kXTokenStep * 16 : kXThreads * 16;
+  // element offsets into xs, one register each (M * K < 2^32: M <= 128)
   uint32_t x_src[kXCopies];
 #pragma unroll
   for (int k = 0; k < kXCopies; ++k)
-    x_src[k] = uint32_t(min(x_chunk / 4 + 8 * k, M - 1)) * uint32_t(K) +
+    x_src[k] = uint32_t(min(x_chunk / 4 + kXTokenStep * k, M - 1)) * uint32_t(K) +
                uint32_t(wb) * kBlockRows + 8 * (x_chunk % 4);
   int issue_group = -1;
   // Block i's weights, and its x, into ring slot `slot`; width B when the caller knows it
@@ -254,36 +281,36 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     if (!x_copier) return;
 #pragma unroll
     for (int k = 0; k < kXCopies; ++k)
-      cp_async16(x_dst + slot * Rx::kXStride + 16 * 32 * k,
-                 xs + (x_src[k] + uint32_t(i) * kBlockRows), x_chunk / 4 + 8 * k < M);
+      cp_async16(x_dst + slot * Rx::kXStride + kXDstStep * k,
+                 xs + (x_src[k] + uint32_t(i) * kBlockRows), x_chunk / 4 + kXTokenStep * k < M);
   };
   // The first blocks' weights are queued before waiting for the kernel that writes xs
   // (programmatic dependent launch: this grid may start while gather_x_kernel runs, which
   // allows it only once every kernel before it has finished);
   // slot s's copies then complete with cp.async group s (group 0 also holds the others'
   // weights).
-  for (int s = 0; s < kStages - 1 && s < nb; ++s) issue_weights(Width<0>{}, s, s);
+  for (int s = 0; s < kAhead && s < nb; ++s) issue_weights(Width<0>{}, s, s);
   wait_prior_grid();
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kAhead; ++s) {
     if (s < nb) issue_x(s, s);
     cp_async_commit();
   }
 
   uint2 sc[QN], nz[QN];  // the lane's 4*QN scales and -zeros (fp16), this block's group
   int cur_group = -1;
-  int slot_c = 0, slot_i = kStages - 1;  // ring slots of the block computed / issued next
+  int slot_c = 0, slot_i = kAhead;  // ring slots of the block computed / issued next
   // Blocks [i0, i1), a run of width B (0: invalid entries, which only keep the ring going).
-  // Each step waits for block i, then refills the slot that every lane finished in the
-  // previous step with block i + kStages - 1 (kStages - 1 blocks in flight during the
-  // compute). Issues inside the run know the width too; the last kStages - 1 issue the next
-  // run's.
+  // Each step waits for block i, then refills the slot that every lane (WG: every wgmma)
+  // finished in the previous step with block i + kAhead. Issues inside the run know the width
+  // too; the last kAhead issue the next run's.
   auto run = [&](auto width, int i0, int i1) {
     constexpr int B = decltype(width)::value;
     for (int i = i0; i < i1; ++i) {
-      cp_async_wait<kStages - 2>();
+      cp_async_wait<kAhead - 1>();
+      if constexpr (WG) fence_proxy_async();
       ring_sync();
-      const int n = i + kStages - 1;
+      const int n = i + kAhead;
       if (n < i1) issue_weights(width, n, slot_i);
       else if (n < nb) issue_weights(Width<0>{}, n, slot_i);
       if (n < nb) issue_x(n, slot_i);
@@ -291,7 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       cp_async_commit();
 
       const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
-      const unsigned char* x = smem + Rx::x_offset(warp, slot_c);
+      const int x_off = Rx::x_offset(warp, slot_c);
       slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
       if constexpr (B > 0) {
         if (starts_group(B, my_meta[i].x >> 4, cur_group)) {
@@ -302,7 +329,15 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
                 slot + Rg::kSzOffset + 2 * Rg::kCols + 64 * q + 8 * g));
           }
         }
-        compute_block<B, QN, MT, T>(slot, x, g, t, sc, nz, acc);
+        if constexpr (WG) {
+          wgmma_compute_block<B, MT, T>(slot, smem_s + x_off, g, t, sc, nz, acc);
+          // Done before the next block's decode. Leaving one group in flight (the usual
+          // pipelining) gave wrong columns on H100: the next decode reused the in-flight
+          // wgmma's A registers across the loop's back edge (ptxas kept one register set).
+          wgmma_wait<0>();
+        } else {
+          compute_block<B, QN, MT, T>(slot, smem + x_off, g, t, sc, nz, acc);
+        }
       } else {
         cur_group = -1;
       }
@@ -333,6 +368,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     i = j;
   }
   cp_async_wait<0>();
+  if constexpr (WG) wgmma_wait<0>();
   // An invalid table entry in the warp's range makes its tile NaN; found again here rather
   // than flagged in the loop, so that no register is held for it there.
   bool poisoned = false;
@@ -358,9 +394,9 @@ __global__ void reduce_splits_kernel(const float* __restrict__ part, const void*
   y[i] = Cvt<T>::from_f(v);
 }
 
-// xs[m, k'] = round_T(x[m, perm[k]] * channel_scale[perm[k]]) with k' the interleaved position
-// of stored row k (see header). An out-of-range perm entry gives NaN.
-template <typename T>
+// xs[m, k'] = round_T(x[m, perm[k]] * channel_scale[perm[k]]) with k' the position of stored
+// row k in the kernel's order (gather_chunk). An out-of-range perm entry gives NaN.
+template <typename T, bool WGMMA_ORDER>
 __global__ void gather_x_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K) {
   // x may come from the previous kernel. Only then may the GEMM be scheduled: its prologue
   // reads the weights before its own wait, and everything before this kernel is done now.
@@ -370,7 +406,7 @@ __global__ void gather_x_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K) {
   const int chunks = K / 8;
   if (i >= int64_t(M) * chunks) return;
   const int m = int(i / chunks), c = int(i % chunks);
-  *reinterpret_cast<uint4*>(xs + int64_t(m) * K + c * 8) = gather_chunk(a, K, m, c);
+  *reinterpret_cast<uint4*>(xs + int64_t(m) * K + c * 8) = gather_chunk<WGMMA_ORDER>(a, K, m, c);
 }
 
 
@@ -419,15 +455,16 @@ struct Call {
 //   MT = 8: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 4 KB + 8 KB = 83 KB)
 // (QN 1 from 4 token tiles on: the accumulators need the registers.)
 // WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X>
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG = false>
 void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int M = c.x.size(0), K = c.x.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X>;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, WG>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X>::kBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
-  const size_t red = size_t(kWarps) * 2 * QN * MT * 4 * 32 * sizeof(float);
+  // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0
+  const size_t red = size_t(kWarps - std::min(wc_options)) * 2 * QN * MT * 4 * 32 * sizeof(float);
   const size_t smem = std::max(rings + table, red);
   // Raise the shared-memory limit and read the occupancy once per device.
   static int ctas_per_sm[64] = {};
@@ -470,7 +507,7 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   // x in stored row order, once for all CTAs; the rings then copy it block by block.
   at::Tensor xs = at::empty({M, K}, c.x.options());
   const int64_t nx = int64_t(M) * (K / 8);
-  launch_chained(gather_x_kernel<T>, dim3((nx + 255) / 256), dim3(256), 0, c.stream, c.xa,
+  launch_chained(gather_x_kernel<T, WG>, dim3((nx + 255) / 256), dim3(256), 0, c.stream, c.xa,
                  reinterpret_cast<T*>(xs.data_ptr()), M, K);
 
   at::Tensor part;
@@ -526,8 +563,15 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
                                                    : std::initializer_list<int>{2, 1});
   } else if (M <= 32) {
     run_kernel<T, 4, 1, 5, 2, true>(c, {kWarps});
-  } else {
+  } else if (M <= kMmaMaxM) {
     run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
+  } else {
+    // 65 .. 128 tokens as one wgmma tile (ops_cuda.cpp sends these only where
+    // wgmma_available()): one decode of W for all of them. H100, 8192 x 28672 q4, against
+    // mma.sync in row chunks of 64: M = 96 213 -> 200 us, 112 243 -> 209 us, 128 247 -> 217 us;
+    // at M = 80 it lost (184 -> 195 us), and wgmma tiles of 32 and 64 tokens were no faster
+    // than mma.sync (BENCHMARKS.md): the decode's instructions, not the products, set the time.
+    run_kernel<T, 16, 1, 6, 1, true, true>(c, {kWarps});
   }
 }
 
@@ -538,6 +582,10 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
 int tuning_override(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::max(0, std::atoi(v)) : 0;
+}
+
+bool wgmma_available() {
+  return compute_capability_major() == 9 && tuning_override("MBWQ_MMA_NO_WGMMA") == 0;
 }
 
 bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -554,8 +602,9 @@ void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& 
               const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
               const std::optional<at::Tensor>& channel_scale,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMmaMaxM, "mbwq: tensor-core path needs 1 <= M <= ",
-              kMmaMaxM, ", got M = ", x.size(0));
+  const int64_t max_rows = wgmma_available() ? kWgmmaRows : kMmaMaxM;
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows, "mbwq: tensor-core path needs 1 <= M <= ",
+              max_rows, ", got M = ", x.size(0));
   TORCH_CHECK(mma_supported(x, qweight, scales, zeros),
               "mbwq: internal: tensor-core path called with unsupported arguments");
   if (x.scalar_type() == at::kHalf) {

@@ -11,24 +11,31 @@
 namespace mbwq {
 namespace cuda {
 
-// Path boundaries, from shapes only (ops_cuda.cpp: gemm_cuda): the tensor-core kernel takes
-// 1 <= M <= kMmaMaxM (fp16 / bf16, mma_supported), on layers of at least kMmaChunkedMinWeights
-// weights up to kMmaChunkedMaxM as row chunks of kMmaMaxM (each chunk reads the weights once);
-// dequant + cuBLAS everything else. Measured on an H100 (BENCHMARKS.md): 8192 x 28672 4-bit,
-// M = 128 in two chunks 238 us against 394 us for dequant + cuBLAS, M = 256 in four 506 us
-// against 432 us; 4096 x 14336, M = 128: 77 us against 111 us; 4096 x 4096, M = 128: 47 us
-// against 35 us.
+// Path boundaries, from shapes and the device only (ops_cuda.cpp: gemm_cuda): the tensor-core
+// kernel takes 1 <= M <= kMmaMaxM (fp16 / bf16, mma_supported), on layers of at least
+// kMmaChunkedMinWeights weights up to kMmaChunkedMaxM as row chunks (each chunk reads the
+// weights once): of kMmaMaxM rows, or of up to kWgmmaRows where wgmma_available() and more
+// than kWgmmaMinRows rows remain; dequant + cuBLAS everything else. Measured on an H100
+// (BENCHMARKS.md): 8192 x 28672 4-bit, M = 128 in two mma.sync chunks 238 us against 394 us
+// for dequant + cuBLAS (one wgmma chunk: 217 us), M = 256 in four 506 us against 432 us;
+// 4096 x 14336, M = 128: 77 us against 111 us; 4096 x 4096, M = 128: 47 us against 35 us.
 constexpr int64_t kMmaMaxM = 64;
 constexpr int64_t kMmaChunkedMaxM = 192;
 constexpr int64_t kMmaChunkedMinWeights = int64_t(1) << 25;  // K * N, e.g. 4096 x 8192
+constexpr int64_t kWgmmaRows = 128;
+constexpr int64_t kWgmmaMinRows = 88;
+
+// True on devices where the kernel runs 65 .. kWgmmaRows rows as one wgmma tile (compute
+// capability 9.0, the sm_90a build; MBWQ_MMA_NO_WGMMA=1 turns it off for comparison).
+bool wgmma_available();
 
 // True when the tensor-core kernel may take this layer: fp16 / bf16 activations, K and N
 // multiples of 8 (16-byte copies of qweight rows, scales and zeros) and 16-byte aligned data.
 bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros);
 
-// y[M, N] = round(x * cs)[:, perm] @ Wstored + bias on tensor cores (mma.sync), weights read
-// once per call, for 1 <= M <= kMmaMaxM.
+// y[M, N] = round(x * cs)[:, perm] @ Wstored + bias on tensor cores, weights read once per call,
+// for 1 <= M <= kMmaMaxM (mma.sync), or kWgmmaRows where wgmma_available() (wgmma from 65 on).
 void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
               const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
               const std::optional<at::Tensor>& cs, const std::optional<at::Tensor>& bias,

@@ -168,18 +168,13 @@ __device__ __forceinline__ uint32_t scale_word(const uint2 (&v)[QN], int u) {
 }
 
 // One quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and hi
-// (row j0 + 1; unused for widths 2 and 4) of the quad's columns become exact fp16 weights,
-// then the mma for all MT token tiles. x: the block's x in shared memory, 8 tokens x 32 k a
-// token tile, 64 bytes a token; lanes 0-7 of a quarter-warp read 128 contiguous bytes
-// (conflict-free). Its fragments are loaded per tile, next to their mma, so that only one
-// tile's are live (MT = 8 keeps 64 accumulators).
-template <int B, int QN, int MT, typename T>
-__device__ __forceinline__ void compute_quad(int q, const uint4& lo, const uint4& hi, int g, int t,
-                                             const uint2 (&sc)[QN], const uint2 (&nz)[QN],
-                                             const unsigned char* x,
-                                             float (&acc)[2 * QN][MT][4]) {
-  // a[k]: A registers of mma 2q + k, k-step 0 (a[k][0..3]) and k-step 1 (a[k][4..7])
-  uint32_t a[2][8];
+// (row j0 + 1; unused for widths 2 and 4) of the quad's columns become exact fp16 weights (as T),
+// the A registers of mma i = 2q + k: a[k][0..3] for k-step 0, a[k][4..7] for k-step 1. The same
+// registers feed wgmma (gemm_wgmma.cuh), whose per-warp A fragment is laid out like this one.
+template <int B, int QN, typename T>
+__device__ __forceinline__ void decode_quad(int q, const uint4& lo, const uint4& hi, int t,
+                                            const uint2 (&sc)[QN], const uint2 (&nz)[QN],
+                                            uint32_t (&a)[2][8]) {
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     // mma i = 2q + k: A row g = lane column 4q + k, A row g + 8 = lane column 4q + k + 2
@@ -196,6 +191,19 @@ __device__ __forceinline__ void compute_quad(int q, const uint4& lo, const uint4
       a[k][2 * s + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
     }
   }
+}
+
+// decode_quad, then the mma for all MT token tiles. x: the block's x in shared memory, 8 tokens
+// x 32 k a token tile, 64 bytes a token; lanes 0-7 of a quarter-warp read 128 contiguous bytes
+// (conflict-free). Its fragments are loaded per tile, next to their mma, so that only one
+// tile's are live (MT = 8 keeps 64 accumulators).
+template <int B, int QN, int MT, typename T>
+__device__ __forceinline__ void compute_quad(int q, const uint4& lo, const uint4& hi, int g, int t,
+                                             const uint2 (&sc)[QN], const uint2 (&nz)[QN],
+                                             const unsigned char* x,
+                                             float (&acc)[2 * QN][MT][4]) {
+  uint32_t a[2][8];
+  decode_quad<B, QN, T>(q, lo, hi, t, sc, nz, a);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     // x fragments of tokens 8 mt + g, k 8t .. 8t + 7

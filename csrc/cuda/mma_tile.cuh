@@ -51,15 +51,17 @@ struct XArgs {
   int cs_kind;
 };
 
-// Stored rows 8c .. 8c + 7 of token m, as one 16-byte chunk in the interleaved order
-// [0 4 1 5 2 6 3 7] (header): round_T(x[m, perm[k]] * cs[perm[k]]), NaN for a perm entry
-// outside [0, K).
-template <typename T>
+// Chunk c (16 bytes) of token m's xs row: round_T(x[m, perm[k]] * cs[perm[k]]) for the 8 stored
+// rows k the kernel expects there, NaN for a perm entry outside [0, K). Within 32-row block
+// b = c / 4, chunk c % 4 holds (mma_decode.cuh, wgmma.cuh):
+//   mma.sync order:  rows 8c .. 8c + 7 as [0 4 1 5 2 6 3 7] (one load = both k-steps' B regs)
+//   wgmma order:     rows 32b + p + 4i, i = 0..7, p = c % 4 (one piece of the B operand)
+template <bool WGMMA_ORDER, typename T>
 __device__ __forceinline__ uint4 gather_chunk(const XArgs<T>& a, int K, int m, int c) {
-  T v[8];
+  alignas(16) T o[8];
 #pragma unroll
-  for (int r = 0; r < 8; ++r) {
-    const int k = c * 8 + r;
+  for (int i = 0; i < 8; ++i) {
+    const int k = WGMMA_ORDER ? 32 * (c / 4) + c % 4 + 4 * i : 8 * c + i / 2 + 4 * (i % 2);
     const int src = a.perm != nullptr ? a.perm[k] : k;
     float f;
     if (src < 0 || src >= K) {
@@ -68,9 +70,8 @@ __device__ __forceinline__ uint4 gather_chunk(const XArgs<T>& a, int K, int m, i
       f = Cvt<T>::to_f(a.x[int64_t(m) * K + src]);
       if (a.cs_kind != kAuxNone) f = round_as<T>(f * aux_load(a.cs, a.cs_kind, src));
     }
-    v[r] = Cvt<T>::from_f(f);
+    o[i] = Cvt<T>::from_f(f);
   }
-  alignas(16) T o[8] = {v[0], v[4], v[1], v[5], v[2], v[6], v[3], v[7]};
   return *reinterpret_cast<const uint4*>(o);
 }
 

@@ -1,0 +1,122 @@
+// Hopper warpgroup MMA (wgmma) for the tensor-core GEMM (gemm_mma.cu, 65 .. 128 tokens on
+// sm_90a): the decoded weights stay the A operand in registers, x is the B operand in shared
+// memory.
+//
+// A warpgroup (4 warps) runs one m64nNk16 per wgmma, N = 8 * MT = 128 tokens. Warp w supplies A rows
+// 16w .. 16w + 15 in the same per-warp fragment layout as mma.m16n8k16 (mma_decode.cuh), and
+// holds D rows 16w + g, 16w + g + 8 like the mma's C: so decode_quad's registers and the
+// accumulators acc[i][mt][e] mean exactly what they mean on the mma.sync path, and the warp's
+// mma i becomes the warpgroup's wgmma i (QN = 1: i = 0, 1; 32 columns a warp).
+//
+// B in shared memory, "K-major" without swizzle: 8 x 8 core matrices of 8 tokens x 16 bytes
+// (8 k). mma_decode.cuh fixes which stored row each k-index of a k-step stands for; for k-step
+// s, k-indices 0..7 are stored rows p + 4i (i = 0..7) with p = 2s, k-indices 8..15 the same with
+// p = 2s + 1. So a block's x is kept as four pieces p = 0..3 of 8 rows each, token-major:
+//
+//   slot x:  | piece 0: token 0 (16 B) token 1 ... token 8MT-1 | piece 1 ... | piece 3 |
+//   k-step s: start = piece 2s, next core matrix in k (LBO) = one piece (8MT x 16 bytes),
+//             next 8 tokens (SBO) = 128 bytes.
+//
+// gather_x_kernel writes xs with every 16-byte chunk already one piece of one token
+// (gather_chunk<true> in mma_tile.cuh), so the ring copies chunks and only places them.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+namespace mbwq {
+namespace cuda {
+
+// wgmma exists in the sm_90a pass only; elsewhere these are never reached (the host launches
+// the wgmma kernels on compute capability 9.0 only) and compile to nothing.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MBWQ_WGMMA 1
+#define MBWQ_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define MBWQ_WGMMA 0
+#define MBWQ_WGMMA_ASM(...) \
+  do {                      \
+  } while (0)
+#endif
+
+// Register writes (A fragments, accumulators) before this are seen by the wgmma after it.
+__device__ __forceinline__ void wgmma_fence() {
+  MBWQ_WGMMA_ASM("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  MBWQ_WGMMA_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Wait until at most N committed wgmma groups of this warpgroup are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  MBWQ_WGMMA_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// This thread's shared-memory writes (cp.async) are ordered before later wgmma reads of them
+// (wgmma reads its shared operands through the async proxy); a CTA barrier must follow.
+__device__ __forceinline__ void fence_proxy_async() {
+  MBWQ_WGMMA_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Shared-memory matrix descriptor of a K-major, unswizzled operand (header): start address,
+// leading byte offset (next core matrix along k), stride byte offset (next 8 rows), each >> 4.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((addr >> 4) & 0x3FFF) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
+         (uint64_t((sbo >> 4) & 0x3FFF) << 32);
+}
+
+// One wgmma m64n128k16, d += A B (scale-d 1, no negation, B not transposed): A = {a0..a3} from
+// registers, B from `desc`, d = the 64 accumulators of a thread (acc[i] of the kernel,
+// [16][4] flattened).
+#define MBWQ_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define MBWQ_WGMMA_N128(TYPES)                                                                 \
+  MBWQ_WGMMA_ASM("wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES " {"                     \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "      \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "      \
+                 "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "      \
+                 "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "      \
+                 "%58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"     \
+                 : MBWQ_D4(0), MBWQ_D4(4), MBWQ_D4(8), MBWQ_D4(12), MBWQ_D4(16), MBWQ_D4(20),  \
+                   MBWQ_D4(24), MBWQ_D4(28), MBWQ_D4(32), MBWQ_D4(36), MBWQ_D4(40),            \
+                   MBWQ_D4(44), MBWQ_D4(48), MBWQ_D4(52), MBWQ_D4(56), MBWQ_D4(60)             \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc))
+template <typename T>
+__device__ __forceinline__ void wgmma_n128(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                           uint32_t a3, uint64_t desc) {
+  if constexpr (std::is_same<T, __half>::value) {
+    MBWQ_WGMMA_N128("f16.f16");
+  } else {
+    MBWQ_WGMMA_N128("bf16.bf16");
+  }
+}
+#undef MBWQ_WGMMA_N128
+#undef MBWQ_D4
+
+// Shared-memory offset of token n's piece p in a slot's x (header), MT token tiles.
+template <int MT>
+__device__ __forceinline__ int wgmma_x_offset(int n, int p) {
+  return (p * 8 * MT + n) * 16;
+}
+
+// The four wgmma of one 32-row block (two k-steps x the warp's two A row sets) as one
+// committed group. a: decode_quad's registers; x: shared address of the block's x.
+template <typename T, int MT>
+__device__ __forceinline__ void wgmma_block(const uint32_t (&a)[2][8], uint32_t x,
+                                            float (&acc)[2][MT][4]) {
+  static_assert(MT == 16, "wgmma_block: 128 tokens (m64n128k16)");
+  constexpr uint32_t kPiece = 8 * MT * 16;
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const uint64_t desc = smem_desc(x + 2 * s * kPiece, kPiece, 128);
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      wgmma_n128<T>(&acc[k][0][0], a[k][4 * s], a[k][4 * s + 1], a[k][4 * s + 2],
+                    a[k][4 * s + 3], desc);
+  }
+  wgmma_commit();
+}
+
+}  // namespace cuda
+}  // namespace mbwq
