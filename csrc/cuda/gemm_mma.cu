@@ -448,11 +448,13 @@ struct Call {
 
 // One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
 // warp, the CTAs per SM its registers are sized for and where x goes (CTA_X: one ring per CTA).
-// Shared memory per CTA: the rings and the block table (8 KB), two CTAs per SM:
+// Shared memory per CTA: the rings and the block table (8 KB), two CTAs per SM unless noted:
 //   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
 //   MT = 4: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 2 KB + 8 KB = 73 KB)
 //   MT = 8: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 4 KB + 8 KB = 83 KB)
+//   MT = 16 (wgmma, one CTA per SM: 213 registers): QN 1, 6 stages, x per CTA
+//           (8 x 6 x 1408 + 6 x 8 KB + 8 KB = 122 KB)
 // (QN 1 from 4 token tiles on: the accumulators need the registers.)
 // WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG = false>
