@@ -83,19 +83,27 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// The lane's words of quad q in ring slot `slot` for a block of width B (mma_decode.cuh):
+// lo = row j0 = (t * B) / 4, hi = row j0 + 1. Widths 2 and 4 never cross a word (hi = lo, not
+// read); the others may (the row exists in the slot).
+template <int B, int QN>
+__device__ __forceinline__ void quad_words(const unsigned char* slot, int q, int g, int t,
+                                           uint4& lo, uint4& hi) {
+  using R = Slot<QN>;
+  const unsigned char* p = slot + ((t * B) >> 2) * R::kRowStride + 128 * q + 16 * g;
+  lo = *reinterpret_cast<const uint4*>(p);
+  hi = (B == 2 || B == 4) ? lo : *reinterpret_cast<const uint4*>(p + R::kRowStride);
+}
+
 // One 32-row block of width B from ring slot `slot`, its x at `x`.
 template <int B, int QN, int MT, typename T>
 __device__ __forceinline__ void compute_block(const unsigned char* slot, const unsigned char* x,
                                               int g, int t, const uint2 (&sc)[QN],
                                               const uint2 (&nz)[QN], float (&acc)[2 * QN][MT][4]) {
-  using R = Slot<QN>;
-  const int j0 = (t * B) >> 2;
 #pragma unroll
   for (int q = 0; q < QN; ++q) {  // one quad at a time: only its words are live
-    const unsigned char* p = slot + j0 * R::kRowStride + 128 * q + 16 * g;
-    const uint4 lo = *reinterpret_cast<const uint4*>(p);
-    // widths 2 and 4 never cross a word; the others may (the row exists in the slot)
-    const uint4 hi = (B == 2 || B == 4) ? lo : *reinterpret_cast<const uint4*>(p + R::kRowStride);
+    uint4 lo, hi;
+    quad_words<B, QN>(slot, q, g, t, lo, hi);
     compute_quad<B, QN, MT, T>(q, lo, hi, g, t, sc, nz, x, acc);
   }
 }
@@ -106,10 +114,8 @@ template <int B, int MT, typename T>
 __device__ __forceinline__ void wgmma_compute_block(const unsigned char* slot, uint32_t x, int g,
                                                     int t, const uint2 (&sc)[1],
                                                     const uint2 (&nz)[1], float (&acc)[2][MT][4]) {
-  using R = Slot<1>;
-  const unsigned char* p = slot + ((t * B) >> 2) * R::kRowStride + 16 * g;
-  const uint4 lo = *reinterpret_cast<const uint4*>(p);
-  const uint4 hi = (B == 2 || B == 4) ? lo : *reinterpret_cast<const uint4*>(p + R::kRowStride);
+  uint4 lo, hi;
+  quad_words<B, 1>(slot, 0, g, t, lo, hi);
   uint32_t a[2][8];
   decode_quad<B, 1, T>(0, lo, hi, t, sc, nz, a);
   wgmma_block<T, MT>(a, x, acc);
