@@ -15,14 +15,15 @@
 //        +-----------+-----------+     blocks and add up through shared memory in order.
 //
 // Each warp streams its blocks through a ring of STAGES cp.async slots in shared memory,
-// STAGES - 1 blocks in flight: the weights' rows, the scales and zeros at group starts, and
-// the block's x (8 tokens x 32 k per token tile, zero-filled past M). The loop waits only on
-// the ring's cp.async groups. For M > 16 (CTA_X) the warps of a CTA are all column warps
-// (WC = 8) and share one x ring, copied once per CTA: x then weighs as much as the warps'
-// weights or more, and one copy per warp multiplied the L2 traffic by 8. Keeping x in
-// registers one block ahead instead (an earlier design) put the x load on the same scoreboard
-// as the weight loads: every iteration then waited for all of them, one block in flight per
-// warp, and the time per block stayed the same for 2- and 4-bit layers.
+// STAGES - 1 blocks in flight (STAGES - 2 with wgmma): the weights' rows, the scales and zeros
+// at group starts, and the block's x (8 tokens x 32 k per token tile, zero-filled past M). The
+// loop waits only on the ring's cp.async groups. For M > 16 (CTA_X) the warps of a CTA are all
+// column warps (WC = 8) and share x rings, one per group of 8 / XG warps, copied once per
+// group: x then weighs as much as the warps' weights or more, and one copy per warp multiplied
+// the L2 traffic by 8. Keeping x in registers one block ahead instead (an earlier design) put
+// the x load on the same scoreboard as the weight loads: every iteration then waited for all of
+// them, one block in flight per warp, and the time per block stayed the same for 2- and 4-bit
+// layers.
 //
 // Ring slot:
 //   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros | x |
@@ -75,6 +76,10 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
                "r"(valid ? 16 : 0)
                : "memory");
 }
+// Barrier `id` (1 .. 15; 0 is __syncthreads) for the `threads` threads (whole warps) that use it.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -108,43 +113,52 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, const u
   }
 }
 
-// The same block on the warpgroup path (wgmma.cuh; QN = 1): decode, then the block's four wgmma
-// as one committed group, reading x at shared address `x`.
+// The same block on the warpgroup path (wgmma.cuh; QN = 1), in two halves that each decode into
+// their own A registers (a[k], kept across blocks) and commit their two wgmma as a group; after
+// each commit the previous group is waited for. So one group is in flight while the next half
+// decodes, and when this returns only the block's second half may still read its x.
 template <int B, int MT, typename T>
 __device__ __forceinline__ void wgmma_compute_block(const unsigned char* slot, uint32_t x, int g,
                                                     int t, const uint2 (&sc)[1],
-                                                    const uint2 (&nz)[1], float (&acc)[2][MT][4]) {
+                                                    const uint2 (&nz)[1], uint32_t (&a)[2][8],
+                                                    float (&acc)[2][MT][4]) {
   uint4 lo, hi;
   quad_words<B, 1>(slot, 0, g, t, lo, hi);
-  uint32_t a[2][8];
-  decode_quad<B, 1, T>(0, lo, hi, t, sc, nz, a);
-  wgmma_block<T, MT>(a, x, acc);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    decode_half<B, 1, T>(0, k, lo, hi, t, sc, nz, a[k]);
+    wgmma_half<T, MT>(a[k], x, acc[k]);
+    wgmma_wait<1>();
+    wgmma_operand_done(a[1 - k]);  // the other half's registers: the previous group's A
+  }
 }
 
 // A block width as a type, for the lambdas that specialise on it (0: not known).
 template <int B>
 using Width = std::integral_constant<int, B>;
 
-// Shared memory of a CTA: each warp's ring of STAGES slots, then (CTA_X) the CTA's x ring, then
-// the block table. A block's x is MT token tiles of 8 tokens x 32 k (64 bytes per token,
+// Shared memory of a CTA: each warp's ring of STAGES slots, then (CTA_X) the x rings, then the
+// block table. A block's x is MT token tiles of 8 tokens x 32 k (64 bytes per token,
 // token-major), copied like the weights so that the only waits in the loop are on the rings'
 // cp.async groups:
 //   CTA_X false: every warp copies its own x, into its slot after the weights
 //                  | warp 0: slot 0 [weights | x] slot 1 ... | warp 1 ... | table |
-//   CTA_X true:  the CTA's warps (all column warps, one K range) share one x ring, filled by
-//                threads 0 .. 32 MT - 1 and released by a CTA barrier per block
-//                  | warp 0: slot 0 [weights] slot 1 ... | warp 1 ... | x 0 | x 1 | ... | table |
-template <int QN, int MT, int STAGES, bool CTA_X>
+//   CTA_X true:  the CTA's warps (all column warps, one K range) form XG groups (XG = 2: the
+//                two warpgroups) of which each shares one x ring, filled by its threads and
+//                released by a barrier of the group per block
+//                  | warp 0: slot 0 [weights] slot 1 ... | warp 1 ... | group 0: x 0 | x 1 |
+//                  ... | group 1: x 0 | ... | table |
+template <int QN, int MT, int STAGES, bool CTA_X, int XG>
 struct Rings {
   static constexpr int kXBytes = MT * 8 * 64;
   static constexpr int kSlotBytes = Slot<QN>::kSlotBytes + (CTA_X ? 0 : kXBytes);
   static constexpr int kWarpBytes = STAGES * kSlotBytes;
   static constexpr int kXRing = kWarps * kWarpBytes;
-  static constexpr int kBytes = kXRing + (CTA_X ? STAGES * kXBytes : 0);
+  static constexpr int kBytes = kXRing + (CTA_X ? XG * STAGES * kXBytes : 0);
   static constexpr int kXStride = CTA_X ? kXBytes : kSlotBytes;  // from one slot's x to the next
   // offset of slot s's x from the shared memory base, for warp `warp`
   static __device__ __forceinline__ int x_offset(int warp, int s) {
-    return CTA_X ? kXRing + s * kXBytes
+    return CTA_X ? kXRing + (warp / (kWarps / XG) * STAGES + s) * kXBytes
                  : warp * kWarpBytes + s * kSlotBytes + Slot<QN>::kSlotBytes;
   }
 };
@@ -211,9 +225,10 @@ struct LaneCopies {
 // xs: the gathered, scaled, interleaved x [M, K] (gather_x_kernel); each block's x rides in its
 // ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
-// CTA_X: one x ring for the CTA (Rings); the caller passes WC == kWarps (log2_wc = 3).
+// CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
+// (log2_wc = 3).
 // WG: the products run as wgmma (wgmma.cuh; sm_90a, CTA_X, QN = 1, MT = 16), x in wgmma order.
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG>
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG, int XG>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
@@ -225,9 +240,11 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   if constexpr (WG) __trap();  // not launched without wgmma (run_kernel)
 #endif
   using Rg = Slot<QN>;
-  using Rx = Rings<QN, MT, STAGES, CTA_X>;
+  using Rx = Rings<QN, MT, STAGES, CTA_X, XG>;
   constexpr int kStages = STAGES;
-  constexpr int kAhead = kStages - 1;  // blocks in flight during a compute
+  // Blocks in flight during a compute. WG keeps one more slot out of the ring: the previous
+  // block's last wgmma group may still read its x while a block computes.
+  constexpr int kAhead = kStages - (WG ? 2 : 1);
   extern __shared__ __align__(16) unsigned char smem[];
   allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -243,8 +260,9 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   // Every lane of the warp (CTA_X: every thread of the CTA) is done with the slot it waited for
   // and read last.
-  auto ring_sync = [] {
-    if constexpr (CTA_X) __syncthreads();
+  auto ring_sync = [warp] {
+    if constexpr (CTA_X && XG > 1) named_barrier(1 + warp / (kWarps / XG), kWarps * 32 / XG);
+    else if constexpr (CTA_X) __syncthreads();
     else __syncwarp();
   };
 
@@ -258,10 +276,10 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // x of block i: MT * 32 chunks of 16 bytes, chunk c = token c / 4, quarter c % 4 of its 32 k,
   // zero-filled for tokens past M; they land in token order, 64 bytes a token (WG: as the
   // pieces of wgmma.cuh). Lane l copies chunks l + 32 k (CTA_X: thread c, chunks c + 256 k).
-  constexpr int kXThreads = CTA_X ? kWarps * 32 : 32;      // threads that copy x
+  constexpr int kXThreads = CTA_X ? kWarps * 32 / XG : 32;  // threads that copy x
   constexpr int kXCopies = (32 * MT + kXThreads - 1) / kXThreads;  // chunks a thread copies
   constexpr int kXTokenStep = kXThreads / 4;                // tokens from one copy to the next
-  const int x_chunk = CTA_X ? int(threadIdx.x) : lane;
+  const int x_chunk = CTA_X ? int(threadIdx.x) % kXThreads : lane;
   const bool x_copier = x_chunk < 32 * MT;
   const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) +  // slot 0
                          (WG ? wgmma_x_offset<MT>(x_chunk / 4, x_chunk % 4) : 16 * x_chunk);
@@ -304,12 +322,13 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   }
 
   uint2 sc[QN], nz[QN];  // the lane's 4*QN scales and -zeros (fp16), this block's group
+  uint32_t a_wg[2][8];   // WG: the A registers of each half block (wgmma_compute_block)
   int cur_group = -1;
   int slot_c = 0, slot_i = kAhead;  // ring slots of the block computed / issued next
   // Blocks [i0, i1), a run of width B (0: invalid entries, which only keep the ring going).
-  // Each step waits for block i, then refills the slot that every lane (WG: every wgmma)
-  // finished in the previous step with block i + kAhead. Issues inside the run know the width
-  // too; the last kAhead issue the next run's.
+  // Each step waits for block i, then refills with block i + kAhead the slot that every lane
+  // finished in the previous step (WG: of block i - 2, whose last wgmma group the previous step
+  // waited for). Issues inside the run know the width too; the last kAhead issue the next run's.
   auto run = [&](auto width, int i0, int i1) {
     constexpr int B = decltype(width)::value;
     for (int i = i0; i < i1; ++i) {
@@ -336,11 +355,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
           }
         }
         if constexpr (WG) {
-          wgmma_compute_block<B, MT, T>(slot, smem_s + x_off, g, t, sc, nz, acc);
-          // Done before the next block's decode. Leaving one group in flight (the usual
-          // pipelining) gave wrong columns on H100: the next decode reused the in-flight
-          // wgmma's A registers across the loop's back edge (ptxas kept one register set).
-          wgmma_wait<0>();
+          wgmma_compute_block<B, MT, T>(slot, smem_s + x_off, g, t, sc, nz, a_wg, acc);
         } else {
           compute_block<B, QN, MT, T>(slot, smem + x_off, g, t, sc, nz, acc);
         }
@@ -453,23 +468,25 @@ struct Call {
 };
 
 // One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
-// warp, the CTAs per SM its registers are sized for and where x goes (CTA_X: one ring per CTA).
+// warp, the CTAs per SM its registers are sized for and where x goes (CTA_X: a ring per XG
+// warps).
 // Shared memory per CTA: the rings and the block table (8 KB), two CTAs per SM unless noted:
 //   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
-//   MT = 4: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 2 KB + 8 KB = 73 KB)
+//   MT = 4: QN 1, 5 stages, x per warpgroup (8 x 5 x 1408 + 2 x 5 x 2 KB + 8 KB = 83 KB)
 //   MT = 8: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 4 KB + 8 KB = 83 KB)
 //   MT = 16 (wgmma, one CTA per SM: 213 registers): QN 1, 6 stages, x per CTA
 //           (8 x 6 x 1408 + 6 x 8 KB + 8 KB = 122 KB)
 // (QN 1 from 4 token tiles on: the accumulators need the registers.)
 // WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG = false>
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG = false,
+          int XG = 1>
 void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int M = c.x.size(0), K = c.x.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, WG>;
-  const size_t rings = Rings<QN, MT, STAGES, CTA_X>::kBytes;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, WG, XG>;
+  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0
   const size_t red = size_t(kWarps - std::min(wc_options)) * 2 * QN * MT * 4 * 32 * sizeof(float);
@@ -562,7 +579,10 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // Token tiles by M: one (M <= 8; QN 2), two, four, eight (QN 1 for the registers). Up to
   // 16 tokens each warp copies its own x; beyond, x is as many bytes as the warp's weights or
   // more, and one copy per CTA saves the L2 traffic (H100, 8192 x 28672 q4: M = 32 111 ->
-  // 91 us; at M = 16 the CTA barrier costs more than it saves, 60.5 -> 62.1 us).
+  // 91 us; at M = 16 the CTA barrier costs more than it saves, 60.5 -> 62.1 us). For 17-32
+  // tokens one copy per warpgroup, whose barrier spans 4 warps, is faster still (M = 17
+  // 92.4 -> 82.5 us, M = 32 90.2 -> 87.0 us; 28672 x 8192 83.6 -> 80.8, 89.1 -> 87.1 us); for
+  // 33-64 it was not (-1.5 .. +3.4 %).
   if (M <= 8) {
     run_kernel<T, 1, 2, 4, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
                                                   : std::initializer_list<int>{1, 2});
@@ -570,15 +590,16 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     run_kernel<T, 2, 2, 3, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
                                                    : std::initializer_list<int>{2, 1});
   } else if (M <= 32) {
-    run_kernel<T, 4, 1, 5, 2, true>(c, {kWarps});
+    run_kernel<T, 4, 1, 5, 2, true, false, 2>(c, {kWarps});
   } else if (M <= kMmaMaxM) {
     run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
   } else {
     // 65 .. 128 tokens as one wgmma tile (ops_cuda.cpp sends these only where
     // wgmma_available()): one decode of W for all of them. H100, 8192 x 28672 q4, against
-    // mma.sync in row chunks of 64: M = 96 213 -> 200 us, 112 243 -> 209 us, 128 247 -> 217 us;
-    // at M = 80 it lost (184 -> 195 us), and wgmma tiles of 32 and 64 tokens were no faster
-    // than mma.sync (BENCHMARKS.md): the decode's instructions, not the products, set the time.
+    // mma.sync in row chunks of 64: M = 96 213 -> 200 us, 112 243 -> 209 us, 128 247 -> 217 us
+    // (before the half-block pipelining, which took M = 128 to ~195 us); at M = 80 it lost
+    // (184 -> 195 us). wgmma tiles of 64 tokens, pipelined the same way, won 2-6 % at M = 33-48
+    // on 8192 x 28672 and lost up to 10 % at M = 64 on 28672 x 8192 (BENCHMARKS.md).
     run_kernel<T, 16, 1, 6, 1, true, true>(c, {kWarps});
   }
 }

@@ -167,30 +167,36 @@ __device__ __forceinline__ uint32_t scale_word(const uint2 (&v)[QN], int u) {
   return (u % 4) < 2 ? v[u / 4].x : v[u / 4].y;
 }
 
-// One quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and hi
-// (row j0 + 1; unused for widths 2 and 4) of the quad's columns become exact fp16 weights (as T),
-// the A registers of mma i = 2q + k: a[k][0..3] for k-step 0, a[k][4..7] for k-step 1. The same
-// registers feed wgmma (gemm_wgmma.cuh), whose per-warp A fragment is laid out like this one.
+// Half k of one quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and
+// hi (row j0 + 1; unused for widths 2 and 4) of lane columns 4q + k (A row g) and 4q + k + 2
+// (A row g + 8) become exact fp16 weights (as T), the A registers of mma i = 2q + k: a[0..3]
+// for k-step 0, a[4..7] for k-step 1. The same registers feed wgmma (wgmma.cuh), whose per-warp
+// A fragment is laid out like this one.
+template <int B, int QN, typename T>
+__device__ __forceinline__ void decode_half(int q, int k, const uint4& lo, const uint4& hi, int t,
+                                            const uint2 (&sc)[QN], const uint2 (&nz)[QN],
+                                            uint32_t (&a)[8]) {
+  const int ua = 4 * q + k, ub = ua + 2;
+  __half2 pa[4], pb[4];
+  decode_pairs<B>(comp(lo, k), comp(hi, k), t, pa);
+  decode_pairs<B>(comp(lo, k + 2), comp(hi, k + 2), t, pb);
+  // scale and -zero of both columns as (v, v) pairs
+  const __half2 sa = dup_half(scale_word(sc, ua), ua), za = dup_half(scale_word(nz, ua), ua);
+  const __half2 sb = dup_half(scale_word(sc, ub), ub), zb = dup_half(scale_word(nz, ub), ub);
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    a[2 * s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
+    a[2 * s + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
+  }
+}
+
+// Both halves of quad q: a[k] = decode_half k.
 template <int B, int QN, typename T>
 __device__ __forceinline__ void decode_quad(int q, const uint4& lo, const uint4& hi, int t,
                                             const uint2 (&sc)[QN], const uint2 (&nz)[QN],
                                             uint32_t (&a)[2][8]) {
 #pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    // mma i = 2q + k: A row g = lane column 4q + k, A row g + 8 = lane column 4q + k + 2
-    const int ua = 4 * q + k, ub = ua + 2;
-    __half2 pa[4], pb[4];
-    decode_pairs<B>(comp(lo, k), comp(hi, k), t, pa);
-    decode_pairs<B>(comp(lo, k + 2), comp(hi, k + 2), t, pb);
-    // scale and -zero of both columns as (v, v) pairs
-    const __half2 sa = dup_half(scale_word(sc, ua), ua), za = dup_half(scale_word(nz, ua), ua);
-    const __half2 sb = dup_half(scale_word(sc, ub), ub), zb = dup_half(scale_word(nz, ub), ub);
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      a[k][2 * s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
-      a[k][2 * s + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
-    }
-  }
+  for (int k = 0; k < 2; ++k) decode_half<B, QN, T>(q, k, lo, hi, t, sc, nz, a[k]);
 }
 
 // decode_quad, then the mma for all MT token tiles. x: the block's x in shared memory, 8 tokens

@@ -2,11 +2,12 @@
 // sm_90a): the decoded weights stay the A operand in registers, x is the B operand in shared
 // memory.
 //
-// A warpgroup (4 warps) runs one m64nNk16 per wgmma, N = 8 * MT = 128 tokens. Warp w supplies A rows
-// 16w .. 16w + 15 in the same per-warp fragment layout as mma.m16n8k16 (mma_decode.cuh), and
-// holds D rows 16w + g, 16w + g + 8 like the mma's C: so decode_quad's registers and the
-// accumulators acc[i][mt][e] mean exactly what they mean on the mma.sync path, and the warp's
-// mma i becomes the warpgroup's wgmma i (QN = 1: i = 0, 1; 32 columns a warp).
+// A warpgroup (4 warps) runs one m64nNk16 per wgmma, N = 8 * MT = 128 tokens. Warp w supplies
+// A rows 16w .. 16w + 15 in the same per-warp fragment layout as mma.m16n8k16
+// (mma_decode.cuh), and holds D rows 16w + g, 16w + g + 8 like the mma's C: so decode_half's
+// registers and the accumulators acc[i][mt][e] mean exactly what they mean on the mma.sync
+// path, and the warp's mma i becomes the warpgroup's wgmma i (QN = 1: i = 0, 1; 32 columns a
+// warp).
 //
 // B in shared memory, "K-major" without swizzle: 8 x 8 core matrices of 8 tokens x 16 bytes
 // (8 k). mma_decode.cuh fixes which stored row each k-index of a k-step stands for; for k-step
@@ -19,6 +20,13 @@
 //
 // gather_x_kernel writes xs with every 16-byte chunk already one piece of one token
 // (gather_chunk<true> in mma_tile.cuh), so the ring copies chunks and only places them.
+//
+// Pipelining: a block runs as two halves (A row sets k = 0, 1), each decoded into registers of
+// its own and committed as one group of two wgmma; after each commit the kernel waits for the
+// group before it. So the decode of one half overlaps the products of the previous one, and the
+// ring keeps one slot more than mma.sync out of reuse (the last group may still read its x).
+//
+//   decode h0 | commit h0 | wait(h1 of the last block) | decode h1 | commit h1 | wait(h0) | ...
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -67,7 +75,7 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
 }
 
 // One wgmma m64n128k16, d += A B (scale-d 1, no negation, B not transposed): A = {a0..a3} from
-// registers, B from `desc`, d = the 64 accumulators of a thread (acc[i] of the kernel,
+// registers, B from `desc`, d = the 64 accumulators of a thread (acc[k] of the kernel,
 // [16][4] flattened).
 #define MBWQ_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define MBWQ_WGMMA_N128(TYPES)                                                                 \
@@ -99,23 +107,28 @@ __device__ __forceinline__ int wgmma_x_offset(int n, int p) {
   return (p * 8 * MT + n) * 16;
 }
 
-// The four wgmma of one 32-row block (two k-steps x the warp's two A row sets) as one
-// committed group. a: decode_quad's registers; x: shared address of the block's x.
+// Half k of one 32-row block: the two k-steps of A row set k (decode_half's registers `a`) into
+// acc[k], as one committed group. x: shared address of the block's x.
 template <typename T, int MT>
-__device__ __forceinline__ void wgmma_block(const uint32_t (&a)[2][8], uint32_t x,
-                                            float (&acc)[2][MT][4]) {
-  static_assert(MT == 16, "wgmma_block: 128 tokens (m64n128k16)");
+__device__ __forceinline__ void wgmma_half(const uint32_t (&a)[8], uint32_t x,
+                                           float (&acc)[MT][4]) {
+  static_assert(MT == 16, "wgmma_half: 128 tokens (m64n128k16)");
   constexpr uint32_t kPiece = 8 * MT * 16;
   wgmma_fence();
 #pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    const uint64_t desc = smem_desc(x + 2 * s * kPiece, kPiece, 128);
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-      wgmma_n128<T>(&acc[k][0][0], a[k][4 * s], a[k][4 * s + 1], a[k][4 * s + 2],
-                    a[k][4 * s + 3], desc);
-  }
+  for (int s = 0; s < 2; ++s)
+    wgmma_n128<T>(&acc[0][0], a[4 * s], a[4 * s + 1], a[4 * s + 2], a[4 * s + 3],
+                  smem_desc(x + 2 * s * kPiece, kPiece, 128));
   wgmma_commit();
+}
+
+// The A registers `a` of a wgmma group that a wait has just covered: an empty asm that reads
+// and writes them, so that the compiler keeps their values, in registers of their own, up to
+// here. Rewriting the A operand of a wgmma in flight is undefined (PTX ISA), and the compiler
+// does not see that the wgmma reads it after issue.
+__device__ __forceinline__ void wgmma_operand_done(uint32_t (&a)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) asm volatile("" : "+r"(a[j]));
 }
 
 }  // namespace cuda
