@@ -158,7 +158,7 @@ struct Rings {
   static constexpr int kXStride = CTA_X ? kXBytes : kSlotBytes;  // from one slot's x to the next
   // offset of slot s's x from the shared memory base, for warp `warp`
   static __device__ __forceinline__ int x_offset(int warp, int s) {
-    return CTA_X ? kXRing + (warp / (kWarps / XG) * STAGES + s) * kXBytes
+    return CTA_X ? kXRing + ((XG > 1 ? warp / (kWarps / XG) * STAGES : 0) + s) * kXBytes
                  : warp * kWarpBytes + s * kSlotBytes + Slot<QN>::kSlotBytes;
   }
 };
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   constexpr int kXThreads = CTA_X ? kWarps * 32 / XG : 32;  // threads that copy x
   constexpr int kXCopies = (32 * MT + kXThreads - 1) / kXThreads;  // chunks a thread copies
   constexpr int kXTokenStep = kXThreads / 4;                // tokens from one copy to the next
-  const int x_chunk = CTA_X ? int(threadIdx.x) % kXThreads : lane;
+  const int x_chunk = !CTA_X ? lane : XG > 1 ? int(threadIdx.x) % kXThreads : int(threadIdx.x);
   const bool x_copier = x_chunk < 32 * MT;
   const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) +  // slot 0
                          (WG ? wgmma_x_offset<MT>(x_chunk / 4, x_chunk % 4) : 16 * x_chunk);
