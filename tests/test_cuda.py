@@ -33,7 +33,10 @@ def mma_max_m(K, N):
     """The largest M the tensor-core path takes on a K x N layer (csrc/cuda/ops_cuda.cpp with
     launch.h's boundaries; MBWQ_MMA_MAX_M, when set, overrides them as it does there)."""
     knob = int(os.environ.get("MBWQ_MMA_MAX_M", "0") or 0)
-    return knob if knob > 0 else 192 if K * N >= 2**25 else 64
+    wgmma = (torch.cuda.get_device_capability()[0] == 9
+             and int(os.environ.get("MBWQ_MMA_NO_WGMMA", "0") or 0) == 0)
+    return (knob if knob > 0 else 256 if wgmma and K * N >= 2**27
+            else 192 if K * N >= 2**25 else 64)
 
 
 def gemm_args(layer):

@@ -3,8 +3,9 @@
 // of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
 // wrappers; the kernels and their launchers are in the .cu files (launch.h).
 //
-//   M <= kMmaMaxM (kMmaChunkedMaxM on large   ->  gemm_mma.cu: tensor cores, weights read
-//   layers), fp16/bf16 x, K, N % 8 == 0             once per row chunk, exact fp16 W
+//   M <= kMmaMaxM (kMmaChunkedMaxM or         ->  gemm_mma.cu: tensor cores, weights read
+//   kWgmmaLargeMaxM on large layers), fp16 /        once per row chunk, exact fp16 W
+//   bf16 x, K, N % 8 == 0
 //   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
 //                                                  W in stored order into x's dtype + cuBLAS
 //
@@ -63,15 +64,16 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
   }
 
   // Up to kMmaMaxM rows per kernel call; more as row chunks on large layers (each chunk reads
-  // the weights once: up to three reads still beat dequantizing all of W there; on small
-  // layers dequant + cuBLAS wins from M = 65 on, launch.h). With wgmma a chunk takes up to
+  // the weights once: a few reads still beat dequantizing all of W there; on small layers
+  // dequant + cuBLAS wins from M = 65 on, launch.h). With wgmma a chunk takes up to
   // kWgmmaRows rows when more than kWgmmaMinRows remain. MBWQ_MMA_MAX_M moves the boundary.
+  const bool wgmma = cuda::wgmma_available();
   const int max_m_knob = cuda::tuning_override("MBWQ_MMA_MAX_M");
-  const int64_t mma_max_m = max_m_knob > 0                              ? max_m_knob
-                            : K * N >= cuda::kMmaChunkedMinWeights ? cuda::kMmaChunkedMaxM
-                                                                   : cuda::kMmaMaxM;
+  const int64_t mma_max_m = max_m_knob > 0                                   ? max_m_knob
+                            : wgmma && K * N >= cuda::kWgmmaLargeMinWeights ? cuda::kWgmmaLargeMaxM
+                            : K * N >= cuda::kMmaChunkedMinWeights          ? cuda::kMmaChunkedMaxM
+                                                                            : cuda::kMmaMaxM;
   if (M <= mma_max_m && cuda::mma_supported(x, qweight, scales, zeros)) {
-    const bool wgmma = cuda::wgmma_available();
     for (int64_t m0 = 0; m0 < M;) {
       const int64_t left = M - m0;
       const int64_t rows = std::min(wgmma && left > cuda::kWgmmaMinRows ? cuda::kWgmmaRows
