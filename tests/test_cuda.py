@@ -35,7 +35,7 @@ def mma_max_m(K, N):
     knob = int(os.environ.get("MBWQ_MMA_MAX_M", "0") or 0)
     wgmma = (torch.cuda.get_device_capability()[0] == 9
              and int(os.environ.get("MBWQ_MMA_NO_WGMMA", "0") or 0) == 0)
-    return (knob if knob > 0 else 256 if wgmma and K * N >= 2**27
+    return (knob if knob > 0 else 256 if wgmma and K * N >= 2**26
             else 192 if K * N >= 2**25 else 64)
 
 

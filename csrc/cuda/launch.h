@@ -21,13 +21,13 @@ namespace cuda {
 // for dequant + cuBLAS (one wgmma chunk: 217 us, pipelined 197-201 us), M = 256 in four
 // 506 us against 432 us, in two pipelined wgmma chunks 397 us against 424 us (M = 384: 598
 // against 520 us), and M = 256 through dequant + cuBLAS (423 us) would drop below M = 128's
-// throughput; 4096 x 14336, M = 128: 77 us against 111 us; 4096 x 4096, M = 128: 47 us against
+// throughput, as it did on 8192 x 8192 (137 us against 65 us at M = 128); 4096 x 14336, M = 128: 77 us against 111 us; 4096 x 4096, M = 128: 47 us against
 // 35 us.
 constexpr int64_t kMmaMaxM = 64;
 constexpr int64_t kMmaChunkedMaxM = 192;
 constexpr int64_t kMmaChunkedMinWeights = int64_t(1) << 25;  // K * N, e.g. 4096 x 8192
 constexpr int64_t kWgmmaLargeMaxM = 256;
-constexpr int64_t kWgmmaLargeMinWeights = int64_t(1) << 27;  // e.g. 8192 x 28672
+constexpr int64_t kWgmmaLargeMinWeights = int64_t(1) << 26;  // K * N, e.g. 8192 x 8192
 constexpr int64_t kWgmmaRows = 128;
 constexpr int64_t kWgmmaMinRows = 88;
 
