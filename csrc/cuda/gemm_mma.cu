@@ -597,7 +597,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     // 65 .. 128 tokens as one wgmma tile (ops_cuda.cpp sends these only where
     // wgmma_available()): one decode of W for all of them. H100, 8192 x 28672 q4, against
     // mma.sync in row chunks of 64: M = 96 213 -> 200 us, 112 243 -> 209 us, 128 247 -> 217 us
-    // (before the half-block pipelining, which took M = 128 to ~195 us); at M = 80 it lost
+    // (before the half-block pipelining, which took M = 128 to 193-201 us); at M = 80 it lost
     // (184 -> 195 us). wgmma tiles of 64 tokens, pipelined the same way, won 2-6 % at M = 33-48
     // on 8192 x 28672 and lost up to 10 % at M = 64 on 28672 x 8192 (BENCHMARKS.md).
     run_kernel<T, 16, 1, 6, 1, true, true>(c, {kWarps});

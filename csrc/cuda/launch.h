@@ -13,16 +13,16 @@ namespace cuda {
 
 // Path boundaries, from shapes and the device only (ops_cuda.cpp: gemm_cuda): the tensor-core
 // kernel takes 1 <= M <= kMmaMaxM (fp16 / bf16, mma_supported), on layers of at least
-// kMmaChunkedMinWeights weights up to kMmaChunkedMaxM as row chunks (each chunk reads the
-// weights once), on wgmma devices and layers of at least kWgmmaLargeMinWeights weights up to
+// kMmaChunkedMinWeights weights up to kMmaChunkedMaxM as row chunks (each chunk reads the weights
+// once), on wgmma devices and layers of at least kWgmmaLargeMinWeights weights up to
 // kWgmmaLargeMaxM: chunks of kMmaMaxM rows, or of up to kWgmmaRows where wgmma_available() and
 // more than kWgmmaMinRows rows remain; dequant + cuBLAS everything else. Measured on an H100
-// (BENCHMARKS.md): 8192 x 28672 4-bit, M = 128 in two mma.sync chunks 238 us against 394 us
-// for dequant + cuBLAS (one wgmma chunk: 217 us, pipelined 197-201 us), M = 256 in four
-// 506 us against 432 us, in two pipelined wgmma chunks 397 us against 424 us (M = 384: 598
-// against 520 us), and M = 256 through dequant + cuBLAS (423 us) would drop below M = 128's
-// throughput, as it did on 8192 x 8192 (137 us against 65 us at M = 128); 4096 x 14336, M = 128: 77 us against 111 us; 4096 x 4096, M = 128: 47 us against
-// 35 us.
+// (BENCHMARKS.md): 8192 x 28672 4-bit, M = 128 in two mma.sync chunks 238 us against 394 us for
+// dequant + cuBLAS (one wgmma chunk: 217 us, pipelined 193-201 us), M = 256 in four 506 us
+// against 432 us, in two pipelined wgmma chunks 397 us against 424 us (M = 384: 598 against 520
+// us), and M = 256 through dequant + cuBLAS (423 us) would drop below M = 128's throughput, as it
+// did on 8192 x 8192 (137 us against 65 us at M = 128); 4096 x 14336, M = 128: 77 us against 111
+// us; 4096 x 4096, M = 128: 47 us against 35 us.
 constexpr int64_t kMmaMaxM = 64;
 constexpr int64_t kMmaChunkedMaxM = 192;
 constexpr int64_t kMmaChunkedMinWeights = int64_t(1) << 25;  // K * N, e.g. 4096 x 8192
