@@ -156,9 +156,14 @@ struct Rings {
   static constexpr int kXRing = kWarps * kWarpBytes;
   static constexpr int kBytes = kXRing + (CTA_X ? XG * STAGES * kXBytes : 0);
   static constexpr int kXStride = CTA_X ? kXBytes : kSlotBytes;  // from one slot's x to the next
+  static constexpr int kGroupThreads = kWarps * 32 / XG;  // CTA_X: the threads sharing a ring
+  // CTA_X: the x group of warp `warp` (a constant 0 for one group)
+  static __device__ __forceinline__ int x_group(int warp) {
+    return XG > 1 ? warp / (kWarps / XG) : 0;
+  }
   // offset of slot s's x from the shared memory base, for warp `warp`
   static __device__ __forceinline__ int x_offset(int warp, int s) {
-    return CTA_X ? kXRing + ((XG > 1 ? warp / (kWarps / XG) * STAGES : 0) + s) * kXBytes
+    return CTA_X ? kXRing + (x_group(warp) * STAGES + s) * kXBytes
                  : warp * kWarpBytes + s * kSlotBytes + Slot<QN>::kSlotBytes;
   }
 };
@@ -261,7 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // Every lane of the warp (CTA_X: every thread of the CTA) is done with the slot it waited for
   // and read last.
   auto ring_sync = [warp] {
-    if constexpr (CTA_X && XG > 1) named_barrier(1 + warp / (kWarps / XG), kWarps * 32 / XG);
+    if constexpr (CTA_X && XG > 1) named_barrier(1 + Rx::x_group(warp), Rx::kGroupThreads);
     else if constexpr (CTA_X) __syncthreads();
     else __syncwarp();
   };
@@ -276,7 +281,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // x of block i: MT * 32 chunks of 16 bytes, chunk c = token c / 4, quarter c % 4 of its 32 k,
   // zero-filled for tokens past M; they land in token order, 64 bytes a token (WG: as the
   // pieces of wgmma.cuh). Lane l copies chunks l + 32 k (CTA_X: thread c, chunks c + 256 k).
-  constexpr int kXThreads = CTA_X ? kWarps * 32 / XG : 32;  // threads that copy x
+  constexpr int kXThreads = CTA_X ? Rx::kGroupThreads : 32;  // threads that copy x
   constexpr int kXCopies = (32 * MT + kXThreads - 1) / kXThreads;  // chunks a thread copies
   constexpr int kXTokenStep = kXThreads / 4;                // tokens from one copy to the next
   const int x_chunk = !CTA_X ? lane : XG > 1 ? int(threadIdx.x) % kXThreads : int(threadIdx.x);
@@ -631,9 +636,11 @@ void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& 
               const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
               const std::optional<at::Tensor>& channel_scale,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  const int64_t max_rows = wgmma_available() ? kWgmmaRows : kMmaMaxM;
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows, "mbwq: tensor-core path needs 1 <= M <= ",
-              max_rows, ", got M = ", x.size(0));
+  // wgmma_available() (an environment read) only where the rows need it
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M >= 1 && (M <= kMmaMaxM || (M <= kWgmmaRows && wgmma_available())),
+              "mbwq: tensor-core path needs 1 <= M <= ", kMmaMaxM, " (", kWgmmaRows,
+              " with wgmma), got M = ", M);
   TORCH_CHECK(mma_supported(x, qweight, scales, zeros),
               "mbwq: internal: tensor-core path called with unsupported arguments");
   if (x.scalar_type() == at::kHalf) {
