@@ -7,7 +7,9 @@ Each --set names an environment variable that csrc/cuda/gemm_mma.cu reads at eve
 (0 or unset = the built-in choice): MBWQ_MMA_WC (column warps per CTA), MBWQ_MMA_SPLITS
 (K splits), MBWQ_MMA_NO_PDL (1: plain launches instead of programmatic dependent launch),
 MBWQ_MMA_MAX_M (largest M on the tensor-core path, csrc/cuda/ops_cuda.cpp), MBWQ_MMA_NO_WGMMA
-(1: mma.sync row chunks of 64 instead of 128-token wgmma tiles on compute capability 9.0).
+(1: mma.sync row chunks of 64 instead of 128-token wgmma tiles on compute capability 9.0),
+MBWQ_GATHER_MIN_M (fewest rows for which the x gather stages rows in shared memory,
+csrc/cuda/gather.cu).
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).
 Prints one line per point; the fastest per (shape, format, M) is marked with *.

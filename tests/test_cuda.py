@@ -126,6 +126,29 @@ def test_mma_row_chunks(name, no_wgmma, monkeypatch):
             assert torch.equal(run_gemm(layer, x), y)  # deterministic
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_staged_and_direct_x_gather_agree(dtype, monkeypatch):
+    # csrc/cuda/gather.cu copies rows of x through shared memory from MBWQ_GATHER_MIN_M rows on
+    # (32 unless set) and reads each element from global memory below that: the same bits,
+    # for every path's order (M = 1 and 40: tensor-core kernel for 16-bit x; 130 on this small
+    # layer and fp32 x: cuBLAS), several CTAs per row (M = 1), and x off 16-byte alignment
+    # (element loads instead of 16-byte ones; the cuBLAS path).
+    layer, W = layer_and_weight(SPECS["mixed_all"])
+    K = layer.in_channels
+    for M in (1, 40, 130):
+        x = rand_x(M, K, dtype, seed=M)
+        x_off = torch.empty(M * K + 1, dtype=dtype, device="cuda")[1:].view(M, K)
+        x_off.copy_(x)
+        for xx in (x, x_off):
+            ys = []
+            for rows in ("1", "100000000"):
+                monkeypatch.setenv("MBWQ_GATHER_MIN_M", rows)
+                ys.append(run_gemm(layer, xx))
+            assert torch.equal(ys[0], ys[1]), (M, xx.data_ptr() % 16)
+            if dtype != torch.float32:
+                assert_close_to_reference(ys[0], xx, W, layer)
+
+
 def test_gemm_float32_activations():
     layer, W = layer_and_weight(SPECS["mixed_all"])
     for M in (1, 7, 40):

@@ -1,5 +1,5 @@
-// Dequantization (mbwq::dequant, and the weight half of the large-M gemm path), the x
-// gather of the large-M path, and the host helpers every launcher uses (SM count, aux tensors).
+// Dequantization (mbwq::dequant, and the weight half of the large-M gemm path) and the host
+// helpers every launcher uses (SM count, aux tensors).
 //
 // Dequant: one thread = one 32-row block x CW adjacent columns (CW = 4 when N % 4 == 0, so
 // that a warp reads 512 contiguous bytes of each qweight row and writes whole rows of W).
@@ -111,29 +111,6 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
   }
 }
 
-// xs[m, k] = round_T(x[m, perm[k]] * cs[perm[k]]): consecutive threads take consecutive k,
-// so the writes are coalesced and the reads of x stay inside one row (L2-resident).
-template <typename T>
-__global__ void gather_scale_kernel(const T* __restrict__ x, const int* __restrict__ perm,
-                                    const void* cs, int cs_kind, int64_t M, int K,
-                                    T* __restrict__ xs) {
-  const int64_t total = M * K;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += stride) {
-    const int64_t m = i / K;
-    const int k = static_cast<int>(i - m * K);
-    const int p = perm ? __ldg(perm + k) : k;
-    if (static_cast<unsigned>(p) < static_cast<unsigned>(K)) {
-      const T v = x[m * K + p];
-      xs[i] = cs_kind == kAuxNone ? v
-                                  : Cvt<T>::from_f(Cvt<T>::to_f(v) * aux_load(cs, cs_kind, p));
-    } else {
-      xs[i] = Cvt<T>::from_f(qnan());
-    }
-  }
-}
-
 template <int CW, typename T>
 void launch_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                     const at::Tensor& blocks, const int* perm, at::Tensor& out,
@@ -177,37 +154,6 @@ void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tens
     case at::kFloat: dequant_t<float>(qweight, scales, zeros, blocks, p, out, stream); break;
     default: TORCH_CHECK(false, "mbwq: internal: dequant kernel has no ", out.scalar_type(), " output");
   }
-}
-
-void gather_scale(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
-                  at::Tensor& xs) {
-  const int64_t M = x.size(0);
-  const int K = static_cast<int>(x.size(1));
-  if (M == 0 || K == 0) return;
-  const at::Tensor cs_t = cs.has_value() ? aux_tensor(*cs) : at::Tensor();
-  const void* csp = cs_t.defined() ? cs_t.data_ptr() : nullptr;
-  const int kind = cs_t.defined() ? aux_kind(cs_t) : kAuxNone;
-  const int* p = perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr;
-  const int threads = 256;
-  const int grid = static_cast<int>(std::min<int64_t>((M * K + threads - 1) / threads, 65535));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (x.scalar_type()) {
-    case at::kHalf:
-      gather_scale_kernel<__half><<<grid, threads, 0, stream>>>(
-          reinterpret_cast<const __half*>(x.data_ptr()), p, csp, kind, M, K,
-          reinterpret_cast<__half*>(xs.data_ptr()));
-      break;
-    case at::kBFloat16:
-      gather_scale_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
-          reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p, csp, kind, M, K,
-          reinterpret_cast<__nv_bfloat16*>(xs.data_ptr()));
-      break;
-    default:
-      gather_scale_kernel<float><<<grid, threads, 0, stream>>>(
-          x.data_ptr<float>(), p, csp, kind, M, K, xs.data_ptr<float>());
-      break;
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- host helpers shared by the launchers (launch.h) ----

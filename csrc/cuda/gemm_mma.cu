@@ -29,8 +29,8 @@
 //   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros | x |
 //           rows padded to 32 mod 128 bytes so that the LDS.128 are conflict-free
 //
-// Activations: gather_x_kernel writes x once in stored row order, scaled and interleaved (xs),
-// and the rings copy it block by block. (Gathering each CTA's K range inside the GEMM kernel
+// Activations: gather_x (gather.cu) writes x once in stored row order, scaled and interleaved
+// (xs), and the rings copy it block by block. (Gathering each CTA's K range inside the GEMM kernel
 // instead saved a launch but delayed the weight stream: H100, 14336 x 4096 q4 M = 1, 22 us ->
 // 40 us; 4096 x 4096 gained 0.1 us.)
 //
@@ -227,7 +227,7 @@ struct LaneCopies {
 // ---- the kernel: weights and x through cp.async rings in shared memory ----------------------
 
 // grid: (column tiles, splits); block: kWarps * 32 threads.
-// xs: the gathered, scaled, interleaved x [M, K] (gather_x_kernel); each block's x rides in its
+// xs: the gathered, scaled, interleaved x [M, K] (gather_x); each block's x rides in its
 // ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
                  xs + (x_src[k] + uint32_t(i) * kBlockRows), x_chunk / 4 + kXTokenStep * k < M);
   };
   // The first blocks' weights are queued before waiting for the kernel that writes xs
-  // (programmatic dependent launch: this grid may start while gather_x_kernel runs, which
+  // (programmatic dependent launch: this grid may start while the x gather runs, which
   // allows it only once every kernel before it has finished);
   // slot s's copies then complete with cp.async group s (group 0 also holds the others'
   // weights).
@@ -420,51 +420,12 @@ __global__ void reduce_splits_kernel(const float* __restrict__ part, const void*
   y[i] = Cvt<T>::from_f(v);
 }
 
-// xs[m, k'] = round_T(x[m, perm[k]] * channel_scale[perm[k]]) with k' the position of stored
-// row k in the kernel's order (gather_chunk). An out-of-range perm entry gives NaN.
-template <typename T, bool WGMMA_ORDER>
-__global__ void gather_x_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K) {
-  // x may come from the previous kernel. Only then may the GEMM be scheduled: its prologue
-  // reads the weights before its own wait, and everything before this kernel is done now.
-  wait_prior_grid();
-  allow_next_grid();
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // one 8-row chunk
-  const int chunks = K / 8;
-  if (i >= int64_t(M) * chunks) return;
-  const int m = int(i / chunks), c = int(i % chunks);
-  *reinterpret_cast<uint4*>(xs + int64_t(m) * K + c * 8) = gather_chunk<WGMMA_ORDER>(a, K, m, c);
-}
-
-
-// Launch with programmatic dependent launch where the device has it (Hopper on): the grid may
-// be scheduled while the previous kernel in the stream finishes, and each of our kernels calls
-// wait_prior_grid() before it reads anything an earlier kernel writes (or writes anything),
-// so only its independent prologue overlaps. Inside CUDA graphs this becomes a programmatic
-// edge. MBWQ_MMA_NO_PDL=1 launches plainly (for comparison).
-template <typename... KArgs, typename... Args>
-void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                    cudaStream_t stream, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  // per device: a process may hold GPUs of several kinds
-  const bool use = compute_capability_major() >= 9 && tuning_override("MBWQ_MMA_NO_PDL") == 0;
-  cfg.attrs = attr;
-  cfg.numAttrs = use ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...));
-}
-
-
 // What one call needs besides the kernel configuration.
 template <typename T>
 struct Call {
-  XArgs<T> xa;  // raw x, perm, channel_scale
   const at::Tensor& x;
+  const at::Tensor& perm;
+  const std::optional<at::Tensor>& channel_scale;
   const at::Tensor &qweight, &scales, &zeros, &blocks;
   const void* bias;
   int bias_kind;
@@ -536,9 +497,7 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
 
   // x in stored row order, once for all CTAs; the rings then copy it block by block.
   at::Tensor xs = at::empty({M, K}, c.x.options());
-  const int64_t nx = int64_t(M) * (K / 8);
-  launch_chained(gather_x_kernel<T, WG>, dim3((nx + 255) / 256), dim3(256), 0, c.stream, c.xa,
-                 reinterpret_cast<T*>(xs.data_ptr()), M, K);
+  gather_x(c.x, c.perm, c.channel_scale, xs, WG ? XOrder::kWgmma : XOrder::kMma);
 
   at::Tensor part;
   void* dst = c.out;
@@ -568,14 +527,9 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
             const std::optional<at::Tensor>& channel_scale, const std::optional<at::Tensor>& bias,
             at::Tensor& y) {
   const int M = x.size(0);
-  const at::Tensor cs_t = channel_scale.has_value() ? aux_tensor(*channel_scale) : at::Tensor();
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
   const Call<T> c{
-      XArgs<T>{reinterpret_cast<const T*>(x.data_ptr()),
-               perm.numel() ? perm.data_ptr<int32_t>() : nullptr,
-               cs_t.defined() ? cs_t.data_ptr() : nullptr,
-               cs_t.defined() ? aux_kind(cs_t) : kAuxNone},
-      x, qweight, scales, zeros, blocks,
+      x, perm, channel_scale, qweight, scales, zeros, blocks,
       bias_t.defined() ? bias_t.data_ptr() : nullptr,
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};

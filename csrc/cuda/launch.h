@@ -1,6 +1,6 @@
-// Host-side entry points of the CUDA kernels (defined in gemm_mma.cu and dequant.cu, called by
-// ops_cuda.cu). Every launcher runs on the current stream of the current device; the caller
-// holds the device guard and has checked shapes (checks.h).
+// Host-side entry points of the CUDA kernels (defined in gemm_mma.cu, gather.cu and dequant.cu,
+// called by ops_cuda.cpp). Every launcher runs on the current stream of the current device;
+// the caller holds the device guard and has checked shapes (checks.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -71,9 +71,14 @@ int compute_capability_major();
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
              const at::Tensor& blocks, const at::Tensor& perm, at::Tensor& out);
 
-// xs[m, k] = round_x(x[m, perm[k]] * cs[perm[k]]) in x's dtype (stored row order).
-void gather_scale(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
-                  at::Tensor& xs);
+// Where a consumer expects stored row k of x (gather.cu): plain (k, for cuBLAS) or the 16-byte
+// chunk orders the tensor-core kernels read their B operand in (mma.sync, wgmma).
+enum class XOrder { kPlain, kMma, kWgmma };
+
+// xs[m, k'] = round_x(x[m, perm[k]] * cs[perm[k]]) in x's dtype, k' the position of stored row
+// k in `order` (NaN for a perm entry outside [0, K)); chained to the next kernel (pdl.cuh).
+void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
+              at::Tensor& xs, XOrder order);
 
 // The kernels read channel_scale / bias as float16, bfloat16 or float32; anything else is
 // converted to float32 first (what the CPU kernel computes with).

@@ -1,11 +1,12 @@
-// Pieces of the tensor-core GEMM (gemm_mma.cu) around the decode: x in stored row order, the
-// warp's range of blocks, the block table in shared memory, group changes, and the
-// deterministic reduction of the k-warps' sums at the end.
+// Pieces of the tensor-core GEMM (gemm_mma.cu) around the decode: the warp's range of blocks,
+// the block table in shared memory, group changes, and the deterministic reduction of the
+// k-warps' sums at the end.
 #pragma once
 #include <stdint.h>
 
 #include "../format.h"
 #include "common.cuh"
+#include "pdl.cuh"
 
 namespace mbwq {
 namespace cuda {
@@ -22,57 +23,6 @@ __device__ __forceinline__ bool starts_group(int bits, int group, int& last) {
   const bool start = bits != 0 && group != last;
   last = bits != 0 ? group : -1;
   return start;
-}
-
-// ---- programmatic dependent launch (launch_chained in gemm_mma.cu; no-ops before Hopper) ----
-
-// Let the next kernel in the stream be scheduled now (it still waits for this one's results).
-__device__ __forceinline__ void allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// Wait until the previous kernel in the stream has finished and its writes are visible.
-__device__ __forceinline__ void wait_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// ---- activations: x gathered into stored row order, scaled, interleaved ---------------------
-
-// The raw activations and how to bring them into stored row order.
-template <typename T>
-struct XArgs {
-  const T* x;           // [M, K]
-  const int32_t* perm;  // stored row -> input feature, or nullptr (identity)
-  const void* cs;       // channel_scale or nullptr
-  int cs_kind;
-};
-
-// Chunk c (16 bytes) of token m's xs row: round_T(x[m, perm[k]] * cs[perm[k]]) for the 8 stored
-// rows k the kernel expects there, NaN for a perm entry outside [0, K). Within 32-row block
-// b = c / 4, chunk c % 4 holds (mma_decode.cuh, wgmma.cuh):
-//   mma.sync order:  rows 8c .. 8c + 7 as [0 4 1 5 2 6 3 7] (one load = both k-steps' B regs)
-//   wgmma order:     rows 32b + p + 4i, i = 0..7, p = c % 4 (one piece of the B operand)
-template <bool WGMMA_ORDER, typename T>
-__device__ __forceinline__ uint4 gather_chunk(const XArgs<T>& a, int K, int m, int c) {
-  alignas(16) T o[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int k = WGMMA_ORDER ? 32 * (c / 4) + c % 4 + 4 * i : 8 * c + i / 2 + 4 * (i % 2);
-    const int src = a.perm != nullptr ? a.perm[k] : k;
-    float f;
-    if (src < 0 || src >= K) {
-      f = qnan();
-    } else {
-      f = Cvt<T>::to_f(a.x[int64_t(m) * K + src]);
-      if (a.cs_kind != kAuxNone) f = round_as<T>(f * aux_load(a.cs, a.cs_kind, src));
-    }
-    o[i] = Cvt<T>::from_f(f);
-  }
-  return *reinterpret_cast<const uint4*>(o);
 }
 
 // ---- the warp's blocks, the block table, the final reduction -------

@@ -92,7 +92,7 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
   at::Tensor xs = x;
   if (perm.numel() > 0 || channel_scale.has_value()) {
     xs = at::empty_like(x);
-    cuda::gather_scale(x, perm, channel_scale, xs);
+    cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kPlain);
   }
   at::Tensor Ws = at::empty({K, N}, x.options());
   cuda::dequant(qweight, scales, zeros, blocks, at::Tensor(perm.new_empty({0})), Ws);

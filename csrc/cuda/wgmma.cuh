@@ -18,8 +18,8 @@
 //   k-step s: start = piece 2s, next core matrix in k (LBO) = one piece (8MT x 16 bytes),
 //             next 8 tokens (SBO) = 128 bytes.
 //
-// gather_x_kernel writes xs with every 16-byte chunk already one piece of one token
-// (gather_chunk<true> in mma_tile.cuh), so the ring copies chunks and only places them.
+// gather_x writes xs with every 16-byte chunk already one piece of one token
+// (XOrder::kWgmma, gather.cu), so the ring copies chunks and only places them.
 //
 // Pipelining: a block runs as two halves (A row sets k = 0, 1), each decoded into registers of
 // its own and committed as one group of two wgmma; after each commit the kernel waits for the

@@ -1,0 +1,267 @@
+// x brought into the order the weights are stored in, once per gemm call:
+//
+//     xs[m, k'] = round_T(x[m, perm[k]] * channel_scale[perm[k]])     (NaN if perm[k] is out of
+//                                                                      range)
+// where k' is the position the consumer expects stored row k at (XOrder, launch.h): plain
+// (k' = k, for cuBLAS) or the interleaved chunk orders of the tensor-core kernels.
+//
+// Two kernels, one result:
+//  * direct: one thread per 16-byte output chunk, each element read from global memory at its
+//    permuted position. Many CTAs share every row, so a row is read by many SMs in 2-byte
+//    pieces of 32-byte sectors: ~16x the row's bytes of L2 traffic, which is nothing for a few
+//    tokens and the most parallel start for one.
+//  * staged: a CTA copies whole rows of x (scaled) into shared memory with coalesced 16-byte
+//    loads, then writes its chunks from there. The row's bytes cross L2 once per CTA. Taken
+//    from kStagedMinRows rows on (MBWQ_GATHER_MIN_M moves that, for comparison). H100, 28672 x
+//    8192 4-bit, direct -> staged in one run: M = 64 130.7 -> 116.0 us, M = 128 229.8 -> 193.0
+//    us, M = 512 671 -> 576 us, M = 2048 2095 -> 1788 us; on layers of K = 4096 and 8192 the
+//    two are within run-to-run noise. Below the threshold rows are few, and the direct gather
+//    spreads each over many CTAs.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "launch.h"
+#include "pdl.cuh"
+
+namespace mbwq {
+namespace cuda {
+namespace {
+
+constexpr int kGatherThreads = 256;
+constexpr int kStagedThreads = 512;
+constexpr int64_t kStagedMinRows = 32;
+// Largest staged row (one CTA's shared memory): fp16 rows up to K = 49152, fp32 up to 24576.
+constexpr int kStagedMaxBytes = 96 * 1024;
+
+// The raw activations and how to bring them into stored row order.
+template <typename T>
+struct XArgs {
+  const T* x;           // [M, K]
+  const int32_t* perm;  // stored row -> input feature, or nullptr (identity)
+  const void* cs;       // channel_scale or nullptr
+  int cs_kind;
+};
+
+// Stored row of element i of 16-byte chunk c. Within 32-row block b = c / 4, chunk c % 4 holds
+// (mma_decode.cuh, wgmma.cuh):
+//   plain:           rows 8c .. 8c + 7
+//   mma.sync order:  rows 8c .. 8c + 7 as [0 4 1 5 2 6 3 7] (one load = both k-steps' B regs)
+//   wgmma order:     rows 32b + p + 4i, i = 0..7, p = c % 4 (one piece of the B operand)
+template <XOrder O>
+__device__ __forceinline__ int chunk_row(int c, int i) {
+  if constexpr (O == XOrder::kWgmma) return 32 * (c / 4) + c % 4 + 4 * i;
+  if constexpr (O == XOrder::kMma) return 8 * c + i / 2 + 4 * (i % 2);
+  return 8 * c + i;
+}
+
+// round_T(v * cs), the value the scaled x holds (v itself when there is no scale).
+template <typename T>
+__device__ __forceinline__ T scaled(const XArgs<T>& a, T v, float cs) {
+  return a.cs_kind == kAuxNone ? v : Cvt<T>::from_f(Cvt<T>::to_f(v) * cs);
+}
+
+// channel_scale[j[e]] as float (1 without a scale); one switch for all eight loads, so that
+// they are issued together.
+template <typename T>
+__device__ __forceinline__ void load_scales8(const XArgs<T>& a, const int (&j)[8], float (&cs)[8]) {
+  switch (a.cs_kind) {
+    case kAuxHalf:
+#pragma unroll
+      for (int e = 0; e < 8; ++e) cs[e] = __half2float(static_cast<const __half*>(a.cs)[j[e]]);
+      break;
+    case kAuxBF16:
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        cs[e] = __bfloat162float(static_cast<const __nv_bfloat16*>(a.cs)[j[e]]);
+      break;
+    case kAuxFloat:
+#pragma unroll
+      for (int e = 0; e < 8; ++e) cs[e] = static_cast<const float*>(a.cs)[j[e]];
+      break;
+    default:
+#pragma unroll
+      for (int e = 0; e < 8; ++e) cs[e] = 1.f;
+  }
+}
+
+// Eight elements of x at sources src[e] (NaN where src[e] is outside [0, K)), scaled. Loads in
+// three rounds (perm entries before this, then x, then channel_scale) so that a thread waits
+// for three memory latencies, not one chain per element.
+template <typename T>
+__device__ __forceinline__ void load8(const XArgs<T>& a, const T* row, const int (&src)[8], int K,
+                                      T (&o)[8]) {
+  bool ok[8];
+  int j[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    ok[e] = unsigned(src[e]) < unsigned(K);
+    j[e] = ok[e] ? src[e] : 0;
+    o[e] = row[j[e]];
+  }
+  float cs[8];
+  load_scales8(a, j, cs);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) o[e] = ok[e] ? scaled(a, o[e], cs[e]) : Cvt<T>::from_f(qnan());
+}
+
+// Eight elements (16 bytes of fp16 / bf16, 32 of fp32) to 16-byte aligned `dst`.
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const T (&o)[8]) {
+  constexpr int kVecs = sizeof(T) * 8 / 16;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v)
+    reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(o)[v];
+}
+
+template <typename T, XOrder O>
+__global__ void __launch_bounds__(kGatherThreads)
+    gather_direct_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K) {
+  // x may come from the previous kernel. Only then may the GEMM be scheduled: its prologue
+  // reads the weights before its own wait, and everything before this kernel is done now.
+  wait_prior_grid();
+  allow_next_grid();
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // one 8-row chunk
+  const int chunks = K / 8;
+  if (i >= int64_t(M) * chunks) return;
+  const int m = int(i / chunks), c = int(i % chunks);
+  const T* row = a.x + int64_t(m) * K;
+  int src[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int k = chunk_row<O>(c, e);
+    src[e] = a.perm != nullptr ? a.perm[k] : k;
+  }
+  alignas(16) T o[8];
+  load8(a, row, src, K, o);
+  store8(xs + int64_t(m) * K + 8 * c, o);
+}
+
+// CTA (m, part): stage row m of x, scaled, in shared memory; write chunks [part share) of xs.
+template <typename T, XOrder O>
+__global__ void __launch_bounds__(kStagedThreads)
+    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int K, int parts) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* srow = reinterpret_cast<T*>(smem);
+  wait_prior_grid();
+  allow_next_grid();
+  const int m = blockIdx.x / parts, part = blockIdx.x % parts;
+  const T* row = a.x + int64_t(m) * K;
+  const int chunks = K / 8;
+  // K % 8 == 0, so every row is 16-byte aligned when x is
+  const bool vec = reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
+  constexpr int kUnroll = 4;  // loads in flight per thread
+  for (int c0 = threadIdx.x; c0 < chunks; c0 += kUnroll * kStagedThreads) {
+    alignas(16) T v[kUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * kStagedThreads;
+      if (c >= chunks) break;
+      if (vec) {
+#pragma unroll
+        for (int q = 0; q < int(sizeof(T)) * 8 / 16; ++q)
+          reinterpret_cast<uint4*>(v[u])[q] =
+              __ldg(reinterpret_cast<const uint4*>(row + 8 * c) + q);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[u][e] = row[8 * c + e];
+      }
+    }
+    if (a.cs_kind != kAuxNone) {
+      float cs[kUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        int j[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) j[e] = min(8 * (c0 + u * kStagedThreads) + e, K - 1);
+        load_scales8(a, j, cs[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[u][e] = scaled(a, v[u][e], cs[u][e]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (c0 + u * kStagedThreads < chunks) store8(srow + 8 * (c0 + u * kStagedThreads), v[u]);
+  }
+  __syncthreads();
+  const int share = (chunks + parts - 1) / parts;
+  const int end = min(chunks, (part + 1) * share);
+  for (int c = part * share + threadIdx.x; c < end; c += kStagedThreads) {
+    alignas(16) T o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int k = chunk_row<O>(c, e);
+      const int src = a.perm != nullptr ? a.perm[k] : k;
+      o[e] = (src < 0 || src >= K) ? Cvt<T>::from_f(qnan()) : srow[src];
+    }
+    store8(xs + int64_t(m) * K + 8 * c, o);
+  }
+}
+
+template <typename T, XOrder O>
+void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int K, cudaStream_t stream) {
+  const int knob = tuning_override("MBWQ_GATHER_MIN_M");
+  const int64_t min_rows = knob > 0 ? knob : kStagedMinRows;
+  const size_t row_bytes = size_t(K) * sizeof(T);
+  if (M >= min_rows && row_bytes <= size_t(kStagedMaxBytes)) {
+    auto kernel = gather_staged_kernel<T, O>;
+    static int ready[64] = {};
+    once_per_device(ready, [&](int) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kStagedMaxBytes));
+      return 1;
+    });
+    // Several CTAs per row while there are fewer rows than SMs (each stages the whole row).
+    const int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
+    launch_chained(kernel, dim3(unsigned(M * parts)), dim3(kStagedThreads), row_bytes, stream, a,
+                   xs, K, parts);
+  } else {
+    const int64_t n = M * (K / 8);
+    const unsigned grid = unsigned((n + kGatherThreads - 1) / kGatherThreads);
+    launch_chained(gather_direct_kernel<T, O>, dim3(grid), dim3(kGatherThreads), 0, stream, a,
+                   xs, int(M), K);
+  }
+}
+
+template <typename T>
+void gather_t(const at::Tensor& x, const int32_t* perm, const at::Tensor& cs, at::Tensor& xs,
+              XOrder order) {
+  const XArgs<T> a{reinterpret_cast<const T*>(x.data_ptr()), perm,
+                   cs.defined() ? cs.data_ptr() : nullptr,
+                   cs.defined() ? aux_kind(cs) : int(kAuxNone)};
+  T* out = reinterpret_cast<T*>(xs.data_ptr());
+  const int64_t M = x.size(0);
+  const int K = int(x.size(1));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (order) {
+    case XOrder::kPlain: launch_gather<T, XOrder::kPlain>(a, out, M, K, stream); break;
+    case XOrder::kMma: launch_gather<T, XOrder::kMma>(a, out, M, K, stream); break;
+    case XOrder::kWgmma: launch_gather<T, XOrder::kWgmma>(a, out, M, K, stream); break;
+  }
+}
+
+}  // namespace
+
+void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
+              at::Tensor& xs, XOrder order) {
+  if (x.size(0) == 0 || x.size(1) == 0) return;
+  TORCH_CHECK(x.size(1) % 8 == 0 && xs.is_contiguous() && x.is_contiguous(),
+              "mbwq: internal: gather_x needs contiguous x and xs and K % 8 == 0, got K = ",
+              x.size(1));
+  const at::Tensor cs_t = cs.has_value() ? aux_tensor(*cs) : at::Tensor();
+  const int32_t* p = perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr;
+  switch (x.scalar_type()) {
+    case at::kHalf: gather_t<__half>(x, p, cs_t, xs, order); break;
+    case at::kBFloat16: gather_t<__nv_bfloat16>(x, p, cs_t, xs, order); break;
+    case at::kFloat: gather_t<float>(x, p, cs_t, xs, order); break;
+    default: TORCH_CHECK(false, "mbwq: internal: gather_x has no ", x.scalar_type(), " kernel");
+  }
+}
+
+}  // namespace cuda
+}  // namespace mbwq
