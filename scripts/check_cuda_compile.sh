@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # CI compile check of the CUDA kernels (no GPU needed): compiles every csrc/cuda/*.cu for
 # Hopper (sm_90a) with the ptxas resource report and fails on a compile error or on a kernel
-# that spills more than SPILL_LIMIT bytes (default 16) to local memory. The limit admits one
-# kernel: the 8-token-tile GEMM (64 fp32 accumulators a lane) fills its 128 registers, and
-# ptxas parks one or two values that live across the main loop in local memory: a store
-# before the loop, a load after it, none inside (checked in its SASS). Anything that spills
-# inside a loop spills more than that.
+# that spills more than SPILL_LIMIT bytes (default 64) to local memory. The limit admits the
+# GEMM kernels that fill their 128 registers at two CTAs per SM: the 8-token-tile bf16 kernel
+# (64 fp32 accumulators a lane) parks one or two values that live across the main loop (a
+# store before the loop, a load after it, none inside), and the 4-token-tile kernel with two
+# column quads per lane (64 accumulators) reloads one (fp16) or two (bf16) 4-byte values per
+# block inside the loop (L1 hits; checked in its SASS), measured 5-16 % faster than the
+# unspilled one-quad kernel (csrc/cuda/gemm_mma.cu: launch). A kernel whose loop spills its
+# working set spills more.
 # Usage: scripts/check_cuda_compile.sh [extra nvcc flags...]
 #   NVCC=... picks the compiler, CUDA_FILES="a.cu b.cu" limits the files, PTXAS_LOG_DIR keeps logs
 set -euo pipefail
@@ -44,17 +47,17 @@ for f in "${files[@]}"; do
   fi
   spills=$(grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$log" || true)
   over=$(grep -oE "[0-9]+ bytes spill (stores|loads)" "$log" |
-         awk -v lim="${SPILL_LIMIT:-16}" '$1 > lim' || true)
+         awk -v lim="${SPILL_LIMIT:-64}" '$1 > lim' || true)
   kernels=$(grep -c "Compiling entry function" "$log" || true)
   regs=$(grep -oE "Used [0-9]+ registers" "$log" | awk '{print $2}' | sort -n | tail -1 || true)
   echo "$f: $kernels kernels, max ${regs:-?} registers"
   [ -n "${PTXAS_LOG_DIR:-}" ] && cp "$log" "$PTXAS_LOG_DIR/"
   if [ -n "$over" ]; then
-    echo "check_cuda_compile: local-memory spills over ${SPILL_LIMIT:-16} bytes in $f:" >&2
+    echo "check_cuda_compile: local-memory spills over ${SPILL_LIMIT:-64} bytes in $f:" >&2
     grep -B3 -E "[1-9][0-9]* bytes spill (stores|loads)" "$log" >&2
     status=1
   elif [ -n "$spills" ]; then
-    echo "$f: small spills (within SPILL_LIMIT=${SPILL_LIMIT:-16} bytes):"
+    echo "$f: small spills (within SPILL_LIMIT=${SPILL_LIMIT:-64} bytes):"
     awk '/Compiling entry function/ {name = $0; sub(/.*function ./, "", name); sub(/. for .*/, "", name)}
          /bytes spill/ && ($5 > 0 || $9 > 0) {print "  " name ": " $5 " bytes stored, " $9 " loaded"}' "$log"
   fi
@@ -70,5 +73,5 @@ for f in csrc/cuda/*.cpp; do
     echo "$f: OK (host code)"
   fi
 done
-[ $status -eq 0 ] && echo "check_cuda_compile: OK (no spill over ${SPILL_LIMIT:-16} bytes)"
+[ $status -eq 0 ] && echo "check_cuda_compile: OK (no spill over ${SPILL_LIMIT:-64} bytes)"
 exit $status

@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--shapes", default="8192x28672")
     ap.add_argument("--formats", default="q4_g128")
     ap.add_argument("--Ms", default="1,16")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                    help="activation dtype")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=v1,v2",
                     help="an environment knob and the values to try (repeatable)")
     args = ap.parse_args()
@@ -41,7 +43,8 @@ def main():
             layer, wbytes = make_layer(f, K, N)
             arg_sets = clone_layer_args(layer, copies_for(wbytes))
             for M in (int(m) for m in args.Ms.split(",")):
-                xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in arg_sets]
+                xs = [torch.randn(M, K, device="cuda", dtype=getattr(torch, args.dtype))
+                      for _ in arg_sets]
                 rows = []
                 for values in itertools.product(*(v for _, v in knobs)):
                     os.environ.update(zip(names, values))
@@ -53,8 +56,8 @@ def main():
                     pct = 100 * wbytes / us / 1e6 / bw
                     point = " ".join(f"{k.removeprefix('MBWQ_MMA_').lower()}={v}"
                                      for k, v in zip(names, values))
-                    print(f"{K}x{N} {f} M={M:<3} {point} {us:8.1f} us {pct:5.1f}% bw "
-                          f"{'*' if us == best else ''}", flush=True)
+                    print(f"{K}x{N} {f} {args.dtype} M={M:<3} {point} {us:8.1f} us "
+                          f"{pct:5.1f}% bw {'*' if us == best else ''}", flush=True)
     for k in names:
         os.environ.pop(k, None)
 

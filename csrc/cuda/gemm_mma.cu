@@ -439,11 +439,12 @@ struct Call {
 // Shared memory per CTA: the rings and the block table (8 KB), two CTAs per SM unless noted:
 //   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
-//   MT = 4: QN 1, 5 stages, x per warpgroup (8 x 5 x 1408 + 2 x 5 x 2 KB + 8 KB = 83 KB)
-//   MT = 8: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 4 KB + 8 KB = 83 KB)
+//   MT = 4: QN 2, 3 stages, x per warpgroup (8 x 3 x 2560 + 2 x 3 x 2 KB + 8 KB = 80 KB)
+//   MT = 8, fp16 (one CTA per SM: 233 registers): QN 2, 3 stages, x per CTA
+//           (8 x 3 x 2560 + 3 x 4 KB + 8 KB = 80 KB)
+//   MT = 8, bf16: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 4 KB + 8 KB = 83 KB)
 //   MT = 16 (wgmma, one CTA per SM: 213 registers): QN 1, 6 stages, x per CTA
 //           (8 x 6 x 1408 + 6 x 8 KB + 8 KB = 122 KB)
-// (QN 1 from 4 token tiles on: the accumulators need the registers.)
 // WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG = false,
           int XG = 1>
@@ -535,13 +536,26 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   const int wc = tuning_override("MBWQ_MMA_WC");
   const bool wc_forced = wc == 1 || wc == 2 || wc == 4 || wc == 8;
-  // Token tiles by M: one (M <= 8; QN 2), two, four, eight (QN 1 for the registers). Up to
-  // 16 tokens each warp copies its own x; beyond, x is as many bytes as the warp's weights or
-  // more, and one copy per CTA saves the L2 traffic (H100, 8192 x 28672 q4: M = 32 111 ->
-  // 91 us; at M = 16 the CTA barrier costs more than it saves, 60.5 -> 62.1 us). For 17-32
-  // tokens one copy per warpgroup, whose barrier spans 4 warps, is faster still (M = 17
-  // 92.4 -> 82.5 us, M = 32 90.2 -> 87.0 us; 28672 x 8192 83.6 -> 80.8, 89.1 -> 87.1 us); for
-  // 33-64 it was not (-1.5 .. +3.4 %).
+  // Token tiles by M: one (M <= 8), two, four, eight, with two column quads per lane (one
+  // for eight tiles of bf16, below). Up
+  // to 16 tokens each warp copies its own x; beyond, x is as many bytes as the warp's weights
+  // or more, and one copy per CTA saves the L2 traffic (H100, 8192 x 28672 q4: M = 32 111 ->
+  // 91 us; at M = 16 the CTA barrier costs more than it saves, 60.5 -> 62.1 us; the 17-32
+  // kernel below run at M = 9-16 took 67-72 us against 57-60 us). For 17-32 tokens one copy
+  // per warpgroup, whose barrier spans 4 warps, is faster still (M = 17 92.4 -> 82.5 us, M = 32
+  // 90.2 -> 87.0 us); for 33-64 it was not (-1.5 .. +3.4 %).
+  // Two quads per lane halve the ring bookkeeping and the x fragment loads per weight. Against
+  // one quad per lane (A/B in one run, H100, 4-bit): 17-32 tokens, 3 stages, 2 CTAs per SM
+  // (128 registers; one 4-byte local reload per block): 8192 x 28672 M = 17 82.4 -> 70.6 us,
+  // M = 32 86.4 -> 76.4 us; 28672 x 8192 77.8 -> 69.2, 80.1 -> 73.3 us; 4096 x 14336 25.7 ->
+  // 24.0, 28.5 -> 27.1 us (4 stages at one CTA per SM: 80.1, 84.7 us on 8192 x 28672; x per
+  // CTA: 74.1, 79.6 us). 33-64 tokens (128 accumulators a lane: one CTA per SM, 3 stages):
+  // 8192 x 28672 M = 33 119.0 -> 110.5 us, M = 64 123.9 -> 119.7 us; 28672 x 8192 106.2 ->
+  // 103.3, 113.6 -> 109.7 us; 4096 x 14336 36.6 -> 35.1, 40.3 -> 39.9 us (4 or 5 stages:
+  // 1-3 % slower than 3); mixed and 2-bit layers 3-7 %. With bf16 x, whose decode needs more
+  // registers, 33-64 tokens were no faster (8192 x 28672 M = 64 143.8 -> 144.1 us, 4096 x 14336
+  // 45.2 -> 46.4 us, mixed 2.5 M = 48 142.2 -> 145.6 us) and keep one quad per lane; 17-32
+  // tokens gained there too (M = 17 102.3 -> 91.9 us, 4096 x 14336 M = 32 39.9 -> 33.5 us).
   if (M <= 8) {
     run_kernel<T, 1, 2, 4, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
                                                   : std::initializer_list<int>{1, 2});
@@ -549,9 +563,13 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     run_kernel<T, 2, 2, 3, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
                                                    : std::initializer_list<int>{2, 1});
   } else if (M <= 32) {
-    run_kernel<T, 4, 1, 5, 2, true, false, 2>(c, {kWarps});
+    run_kernel<T, 4, 2, 3, 2, true, false, 2>(c, {kWarps});
   } else if (M <= kMmaMaxM) {
-    run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
+    if constexpr (std::is_same_v<T, __half>) {
+      run_kernel<T, 8, 2, 3, 1, true>(c, {kWarps});
+    } else {
+      run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
+    }
   } else {
     // 65 .. 128 tokens as one wgmma tile (ops_cuda.cpp sends these only where
     // wgmma_available()): one decode of W for all of them. H100, 8192 x 28672 q4, against
