@@ -45,6 +45,9 @@ def main():
         random_mixed_spec(rng, 2048, 132, (8, 5, 4, 3, 2), bias=True, seed=2),
         LayerSpec(512, 200, False, w_bit=4, group_size=128, perm="zeros", seed=3),
         LayerSpec(256, 130, False, w_bit=2, group_size=64, perm="random", bias=True, seed=4),  # N % 4
+        # >= 8192 columns: the 17-64-token kernels with two column quads per lane
+        LayerSpec(64, 8192, True, widths=(4, 2), group_rows=(32, 32), perm="random", bias=True,
+                  seed=5),
     ]
     # M = 65 .. 192 as tensor-core row chunks (launch.h: large layers only; here on small ones)
     os.environ["MBWQ_MMA_MAX_M"] = "192"

@@ -93,6 +93,9 @@ SPECS = {
     # many column tiles
     "wide": LayerSpec(256, 6152, True, widths=(4, 3, 2), group_rows=(96, 96, 64),
                       perm="random", bias=True, seed=10),
+    # >= 8192 columns: 17-64 tokens on the kernels with two column quads per lane
+    "two_quads": LayerSpec(256, 8192, True, widths=(4, 3, 2), group_rows=(96, 96, 64),
+                           perm="random", bias=True, seed=11),
     # N % 8 != 0: the large path for every M
     "n_odd": LayerSpec(256, 130, True, widths=(5, 4, 2), group_rows=(64, 96, 96), perm="random",
                        bias=True, seed=7),

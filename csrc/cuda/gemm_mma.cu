@@ -436,13 +436,18 @@ struct Call {
 // One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
 // warp, the CTAs per SM its registers are sized for and where x goes (CTA_X: a ring per XG
 // warps).
+// Fewest columns for which the 17-64-token kernels take two column quads per lane (launch).
+constexpr int64_t kTwoQuadMinN = 8192;
+
 // Shared memory per CTA: the rings and the block table (8 KB), two CTAs per SM unless noted:
 //   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
 //   MT = 4: QN 2, 3 stages, x per warpgroup (8 x 3 x 2560 + 2 x 3 x 2 KB + 8 KB = 80 KB)
 //   MT = 8, fp16 (one CTA per SM: 233 registers): QN 2, 3 stages, x per CTA
 //           (8 x 3 x 2560 + 3 x 4 KB + 8 KB = 80 KB)
-//   MT = 8, bf16: QN 1, 5 stages, x per CTA (8 x 5 x 1408 + 5 x 4 KB + 8 KB = 83 KB)
+//   MT = 4 and 8 with one quad (bf16 MT = 8, and layers narrower than kTwoQuadMinN): QN 1,
+//           5 stages, x per warpgroup / CTA (8 x 5 x 1408 + 2 x 5 x 2 KB / 5 x 4 KB + 8 KB
+//           = 83 KB)
 //   MT = 16 (wgmma, one CTA per SM: 213 registers): QN 1, 6 stages, x per CTA
 //           (8 x 6 x 1408 + 6 x 8 KB + 8 KB = 122 KB)
 // WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
@@ -536,8 +541,8 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   const int wc = tuning_override("MBWQ_MMA_WC");
   const bool wc_forced = wc == 1 || wc == 2 || wc == 4 || wc == 8;
-  // Token tiles by M: one (M <= 8), two, four, eight, with two column quads per lane (one
-  // for eight tiles of bf16, below). Up
+  // Token tiles by M: one (M <= 8), two, four, eight, with two column quads per lane (one for
+  // eight tiles of bf16 and on narrow layers, below). Up
   // to 16 tokens each warp copies its own x; beyond, x is as many bytes as the warp's weights
   // or more, and one copy per CTA saves the L2 traffic (H100, 8192 x 28672 q4: M = 32 111 ->
   // 91 us; at M = 16 the CTA barrier costs more than it saves, 60.5 -> 62.1 us; the 17-32
@@ -556,6 +561,11 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // registers, 33-64 tokens were no faster (8192 x 28672 M = 64 143.8 -> 144.1 us, 4096 x 14336
   // 45.2 -> 46.4 us, mixed 2.5 M = 48 142.2 -> 145.6 us) and keep one quad per lane; 17-32
   // tokens gained there too (M = 17 102.3 -> 91.9 us, 4096 x 14336 M = 32 39.9 -> 33.5 us).
+  // With two quads a CTA of these kernels spans 512 columns: a narrow layer then has few column
+  // tiles, and the K splits that fill the device cost more than the quads save (4096 x 4096
+  // 4-bit M = 32: 13.9 -> 19.5 us, mixed 2.5 M = 64 22.7 -> 23.8 us; 8192 x 8192 still gained,
+  // M = 32 29.3 -> 28.8 us). So two quads from kTwoQuadMinN columns on.
+  const bool two_quads = c.qweight.size(1) >= kTwoQuadMinN;
   if (M <= 8) {
     run_kernel<T, 1, 2, 4, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
                                                   : std::initializer_list<int>{1, 2});
@@ -563,13 +573,16 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
     run_kernel<T, 2, 2, 3, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
                                                    : std::initializer_list<int>{2, 1});
   } else if (M <= 32) {
-    run_kernel<T, 4, 2, 3, 2, true, false, 2>(c, {kWarps});
+    if (two_quads) {
+      run_kernel<T, 4, 2, 3, 2, true, false, 2>(c, {kWarps});
+    } else {
+      run_kernel<T, 4, 1, 5, 2, true, false, 2>(c, {kWarps});
+    }
   } else if (M <= kMmaMaxM) {
     if constexpr (std::is_same_v<T, __half>) {
-      run_kernel<T, 8, 2, 3, 1, true>(c, {kWarps});
-    } else {
-      run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
+      if (two_quads) return run_kernel<T, 8, 2, 3, 1, true>(c, {kWarps});
     }
+    run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
   } else {
     // 65 .. 128 tokens as one wgmma tile (ops_cuda.cpp sends these only where
     // wgmma_available()): one decode of W for all of them. H100, 8192 x 28672 q4, against
