@@ -66,26 +66,29 @@ __device__ __forceinline__ T scaled(const XArgs<T>& a, T v, float cs) {
 
 // channel_scale[j[e]] as float (1 without a scale); one switch for all eight loads, so that
 // they are issued together.
+template <int KIND>
+__device__ __forceinline__ void load_scales8_as(const void* p, const int (&j)[8], float (&cs)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) cs[e] = aux_load(p, KIND, j[e]);  // KIND folds aux_load's switch
+}
 template <typename T>
 __device__ __forceinline__ void load_scales8(const XArgs<T>& a, const int (&j)[8], float (&cs)[8]) {
   switch (a.cs_kind) {
-    case kAuxHalf:
-#pragma unroll
-      for (int e = 0; e < 8; ++e) cs[e] = __half2float(static_cast<const __half*>(a.cs)[j[e]]);
-      break;
-    case kAuxBF16:
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-        cs[e] = __bfloat162float(static_cast<const __nv_bfloat16*>(a.cs)[j[e]]);
-      break;
-    case kAuxFloat:
-#pragma unroll
-      for (int e = 0; e < 8; ++e) cs[e] = static_cast<const float*>(a.cs)[j[e]];
-      break;
+    case kAuxHalf: load_scales8_as<kAuxHalf>(a.cs, j, cs); break;
+    case kAuxBF16: load_scales8_as<kAuxBF16>(a.cs, j, cs); break;
+    case kAuxFloat: load_scales8_as<kAuxFloat>(a.cs, j, cs); break;
     default:
 #pragma unroll
       for (int e = 0; e < 8; ++e) cs[e] = 1.f;
   }
+}
+
+// The source of element e of chunk c: perm[k] (or k) for its stored row k in order O. Outside
+// [0, K) marks a bad perm entry (NaN).
+template <XOrder O, typename T>
+__device__ __forceinline__ int chunk_source(const XArgs<T>& a, int c, int e) {
+  const int k = chunk_row<O>(c, e);
+  return a.perm != nullptr ? a.perm[k] : k;
 }
 
 // Eight elements of x at sources src[e] (NaN where src[e] is outside [0, K)), scaled. Loads in
@@ -131,10 +134,7 @@ __global__ void __launch_bounds__(kGatherThreads)
   const T* row = a.x + int64_t(m) * K;
   int src[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const int k = chunk_row<O>(c, e);
-    src[e] = a.perm != nullptr ? a.perm[k] : k;
-  }
+  for (int e = 0; e < 8; ++e) src[e] = chunk_source<O>(a, c, e);
   alignas(16) T o[8];
   load8(a, row, src, K, o);
   store8(xs + int64_t(m) * K + 8 * c, o);
@@ -195,8 +195,7 @@ __global__ void __launch_bounds__(kStagedThreads)
     alignas(16) T o[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const int k = chunk_row<O>(c, e);
-      const int src = a.perm != nullptr ? a.perm[k] : k;
+      const int src = chunk_source<O>(a, c, e);
       o[e] = (src < 0 || src >= K) ? Cvt<T>::from_f(qnan()) : srow[src];
     }
     store8(xs + int64_t(m) * K + 8 * c, o);

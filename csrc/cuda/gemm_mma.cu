@@ -433,12 +433,12 @@ struct Call {
   cudaStream_t stream;
 };
 
-// One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
-// warp, the CTAs per SM its registers are sized for and where x goes (CTA_X: a ring per XG
-// warps).
 // Fewest columns for which the 17-64-token kernels take two column quads per lane (launch).
 constexpr int64_t kTwoQuadMinN = 8192;
 
+// One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
+// warp, the CTAs per SM its registers are sized for and where x goes (CTA_X: a ring per XG
+// warps).
 // Shared memory per CTA: the rings and the block table (8 KB), two CTAs per SM unless noted:
 //   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
@@ -542,9 +542,9 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   const int wc = tuning_override("MBWQ_MMA_WC");
   const bool wc_forced = wc == 1 || wc == 2 || wc == 4 || wc == 8;
   // Token tiles by M: one (M <= 8), two, four, eight, with two column quads per lane (one for
-  // eight tiles of bf16 and on narrow layers, below). Up
-  // to 16 tokens each warp copies its own x; beyond, x is as many bytes as the warp's weights
-  // or more, and one copy per CTA saves the L2 traffic (H100, 8192 x 28672 q4: M = 32 111 ->
+  // eight tiles of bf16 and on narrow layers, below). Up to 16 tokens each warp copies its own
+  // x; beyond, x is as many bytes as the warp's weights or more, and one copy per CTA saves the
+  // L2 traffic (H100, 8192 x 28672 q4: M = 32 111 ->
   // 91 us; at M = 16 the CTA barrier costs more than it saves, 60.5 -> 62.1 us; the 17-32
   // kernel below run at M = 9-16 took 67-72 us against 57-60 us). For 17-32 tokens one copy
   // per warpgroup, whose barrier spans 4 warps, is faster still (M = 17 92.4 -> 82.5 us, M = 32
@@ -557,7 +557,7 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   // CTA: 74.1, 79.6 us). 33-64 tokens (128 accumulators a lane: one CTA per SM, 3 stages):
   // 8192 x 28672 M = 33 119.0 -> 110.5 us, M = 64 123.9 -> 119.7 us; 28672 x 8192 106.2 ->
   // 103.3, 113.6 -> 109.7 us; 4096 x 14336 36.6 -> 35.1, 40.3 -> 39.9 us (4 or 5 stages:
-  // 1-3 % slower than 3); mixed and 2-bit layers 3-7 %. With bf16 x, whose decode needs more
+  // 1-3 % slower than 3); mixed and 2-bit layers 2-7 %. With bf16 x, whose decode needs more
   // registers, 33-64 tokens were no faster (8192 x 28672 M = 64 143.8 -> 144.1 us, 4096 x 14336
   // 45.2 -> 46.4 us, mixed 2.5 M = 48 142.2 -> 145.6 us) and keep one quad per lane; 17-32
   // tokens gained there too (M = 17 102.3 -> 91.9 us, 4096 x 14336 M = 32 39.9 -> 33.5 us).
