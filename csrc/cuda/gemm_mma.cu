@@ -278,24 +278,34 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // scales and zeros only when starts_group says so.
   const LaneCopies<QN> copies(qweight, scales, zeros, N, n_warp, lane,
                               smem_s + warp * Rx::kWarpBytes);
-  // x of block i: MT * 32 chunks of 16 bytes, chunk c = token c / 4, quarter c % 4 of its 32 k,
-  // zero-filled for tokens past M; they land in token order, 64 bytes a token (WG: as the
-  // pieces of wgmma.cuh). Lane l copies chunks l + 32 k (CTA_X: thread c, chunks c + 256 k).
+  // x of block i: MT * 32 chunks of 16 bytes, each a quarter (piece) of one token's 32 k,
+  // zero-filled for tokens past M. Copier c takes token x_token + kXTokenStep * k, piece
+  // x_piece (Lane l: c = l; CTA_X: thread c):
+  //   mma.sync: token c / 4, piece c % 4; they land in token order, 64 bytes a token, so a
+  //             warp writes 512 contiguous bytes.
+  //   WG:       token c % 8 + 8 (c / 32), piece (c / 8) % 4. The slot keeps the pieces apart
+  //             (wgmma.cuh: piece p of token n at (p * 8MT + n) * 16), so each 8 lanes that
+  //             share a shared-memory wavefront write 8 consecutive tokens of one piece (128
+  //             contiguous bytes), and a warp still reads whole 64-byte token rows from xs.
+  //             (c / 4, c % 4 put 4 lanes of a wavefront 2 KB apart on the same banks: Nsight
+  //             Compute counted 32 wavefronts per copy instruction against 4.)
   constexpr int kXThreads = CTA_X ? Rx::kGroupThreads : 32;  // threads that copy x
   constexpr int kXCopies = (32 * MT + kXThreads - 1) / kXThreads;  // chunks a thread copies
   constexpr int kXTokenStep = kXThreads / 4;                // tokens from one copy to the next
   const int x_chunk = !CTA_X ? lane : XG > 1 ? int(threadIdx.x) % kXThreads : int(threadIdx.x);
   const bool x_copier = x_chunk < 32 * MT;
+  const int x_token = WG ? x_chunk % 8 + 8 * (x_chunk / 32) : x_chunk / 4;
+  const int x_piece = WG ? (x_chunk / 8) % 4 : x_chunk % 4;
   const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) +  // slot 0
-                         (WG ? wgmma_x_offset<MT>(x_chunk / 4, x_chunk % 4) : 16 * x_chunk);
+                         (WG ? wgmma_x_offset<MT>(x_token, x_piece) : 16 * x_chunk);
   // the slot's x bytes from one copy to the next
   constexpr uint32_t kXDstStep = WG ? kXTokenStep * 16 : kXThreads * 16;
   // element offsets into xs, one register each (M * K < 2^32: M <= 128)
   uint32_t x_src[kXCopies];
 #pragma unroll
   for (int k = 0; k < kXCopies; ++k)
-    x_src[k] = uint32_t(min(x_chunk / 4 + kXTokenStep * k, M - 1)) * uint32_t(K) +
-               uint32_t(wb) * kBlockRows + 8 * (x_chunk % 4);
+    x_src[k] = uint32_t(min(x_token + kXTokenStep * k, M - 1)) * uint32_t(K) +
+               uint32_t(wb) * kBlockRows + 8 * x_piece;
   int issue_group = -1;
   // Block i's weights, and its x, into ring slot `slot`; width B when the caller knows it
   // (0: read from the table).
@@ -311,7 +321,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 #pragma unroll
     for (int k = 0; k < kXCopies; ++k)
       cp_async16(x_dst + slot * Rx::kXStride + kXDstStep * k,
-                 xs + (x_src[k] + uint32_t(i) * kBlockRows), x_chunk / 4 + kXTokenStep * k < M);
+                 xs + (x_src[k] + uint32_t(i) * kBlockRows), x_token + kXTokenStep * k < M);
   };
   // The first blocks' weights are queued before waiting for the kernel that writes xs
   // (programmatic dependent launch: this grid may start while the x gather runs, which
