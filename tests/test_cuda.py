@@ -127,6 +127,14 @@ def test_mma_row_chunks(name, no_wgmma, monkeypatch):
             y = run_gemm(layer, x)
             assert_close_to_reference(y, x, W, layer)
             assert torch.equal(run_gemm(layer, x), y)  # deterministic
+        # The chunks share one x gather per order (ops_cuda.cpp): each chunk's rows are what a
+        # call of just those rows computes (300 = 128 + 128 + 44 with wgmma, 64-row chunks
+        # + 44 without).
+        x = rand_x(300, layer.in_channels, dtype, seed=1)
+        y = run_gemm(layer, x)
+        bounds = (0, 128, 256, 300) if no_wgmma == "0" else (0, 64, 128, 192, 256, 300)
+        for a, b in zip(bounds, bounds[1:]):
+            assert torch.equal(run_gemm(layer, x[a:b].contiguous()), y[a:b]), (a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

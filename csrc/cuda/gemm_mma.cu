@@ -29,10 +29,11 @@
 //   slot: | row 0 (4*32*QN bytes) pad | row 1 pad | ... | row 7 pad | scales | zeros | x |
 //           rows padded to 32 mod 128 bytes so that the LDS.128 are conflict-free
 //
-// Activations: gather_x (gather.cu) writes x once in stored row order, scaled and interleaved
-// (xs), and the rings copy it block by block. (Gathering each CTA's K range inside the GEMM kernel
-// instead saved a launch but delayed the weight stream: H100, 14336 x 4096 q4 M = 1, 22 us ->
-// 40 us; 4096 x 4096 gained 0.1 us.)
+// Activations: gather_x (gather.cu, called by ops_cuda.cpp once for all the row chunks that read
+// x in one order) writes x in stored row order, scaled and interleaved (xs), and the rings copy
+// it block by block. (Gathering each CTA's K range inside the GEMM kernel instead saved a launch
+// but delayed the weight stream: H100, 14336 x 4096 q4 M = 1, 22 us -> 40 us; 4096 x 4096
+// gained 0.1 us.)
 //
 // ---------------------------------------------------------------------------------------
 // The decode (which codes a lane takes, how they become fp16) is described in mma_decode.cuh.
@@ -433,9 +434,7 @@ __global__ void reduce_splits_kernel(const float* __restrict__ part, const void*
 // What one call needs besides the kernel configuration.
 template <typename T>
 struct Call {
-  const at::Tensor& x;
-  const at::Tensor& perm;
-  const std::optional<at::Tensor>& channel_scale;
+  const at::Tensor& xs;  // x gathered by the caller in mma_x_order(M) (launch.h)
   const at::Tensor &qweight, &scales, &zeros, &blocks;
   const void* bias;
   int bias_kind;
@@ -464,7 +463,7 @@ constexpr int64_t kTwoQuadMinN = 8192;
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG = false,
           int XG = 1>
 void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
-  const int M = c.x.size(0), K = c.x.size(1), N = c.qweight.size(1);
+  const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, WG, XG>;
@@ -511,18 +510,14 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int bps = (nblocks + best_s - 1) / best_s;
   const int splits = (nblocks + bps - 1) / bps;
 
-  // x in stored row order, once for all CTAs; the rings then copy it block by block.
-  at::Tensor xs = at::empty({M, K}, c.x.options());
-  gather_x(c.x, c.perm, c.channel_scale, xs, WG ? XOrder::kWgmma : XOrder::kMma);
-
   at::Tensor part;
   void* dst = c.out;
   if (splits > 1) {
-    part = at::empty({splits, M, N}, c.x.options().dtype(at::kFloat));
+    part = at::empty({splits, M, N}, c.xs.options().dtype(at::kFloat));
     dst = part.data_ptr();
   }
   launch_chained(kernel, dim3(tiles, splits), dim3(kWarps * 32), smem, c.stream,
-                 reinterpret_cast<const T*>(xs.data_ptr()),
+                 reinterpret_cast<const T*>(c.xs.data_ptr()),
                  reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
                  reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
                  reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
@@ -538,14 +533,13 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
 }
 
 template <typename T>
-void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-            const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
-            const std::optional<at::Tensor>& channel_scale, const std::optional<at::Tensor>& bias,
-            at::Tensor& y) {
-  const int M = x.size(0);
+void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+            const at::Tensor& zeros, const at::Tensor& blocks,
+            const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int M = xs.size(0);
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
   const Call<T> c{
-      x, perm, channel_scale, qweight, scales, zeros, blocks,
+      xs, qweight, scales, zeros, blocks,
       bias_t.defined() ? bias_t.data_ptr() : nullptr,
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
@@ -627,21 +621,22 @@ bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
          aligned16(scales) && aligned16(zeros);
 }
 
-void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-              const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
-              const std::optional<at::Tensor>& channel_scale,
+XOrder mma_x_order(int64_t rows) { return rows > kMmaMaxM ? XOrder::kWgmma : XOrder::kMma; }
+
+void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+              const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
   // wgmma_available() (an environment read) only where the rows need it
-  const int64_t M = x.size(0);
+  const int64_t M = xs.size(0);
   TORCH_CHECK(M >= 1 && (M <= kMmaMaxM || (M <= kWgmmaRows && wgmma_available())),
               "mbwq: tensor-core path needs 1 <= M <= ", kMmaMaxM, " (", kWgmmaRows,
               " with wgmma), got M = ", M);
-  TORCH_CHECK(mma_supported(x, qweight, scales, zeros),
+  TORCH_CHECK(mma_supported(xs, qweight, scales, zeros),
               "mbwq: internal: tensor-core path called with unsupported arguments");
-  if (x.scalar_type() == at::kHalf) {
-    launch<__half>(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
+  if (xs.scalar_type() == at::kHalf) {
+    launch<__half>(xs, qweight, scales, zeros, blocks, bias, y);
   } else {
-    launch<__nv_bfloat16>(x, qweight, scales, zeros, blocks, perm, channel_scale, bias, y);
+    launch<__nv_bfloat16>(xs, qweight, scales, zeros, blocks, bias, y);
   }
 }
 

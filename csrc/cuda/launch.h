@@ -40,12 +40,20 @@ bool wgmma_available();
 bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros);
 
-// y[M, N] = round(x * cs)[:, perm] @ Wstored + bias on tensor cores, weights read once per call,
-// for 1 <= M <= kMmaMaxM (mma.sync), or kWgmmaRows where wgmma_available() (wgmma from 65 on).
-void gemm_mma(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-              const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& perm,
-              const std::optional<at::Tensor>& cs, const std::optional<at::Tensor>& bias,
-              at::Tensor& y);
+// Where a consumer expects stored row k of x (gather.cu): plain (k, for cuBLAS) or the 16-byte
+// chunk orders the tensor-core kernels read their B operand in (mma.sync, wgmma).
+enum class XOrder { kPlain, kMma, kWgmma };
+
+// y[M, N] = xs @ Wstored + bias on tensor cores, weights read once per call, for
+// 1 <= M <= kMmaMaxM (mma.sync), or kWgmmaRows where wgmma_available() (wgmma from 65 on).
+// xs: round(x * cs)[:, perm] as gather_x writes it in mma_x_order(M) (16-byte aligned).
+void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+              const at::Tensor& zeros, const at::Tensor& blocks,
+              const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+// The chunk order in which gemm_mma reads a call of `rows` rows of x: every row is laid out on
+// its own, so row ranges of one gather (gather_x) serve consecutive calls of the same order.
+XOrder mma_x_order(int64_t rows);
 
 // Tuning hook for benchmarks (gemm_mma.cu): the positive integer in environment variable `name`,
 // read at each call, else 0.
@@ -71,9 +79,6 @@ int compute_capability_major();
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
              const at::Tensor& blocks, const at::Tensor& perm, at::Tensor& out);
 
-// Where a consumer expects stored row k of x (gather.cu): plain (k, for cuBLAS) or the 16-byte
-// chunk orders the tensor-core kernels read their B operand in (mma.sync, wgmma).
-enum class XOrder { kPlain, kMma, kWgmma };
 
 // xs[m, k'] = round_x(x[m, perm[k]] * cs[perm[k]]) in x's dtype, k' the position of stored row
 // k in `order` (NaN for a perm entry outside [0, K)); chained to the next kernel (pdl.cuh).

@@ -74,14 +74,28 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
                             : K * N >= cuda::kMmaChunkedMinWeights          ? cuda::kMmaChunkedMaxM
                                                                             : cuda::kMmaMaxM;
   if (M <= mma_max_m && cuda::mma_supported(x, qweight, scales, zeros)) {
-    for (int64_t m0 = 0; m0 < M;) {
+    // Row chunks, and one x gather for each run of chunks that read x in the same order (the
+    // wgmma chunks, then the last one or two of at most kMmaMaxM rows): a gather of 128 rows of
+    // 8192 is a few us that every further chunk would otherwise repeat.
+    auto chunk_rows = [&](int64_t m0) {
       const int64_t left = M - m0;
-      const int64_t rows = std::min(wgmma && left > cuda::kWgmmaMinRows ? cuda::kWgmmaRows
-                                                                       : cuda::kMmaMaxM,
-                                    left);
+      return std::min(wgmma && left > cuda::kWgmmaMinRows ? cuda::kWgmmaRows : cuda::kMmaMaxM,
+                      left);
+    };
+    at::Tensor xs = at::empty_like(x);
+    int64_t gathered = 0;  // rows [0, gathered) of xs are written
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t rows = chunk_rows(m0);
+      const cuda::XOrder order = cuda::mma_x_order(rows);
+      if (m0 == gathered) {  // this chunk and the following ones of its order
+        int64_t end = m0 + rows;
+        while (end < M && cuda::mma_x_order(chunk_rows(end)) == order) end += chunk_rows(end);
+        at::Tensor xs_run = xs.narrow(0, m0, end - m0);
+        cuda::gather_x(x.narrow(0, m0, end - m0), perm, channel_scale, xs_run, order);
+        gathered = end;
+      }
       at::Tensor y_rows = y.narrow(0, m0, rows);
-      cuda::gemm_mma(x.narrow(0, m0, rows), qweight, scales, zeros, blocks, perm, channel_scale,
-                     bias, y_rows);
+      cuda::gemm_mma(xs.narrow(0, m0, rows), qweight, scales, zeros, blocks, bias, y_rows);
       m0 += rows;
     }
     return y;
