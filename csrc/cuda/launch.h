@@ -79,7 +79,6 @@ int compute_capability_major();
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
              const at::Tensor& blocks, const at::Tensor& perm, at::Tensor& out);
 
-
 // xs[m, k'] = round_x(x[m, perm[k]] * cs[perm[k]]) in x's dtype, k' the position of stored row
 // k in `order` (NaN for a perm entry outside [0, K)); chained to the next kernel (pdl.cuh).
 void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
