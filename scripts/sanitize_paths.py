@@ -5,7 +5,8 @@
 
 Paths: the tensor-core kernel (fp16/bf16: one, two, four and eight 8-token tiles, x copied
 per warp or once per CTA, row chunks of 64 tokens; one or two column quads per lane (two on
-the 8192-column layer); on compute capability 9.0 the 128-token wgmma tile, M = 100), the x
+the 8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token
+tiles at M = 100 and 256-token tiles at M = 200, with one and two K splits), the x
 gather element by element and through shared memory (from 32 rows), one and several K
 splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale
 and bias in several dtypes or absent, identity and random perm; the large-M path (x gather +
@@ -63,7 +64,7 @@ def main():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             W = mbwq_ops.dequant(*args, dtype)
             assert torch.equal(W.cpu(), mbwq_ops.dequant(*cargs, dtype)), (spec, dtype)
-            for M in (1, 2, 3, 7, 12, 17, 40, 64, 100, 300):
+            for M in (1, 2, 3, 7, 12, 17, 40, 64, 100, 200, 300):
                 x = torch.randn(M, spec.in_features, dtype=dtype)
                 variants = ((cs, layer.bias), (cs.float(), None), (None, layer.bias),
                             (cs.to(torch.bfloat16), None))
@@ -74,6 +75,12 @@ def main():
                     y_ref = mbwq_ops.gemm(x, *cargs, cs_c, bias_c)
                     assert close(y, y_ref, dtype), (spec, dtype, M)
                     checked += 1
+                    if M == 200:  # the tile kernel's K splits and reduction
+                        os.environ["MBWQ_TILE_SPLITS"] = "2"
+                        y = mbwq_ops.gemm(x.cuda(), *args, cs_v, bias_v)
+                        del os.environ["MBWQ_TILE_SPLITS"]
+                        assert close(y, y_ref, dtype), (spec, dtype, M, "splits")
+                        checked += 1
     # misaligned qweight (4-byte offset): the scalar paths
     layer, _ = make_layer(specs[0], "cuda")
     q = layer.qweight
@@ -89,7 +96,7 @@ def main():
     bad[0, 0] = 7
     bad[1, 1] = 1 << 20
     bad[2, 2] = -3
-    for M in (2, 40):
+    for M in (2, 40, 100, 200):
         x = torch.randn(M, specs[0].in_features, dtype=torch.float16, device="cuda")
         y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, bad, layer._perm)
         assert torch.isnan(y).all()

@@ -9,7 +9,11 @@ Each --set names an environment variable that csrc/cuda/gemm_mma.cu reads at eve
 MBWQ_MMA_MAX_M (largest M on the tensor-core path, csrc/cuda/ops_cuda.cpp), MBWQ_MMA_NO_WGMMA
 (1: mma.sync row chunks of 64 instead of 128-token wgmma tiles on compute capability 9.0),
 MBWQ_GATHER_MIN_M (fewest rows for which the x gather stages rows in shared memory,
-csrc/cuda/gather.cu).
+csrc/cuda/gather.cu), MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M (the rows the many-token tile
+kernel takes on compute capability 9.0, csrc/cuda/ops_cuda.cpp; a large minimum turns it off),
+MBWQ_TILE_TOKENS (128 or 256 tokens per CTA tile) and MBWQ_TILE_SPLITS (its K splits,
+csrc/cuda/gemm_tile.cu). --matmul adds torch.matmul in the activation dtype on
+the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).
 Prints one line per point; the fastest per (shape, format, M) is marked with *.
@@ -20,7 +24,8 @@ import os
 
 import torch
 
-from bench import clone_layer_args, copies_for, make_layer, read_bandwidth, time_graph
+from bench import (bench_matmul, clone_layer_args, copies_for, make_layer, read_bandwidth,
+                   time_graph)
 
 
 def main():
@@ -32,17 +37,22 @@ def main():
                     help="activation dtype")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=v1,v2",
                     help="an environment knob and the values to try (repeatable)")
+    ap.add_argument("--matmul", action="store_true", help="also time torch.matmul")
     args = ap.parse_args()
     knobs = [(k, v.split(",")) for k, v in (s.split("=", 1) for s in args.set)]
     names = [k for k, _ in knobs]
     bw = read_bandwidth()["sum_tbs"]
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bw:.2f} TB/s")
+    Ms = [int(m) for m in args.Ms.split(",")]
     for shape in args.shapes.split(","):
         K, N = (int(v) for v in shape.split("x"))
+        if args.matmul:
+            for M, us in bench_matmul(K, N, Ms, getattr(torch, args.dtype)).items():
+                print(f"{K}x{N} torch.matmul {args.dtype} M={M:<4} {us:8.1f} us", flush=True)
         for f in args.formats.split(","):
             layer, wbytes = make_layer(f, K, N)
             arg_sets = clone_layer_args(layer, copies_for(wbytes))
-            for M in (int(m) for m in args.Ms.split(",")):
+            for M in Ms:
                 xs = [torch.randn(M, K, device="cuda", dtype=getattr(torch, args.dtype))
                       for _ in arg_sets]
                 rows = []
@@ -56,7 +66,7 @@ def main():
                     pct = 100 * wbytes / us / 1e6 / bw
                     point = " ".join(f"{k.removeprefix('MBWQ_MMA_').lower()}={v}"
                                      for k, v in zip(names, values))
-                    print(f"{K}x{N} {f} {args.dtype} M={M:<3} {point} {us:8.1f} us "
+                    print(f"{K}x{N} {f} {args.dtype} M={M:<4} {point} {us:8.1f} us "
                           f"{pct:5.1f}% bw {'*' if us == best else ''}", flush=True)
     for k in names:
         os.environ.pop(k, None)

@@ -2,6 +2,9 @@
 torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
 
 Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
+  * 65 <= M <= 256 on compute capability 9.0, fp16/bf16, N a multiple of 8: the many-token
+    tile kernel (gemm_tile.cu, CTA tiles of 256 columns x 128 tokens up to M = 128, else 128 x
+    256; K splits + reduction where tiles are few);
   * M <= 64 (192 on layers of >= 2^25 weights), fp16/bf16, K and N multiples of 8: tensor-core
     kernel (gemm_mma.cu, row chunks of 64 on mma.sync, or of up to 128 on wgmma where more than
     88 rows remain on compute capability 9.0), exact fp16 weights; with a single K split it
@@ -39,6 +42,18 @@ def mma_max_m(K, N):
             else 192 if K * N >= 2**25 else 64)
 
 
+def tile_rows():
+    """The range of M the many-token tile kernel takes (csrc/cuda/launch.h: kTileMinM ..
+    kTileMaxM on compute capability 9.0; MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M override them as in
+    ops_cuda.cpp), or None where it never runs."""
+    if (torch.cuda.get_device_capability()[0] != 9
+            or int(os.environ.get("MBWQ_MMA_NO_WGMMA", "0") or 0) != 0):
+        return None
+    lo = int(os.environ.get("MBWQ_TILE_MIN_M", "0") or 0)
+    hi = int(os.environ.get("MBWQ_TILE_MAX_M", "0") or 0)
+    return range(lo if lo > 0 else 65, (hi if hi > 0 else 256) + 1)
+
+
 def gemm_args(layer):
     return (layer.qweight, layer.scales, layer.zeros, layer._blocks, layer._perm,
             layer.channel_scale.reshape(-1), layer.bias)
@@ -55,10 +70,13 @@ def assert_close_to_reference(y, x, W, layer, dtype=None):
     ref = reference.gemm_reference(x, W, cs, bias)
     S = reference.error_scale(x, W, cs, bias)
     err = (y.detach().cpu().double() - ref).abs()
-    # the shapes csrc/cuda/ops_cuda.cpp sends to dequant + cuBLAS instead of the tensor-core kernel
+    # the shapes csrc/cuda/ops_cuda.cpp sends to dequant + cuBLAS instead of the tensor-core
+    # kernels
     M, K = x.reshape(-1, x.shape[-1]).shape
     N = y.shape[-1]
-    via_cublas = M > mma_max_m(K, N) or K % 8 != 0 or N % 8 != 0 or x.data_ptr() % 16 != 0
+    tensor_cores = K % 8 == 0 and N % 8 == 0 and x.data_ptr() % 16 == 0
+    tile = tile_rows() is not None and M in tile_rows() and tensor_cores
+    via_cublas = not tile and (M > mma_max_m(K, N) or not tensor_cores)
     bound = error_bound(dtype, ref, S, cublas_bf16=via_cublas)
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert torch.isfinite(y).all(), "non-finite output where the reference is finite"
@@ -120,6 +138,7 @@ def test_mma_row_chunks(name, no_wgmma, monkeypatch):
     # (M = 100, 128; 130 = 128 + 2, 192 = 128 + 64, 300 = 128 + 128 + 44), else 64
     monkeypatch.setenv("MBWQ_MMA_MAX_M", "300")
     monkeypatch.setenv("MBWQ_MMA_NO_WGMMA", no_wgmma)
+    monkeypatch.setenv("MBWQ_TILE_MIN_M", "100000")  # not the tile kernel
     layer, W = layer_and_weight(SPECS[name])
     for dtype in DTYPES:
         for M in (65, 100, 128, 130, 192, 300):
@@ -135,6 +154,38 @@ def test_mma_row_chunks(name, no_wgmma, monkeypatch):
         bounds = (0, 128, 256, 300) if no_wgmma == "0" else (0, 64, 128, 192, 256, 300)
         for a, b in zip(bounds, bounds[1:]):
             assert torch.equal(run_gemm(layer, x[a:b].contiguous()), y[a:b]), (a, b)
+
+
+@pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
+def test_tile_kernel(name, monkeypatch):
+    # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last
+    # one part padding; partial column tiles (wide: 6152 columns); every width (mixed_all); K
+    # splits chosen by the cost model (splitk) or forced (MBWQ_TILE_SPLITS); any M forced onto
+    # it (MBWQ_TILE_MIN_M / MAX_M: one row, several tiles of each size). Deterministic.
+    if tile_rows() is None:
+        pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
+    layer, W = layer_and_weight(SPECS[name])
+    K = layer.in_channels
+    for dtype in DTYPES:
+        for M in (65, 128, 129, 256):
+            x = rand_x(M, K, dtype, seed=M)
+            y = run_gemm(layer, x)
+            assert_close_to_reference(y, x, W, layer)
+            assert torch.equal(run_gemm(layer, x), y)
+        monkeypatch.setenv("MBWQ_TILE_MIN_M", "1")
+        monkeypatch.setenv("MBWQ_TILE_MAX_M", "100000")
+        for M, tokens in ((1, "0"), (5, "256"), (300, "128"), (600, "0")):
+            monkeypatch.setenv("MBWQ_TILE_TOKENS", tokens)
+            x = rand_x(M, K, dtype, seed=M)
+            assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+        monkeypatch.setenv("MBWQ_TILE_SPLITS", "3")
+        for M in (7, 300):
+            x = rand_x(M, K, dtype, seed=M)
+            y = run_gemm(layer, x)
+            assert_close_to_reference(y, x, W, layer)
+            assert torch.equal(run_gemm(layer, x), y)
+        for knob in ("MBWQ_TILE_MIN_M", "MBWQ_TILE_MAX_M", "MBWQ_TILE_TOKENS", "MBWQ_TILE_SPLITS"):
+            monkeypatch.delenv(knob)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -253,7 +304,7 @@ def test_bf16_large_values_and_fp16_finite():
             assert torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("M", [1, 5, 20, 64])
+@pytest.mark.parametrize("M", [1, 5, 20, 64, 100, 200, 300])
 def test_invalid_tables_do_not_crash(M):
     layer, _ = layer_and_weight(SPECS["mixed_432"])
     q, s, z, blocks, perm, cs, bias = gemm_args(layer)
@@ -315,7 +366,7 @@ def capture(model, static_x):
     return g, static_y
 
 
-@pytest.mark.parametrize("M", [4, 20, 48])
+@pytest.mark.parametrize("M", [4, 20, 48, 100])
 def test_cuda_graph_capture_replay(M):
     model = mixed_stack()
     static_x = rand_x(M, 512, torch.float16)
@@ -327,7 +378,9 @@ def test_cuda_graph_capture_replay(M):
         with torch.no_grad():
             eager = model(x)
         torch.cuda.synchronize()
-        if M <= mma_max_m(512, 512):  # our kernels: bitwise the same under capture
+        rows = tile_rows()
+        if M <= mma_max_m(512, 512) or (rows is not None and M in rows):
+            # our kernels: bitwise the same under capture
             assert torch.equal(static_y, eager)
         else:  # cuBLAS may pick another algorithm under capture
             torch.testing.assert_close(static_y, eager, rtol=2e-3, atol=2e-3)

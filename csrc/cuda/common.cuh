@@ -55,13 +55,17 @@ struct BlockMeta {
   int bits, word, group;
 };
 
-__device__ __forceinline__ BlockMeta load_block(const int* blocks, int j, int R, int G) {
-  BlockMeta b{blocks[3 * j + 0], blocks[3 * j + 1], blocks[3 * j + 2]};
+// b as read from the table, or {0, 0, 0} where it points outside qweight (R rows) / scales
+// (G groups) or has no valid width.
+__device__ __forceinline__ BlockMeta check_block(BlockMeta b, int R, int G) {
   const bool ok = (b.bits == 2 || b.bits == 3 || b.bits == 4 || b.bits == 5 || b.bits == 6 ||
                    b.bits == 8) &&
                   b.word >= 0 && b.word <= R - b.bits && b.group >= 0 && b.group < G;
-  if (!ok) b = BlockMeta{0, 0, 0};
-  return b;
+  return ok ? b : BlockMeta{0, 0, 0};
+}
+
+__device__ __forceinline__ BlockMeta load_block(const int* blocks, int j, int R, int G) {
+  return check_block(BlockMeta{blocks[3 * j + 0], blocks[3 * j + 1], blocks[3 * j + 2]}, R, G);
 }
 
 }  // namespace cuda

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 
+#include "../format.h"
 #include "common.cuh"
 #include "launch.h"
 #include "pdl.cuh"
@@ -51,11 +52,25 @@ struct XArgs {
 //   plain:           rows 8c .. 8c + 7
 //   mma.sync order:  rows 8c .. 8c + 7 as [0 4 1 5 2 6 3 7] (one load = both k-steps' B regs)
 //   wgmma order:     rows 32b + p + 4i, i = 0..7, p = c % 4 (one piece of the B operand)
+//   tile order:      as wgmma
 template <XOrder O>
 __device__ __forceinline__ int chunk_row(int c, int i) {
-  if constexpr (O == XOrder::kWgmma) return 32 * (c / 4) + c % 4 + 4 * i;
+  if constexpr (O == XOrder::kWgmma || O == XOrder::kTile) return 32 * (c / 4) + c % 4 + 4 * i;
   if constexpr (O == XOrder::kMma) return 8 * c + i / 2 + 4 * (i % 2);
   return 8 * c + i;
+}
+
+// Element offset in xs of chunk c of row m. Every order but the tile order keeps rows apart
+// (row m at m * K); the tile order keeps each 256-token x 32-row block together, in the layout
+// of gemm_tile's shared-memory slot (piece p = c % 4 of token n at (p * 256 + n) * 16 bytes):
+//   xs = | tile 0: block 0 (16 KB) | block 1 | ... | tile 1: block 0 | ...
+template <XOrder O>
+__device__ __forceinline__ int64_t chunk_dst(int m, int c, int K) {
+  if constexpr (O == XOrder::kTile) {
+    const int64_t tile_block = int64_t(m / kTileTokens) * (K / 32) + c / 4;
+    return ((tile_block * 4 + c % 4) * kTileTokens + m % kTileTokens) * 8;
+  }
+  return int64_t(m) * K + 8 * c;
 }
 
 // round_T(v * cs), the value the scaled x holds (v itself when there is no scale).
@@ -120,30 +135,36 @@ __device__ __forceinline__ void store8(T* dst, const T (&o)[8]) {
     reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(o)[v];
 }
 
+// Rows m >= M of xs (tile order: up to the next multiple of kTileTokens, xs_rows) are zeros.
 template <typename T, XOrder O>
 __global__ void __launch_bounds__(kGatherThreads)
-    gather_direct_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K) {
+    gather_direct_kernel(XArgs<T> a, T* __restrict__ xs, int M, int xs_rows, int K) {
   // x may come from the previous kernel. Only then may the GEMM be scheduled: its prologue
   // reads the weights before its own wait, and everything before this kernel is done now.
   wait_prior_grid();
   allow_next_grid();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // one 8-row chunk
   const int chunks = K / 8;
-  if (i >= int64_t(M) * chunks) return;
+  if (i >= int64_t(xs_rows) * chunks) return;
   const int m = int(i / chunks), c = int(i % chunks);
-  const T* row = a.x + int64_t(m) * K;
-  int src[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) src[e] = chunk_source<O>(a, c, e);
   alignas(16) T o[8];
-  load8(a, row, src, K, o);
-  store8(xs + int64_t(m) * K + 8 * c, o);
+  if (m < M) {
+    int src[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) src[e] = chunk_source<O>(a, c, e);
+    load8(a, a.x + int64_t(m) * K, src, K, o);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = Cvt<T>::from_f(0.f);
+  }
+  store8(xs + chunk_dst<O>(m, c, K), o);
 }
 
 // CTA (m, part): stage row m of x, scaled, in shared memory; write chunks [part share) of xs.
+// Rows m >= M (tile order's padding) are written as zeros.
 template <typename T, XOrder O>
 __global__ void __launch_bounds__(kStagedThreads)
-    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int K, int parts) {
+    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K, int parts) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* srow = reinterpret_cast<T*>(smem);
   wait_prior_grid();
@@ -151,6 +172,16 @@ __global__ void __launch_bounds__(kStagedThreads)
   const int m = blockIdx.x / parts, part = blockIdx.x % parts;
   const T* row = a.x + int64_t(m) * K;
   const int chunks = K / 8;
+  const int share = (chunks + parts - 1) / parts;
+  const int end = min(chunks, (part + 1) * share);
+  if (m >= M) {
+    alignas(16) T zero[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) zero[e] = Cvt<T>::from_f(0.f);
+    for (int c = part * share + threadIdx.x; c < end; c += kStagedThreads)
+      store8(xs + chunk_dst<O>(m, c, K), zero);
+    return;
+  }
   // K % 8 == 0, so every row is 16-byte aligned when x is
   const bool vec = reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
   constexpr int kUnroll = 4;  // loads in flight per thread
@@ -189,8 +220,6 @@ __global__ void __launch_bounds__(kStagedThreads)
       if (c0 + u * kStagedThreads < chunks) store8(srow + 8 * (c0 + u * kStagedThreads), v[u]);
   }
   __syncthreads();
-  const int share = (chunks + parts - 1) / parts;
-  const int end = min(chunks, (part + 1) * share);
   for (int c = part * share + threadIdx.x; c < end; c += kStagedThreads) {
     alignas(16) T o[8];
 #pragma unroll
@@ -198,12 +227,14 @@ __global__ void __launch_bounds__(kStagedThreads)
       const int src = chunk_source<O>(a, c, e);
       o[e] = (src < 0 || src >= K) ? Cvt<T>::from_f(qnan()) : srow[src];
     }
-    store8(xs + int64_t(m) * K + 8 * c, o);
+    store8(xs + chunk_dst<O>(m, c, K), o);
   }
 }
 
+// xs_rows >= M: the rows of xs (more in tile order, the padding written as zeros).
 template <typename T, XOrder O>
-void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int K, cudaStream_t stream) {
+void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K,
+                   cudaStream_t stream) {
   const int knob = tuning_override("MBWQ_GATHER_MIN_M");
   const int64_t min_rows = knob > 0 ? knob : kStagedMinRows;
   const size_t row_bytes = size_t(K) * sizeof(T);
@@ -217,13 +248,13 @@ void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int K, cudaStream_t stre
     });
     // Several CTAs per row while there are fewer rows than SMs (each stages the whole row).
     const int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
-    launch_chained(kernel, dim3(unsigned(M * parts)), dim3(kStagedThreads), row_bytes, stream, a,
-                   xs, K, parts);
+    launch_chained(kernel, dim3(unsigned(xs_rows * parts)), dim3(kStagedThreads), row_bytes,
+                   stream, a, xs, int(M), K, parts);
   } else {
-    const int64_t n = M * (K / 8);
+    const int64_t n = xs_rows * (K / 8);
     const unsigned grid = unsigned((n + kGatherThreads - 1) / kGatherThreads);
     launch_chained(gather_direct_kernel<T, O>, dim3(grid), dim3(kGatherThreads), 0, stream, a,
-                   xs, int(M), K);
+                   xs, int(M), int(xs_rows), K);
   }
 }
 
@@ -234,13 +265,14 @@ void gather_t(const at::Tensor& x, const int32_t* perm, const at::Tensor& cs, at
                    cs.defined() ? cs.data_ptr() : nullptr,
                    cs.defined() ? aux_kind(cs) : int(kAuxNone)};
   T* out = reinterpret_cast<T*>(xs.data_ptr());
-  const int64_t M = x.size(0);
+  const int64_t M = x.size(0), R = xs.size(0);
   const int K = int(x.size(1));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (order) {
-    case XOrder::kPlain: launch_gather<T, XOrder::kPlain>(a, out, M, K, stream); break;
-    case XOrder::kMma: launch_gather<T, XOrder::kMma>(a, out, M, K, stream); break;
-    case XOrder::kWgmma: launch_gather<T, XOrder::kWgmma>(a, out, M, K, stream); break;
+    case XOrder::kPlain: launch_gather<T, XOrder::kPlain>(a, out, M, R, K, stream); break;
+    case XOrder::kMma: launch_gather<T, XOrder::kMma>(a, out, M, R, K, stream); break;
+    case XOrder::kWgmma: launch_gather<T, XOrder::kWgmma>(a, out, M, R, K, stream); break;
+    case XOrder::kTile: launch_gather<T, XOrder::kTile>(a, out, M, R, K, stream); break;
   }
 }
 
@@ -249,9 +281,13 @@ void gather_t(const at::Tensor& x, const int32_t* perm, const at::Tensor& cs, at
 void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
               at::Tensor& xs, XOrder order) {
   if (x.size(0) == 0 || x.size(1) == 0) return;
-  TORCH_CHECK(x.size(1) % 8 == 0 && xs.is_contiguous() && x.is_contiguous(),
-              "mbwq: internal: gather_x needs contiguous x and xs and K % 8 == 0, got K = ",
-              x.size(1));
+  const bool tile = order == XOrder::kTile;
+  TORCH_CHECK(x.size(1) % (tile ? kBlockRows : 8) == 0 && xs.is_contiguous() &&
+                  x.is_contiguous() && xs.size(1) == x.size(1) &&
+                  (tile ? xs.size(0) == (x.size(0) + kTileTokens - 1) / kTileTokens * kTileTokens
+                        : xs.size(0) == x.size(0)),
+              "mbwq: internal: gather_x needs contiguous x and xs of matching shapes and K % 8 == "
+              "0, got x ", x.sizes(), ", xs ", xs.sizes());
   const at::Tensor cs_t = cs.has_value() ? aux_tensor(*cs) : at::Tensor();
   const int32_t* p = perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr;
   switch (x.scalar_type()) {

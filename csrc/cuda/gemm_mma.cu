@@ -53,6 +53,7 @@
 #include "launch.h"
 #include "mma_decode.cuh"
 #include "mma_tile.cuh"
+#include "split_reduce.cuh"
 #include "wgmma.cuh"
 
 namespace mbwq {
@@ -133,10 +134,6 @@ __device__ __forceinline__ void wgmma_compute_block(const unsigned char* slot, u
     wgmma_operand_done(a[1 - k]);  // the other half's registers: the previous group's A
   }
 }
-
-// A block width as a type, for the lambdas that specialise on it (0: not known).
-template <int B>
-using Width = std::integral_constant<int, B>;
 
 // Shared memory of a CTA: each warp's ring of STAGES slots, then (CTA_X) the x rings, then the
 // block table. A block's x is MT token tiles of 8 tokens x 32 k (64 bytes per token,
@@ -414,23 +411,6 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   finish_tile<T, MT, QN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
 }
 
-// Sum the split partials in a fixed order (deterministic), add bias, round once.
-template <typename T>
-__global__ void reduce_splits_kernel(const float* __restrict__ part, const void* __restrict__ bias,
-                                     int bias_kind, T* __restrict__ y, int splits, int64_t MN,
-                                     int N) {
-  wait_prior_grid();  // the partials
-  // The next call's x gather may be scheduled now: it waits for this kernel before it reads
-  // anything, and without the early start its launch latency adds to every split call.
-  allow_next_grid();
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= MN) return;
-  float v = 0.f;
-  for (int s = 0; s < splits; ++s) v += part[s * MN + i];
-  if (bias_kind != kAuxNone) v += aux_load(bias, bias_kind, i % N);
-  y[i] = Cvt<T>::from_f(v);
-}
-
 // What one call needs besides the kernel configuration.
 template <typename T>
 struct Call {
@@ -524,12 +504,7 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
                  reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
                  part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G,
                  __builtin_ctz(unsigned(WC)), bps);
-  if (part.defined()) {
-    const int64_t MN = int64_t(M) * N;
-    launch_chained(reduce_splits_kernel<T>, dim3((MN + 255) / 256), dim3(256), 0, c.stream,
-                   static_cast<const float*>(part.data_ptr<float>()), c.bias, c.bias_kind,
-                   reinterpret_cast<T*>(c.out), splits, MN, N);
-  }
+  if (part.defined()) reduce_splits<T>(part, c.bias, c.bias_kind, c.out, c.stream);
 }
 
 template <typename T>

@@ -30,6 +30,16 @@ constexpr int64_t kWgmmaLargeMaxM = 256;
 constexpr int64_t kWgmmaLargeMinWeights = int64_t(1) << 26;  // K * N, e.g. 8192 x 8192
 constexpr int64_t kWgmmaRows = 128;
 constexpr int64_t kWgmmaMinRows = 88;
+// The many-token kernel (gemm_tile.cu; wgmma devices): the rows of one x tile in gather_x's
+// tile order (its CTAs take 128 or 256 of them), and the M it takes: kTileMinM .. kTileMaxM
+// (MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M move these). H200, 4-bit g128, fp16 x, against the paths
+// before it (mma.sync / 128-token wgmma chunks up to 256 rows on large layers, else dequant +
+// cuBLAS): 8192 x 28672 M = 128 203.2 -> 136.6 us, M = 256 408.3 -> 262.8 us, M = 1024 924.8
+// against 974.1 us (so larger M keeps dequant + cuBLAS); 28672 x 8192 M = 256 363.9 -> 262.6
+// us; 4096 x 4096 M = 128 29.7 -> 25.2 us, M = 256 33.9 against 35.7 us.
+constexpr int64_t kTileTokens = 256;
+constexpr int64_t kTileMinM = 65;
+constexpr int64_t kTileMaxM = 256;
 
 // True on devices where the kernel runs 65 .. kWgmmaRows rows as one wgmma tile (compute
 // capability 9.0, the sm_90a build; MBWQ_MMA_NO_WGMMA=1 turns it off for comparison).
@@ -41,8 +51,10 @@ bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
                    const at::Tensor& zeros);
 
 // Where a consumer expects stored row k of x (gather.cu): plain (k, for cuBLAS) or the 16-byte
-// chunk orders the tensor-core kernels read their B operand in (mma.sync, wgmma).
-enum class XOrder { kPlain, kMma, kWgmma };
+// chunk orders the tensor-core kernels read their B operand in (mma.sync, wgmma, and the tiles
+// of gemm_tile: kWgmma's chunks regrouped so that each 256-token x 32-row block of x is one
+// contiguous 16 KB run, rows padded with zeros to a multiple of kTileTokens).
+enum class XOrder { kPlain, kMma, kWgmma, kTile };
 
 // y[M, N] = xs @ Wstored + bias on tensor cores, weights read once per call, for
 // 1 <= M <= kMmaMaxM (mma.sync), or kWgmmaRows where wgmma_available() (wgmma from 65 on).
@@ -50,6 +62,13 @@ enum class XOrder { kPlain, kMma, kWgmma };
 void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
               const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+// y[M, N] = xs @ Wstored + bias for many tokens on wgmma devices (wgmma_available()): CTA tiles
+// of 128 columns x kTileTokens tokens, every weight decoded once per tile. xs: gathered in
+// XOrder::kTile, ceil(M / kTileTokens) * kTileTokens rows.
+void gemm_tile(const at::Tensor& xs, int64_t M, const at::Tensor& qweight,
+               const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
+               const std::optional<at::Tensor>& bias, at::Tensor& y);
 
 // The chunk order in which gemm_mma reads a call of `rows` rows of x: every row is laid out on
 // its own, so row ranges of one gather (gather_x) serve consecutive calls of the same order.

@@ -167,6 +167,24 @@ __device__ __forceinline__ uint32_t scale_word(const uint2 (&v)[QN], int u) {
   return (u % 4) < 2 ? v[u / 4].x : v[u / 4].y;
 }
 
+// Two columns' codes of one 32-row block of width B as exact fp16 weights (as T), one column
+// per A row: the lane's words lo_a / hi_a of its A-row-g column and lo_b / hi_b of its A-row-g+8
+// column (hi: row j0 + 1, unused for widths 2 and 4), with each column's scale and -zero as
+// (v, v) pairs. a[0..3] are the A registers of k-step 0, a[4..7] those of k-step 1 (header).
+template <int B, typename T>
+__device__ __forceinline__ void decode_columns(uint32_t lo_a, uint32_t hi_a, uint32_t lo_b,
+                                               uint32_t hi_b, int t, __half2 sa, __half2 za,
+                                               __half2 sb, __half2 zb, uint32_t (&a)[8]) {
+  __half2 pa[4], pb[4];
+  decode_pairs<B>(lo_a, hi_a, t, pa);
+  decode_pairs<B>(lo_b, hi_b, t, pb);
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    a[2 * s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
+    a[2 * s + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
+  }
+}
+
 // Half k of one quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and
 // hi (row j0 + 1; unused for widths 2 and 4) of lane columns 4q + k (A row g) and 4q + k + 2
 // (A row g + 8) become exact fp16 weights (as T), the A registers of mma i = 2q + k: a[0..3]
@@ -177,17 +195,10 @@ __device__ __forceinline__ void decode_half(int q, int k, const uint4& lo, const
                                             const uint2 (&sc)[QN], const uint2 (&nz)[QN],
                                             uint32_t (&a)[8]) {
   const int ua = 4 * q + k, ub = ua + 2;
-  __half2 pa[4], pb[4];
-  decode_pairs<B>(comp(lo, k), comp(hi, k), t, pa);
-  decode_pairs<B>(comp(lo, k + 2), comp(hi, k + 2), t, pb);
   // scale and -zero of both columns as (v, v) pairs
-  const __half2 sa = dup_half(scale_word(sc, ua), ua), za = dup_half(scale_word(nz, ua), ua);
-  const __half2 sb = dup_half(scale_word(sc, ub), ub), zb = dup_half(scale_word(nz, ub), ub);
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    a[2 * s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
-    a[2 * s + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
-  }
+  decode_columns<B, T>(comp(lo, k), comp(hi, k), comp(lo, k + 2), comp(hi, k + 2), t,
+                       dup_half(scale_word(sc, ua), ua), dup_half(scale_word(nz, ua), ua),
+                       dup_half(scale_word(sc, ub), ub), dup_half(scale_word(nz, ub), ub), a);
 }
 
 // Both halves of quad q: a[k] = decode_half k.

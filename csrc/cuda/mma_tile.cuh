@@ -4,6 +4,8 @@
 #pragma once
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "../format.h"
 #include "common.cuh"
 #include "pdl.cuh"
@@ -15,6 +17,10 @@ constexpr int kLog2Warps = 3;
 constexpr int kWarps = 1 << kLog2Warps;  // warps per CTA
 // Most 32-row blocks one CTA takes (its block table lives in shared memory); longer K is split.
 constexpr int kMaxBlocksPerCta = 1024;
+// A block width as a type, for the lambdas that specialise on it (0: not known).
+template <int B>
+using Width = std::integral_constant<int, B>;
+
 // True when a block of (bits, group) needs its group's scales and zeros: it is valid and its
 // group differs from the last valid block's (`last`, updated; an invalid block resets it).
 // The copy side and the compute side both walk the warp's blocks through this one rule, so a

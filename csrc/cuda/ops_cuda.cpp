@@ -3,6 +3,8 @@
 // of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
 // wrappers; the kernels and their launchers are in the .cu files (launch.h).
 //
+//   kTileMinM <= M <= kTileMaxM on wgmma        ->  gemm_tile.cu: tiles of 128 / 256 tokens,
+//   devices, fp16 / bf16 x, K, N % 8 == 0          weights decoded once per tile, exact fp16 W
 //   M <= kMmaMaxM (kMmaChunkedMaxM or         ->  gemm_mma.cu: tensor cores, weights read
 //   kWgmmaLargeMaxM on large layers), fp16 /        once per row chunk, exact fp16 W
 //   bf16 x, K, N % 8 == 0
@@ -63,11 +65,25 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     return y;
   }
 
+  // Many tokens on wgmma devices: the tile kernel, every weight decoded once per 256 tokens.
+  const bool wgmma = cuda::wgmma_available();
+  const int min_knob = cuda::tuning_override("MBWQ_TILE_MIN_M");
+  const int max_knob = cuda::tuning_override("MBWQ_TILE_MAX_M");
+  const int64_t tile_min_m = min_knob > 0 ? min_knob : cuda::kTileMinM;
+  const int64_t tile_max_m = max_knob > 0 ? max_knob : cuda::kTileMaxM;
+  if (wgmma && M >= tile_min_m && M <= tile_max_m &&
+      cuda::mma_supported(x, qweight, scales, zeros)) {
+    const int64_t rows = (M + cuda::kTileTokens - 1) / cuda::kTileTokens * cuda::kTileTokens;
+    at::Tensor xs = at::empty({rows, K}, x.options());
+    cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kTile);
+    cuda::gemm_tile(xs, M, qweight, scales, zeros, blocks, bias, y);
+    return y;
+  }
+
   // Up to kMmaMaxM rows per kernel call; more as row chunks on large layers (each chunk reads
   // the weights once: a few reads still beat dequantizing all of W there; on small layers
   // dequant + cuBLAS wins from M = 65 on, launch.h). With wgmma a chunk takes up to
   // kWgmmaRows rows when more than kWgmmaMinRows remain. MBWQ_MMA_MAX_M moves the boundary.
-  const bool wgmma = cuda::wgmma_available();
   const int max_m_knob = cuda::tuning_override("MBWQ_MMA_MAX_M");
   const int64_t mma_max_m = max_m_knob > 0                                   ? max_m_knob
                             : wgmma && K * N >= cuda::kWgmmaLargeMinWeights ? cuda::kWgmmaLargeMaxM

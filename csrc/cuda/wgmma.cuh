@@ -99,7 +99,52 @@ __device__ __forceinline__ void wgmma_n128(float* d, uint32_t a0, uint32_t a1, u
   }
 }
 #undef MBWQ_WGMMA_N128
+// One wgmma m64n256k16 (gemm_tile.cu), otherwise as wgmma_n128: d = the 128 accumulators of a
+// thread, [32][4] flattened (token tile j, element e as for mma.m16n8k16's C).
+#define MBWQ_WGMMA_N256(TYPES)                                                                 \
+  MBWQ_WGMMA_ASM("wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPES " {"                     \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "  \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "  \
+                 "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "  \
+                 "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "  \
+                 "%58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "  \
+                 "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, "  \
+                 "%86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, "  \
+                 "%100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, "  \
+                 "%124, %125, %126, %127"  \
+                 "}, {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"                          \
+                 : MBWQ_D4(0), MBWQ_D4(4), MBWQ_D4(8), MBWQ_D4(12), MBWQ_D4(16), MBWQ_D4(20),  \
+                   MBWQ_D4(24), MBWQ_D4(28), MBWQ_D4(32), MBWQ_D4(36), MBWQ_D4(40),  \
+                   MBWQ_D4(44), MBWQ_D4(48), MBWQ_D4(52), MBWQ_D4(56), MBWQ_D4(60),  \
+                   MBWQ_D4(64), MBWQ_D4(68), MBWQ_D4(72), MBWQ_D4(76), MBWQ_D4(80),  \
+                   MBWQ_D4(84), MBWQ_D4(88), MBWQ_D4(92), MBWQ_D4(96), MBWQ_D4(100),  \
+                   MBWQ_D4(104), MBWQ_D4(108), MBWQ_D4(112), MBWQ_D4(116), MBWQ_D4(120),  \
+                   MBWQ_D4(124) \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc))
+template <typename T>
+__device__ __forceinline__ void wgmma_n256(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                           uint32_t a3, uint64_t desc) {
+  if constexpr (std::is_same<T, __half>::value) {
+    MBWQ_WGMMA_N256("f16.f16");
+  } else {
+    MBWQ_WGMMA_N256("bf16.bf16");
+  }
+}
+#undef MBWQ_WGMMA_N256
 #undef MBWQ_D4
+
+// wgmma m64nTOKENSk16 (TOKENS = 128 or 256) into d, TOKENS / 2 accumulators.
+template <typename T, int TOKENS>
+__device__ __forceinline__ void wgmma_tokens(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint64_t desc) {
+  static_assert(TOKENS == 128 || TOKENS == 256, "wgmma_tokens: 128 or 256 tokens");
+  if constexpr (TOKENS == 128) {
+    wgmma_n128<T>(d, a0, a1, a2, a3, desc);
+  } else {
+    wgmma_n256<T>(d, a0, a1, a2, a3, desc);
+  }
+}
 
 // Shared-memory offset of token n's piece p in a slot's x (header), MT token tiles.
 template <int MT>

@@ -1,0 +1,495 @@
+// Tensor-core GEMM for many tokens on Hopper (sm_90a): y^T [N, M] = W^T [N, K] . xs^T [K, M],
+// every weight decoded once per tile of TOKENS (128 or 256) tokens, reading the stored qweight
+// directly.
+//
+// A CTA computes a tile of 128 * RS columns x TOKENS tokens (RS = 256 / TOKENS row sets) over
+// its range of 32-row blocks of K. Its warps have one role each (warp specialization) and hand
+// blocks over through a ring of shared-memory slots guarded by mbarriers:
+//
+//   producers (warps 8-10)   for every block: wait until its slot is empty, then bulk-copy
+//                            (cp.async.bulk, the copy engine) the block's x (TOKENS tokens x
+//                            32 k, four 16-byte pieces a token, from gather_x's XOrder::kTile)
+//                            and the scales and zeros where a group starts (warp 8), its even
+//                            (warp 9) and odd (warp 10) qweight rows of the tile's columns; the
+//                            slot's "full" barrier counts their arrivals and the bytes
+//   consumers (warps 0-7,    warpgroup c takes columns 64 RS c .. 64 RS (c + 1) - 1; for every
+//   two warpgroups)          block: wait for the full slot, decode 16 RS weights a lane into
+//                            wgmma's A registers, issue 2 RS wgmma m64nTOKENSk16 (RS row sets
+//                            x the block's two k-steps) as one group, wait for the previous
+//                            block's group and mark that block's slot empty
+//
+// So the copies run up to kStages - 1 blocks ahead of the products, and the decode of one block
+// runs while the previous block's products do (two A register sets, alternating). The decode and
+// the A fragment are those of the other tensor-core kernels (mma_decode.cuh). Warp w of
+// warpgroup c takes 16 RS columns from col0 = 64 RS c + 16 RS w, lane (g, t) the 2 RS adjacent
+// columns col0 + 2 RS g + i; row set k takes columns +2k (A row g) and +2k + 1 (A row g + 8).
+// So a lane reads 8 RS bytes of each qweight row, and its accumulators hold its 2 RS columns of
+// one token side by side (one 4 RS-byte store).
+//
+// Slot (bytes):
+//   | x: piece 0 (TOKENS x 16 B) .. piece 3 (wgmma.cuh's B layout) | qweight rows 0..7 of the
+//     block, kRowStride apart | scales (128 RS fp16) | zeros (128 RS fp16) |
+//   rows kRowStride = 32 mod 128 bytes apart, so that the lanes' loads of rows (t * B) / 4 hit
+//   distinct banks for widths 2-5.
+//
+// The two shapes trade L2 traffic for decode work: 128 x 256 reads 16 KB of x and 2 KB of 4-bit
+// weights per block, 256 x 128 8 KB and 4 KB, and decodes twice the weights per product.
+//
+// Invalid block-table entries (bits 0 after load_block) get no copies and make the CTA's tile
+// NaN. Several K splits (few tiles on the device) write fp32 partials that reduce_splits adds in
+// order, as on the other path: results do not depend on timing.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../format.h"
+#include "common.cuh"
+#include "launch.h"
+#include "mma_decode.cuh"
+#include "mma_tile.cuh"
+#include "pdl.cuh"
+#include "split_reduce.cuh"
+#include "wgmma.cuh"
+
+namespace mbwq {
+namespace cuda {
+namespace {
+
+// Two consumer warpgroups and one producer warpgroup, of which one warp copies; setmaxnreg moves
+// the producers' registers to the consumers (128 accumulators and two A register sets of 8 RS):
+// 4 x 32 x 40 + 8 x 32 x 232 = 64512 of the 65536.
+constexpr int kThreads = 384;
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+constexpr int kMaxStages = 12;
+// Warps that issue copies (Nsight Compute, 8192 x 28672 4-bit M = 2048: with one warp issuing
+// all of a block's copies, the consumers spent half their stall cycles waiting for full slots
+// while that warp was never held back by an empty one)
+constexpr int kProducerWarps = 3;
+// One kTileTokens-token x 32-row block of x in XOrder::kTile (16-bit elements)
+constexpr int kTileBlockBytes = int(kTileTokens) * kBlockRows * 2;
+constexpr int kSmemLimit = 227 * 1024;
+
+// Geometry of a tile of TOKENS tokens.
+template <int TOKENS>
+struct TileShape {
+  static constexpr int kRowSets = kTileTokens / TOKENS;            // RS
+  static constexpr int kCols = 128 * kRowSets;                     // columns per CTA
+  static constexpr int kPiece = TOKENS * 16;                       // one x piece in a slot
+  static constexpr int kXBytes = 4 * kPiece;
+  static constexpr int kRowBytes = kCols * 4;                      // one qweight row
+  static constexpr int kRowStride = kRowBytes + 32;
+  static constexpr int kWOffset = kXBytes;
+  static constexpr int kSzOffset = kWOffset + 8 * kRowStride;      // scales, then zeros
+  static constexpr int kSlotBytes = (kSzOffset + 4 * kCols + 127) / 128 * 128;
+  static constexpr int kStages = std::min(kMaxStages, (kSmemLimit - 256) / kSlotBytes);
+  static constexpr int kBarrierOffset = kStages * kSlotBytes;     // full[], then empty[]
+  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+  static_assert(kSmemBytes <= kSmemLimit, "gemm_tile: shared memory");
+};
+
+// ---- mbarrier and bulk-copy PTX (sm_90; the kernel runs on compute capability 9.0 only) ----
+
+// Registers per thread of this warpgroup from here on (sm_90a; all its threads execute it).
+template <int N>
+__device__ __forceinline__ void set_max_regs_dec() {
+  MBWQ_WGMMA_ASM("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void set_max_regs_inc() {
+  MBWQ_WGMMA_ASM("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  MBWQ_WGMMA_ASM("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrive once and expect `bytes` more from bulk copies in this phase.
+__device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes) {
+  MBWQ_WGMMA_ASM("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  MBWQ_WGMMA_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Wait until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  MBWQ_WGMMA_ASM(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n"
+      ::"r"(bar), "r"(parity)
+      : "memory");
+}
+// `bytes` (a multiple of 16) from global `src` to shared `dst` (both 16-byte aligned) on the
+// copy engine; completion is counted on `bar`.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  MBWQ_WGMMA_ASM(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// The CTA's block-table entries as a warp walks them in order, 32 at a time: lane l holds
+// entry c + l of the current chunk of 32 (checked) and of the next one (as read, a chunk ahead),
+// so that a block costs shuffles instead of a global load that the loop would wait for (Nsight
+// Compute had L1TEX waits as half of the consumers' stall cycles).
+struct TableChunks {
+  const int32_t* blocks;
+  int jb0, nb, R, G;
+  BlockMeta cur, nxt;
+
+  __device__ __forceinline__ TableChunks(const int32_t* blocks_, int jb0_, int nb_, int R_,
+                                         int G_)
+      : blocks(blocks_), jb0(jb0_), nb(nb_), R(R_), G(G_) {
+    cur = check_block(fetch(0), R, G);
+    nxt = fetch(32);
+  }
+  __device__ __forceinline__ BlockMeta fetch(int c) const {
+    const int k = c + int(threadIdx.x % 32);
+    const int* e = blocks + 3 * (jb0 + k);
+    return k < nb ? BlockMeta{e[0], e[1], e[2]} : BlockMeta{0, 0, 0};
+  }
+  // Entry i (0 <= i < nb); every lane calls this for i = 0, 1, 2, ... in turn.
+  __device__ __forceinline__ BlockMeta get(int i) {
+    if ((i & 31) == 0 && i > 0) {
+      cur = check_block(nxt, R, G);
+      nxt = fetch(i + 32);
+    }
+    const int l = i & 31;
+    return BlockMeta{__shfl_sync(~0u, cur.bits, l), __shfl_sync(~0u, cur.word, l),
+                     __shfl_sync(~0u, cur.group, l)};
+  }
+};
+
+// ---- the kernel --------------------------------------------------------------------------
+
+// grid: (token tiles, column tiles, K splits); block: kThreads.
+// xs: x gathered in XOrder::kTile (tiles of kTileTokens rows; a TOKENS tile is a part of one);
+// out: y [M, N] (T) with bias when the grid has one split, else fp32 partials [splits, M, N].
+// RS = the row sets (a template parameter, not a local constant: cicc crashed on the lambdas'
+// array bounds of a local one).
+template <typename T, int TOKENS, int RS = kTileTokens / TOKENS>
+__global__ void __launch_bounds__(kThreads, 1)
+    tile_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
+                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
+                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
+                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
+                     int blocks_per_split) {
+#if MBWQ_WGMMA
+  using S = TileShape<TOKENS>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t full0 = smem_s + S::kBarrierOffset, empty0 = full0 + 8 * S::kStages;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int nblocks = K / kBlockRows;
+  const int jb0 = blockIdx.z * blocks_per_split;
+  const int nb = max(0, min(blocks_per_split, nblocks - jb0));
+  const int n0 = blockIdx.y * S::kCols;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S::kStages; ++s) {
+      mbar_init(full0 + 8 * s, kProducerWarps);  // the producers' arrives (+ copied bytes)
+      mbar_init(empty0 + 8 * s, kWarps);  // one arrive per consumer warp
+    }
+    MBWQ_WGMMA_ASM("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  allow_next_grid();  // the split reduction, if any, may be scheduled
+
+  if (warp >= kWarps) {
+    // ---- producers: warp 8 copies x (and the scales and zeros where a group starts), warps
+    // 9 and 10 the even and odd qweight rows; warp 11 only gives its registers away ----
+    set_max_regs_dec<kProducerRegs>();
+    const int role = warp - kWarps;
+    if (role >= kProducerWarps) return;
+    const uint32_t cols_bytes = uint32_t(min(S::kCols, N - n0)) * 4;  // N % 8 == 0: x 32
+    // this tile's tokens inside their kTileTokens-row tile of xs, piece 0 of block jb0
+    const int tile = blockIdx.x / RS, part = blockIdx.x % RS;
+    const unsigned char* x = reinterpret_cast<const unsigned char*>(xs) +
+                             (size_t(tile) * nblocks + jb0) * kTileBlockBytes + part * S::kPiece;
+    const size_t row_bytes = size_t(N) * 4;
+    TableChunks table(blocks, jb0, nb, R, G);
+    if (role == 0) wait_prior_grid();  // xs comes from the gather kernel
+    int last_group = -1;
+    for (int i = 0; i < nb; ++i, x += kTileBlockBytes) {
+      const int s = i % S::kStages, use = i / S::kStages;
+      const BlockMeta b = table.get(i);
+      const bool new_group = starts_group(b.bits, b.group, last_group);
+      if (lane == 0) {  // one thread of each producer warp issues its copies
+        if (use > 0) mbar_wait(empty0 + 8 * s, (use - 1) & 1);
+        const uint32_t slot = smem_s + s * S::kSlotBytes, full = full0 + 8 * s;
+        if (b.bits == 0) {
+          mbar_arrive(full);  // nothing to copy; the consumers poison the tile
+        } else if (role == 0) {
+          mbar_arrive_expect(full, S::kXBytes + (new_group ? cols_bytes : 0));
+          if constexpr (RS == 1) {  // a whole kTileTokens tile: the 4 pieces are contiguous
+            bulk_copy(slot, x, S::kXBytes, full);
+          } else {
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+              bulk_copy(slot + p * S::kPiece, x + p * (kTileTokens * 16), S::kPiece, full);
+          }
+          if (new_group) {
+            const size_t sz = size_t(b.group) * N + n0;
+            bulk_copy(slot + S::kSzOffset, scales + sz, cols_bytes / 2, full);
+            bulk_copy(slot + S::kSzOffset + 2 * S::kCols, zeros + sz, cols_bytes / 2, full);
+          }
+        } else {
+          const int r0 = role - 1, rows = (b.bits - r0 + 1) / 2;  // rows r0, r0 + 2, .. < bits
+          mbar_arrive_expect(full, rows * cols_bytes);
+          const unsigned char* src = reinterpret_cast<const unsigned char*>(qweight + n0) +
+                                     (size_t(b.word) + r0) * row_bytes;
+          uint32_t dst = slot + S::kWOffset + r0 * S::kRowStride;
+          for (int r = 0; r < rows; ++r, src += 2 * row_bytes, dst += 2 * S::kRowStride)
+            bulk_copy(dst, src, cols_bytes, full);
+        }
+      }
+      __syncwarp();
+    }
+  } else {
+    // ---- consumers ----
+    set_max_regs_inc<kConsumerRegs>();
+    const int g = lane / 4, t = lane % 4;
+    const int col = 64 * RS * (warp / 4) + 16 * RS * (warp % 4) + 2 * RS * g;  // lane's first
+    float acc[RS][TOKENS / 8][4];
+#pragma unroll
+    for (int k = 0; k < RS; ++k)
+#pragma unroll
+      for (int j = 0; j < TOKENS / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[k][j][e] = 0.f;
+    uint32_t a0[RS][8], a1[RS][8];  // A registers of alternate blocks
+    __half2 sc[RS][2], nz[RS][2];   // scale and -zero of row set k's two columns, (v, v) pairs
+    int cur_group = -1, pending = -1;  // pending: slot of the last committed group
+    bool poisoned = false;
+
+    // The lane's A registers of a block of width B from its slot (B = 0: an invalid block,
+    // whose slot holds no weights: zeros, and the tile becomes NaN).
+    auto decode = [&](auto width, const unsigned char* slot, uint32_t(&a)[RS][8]) {
+      constexpr int B = decltype(width)::value;
+      if constexpr (B == 0) {
+#pragma unroll
+        for (int k = 0; k < RS; ++k)
+#pragma unroll
+          for (int r = 0; r < 8; ++r) a[k][r] = 0;
+        poisoned = true;
+      } else {
+        const unsigned char* w = slot + S::kWOffset + ((t * B) >> 2) * S::kRowStride + 4 * col;
+        uint32_t lo[2 * RS], hi[2 * RS];
+        if constexpr (RS == 1) {
+          const uint2 l = *reinterpret_cast<const uint2*>(w);
+          const uint2 h = (B == 2 || B == 4) ? l
+                                             : *reinterpret_cast<const uint2*>(w + S::kRowStride);
+          lo[0] = l.x, lo[1] = l.y, hi[0] = h.x, hi[1] = h.y;
+        } else {
+          const uint4 l = *reinterpret_cast<const uint4*>(w);
+          const uint4 h = (B == 2 || B == 4) ? l
+                                             : *reinterpret_cast<const uint4*>(w + S::kRowStride);
+          lo[0] = l.x, lo[1] = l.y, lo[2] = l.z, lo[3] = l.w;
+          hi[0] = h.x, hi[1] = h.y, hi[2] = h.z, hi[3] = h.w;
+        }
+#pragma unroll
+        for (int k = 0; k < RS; ++k)
+          decode_columns<B, T>(lo[2 * k], hi[2 * k], lo[2 * k + 1], hi[2 * k + 1], t, sc[k][0],
+                               nz[k][0], sc[k][1], nz[k][1], a[k]);
+      }
+    };
+    // Block i (table entry b): decode into a, its products into acc as one group, then wait for
+    // the group before (which read a_prev) and release that group's slot. One loop for every
+    // width, the decode switching per block: with a loop per width, ptxas serialized every
+    // wgmma (C7512).
+    TableChunks table(blocks, jb0, nb, R, G);
+    auto step = [&](int i, uint32_t(&a)[RS][8], uint32_t(&a_prev)[RS][8]) {
+      const BlockMeta b = table.get(i);
+      const int s = i % S::kStages;
+      const bool new_group = starts_group(b.bits, b.group, cur_group);
+      mbar_wait(full0 + 8 * s, (i / S::kStages) & 1);
+      const unsigned char* slot = smem + s * S::kSlotBytes;
+      if (new_group) {
+#pragma unroll
+        for (int k = 0; k < RS; ++k) {
+          const uint32_t v = *reinterpret_cast<const uint32_t*>(slot + S::kSzOffset +
+                                                               2 * (col + 2 * k));
+          const uint32_t z = *reinterpret_cast<const uint32_t*>(
+                                 slot + S::kSzOffset + 2 * S::kCols + 2 * (col + 2 * k)) ^
+                             0x80008000u;
+          sc[k][0] = dup_half(v, 0), sc[k][1] = dup_half(v, 1);
+          nz[k][0] = dup_half(z, 0), nz[k][1] = dup_half(z, 1);
+        }
+      }
+      switch (b.bits) {
+        case 2: decode(Width<2>{}, slot, a); break;
+        case 3: decode(Width<3>{}, slot, a); break;
+        case 4: decode(Width<4>{}, slot, a); break;
+        case 5: decode(Width<5>{}, slot, a); break;
+        case 6: decode(Width<6>{}, slot, a); break;
+        case 8: decode(Width<8>{}, slot, a); break;
+        default: decode(Width<0>{}, slot, a);
+      }
+      const uint32_t x = smem_s + s * S::kSlotBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < RS; ++k)
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks)
+          wgmma_tokens<T, TOKENS>(&acc[k][0][0], a[k][4 * ks], a[k][4 * ks + 1],
+                                  a[k][4 * ks + 2], a[k][4 * ks + 3],
+                                  smem_desc(x + 2 * ks * S::kPiece, S::kPiece, 128));
+      wgmma_commit();
+      wgmma_wait<1>();
+#pragma unroll
+      for (int k = 0; k < RS; ++k) wgmma_operand_done(a_prev[k]);
+      if (pending >= 0 && lane == 0) mbar_arrive(empty0 + 8 * pending);
+      pending = s;
+    };
+    int i = 0;
+    for (; i + 1 < nb; i += 2) {
+      step(i, a0, a1);
+      step(i + 1, a1, a0);
+    }
+    if (i < nb) step(i, a0, a1);
+    wgmma_wait<0>();
+
+    // Epilogue. acc[k][j][e]: token 8j + 2t + (e & 1), column col + 2k + (e >> 1).
+    const bool one_split = gridDim.z == 1;
+    const int n = n0 + col;
+    if (n >= N) return;  // N % 8 == 0: the lane's 2 RS columns are all in or all out
+    float bv[2 * RS] = {};
+    if (one_split && bias_kind != kAuxNone)
+#pragma unroll
+      for (int c = 0; c < 2 * RS; ++c) bv[c] = aux_load(bias, bias_kind, n + c);
+    const int m0 = blockIdx.x * TOKENS + 2 * t;
+#pragma unroll
+    for (int j = 0; j < TOKENS / 8; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + 8 * j + h;
+        if (m >= M) continue;
+        float v[2 * RS];
+#pragma unroll
+        for (int k = 0; k < RS; ++k) {
+          v[2 * k] = poisoned ? qnan() : acc[k][j][h];
+          v[2 * k + 1] = poisoned ? qnan() : acc[k][j][2 + h];
+        }
+        if (one_split) {
+          alignas(4 * RS) T o[2 * RS];
+#pragma unroll
+          for (int c = 0; c < 2 * RS; ++c) o[c] = Cvt<T>::from_f(v[c] + bv[c]);
+          T* dst = reinterpret_cast<T*>(out) + int64_t(m) * N + n;
+          if constexpr (RS == 1) {
+            *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(o);
+          } else {
+            *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(o);
+          }
+        } else {
+          float* dst = reinterpret_cast<float*>(out) + (int64_t(blockIdx.z) * M + m) * N + n;
+          if constexpr (RS == 1) {
+            *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+          } else {
+            *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+          }
+        }
+      }
+    }
+  }
+#else
+  __trap();  // launched only on compute capability 9.0, where the sm_90a code runs
+#endif
+}
+
+// K splits for a grid of `tiles` CTAs: model the time as waves x (blocks per CTA + a ramp) at
+// ~0.3 us a block, plus the partials' round trip through DRAM and the reduction kernel, and
+// take the cheapest.
+int choose_splits(int64_t M, int64_t N, int nblocks, int tiles, int slots) {
+  const int forced = tuning_override("MBWQ_TILE_SPLITS");
+  if (forced > 0) return std::min(forced, nblocks);
+  constexpr double kBlockUs = 0.3, kBytesPerUs = 2.5e6, kReduceUs = 4.0;
+  int best_s = 1;
+  double best = 1e300;
+  for (int s = 1; s <= std::min(16, std::max(1, nblocks / 16)); ++s) {
+    const int bps = (nblocks + s - 1) / s;
+    const int ss = (nblocks + bps - 1) / bps;
+    const double waves = std::ceil(double(tiles) * ss / slots);
+    double cost = waves * (bps + 4) * kBlockUs;
+    if (ss > 1) cost += 2.0 * ss * M * N * 4 / kBytesPerUs + kReduceUs;
+    if (cost < best * 0.999) best = cost, best_s = ss;
+  }
+  return best_s;
+}
+
+template <typename T, int TOKENS>
+void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at::Tensor& scales,
+            const at::Tensor& zeros, const at::Tensor& blocks,
+            const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  using S = TileShape<TOKENS>;
+  const int K = xs.size(1), N = qweight.size(1);
+  const int nblocks = K / kBlockRows;
+  const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
+  const void* bias_p = bias_t.defined() ? bias_t.data_ptr() : nullptr;
+  const int bias_kind = bias_t.defined() ? aux_kind(bias_t) : kAuxNone;
+  auto kernel = tile_gemm_kernel<T, TOKENS>;
+  static int ready[64] = {};
+  once_per_device(ready, [&](int) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        S::kSmemBytes));
+    return 1;
+  });
+  const int mtiles = int((M + TOKENS - 1) / TOKENS);
+  const int ntiles = (N + S::kCols - 1) / S::kCols;
+  const int splits_wanted = choose_splits(M, N, nblocks, mtiles * ntiles, sm_count());
+  const int bps = (nblocks + splits_wanted - 1) / splits_wanted;
+  const int splits = (nblocks + bps - 1) / bps;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor part;
+  if (splits > 1) part = at::empty({splits, M, N}, xs.options().dtype(at::kFloat));
+  launch_chained(kernel, dim3(mtiles, ntiles, splits), dim3(kThreads), S::kSmemBytes, stream,
+                 reinterpret_cast<const T*>(xs.data_ptr()),
+                 reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(zeros.data_ptr()),
+                 reinterpret_cast<const int32_t*>(blocks.data_ptr()),
+                 part.defined() ? nullptr : bias_p, bias_kind,
+                 part.defined() ? part.data_ptr() : y.data_ptr(), int(M), K, N,
+                 int(qweight.size(0)), int(scales.size(0)), bps);
+  if (part.defined()) reduce_splits<T>(part, bias_p, bias_kind, y.data_ptr(), stream);
+}
+
+template <typename T>
+void launch_tokens(const at::Tensor& xs, int64_t M, const at::Tensor& qweight,
+                   const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
+                   const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  // 128-token tiles up to 128 rows (H200, 8192 x 28672 4-bit, M = 128: 136.6 us against 250.9
+  // us for one half-empty 256-token tile), 256 from there (M = 256: 262.8 / 261.9 us, 2048:
+  // 1933.6 against 1988.3 us; 28672 x 8192 M = 1024 1018.1 against 1094.7 us).
+  // MBWQ_TILE_TOKENS = 128 or 256 forces one.
+  const int knob = tuning_override("MBWQ_TILE_TOKENS");
+  const int tokens = knob == 128 || knob == 256 ? knob : M <= 128 ? 128 : 256;
+  if (tokens == 128) return launch<T, 128>(xs, M, qweight, scales, zeros, blocks, bias, y);
+  launch<T, 256>(xs, M, qweight, scales, zeros, blocks, bias, y);
+}
+
+}  // namespace
+
+void gemm_tile(const at::Tensor& xs, int64_t M, const at::Tensor& qweight,
+               const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
+               const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  TORCH_CHECK(M >= 1 && xs.size(0) == (M + kTileTokens - 1) / kTileTokens * kTileTokens &&
+                  xs.size(1) % kBlockRows == 0 && wgmma_available() &&
+                  mma_supported(xs, qweight, scales, zeros),
+              "mbwq: internal: tile GEMM called with unsupported arguments (M = ", M,
+              ", xs rows = ", xs.size(0), ")");
+  if (xs.scalar_type() == at::kHalf) {
+    launch_tokens<__half>(xs, M, qweight, scales, zeros, blocks, bias, y);
+  } else {
+    launch_tokens<__nv_bfloat16>(xs, M, qweight, scales, zeros, blocks, bias, y);
+  }
+}
+
+}  // namespace cuda
+}  // namespace mbwq
