@@ -16,7 +16,8 @@
 //   two warpgroups)          block: wait for the full slot, decode 16 RS weights a lane into
 //                            wgmma's A registers, issue 2 RS wgmma m64nTOKENSk16 (RS row sets
 //                            x the block's two k-steps) as one group, wait for the previous
-//                            block's group and mark that block's slot empty
+//                            block's group and mark that block's slot empty (every thread
+//                            arrives: its loads of the slot come before the next copy into it)
 //
 // So the copies run up to kStages - 1 blocks ahead of the products, and the decode of one block
 // runs while the previous block's products do (two A register sets, alternating). The decode and
@@ -195,7 +196,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::kStages; ++s) {
       mbar_init(full0 + 8 * s, kProducerWarps);  // the producers' arrives (+ copied bytes)
-      mbar_init(empty0 + 8 * s, kWarps);  // one arrive per consumer warp
+      // every consumer thread arrives once its own reads of the slot are done (an arrive by
+      // one lane per warp left the other lanes' loads unordered before the next copy:
+      // compute-sanitizer racecheck)
+      mbar_init(empty0 + 8 * s, kWarps * 32);
     }
     MBWQ_WGMMA_ASM("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -345,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<1>();
 #pragma unroll
       for (int k = 0; k < RS; ++k) wgmma_operand_done(a_prev[k]);
-      if (pending >= 0 && lane == 0) mbar_arrive(empty0 + 8 * pending);
+      if (pending >= 0) mbar_arrive(empty0 + 8 * pending);
       pending = s;
     };
     int i = 0;
