@@ -390,15 +390,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       }
       j += 32;
     }
-    switch (bits) {
-      case 2: run(Width<2>{}, i, j); break;
-      case 3: run(Width<3>{}, i, j); break;
-      case 4: run(Width<4>{}, i, j); break;
-      case 5: run(Width<5>{}, i, j); break;
-      case 6: run(Width<6>{}, i, j); break;
-      case 8: run(Width<8>{}, i, j); break;
-      default: run(Width<0>{}, i, j);
-    }
+    with_width(bits, [&](auto width) { run(width, i, j); });
     i = j;
   }
   cp_async_wait<0>();

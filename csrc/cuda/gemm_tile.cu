@@ -328,15 +328,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           nz[k][0] = dup_half(z, 0), nz[k][1] = dup_half(z, 1);
         }
       }
-      switch (b.bits) {
-        case 2: decode(Width<2>{}, slot, a); break;
-        case 3: decode(Width<3>{}, slot, a); break;
-        case 4: decode(Width<4>{}, slot, a); break;
-        case 5: decode(Width<5>{}, slot, a); break;
-        case 6: decode(Width<6>{}, slot, a); break;
-        case 8: decode(Width<8>{}, slot, a); break;
-        default: decode(Width<0>{}, slot, a);
-      }
+      with_width(b.bits, [&](auto width) { decode(width, slot, a); });
       const uint32_t x = smem_s + s * S::kSlotBytes;
       wgmma_fence();
 #pragma unroll

@@ -21,6 +21,20 @@ constexpr int kMaxBlocksPerCta = 1024;
 template <int B>
 using Width = std::integral_constant<int, B>;
 
+// f(Width<bits>{}) for a valid width, f(Width<0>{}) for anything else (an invalid block).
+template <typename F>
+__device__ __forceinline__ void with_width(int bits, F&& f) {
+  switch (bits) {
+    case 2: f(Width<2>{}); break;
+    case 3: f(Width<3>{}); break;
+    case 4: f(Width<4>{}); break;
+    case 5: f(Width<5>{}); break;
+    case 6: f(Width<6>{}); break;
+    case 8: f(Width<8>{}); break;
+    default: f(Width<0>{});
+  }
+}
+
 // True when a block of (bits, group) needs its group's scales and zeros: it is valid and its
 // group differs from the last valid block's (`last`, updated; an invalid block resets it).
 // The copy side and the compute side both walk the warp's blocks through this one rule, so a
