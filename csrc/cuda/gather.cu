@@ -287,7 +287,7 @@ void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<a
                   (tile ? xs.size(0) == (x.size(0) + kTileTokens - 1) / kTileTokens * kTileTokens
                         : xs.size(0) == x.size(0)),
               "mbwq: internal: gather_x needs contiguous x and xs of matching shapes and K % 8 == "
-              "0, got x ", x.sizes(), ", xs ", xs.sizes());
+              "0 (32 in tile order), got x ", x.sizes(), ", xs ", xs.sizes());
   const at::Tensor cs_t = cs.has_value() ? aux_tensor(*cs) : at::Tensor();
   const int32_t* p = perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr;
   switch (x.scalar_type()) {

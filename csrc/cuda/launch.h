@@ -41,8 +41,9 @@ constexpr int64_t kTileTokens = 256;
 constexpr int64_t kTileMinM = 65;
 constexpr int64_t kTileMaxM = 256;
 
-// True on devices where the kernel runs 65 .. kWgmmaRows rows as one wgmma tile (compute
-// capability 9.0, the sm_90a build; MBWQ_MMA_NO_WGMMA=1 turns it off for comparison).
+// True on devices with wgmma (compute capability 9.0, the sm_90a build): the tile kernel
+// (gemm_tile.cu) runs there, and gemm_mma's row chunks take 65 .. kWgmmaRows rows as one wgmma
+// tile. MBWQ_MMA_NO_WGMMA=1 turns both off for comparison.
 bool wgmma_available();
 
 // True when the tensor-core kernel may take this layer: fp16 / bf16 activations, K and N
@@ -64,8 +65,8 @@ void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor&
               const std::optional<at::Tensor>& bias, at::Tensor& y);
 
 // y[M, N] = xs @ Wstored + bias for many tokens on wgmma devices (wgmma_available()): CTA tiles
-// of 128 columns x kTileTokens tokens, every weight decoded once per tile. xs: gathered in
-// XOrder::kTile, ceil(M / kTileTokens) * kTileTokens rows.
+// of 256 columns x 128 tokens (M <= 128) or 128 x 256, every weight decoded once per tile. xs:
+// gathered in XOrder::kTile, ceil(M / kTileTokens) * kTileTokens rows.
 void gemm_tile(const at::Tensor& xs, int64_t M, const at::Tensor& qweight,
                const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
                const std::optional<at::Tensor>& bias, at::Tensor& y);

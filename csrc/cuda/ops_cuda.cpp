@@ -65,7 +65,9 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     return y;
   }
 
-  // Many tokens on wgmma devices: the tile kernel, every weight decoded once per 256 tokens.
+  // Many tokens on wgmma devices: the tile kernel, every weight decoded once per tile of 128 or
+  // 256 tokens. (On these devices the row chunks below then serve 65+ rows only when the
+  // MBWQ_TILE_* knobs move the tile kernel's range.)
   const bool wgmma = cuda::wgmma_available();
   const int min_knob = cuda::tuning_override("MBWQ_TILE_MIN_M");
   const int max_knob = cuda::tuning_override("MBWQ_TILE_MAX_M");
