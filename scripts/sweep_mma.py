@@ -6,8 +6,8 @@
 Each --set names an environment variable that csrc/cuda/gemm_mma.cu reads at every call
 (0 or unset = the built-in choice): MBWQ_MMA_WC (column warps per CTA), MBWQ_MMA_SPLITS
 (K splits), MBWQ_MMA_NO_PDL (1: plain launches instead of programmatic dependent launch),
-MBWQ_MMA_MAX_M (largest M on the tensor-core path, csrc/cuda/ops_cuda.cpp), MBWQ_MMA_NO_WGMMA
-(1: mma.sync row chunks of 64 instead of 128-token wgmma tiles on compute capability 9.0),
+MBWQ_MMA_MAX_M (largest M on the mma.sync path, csrc/cuda/ops_cuda.cpp), MBWQ_MMA_NO_WGMMA
+(1: no tile kernel on compute capability 9.0, the paths of other devices),
 MBWQ_GATHER_MIN_M (fewest rows for which the x gather stages rows in shared memory,
 csrc/cuda/gather.cu), MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M (the rows the many-token tile
 kernel takes on compute capability 9.0, csrc/cuda/ops_cuda.cpp; a large minimum turns it off),

@@ -6,8 +6,7 @@ Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
     tile kernel (gemm_tile.cu, CTA tiles of 256 columns x 128 tokens up to M = 128, else 128 x
     256; K splits + reduction where tiles are few);
   * M <= 64 (192 on layers of >= 2^25 weights), fp16/bf16, K and N multiples of 8: tensor-core
-    kernel (gemm_mma.cu, row chunks of 64 on mma.sync, or of up to 128 on wgmma where more than
-    88 rows remain on compute capability 9.0), exact fp16 weights; with a single K split it
+    kernel (gemm_mma.cu, mma.sync, row chunks of 64), exact fp16 weights; with a single K split it
     writes y itself, with several (many K blocks, few column tiles) it writes fp32 partials
     reduced by a second kernel;
   * larger M, fp32 activations or N % 8 != 0: gather x + dequant W + cuBLAS.
@@ -36,10 +35,7 @@ def mma_max_m(K, N):
     """The largest M the tensor-core path takes on a K x N layer (csrc/cuda/ops_cuda.cpp with
     launch.h's boundaries; MBWQ_MMA_MAX_M, when set, overrides them as it does there)."""
     knob = int(os.environ.get("MBWQ_MMA_MAX_M", "0") or 0)
-    wgmma = (torch.cuda.get_device_capability()[0] == 9
-             and int(os.environ.get("MBWQ_MMA_NO_WGMMA", "0") or 0) == 0)
-    return (knob if knob > 0 else 256 if wgmma and K * N >= 2**26
-            else 192 if K * N >= 2**25 else 64)
+    return knob if knob > 0 else 192 if K * N >= 2**25 else 64
 
 
 def tile_rows():
@@ -131,13 +127,10 @@ def test_gemm_every_path_vs_reference(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk"])
-@pytest.mark.parametrize("no_wgmma", ["0", "1"])
-def test_mma_row_chunks(name, no_wgmma, monkeypatch):
-    # M beyond one call as row chunks (the path of large layers; forced here on small ones):
-    # of 64 on mma.sync; with wgmma 65 .. 128 rows as one tile where more than 88 remain
-    # (M = 100, 128; 130 = 128 + 2, 192 = 128 + 64, 300 = 128 + 128 + 44), else 64
+def test_mma_row_chunks(name, monkeypatch):
+    # M beyond one call as row chunks of 64 (the path of large layers up to 192 rows where the
+    # tile kernel does not run; forced here on small ones, 300 = 4 x 64 + 44)
     monkeypatch.setenv("MBWQ_MMA_MAX_M", "300")
-    monkeypatch.setenv("MBWQ_MMA_NO_WGMMA", no_wgmma)
     monkeypatch.setenv("MBWQ_TILE_MIN_M", "100000")  # not the tile kernel
     layer, W = layer_and_weight(SPECS[name])
     for dtype in DTYPES:
@@ -146,12 +139,11 @@ def test_mma_row_chunks(name, no_wgmma, monkeypatch):
             y = run_gemm(layer, x)
             assert_close_to_reference(y, x, W, layer)
             assert torch.equal(run_gemm(layer, x), y)  # deterministic
-        # The chunks share one x gather per order (ops_cuda.cpp): each chunk's rows are what a
-        # call of just those rows computes (300 = 128 + 128 + 44 with wgmma, 64-row chunks
-        # + 44 without).
+        # The chunks share one x gather (ops_cuda.cpp): each chunk's rows are what a call of
+        # just those rows computes.
         x = rand_x(300, layer.in_channels, dtype, seed=1)
         y = run_gemm(layer, x)
-        bounds = (0, 128, 256, 300) if no_wgmma == "0" else (0, 64, 128, 192, 256, 300)
+        bounds = (0, 64, 128, 192, 256, 300)
         for a, b in zip(bounds, bounds[1:]):
             assert torch.equal(run_gemm(layer, x[a:b].contiguous()), y[a:b]), (a, b)
 
@@ -161,7 +153,8 @@ def test_tile_kernel(name, monkeypatch):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last
     # one part padding; partial column tiles (wide: 6152 columns); every width (mixed_all); K
     # splits chosen by the cost model (splitk) or forced (MBWQ_TILE_SPLITS); any M forced onto
-    # it (MBWQ_TILE_MIN_M / MAX_M: one row, several tiles of each size). Deterministic.
+    # it (MBWQ_TILE_MIN_M / MAX_M: one row, several tiles of each size, tiles of 16, 32 and 64
+    # tokens, which only the knobs reach). Deterministic.
     if tile_rows() is None:
         pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
     layer, W = layer_and_weight(SPECS[name])
@@ -174,12 +167,13 @@ def test_tile_kernel(name, monkeypatch):
             assert torch.equal(run_gemm(layer, x), y)
         monkeypatch.setenv("MBWQ_TILE_MIN_M", "1")
         monkeypatch.setenv("MBWQ_TILE_MAX_M", "100000")
-        for M, tokens in ((1, "0"), (5, "256"), (300, "128"), (600, "0")):
+        for M, tokens in ((1, "0"), (20, "0"), (40, "0"), (64, "0"), (5, "256"), (300, "128"),
+                          (600, "0"), (70, "16"), (100, "32"), (300, "64")):
             monkeypatch.setenv("MBWQ_TILE_TOKENS", tokens)
             x = rand_x(M, K, dtype, seed=M)
             assert_close_to_reference(run_gemm(layer, x), x, W, layer)
         monkeypatch.setenv("MBWQ_TILE_SPLITS", "3")
-        for M in (7, 300):
+        for M in (7, 20, 40, 300):
             x = rand_x(M, K, dtype, seed=M)
             y = run_gemm(layer, x)
             assert_close_to_reference(y, x, W, layer)
@@ -192,12 +186,14 @@ def test_tile_kernel(name, monkeypatch):
 def test_staged_and_direct_x_gather_agree(dtype, monkeypatch):
     # csrc/cuda/gather.cu copies rows of x through shared memory from MBWQ_GATHER_MIN_M rows on
     # (32 unless set) and reads each element from global memory below that: the same bits,
-    # for every path's order (M = 1 and 40: tensor-core kernel for 16-bit x; 130 on this small
-    # layer and fp32 x: cuBLAS), several CTAs per row (M = 1), and x off 16-byte alignment
-    # (element loads instead of 16-byte ones; the cuBLAS path).
+    # for every path's order (M = 1 and 40: mma.sync kernel for 16-bit x; 130: the tile kernel
+    # on compute capability 9.0, else cuBLAS; fp32 x: cuBLAS; M = 20 and 40 forced onto the
+    # tile kernel: tiles of 32 and 64 tokens), several CTAs per row (M = 1), and x off 16-byte
+    # alignment (element loads instead of 16-byte ones; the cuBLAS path).
     layer, W = layer_and_weight(SPECS["mixed_all"])
     K = layer.in_channels
-    for M in (1, 40, 130):
+    for M, tile_min_m in ((1, "0"), (40, "0"), (130, "0"), (20, "1"), (40, "1")):
+        monkeypatch.setenv("MBWQ_TILE_MIN_M", tile_min_m)
         x = rand_x(M, K, dtype, seed=M)
         x_off = torch.empty(M * K + 1, dtype=dtype, device="cuda")[1:].view(M, K)
         x_off.copy_(x)

@@ -51,24 +51,24 @@ struct XArgs {
 // (mma_decode.cuh, wgmma.cuh):
 //   plain:           rows 8c .. 8c + 7
 //   mma.sync order:  rows 8c .. 8c + 7 as [0 4 1 5 2 6 3 7] (one load = both k-steps' B regs)
-//   wgmma order:     rows 32b + p + 4i, i = 0..7, p = c % 4 (one piece of the B operand)
-//   tile order:      as wgmma
+//   tile order:      rows 32b + p + 4i, i = 0..7, p = c % 4 (one piece of wgmma's B operand)
 template <XOrder O>
 __device__ __forceinline__ int chunk_row(int c, int i) {
-  if constexpr (O == XOrder::kWgmma || O == XOrder::kTile) return 32 * (c / 4) + c % 4 + 4 * i;
+  if constexpr (O == XOrder::kTile) return 32 * (c / 4) + c % 4 + 4 * i;
   if constexpr (O == XOrder::kMma) return 8 * c + i / 2 + 4 * (i % 2);
   return 8 * c + i;
 }
 
 // Element offset in xs of chunk c of row m. Every order but the tile order keeps rows apart
-// (row m at m * K); the tile order keeps each 256-token x 32-row block together, in the layout
-// of gemm_tile's shared-memory slot (piece p = c % 4 of token n at (p * 256 + n) * 16 bytes):
-//   xs = | tile 0: block 0 (16 KB) | block 1 | ... | tile 1: block 0 | ...
+// (row m at m * K); the tile order keeps each H-token x 32-row block together (H = 1 << shift,
+// the tile's tokens), in the layout of gemm_tile's shared-memory slot (piece p = c % 4 of token
+// n at (p * H + n) * 16 bytes):
+//   xs = | tile 0: block 0 (H x 64 bytes) | block 1 | ... | tile 1: block 0 | ...
 template <XOrder O>
-__device__ __forceinline__ int64_t chunk_dst(int m, int c, int K) {
+__device__ __forceinline__ int64_t chunk_dst(int m, int c, int K, int shift) {
   if constexpr (O == XOrder::kTile) {
-    const int64_t tile_block = int64_t(m / kTileTokens) * (K / 32) + c / 4;
-    return ((tile_block * 4 + c % 4) * kTileTokens + m % kTileTokens) * 8;
+    const int64_t tile_block = int64_t(m >> shift) * (K / 32) + c / 4;
+    return (((tile_block * 4 + c % 4) << shift) + (m & ((1 << shift) - 1))) * 8;
   }
   return int64_t(m) * K + 8 * c;
 }
@@ -135,10 +135,11 @@ __device__ __forceinline__ void store8(T* dst, const T (&o)[8]) {
     reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(o)[v];
 }
 
-// Rows m >= M of xs (tile order: up to the next multiple of kTileTokens, xs_rows) are zeros.
+// Rows m >= M of xs (tile order: up to the next multiple of the tile's tokens, xs_rows) are
+// zeros. shift: log2 of the tile's tokens (tile order).
 template <typename T, XOrder O>
 __global__ void __launch_bounds__(kGatherThreads)
-    gather_direct_kernel(XArgs<T> a, T* __restrict__ xs, int M, int xs_rows, int K) {
+    gather_direct_kernel(XArgs<T> a, T* __restrict__ xs, int M, int xs_rows, int K, int shift) {
   // x may come from the previous kernel. Only then may the GEMM be scheduled: its prologue
   // reads the weights before its own wait, and everything before this kernel is done now.
   wait_prior_grid();
@@ -157,14 +158,14 @@ __global__ void __launch_bounds__(kGatherThreads)
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] = Cvt<T>::from_f(0.f);
   }
-  store8(xs + chunk_dst<O>(m, c, K), o);
+  store8(xs + chunk_dst<O>(m, c, K, shift), o);
 }
 
 // CTA (m, part): stage row m of x, scaled, in shared memory; write chunks [part share) of xs.
 // Rows m >= M (tile order's padding) are written as zeros.
 template <typename T, XOrder O>
 __global__ void __launch_bounds__(kStagedThreads)
-    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K, int parts) {
+    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K, int parts, int shift) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* srow = reinterpret_cast<T*>(smem);
   wait_prior_grid();
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kStagedThreads)
 #pragma unroll
     for (int e = 0; e < 8; ++e) zero[e] = Cvt<T>::from_f(0.f);
     for (int c = part * share + threadIdx.x; c < end; c += kStagedThreads)
-      store8(xs + chunk_dst<O>(m, c, K), zero);
+      store8(xs + chunk_dst<O>(m, c, K, shift), zero);
     return;
   }
   // K % 8 == 0, so every row is 16-byte aligned when x is
@@ -227,13 +228,13 @@ __global__ void __launch_bounds__(kStagedThreads)
       const int src = chunk_source<O>(a, c, e);
       o[e] = (src < 0 || src >= K) ? Cvt<T>::from_f(qnan()) : srow[src];
     }
-    store8(xs + chunk_dst<O>(m, c, K), o);
+    store8(xs + chunk_dst<O>(m, c, K, shift), o);
   }
 }
 
 // xs_rows >= M: the rows of xs (more in tile order, the padding written as zeros).
 template <typename T, XOrder O>
-void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K,
+void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K, int shift,
                    cudaStream_t stream) {
   const int knob = tuning_override("MBWQ_GATHER_MIN_M");
   const int64_t min_rows = knob > 0 ? knob : kStagedMinRows;
@@ -249,18 +250,18 @@ void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K,
     // Several CTAs per row while there are fewer rows than SMs (each stages the whole row).
     const int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
     launch_chained(kernel, dim3(unsigned(xs_rows * parts)), dim3(kStagedThreads), row_bytes,
-                   stream, a, xs, int(M), K, parts);
+                   stream, a, xs, int(M), K, parts, shift);
   } else {
     const int64_t n = xs_rows * (K / 8);
     const unsigned grid = unsigned((n + kGatherThreads - 1) / kGatherThreads);
     launch_chained(gather_direct_kernel<T, O>, dim3(grid), dim3(kGatherThreads), 0, stream, a,
-                   xs, int(M), int(xs_rows), K);
+                   xs, int(M), int(xs_rows), K, shift);
   }
 }
 
 template <typename T>
 void gather_t(const at::Tensor& x, const int32_t* perm, const at::Tensor& cs, at::Tensor& xs,
-              XOrder order) {
+              XOrder order, int shift) {
   const XArgs<T> a{reinterpret_cast<const T*>(x.data_ptr()), perm,
                    cs.defined() ? cs.data_ptr() : nullptr,
                    cs.defined() ? aux_kind(cs) : int(kAuxNone)};
@@ -269,31 +270,33 @@ void gather_t(const at::Tensor& x, const int32_t* perm, const at::Tensor& cs, at
   const int K = int(x.size(1));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (order) {
-    case XOrder::kPlain: launch_gather<T, XOrder::kPlain>(a, out, M, R, K, stream); break;
-    case XOrder::kMma: launch_gather<T, XOrder::kMma>(a, out, M, R, K, stream); break;
-    case XOrder::kWgmma: launch_gather<T, XOrder::kWgmma>(a, out, M, R, K, stream); break;
-    case XOrder::kTile: launch_gather<T, XOrder::kTile>(a, out, M, R, K, stream); break;
+    case XOrder::kPlain: launch_gather<T, XOrder::kPlain>(a, out, M, R, K, 0, stream); break;
+    case XOrder::kMma: launch_gather<T, XOrder::kMma>(a, out, M, R, K, 0, stream); break;
+    case XOrder::kTile: launch_gather<T, XOrder::kTile>(a, out, M, R, K, shift, stream); break;
   }
 }
 
 }  // namespace
 
 void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
-              at::Tensor& xs, XOrder order) {
+              at::Tensor& xs, XOrder order, int tile_tokens) {
   if (x.size(0) == 0 || x.size(1) == 0) return;
   const bool tile = order == XOrder::kTile;
+  const int shift = tile && tile_tokens > 0 ? __builtin_ctz(unsigned(tile_tokens)) : 0;
   TORCH_CHECK(x.size(1) % (tile ? kBlockRows : 8) == 0 && xs.is_contiguous() &&
                   x.is_contiguous() && xs.size(1) == x.size(1) &&
-                  (tile ? xs.size(0) == (x.size(0) + kTileTokens - 1) / kTileTokens * kTileTokens
+                  (tile ? tile_tokens >= 8 && tile_tokens == (1 << shift) &&
+                              xs.size(0) == (x.size(0) + tile_tokens - 1) / tile_tokens * tile_tokens
                         : xs.size(0) == x.size(0)),
               "mbwq: internal: gather_x needs contiguous x and xs of matching shapes and K % 8 == "
-              "0 (32 in tile order), got x ", x.sizes(), ", xs ", xs.sizes());
+              "0 (tile order: K % 32 == 0, tiles of a power of two >= 8 tokens, here ",
+              tile_tokens, "), got x ", x.sizes(), ", xs ", xs.sizes());
   const at::Tensor cs_t = cs.has_value() ? aux_tensor(*cs) : at::Tensor();
   const int32_t* p = perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr;
   switch (x.scalar_type()) {
-    case at::kHalf: gather_t<__half>(x, p, cs_t, xs, order); break;
-    case at::kBFloat16: gather_t<__nv_bfloat16>(x, p, cs_t, xs, order); break;
-    case at::kFloat: gather_t<float>(x, p, cs_t, xs, order); break;
+    case at::kHalf: gather_t<__half>(x, p, cs_t, xs, order, shift); break;
+    case at::kBFloat16: gather_t<__nv_bfloat16>(x, p, cs_t, xs, order, shift); break;
+    case at::kFloat: gather_t<float>(x, p, cs_t, xs, order, shift); break;
     default: TORCH_CHECK(false, "mbwq: internal: gather_x has no ", x.scalar_type(), " kernel");
   }
 }

@@ -15,7 +15,7 @@
 //        +-----------+-----------+     blocks and add up through shared memory in order.
 //
 // Each warp streams its blocks through a ring of STAGES cp.async slots in shared memory,
-// STAGES - 1 blocks in flight (STAGES - 2 with wgmma): the weights' rows, the scales and zeros
+// STAGES - 1 blocks in flight: the weights' rows, the scales and zeros
 // at group starts, and the block's x (8 tokens x 32 k per token tile, zero-filled past M). The
 // loop waits only on the ring's cp.async groups. For M > 16 (CTA_X) the warps of a CTA are all
 // column warps (WC = 8) and share x rings, one per group of 8 / XG warps, copied once per
@@ -54,7 +54,6 @@
 #include "mma_decode.cuh"
 #include "mma_tile.cuh"
 #include "split_reduce.cuh"
-#include "wgmma.cuh"
 
 namespace mbwq {
 namespace cuda {
@@ -112,26 +111,6 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, const u
     uint4 lo, hi;
     quad_words<B, QN>(slot, q, g, t, lo, hi);
     compute_quad<B, QN, MT, T>(q, lo, hi, g, t, sc, nz, x, acc);
-  }
-}
-
-// The same block on the warpgroup path (wgmma.cuh; QN = 1), in two halves that each decode into
-// their own A registers (a[k], kept across blocks) and commit their two wgmma as a group; after
-// each commit the previous group is waited for. So one group is in flight while the next half
-// decodes, and when this returns only the block's second half may still read its x.
-template <int B, int MT, typename T>
-__device__ __forceinline__ void wgmma_compute_block(const unsigned char* slot, uint32_t x, int g,
-                                                    int t, const uint2 (&sc)[1],
-                                                    const uint2 (&nz)[1], uint32_t (&a)[2][8],
-                                                    float (&acc)[2][MT][4]) {
-  uint4 lo, hi;
-  quad_words<B, 1>(slot, 0, g, t, lo, hi);
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    decode_half<B, 1, T>(0, k, lo, hi, t, sc, nz, a[k]);
-    wgmma_half<T, MT>(a[k], x, acc[k]);
-    wgmma_wait<1>();
-    wgmma_operand_done(a[1 - k]);  // the other half's registers: the previous group's A
   }
 }
 
@@ -230,24 +209,17 @@ struct LaneCopies {
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
 // (log2_wc = 3).
-// WG: the products run as wgmma (wgmma.cuh; sm_90a, CTA_X, QN = 1, MT = 16), x in wgmma order.
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG, int XG>
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                     int log2_wc, int blocks_per_split) {
-  static_assert(!WG || (CTA_X && QN == 1), "the wgmma path takes one x ring and QN = 1");
-#if !MBWQ_WGMMA
-  if constexpr (WG) __trap();  // not launched without wgmma (run_kernel)
-#endif
   using Rg = Slot<QN>;
   using Rx = Rings<QN, MT, STAGES, CTA_X, XG>;
   constexpr int kStages = STAGES;
-  // Blocks in flight during a compute. WG keeps one more slot out of the ring: the previous
-  // block's last wgmma group may still read its x while a block computes.
-  constexpr int kAhead = kStages - (WG ? 2 : 1);
+  constexpr int kAhead = kStages - 1;  // blocks in flight during a compute
   extern __shared__ __align__(16) unsigned char smem[];
   allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -277,28 +249,19 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const LaneCopies<QN> copies(qweight, scales, zeros, N, n_warp, lane,
                               smem_s + warp * Rx::kWarpBytes);
   // x of block i: MT * 32 chunks of 16 bytes, each a quarter (piece) of one token's 32 k,
-  // zero-filled for tokens past M. Copier c takes token x_token + kXTokenStep * k, piece
-  // x_piece (Lane l: c = l; CTA_X: thread c):
-  //   mma.sync: token c / 4, piece c % 4; they land in token order, 64 bytes a token, so a
-  //             warp writes 512 contiguous bytes.
-  //   WG:       token c % 8 + 8 (c / 32), piece (c / 8) % 4. The slot keeps the pieces apart
-  //             (wgmma.cuh: piece p of token n at (p * 8MT + n) * 16), so each 8 lanes that
-  //             share a shared-memory wavefront write 8 consecutive tokens of one piece (128
-  //             contiguous bytes), and a warp still reads whole 64-byte token rows from xs.
-  //             (c / 4, c % 4 put 4 lanes of a wavefront 2 KB apart on the same banks: Nsight
-  //             Compute counted 32 wavefronts per copy instruction against 4.)
+  // zero-filled for tokens past M. Copier c (lane l: c = l; CTA_X: thread c) takes token
+  // c / 4 + kXTokenStep * k, piece c % 4; they land in token order, 64 bytes a token, so a
+  // warp writes 512 contiguous bytes.
   constexpr int kXThreads = CTA_X ? Rx::kGroupThreads : 32;  // threads that copy x
   constexpr int kXCopies = (32 * MT + kXThreads - 1) / kXThreads;  // chunks a thread copies
   constexpr int kXTokenStep = kXThreads / 4;                // tokens from one copy to the next
   const int x_chunk = !CTA_X ? lane : XG > 1 ? int(threadIdx.x) % kXThreads : int(threadIdx.x);
   const bool x_copier = x_chunk < 32 * MT;
-  const int x_token = WG ? x_chunk % 8 + 8 * (x_chunk / 32) : x_chunk / 4;
-  const int x_piece = WG ? (x_chunk / 8) % 4 : x_chunk % 4;
-  const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) +  // slot 0
-                         (WG ? wgmma_x_offset<MT>(x_token, x_piece) : 16 * x_chunk);
+  const int x_token = x_chunk / 4, x_piece = x_chunk % 4;
+  const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) + 16 * x_chunk;  // slot 0
   // the slot's x bytes from one copy to the next
-  constexpr uint32_t kXDstStep = WG ? kXTokenStep * 16 : kXThreads * 16;
-  // element offsets into xs, one register each (M * K < 2^32: M <= 128)
+  constexpr uint32_t kXDstStep = kXThreads * 16;
+  // element offsets into xs, one register each (M * K < 2^32: M <= 64)
   uint32_t x_src[kXCopies];
 #pragma unroll
   for (int k = 0; k < kXCopies; ++k)
@@ -335,18 +298,16 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   }
 
   uint2 sc[QN], nz[QN];  // the lane's 4*QN scales and -zeros (fp16), this block's group
-  uint32_t a_wg[2][8];   // WG: the A registers of each half block (wgmma_compute_block)
   int cur_group = -1;
   int slot_c = 0, slot_i = kAhead;  // ring slots of the block computed / issued next
   // Blocks [i0, i1), a run of width B (0: invalid entries, which only keep the ring going).
   // Each step waits for block i, then refills with block i + kAhead the slot that every lane
-  // finished in the previous step (WG: of block i - 2, whose last wgmma group the previous step
-  // waited for). Issues inside the run know the width too; the last kAhead issue the next run's.
+  // finished in the previous step. Issues inside the run know the width too; the last kAhead
+  // issue the next run's.
   auto run = [&](auto width, int i0, int i1) {
     constexpr int B = decltype(width)::value;
     for (int i = i0; i < i1; ++i) {
       cp_async_wait<kAhead - 1>();
-      if constexpr (WG) fence_proxy_async();
       ring_sync();
       const int n = i + kAhead;
       if (n < i1) issue_weights(width, n, slot_i);
@@ -367,11 +328,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
                 slot + Rg::kSzOffset + 2 * Rg::kCols + 64 * q + 8 * g));
           }
         }
-        if constexpr (WG) {
-          wgmma_compute_block<B, MT, T>(slot, smem_s + x_off, g, t, sc, nz, a_wg, acc);
-        } else {
-          compute_block<B, QN, MT, T>(slot, smem + x_off, g, t, sc, nz, acc);
-        }
+        compute_block<B, QN, MT, T>(slot, smem + x_off, g, t, sc, nz, acc);
       } else {
         cur_group = -1;
       }
@@ -394,7 +351,6 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     i = j;
   }
   cp_async_wait<0>();
-  if constexpr (WG) wgmma_wait<0>();
   // An invalid table entry in the warp's range makes its tile NaN; found again here rather
   // than flagged in the loop, so that no register is held for it there.
   bool poisoned = false;
@@ -429,16 +385,13 @@ constexpr int64_t kTwoQuadMinN = 8192;
 //   MT = 4 and 8 with one quad (bf16 MT = 8, and layers narrower than kTwoQuadMinN): QN 1,
 //           5 stages, x per warpgroup / CTA (8 x 5 x 1408 + 2 x 5 x 2 KB / 5 x 4 KB + 8 KB
 //           = 83 KB)
-//   MT = 16 (wgmma, one CTA per SM: 213 registers): QN 1, 6 stages, x per CTA
-//           (8 x 6 x 1408 + 6 x 8 KB + 8 KB = 122 KB)
 // WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, bool WG = false,
-          int XG = 1>
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG = 1>
 void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, WG, XG>;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0
@@ -545,23 +498,15 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
                                                    : std::initializer_list<int>{2, 1});
   } else if (M <= 32) {
     if (two_quads) {
-      run_kernel<T, 4, 2, 3, 2, true, false, 2>(c, {kWarps});
+      run_kernel<T, 4, 2, 3, 2, true, 2>(c, {kWarps});
     } else {
-      run_kernel<T, 4, 1, 5, 2, true, false, 2>(c, {kWarps});
+      run_kernel<T, 4, 1, 5, 2, true, 2>(c, {kWarps});
     }
-  } else if (M <= kMmaMaxM) {
+  } else {
     if constexpr (std::is_same_v<T, __half>) {
       if (two_quads) return run_kernel<T, 8, 2, 3, 1, true>(c, {kWarps});
     }
     run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
-  } else {
-    // 65 .. 128 tokens as one wgmma tile (ops_cuda.cpp sends these only where
-    // wgmma_available()): one decode of W for all of them. H100, 8192 x 28672 q4, against
-    // mma.sync in row chunks of 64: M = 96 213 -> 200 us, 112 243 -> 209 us, 128 247 -> 217 us
-    // (before the half-block pipelining, which took M = 128 to 193-201 us); at M = 80 it lost
-    // (184 -> 195 us). wgmma tiles of 64 tokens, pipelined the same way, won 2-6 % at M = 33-48
-    // on 8192 x 28672 and lost up to 10 % at M = 64 on 28672 x 8192 (BENCHMARKS.md).
-    run_kernel<T, 16, 1, 6, 1, true, true>(c, {kWarps});
   }
 }
 
@@ -574,10 +519,6 @@ int tuning_override(const char* name) {
   return v ? std::max(0, std::atoi(v)) : 0;
 }
 
-bool wgmma_available() {
-  return compute_capability_major() == 9 && tuning_override("MBWQ_MMA_NO_WGMMA") == 0;
-}
-
 bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros) {
   auto aligned16 = [](const at::Tensor& t) {
@@ -588,16 +529,12 @@ bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
          aligned16(scales) && aligned16(zeros);
 }
 
-XOrder mma_x_order(int64_t rows) { return rows > kMmaMaxM ? XOrder::kWgmma : XOrder::kMma; }
-
 void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
               const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  // wgmma_available() (an environment read) only where the rows need it
   const int64_t M = xs.size(0);
-  TORCH_CHECK(M >= 1 && (M <= kMmaMaxM || (M <= kWgmmaRows && wgmma_available())),
-              "mbwq: tensor-core path needs 1 <= M <= ", kMmaMaxM, " (", kWgmmaRows,
-              " with wgmma), got M = ", M);
+  TORCH_CHECK(M >= 1 && M <= kMmaMaxM, "mbwq: internal: tensor-core path needs 1 <= M <= ",
+              kMmaMaxM, ", got M = ", M);
   TORCH_CHECK(mma_supported(xs, qweight, scales, zeros),
               "mbwq: internal: tensor-core path called with unsupported arguments");
   if (xs.scalar_type() == at::kHalf) {

@@ -1,6 +1,6 @@
 // Tensor-core GEMM for many tokens on Hopper (sm_90a): y^T [N, M] = W^T [N, K] . xs^T [K, M],
-// every weight decoded once per tile of TOKENS (128 or 256) tokens, reading the stored qweight
-// directly.
+// every weight decoded once per tile of TOKENS (64, 128 or 256) tokens, reading the stored
+// qweight directly.
 //
 // A CTA computes a tile of 128 * RS columns x TOKENS tokens (RS = 256 / TOKENS row sets) over
 // its range of 32-row blocks of K. Its warps have one role each (warp specialization) and hand
@@ -22,10 +22,17 @@
 // So the copies run up to kStages - 1 blocks ahead of the products, and the decode of one block
 // runs while the previous block's products do (two A register sets, alternating). The decode and
 // the A fragment are those of the other tensor-core kernels (mma_decode.cuh). Warp w of
-// warpgroup c takes 16 RS columns from col0 = 64 RS c + 16 RS w, lane (g, t) the 2 RS adjacent
-// columns col0 + 2 RS g + i; row set k takes columns +2k (A row g) and +2k + 1 (A row g + 8).
-// So a lane reads 8 RS bytes of each qweight row, and its accumulators hold its 2 RS columns of
-// one token side by side (one 4 RS-byte store).
+// warpgroup c takes the 16 RS columns from col0 = 64 RS c + 16 RS w; lane (g, t) 2 RS of them
+// in runs of adjacent columns, row set k the pair at set_col(k) = 32 (k / 2) + 2 (k % 2) from
+// the lane's first (A row g, then A row g + 8):
+//
+//   RS = 1 (256 tokens):  lane columns col0 + 2g + {0, 1}                     one 2-column run
+//   RS = 2 (128 tokens):  col0 + 4g + {0 1 | 2 3}  (row set 0 | 1)            one 4-column run
+//   RS = 4 (64 tokens):   col0 + 4g + {0 1 | 2 3},  col0 + 32 + 4g + {0 1 | 2 3}   two runs
+//
+// So a run's words of a qweight row are one load of 8 or 16 bytes, each quarter warp's loads on
+// distinct banks with the rows' stride below (one 8-column run a lane at RS = 4 would be two
+// loads 32 bytes apart: 2-way conflicts), and a token's accumulators of a run one store.
 //
 // Slot (bytes):
 //   | x: piece 0 (TOKENS x 16 B) .. piece 3 (wgmma.cuh's B layout) | qweight rows 0..7 of the
@@ -33,8 +40,9 @@
 //   rows kRowStride = 32 mod 128 bytes apart, so that the lanes' loads of rows (t * B) / 4 hit
 //   distinct banks for widths 2-5.
 //
-// The two shapes trade L2 traffic for decode work: 128 x 256 reads 16 KB of x and 2 KB of 4-bit
-// weights per block, 256 x 128 8 KB and 4 KB, and decodes twice the weights per product.
+// The shapes trade L2 traffic for decode work: 128 x 256 reads 16 KB of x and 2 KB of 4-bit
+// weights per block, 256 x 128 8 KB and 4 KB, 512 x 64 4 KB and 8 KB, and each halving of the
+// tokens doubles the weights decoded per product.
 //
 // Invalid block-table entries (bits 0 after load_block) get no copies and make the CTA's tile
 // NaN. Several K splits (few tiles on the device) write fp32 partials that reduce_splits adds in
@@ -69,23 +77,29 @@ constexpr int kMaxStages = 12;
 // all of a block's copies, the consumers spent half their stall cycles waiting for full slots
 // while that warp was never held back by an empty one)
 constexpr int kProducerWarps = 3;
-// One kTileTokens-token x 32-row block of x in XOrder::kTile (16-bit elements)
-constexpr int kTileBlockBytes = int(kTileTokens) * kBlockRows * 2;
 constexpr int kSmemLimit = 227 * 1024;
 
-// Geometry of a tile of TOKENS tokens.
-template <int TOKENS>
+// Geometry of a tile of TOKENS tokens x 128 RS columns.
+template <int TOKENS, int RS>
 struct TileShape {
-  static constexpr int kRowSets = kTileTokens / TOKENS;            // RS
+  static constexpr int kRowSets = RS;
   static constexpr int kCols = 128 * kRowSets;                     // columns per CTA
   static constexpr int kPiece = TOKENS * 16;                       // one x piece in a slot
-  static constexpr int kXBytes = 4 * kPiece;
+  static constexpr int kXBytes = 4 * kPiece;  // = one block of xs (XOrder::kTile, H = TOKENS)
   static constexpr int kRowBytes = kCols * 4;                      // one qweight row
   static constexpr int kRowStride = kRowBytes + 32;
   static constexpr int kWOffset = kXBytes;
   static constexpr int kSzOffset = kWOffset + 8 * kRowStride;      // scales, then zeros
   static constexpr int kSlotBytes = (kSzOffset + 4 * kCols + 127) / 128 * 128;
   static constexpr int kStages = std::min(kMaxStages, (kSmemLimit - 256) / kSlotBytes);
+  // A lane's columns: runs of kRunCols adjacent columns, 32 apart (header)
+  static constexpr int kRunCols = kRowSets == 1 ? 2 : 4;
+  static constexpr int kRuns = 2 * kRowSets / kRunCols;
+  // Offset of row set k's first column (A row g; A row g + 8 takes the next) from the lane's
+  // first column.
+  static __device__ __forceinline__ constexpr int set_col(int k) {
+    return 32 * (k / 2) + 2 * (k % 2);
+  }
   static constexpr int kBarrierOffset = kStages * kSlotBytes;     // full[], then empty[]
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
   static_assert(kSmemBytes <= kSmemLimit, "gemm_tile: shared memory");
@@ -173,11 +187,11 @@ struct TableChunks {
 // ---- the kernel --------------------------------------------------------------------------
 
 // grid: (token tiles, column tiles, K splits); block: kThreads.
-// xs: x gathered in XOrder::kTile (tiles of kTileTokens rows; a TOKENS tile is a part of one);
+// xs: x gathered in XOrder::kTile with tiles of TOKENS rows;
 // out: y [M, N] (T) with bias when the grid has one split, else fp32 partials [splits, M, N].
-// RS = the row sets (a template parameter, not a local constant: cicc crashed on the lambdas'
+// RS: the row sets (a template parameter, not a local constant: cicc crashed on the lambdas'
 // array bounds of a local one).
-template <typename T, int TOKENS, int RS = kTileTokens / TOKENS>
+template <typename T, int TOKENS, int RS>
 __global__ void __launch_bounds__(kThreads, 1)
     tile_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                      const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
@@ -185,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                      int blocks_per_split) {
 #if MBWQ_WGMMA
-  using S = TileShape<TOKENS>;
+  using S = TileShape<TOKENS, RS>;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t full0 = smem_s + S::kBarrierOffset, empty0 = full0 + 8 * S::kStages;
@@ -214,15 +228,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int role = warp - kWarps;
     if (role >= kProducerWarps) return;
     const uint32_t cols_bytes = uint32_t(min(S::kCols, N - n0)) * 4;  // N % 8 == 0: x 32
-    // this tile's tokens inside their kTileTokens-row tile of xs, piece 0 of block jb0
-    const int tile = blockIdx.x / RS, part = blockIdx.x % RS;
+    // block jb0 of this tile's tokens in xs
     const unsigned char* x = reinterpret_cast<const unsigned char*>(xs) +
-                             (size_t(tile) * nblocks + jb0) * kTileBlockBytes + part * S::kPiece;
+                             (size_t(blockIdx.x) * nblocks + jb0) * S::kXBytes;
     const size_t row_bytes = size_t(N) * 4;
     TableChunks table(blocks, jb0, nb, R, G);
     if (role == 0) wait_prior_grid();  // xs comes from the gather kernel
     int last_group = -1;
-    for (int i = 0; i < nb; ++i, x += kTileBlockBytes) {
+    for (int i = 0; i < nb; ++i, x += S::kXBytes) {
       const int s = i % S::kStages, use = i / S::kStages;
       const BlockMeta b = table.get(i);
       const bool new_group = starts_group(b.bits, b.group, last_group);
@@ -233,13 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive(full);  // nothing to copy; the consumers poison the tile
         } else if (role == 0) {
           mbar_arrive_expect(full, S::kXBytes + (new_group ? cols_bytes : 0));
-          if constexpr (RS == 1) {  // a whole kTileTokens tile: the 4 pieces are contiguous
-            bulk_copy(slot, x, S::kXBytes, full);
-          } else {
-#pragma unroll
-            for (int p = 0; p < 4; ++p)
-              bulk_copy(slot + p * S::kPiece, x + p * (kTileTokens * 16), S::kPiece, full);
-          }
+          bulk_copy(slot, x, S::kXBytes, full);
           if (new_group) {
             const size_t sz = size_t(b.group) * N + n0;
             bulk_copy(slot + S::kSzOffset, scales + sz, cols_bytes / 2, full);
@@ -261,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- consumers ----
     set_max_regs_inc<kConsumerRegs>();
     const int g = lane / 4, t = lane % 4;
-    const int col = 64 * RS * (warp / 4) + 16 * RS * (warp % 4) + 2 * RS * g;  // lane's first
+    const int col = 64 * RS * (warp / 4) + 16 * RS * (warp % 4) + S::kRunCols * g;  // lane's first
     float acc[RS][TOKENS / 8][4];
 #pragma unroll
     for (int k = 0; k < RS; ++k)
@@ -286,18 +293,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         poisoned = true;
       } else {
         const unsigned char* w = slot + S::kWOffset + ((t * B) >> 2) * S::kRowStride + 4 * col;
-        uint32_t lo[2 * RS], hi[2 * RS];
+        uint32_t lo[2 * RS], hi[2 * RS];  // words of row set k: [2k] (A row g), [2k + 1]
         if constexpr (RS == 1) {
           const uint2 l = *reinterpret_cast<const uint2*>(w);
           const uint2 h = (B == 2 || B == 4) ? l
                                              : *reinterpret_cast<const uint2*>(w + S::kRowStride);
           lo[0] = l.x, lo[1] = l.y, hi[0] = h.x, hi[1] = h.y;
         } else {
-          const uint4 l = *reinterpret_cast<const uint4*>(w);
-          const uint4 h = (B == 2 || B == 4) ? l
-                                             : *reinterpret_cast<const uint4*>(w + S::kRowStride);
-          lo[0] = l.x, lo[1] = l.y, lo[2] = l.z, lo[3] = l.w;
-          hi[0] = h.x, hi[1] = h.y, hi[2] = h.z, hi[3] = h.w;
+#pragma unroll
+          for (int r = 0; r < S::kRuns; ++r) {  // run r: row sets 2r, 2r + 1, 128 bytes on
+            const uint4 l = *reinterpret_cast<const uint4*>(w + 128 * r);
+            const uint4 h = (B == 2 || B == 4)
+                                ? l
+                                : *reinterpret_cast<const uint4*>(w + 128 * r + S::kRowStride);
+            lo[4 * r] = l.x, lo[4 * r + 1] = l.y, lo[4 * r + 2] = l.z, lo[4 * r + 3] = l.w;
+            hi[4 * r] = h.x, hi[4 * r + 1] = h.y, hi[4 * r + 2] = h.z, hi[4 * r + 3] = h.w;
+          }
         }
 #pragma unroll
         for (int k = 0; k < RS; ++k)
@@ -319,10 +330,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (new_group) {
 #pragma unroll
         for (int k = 0; k < RS; ++k) {
-          const uint32_t v = *reinterpret_cast<const uint32_t*>(slot + S::kSzOffset +
-                                                               2 * (col + 2 * k));
-          const uint32_t z = *reinterpret_cast<const uint32_t*>(
-                                 slot + S::kSzOffset + 2 * S::kCols + 2 * (col + 2 * k)) ^
+          const int c = col + S::set_col(k);
+          const uint32_t v = *reinterpret_cast<const uint32_t*>(slot + S::kSzOffset + 2 * c);
+          const uint32_t z = *reinterpret_cast<const uint32_t*>(slot + S::kSzOffset +
+                                                               2 * S::kCols + 2 * c) ^
                              0x80008000u;
           sc[k][0] = dup_half(v, 0), sc[k][1] = dup_half(v, 1);
           nz[k][0] = dup_half(z, 0), nz[k][1] = dup_half(z, 1);
@@ -353,14 +364,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (i < nb) step(i, a0, a1);
     wgmma_wait<0>();
 
-    // Epilogue. acc[k][j][e]: token 8j + 2t + (e & 1), column col + 2k + (e >> 1).
+    // Epilogue. acc[k][j][e]: token 8j + 2t + (e & 1), column col + set_col(k) + (e >> 1);
+    // value c = 2k + e' of a token is column col + set_col(c / 2) + c % 2, so run r holds
+    // values kRunCols r .. kRunCols (r + 1) - 1, adjacent columns (one store).
     const bool one_split = gridDim.z == 1;
     const int n = n0 + col;
-    if (n >= N) return;  // N % 8 == 0: the lane's 2 RS columns are all in or all out
+    if (n >= N) return;  // N % 8 == 0: a run's columns are all in or all out
+    auto column = [&](int c) { return n + S::set_col(c / 2) + c % 2; };
     float bv[2 * RS] = {};
     if (one_split && bias_kind != kAuxNone)
 #pragma unroll
-      for (int c = 0; c < 2 * RS; ++c) bv[c] = aux_load(bias, bias_kind, n + c);
+      for (int c = 0; c < 2 * RS; ++c)
+        if (c < S::kRunCols || column(c) < N) bv[c] = aux_load(bias, bias_kind, column(c));
     const int m0 = blockIdx.x * TOKENS + 2 * t;
 #pragma unroll
     for (int j = 0; j < TOKENS / 8; ++j) {
@@ -374,22 +389,29 @@ __global__ void __launch_bounds__(kThreads, 1)
           v[2 * k] = poisoned ? qnan() : acc[k][j][h];
           v[2 * k + 1] = poisoned ? qnan() : acc[k][j][2 + h];
         }
-        if (one_split) {
-          alignas(4 * RS) T o[2 * RS];
 #pragma unroll
-          for (int c = 0; c < 2 * RS; ++c) o[c] = Cvt<T>::from_f(v[c] + bv[c]);
-          T* dst = reinterpret_cast<T*>(out) + int64_t(m) * N + n;
-          if constexpr (RS == 1) {
-            *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(o);
+        for (int r = 0; r < S::kRuns; ++r) {
+          constexpr int kC = S::kRunCols;
+          const int nr = column(kC * r);
+          if (r > 0 && nr >= N) continue;
+          if (one_split) {
+            alignas(2 * kC) T o[kC];
+#pragma unroll
+            for (int c = 0; c < kC; ++c) o[c] = Cvt<T>::from_f(v[kC * r + c] + bv[kC * r + c]);
+            T* dst = reinterpret_cast<T*>(out) + int64_t(m) * N + nr;
+            if constexpr (kC == 2) {
+              *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(o);
+            } else {
+              *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(o);
+            }
           } else {
-            *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(o);
-          }
-        } else {
-          float* dst = reinterpret_cast<float*>(out) + (int64_t(blockIdx.z) * M + m) * N + n;
-          if constexpr (RS == 1) {
-            *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
-          } else {
-            *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+            float* dst = reinterpret_cast<float*>(out) + (int64_t(blockIdx.z) * M + m) * N + nr;
+            if constexpr (kC == 2) {
+              *reinterpret_cast<float2*>(dst) = make_float2(v[2 * r], v[2 * r + 1]);
+            } else {
+              *reinterpret_cast<float4*>(dst) =
+                  make_float4(v[4 * r], v[4 * r + 1], v[4 * r + 2], v[4 * r + 3]);
+            }
           }
         }
       }
@@ -402,14 +424,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // K splits for a grid of `tiles` CTAs: model the time as waves x (blocks per CTA + a ramp) at
 // ~0.3 us a block, plus the partials' round trip through DRAM and the reduction kernel, and
-// take the cheapest.
-int choose_splits(int64_t M, int64_t N, int nblocks, int tiles, int slots) {
+// take the cheapest of up to max_splits splits of at least min_blocks blocks.
+int choose_splits(int64_t M, int64_t N, int nblocks, int tiles, int slots, int max_splits,
+                  int min_blocks) {
   const int forced = tuning_override("MBWQ_TILE_SPLITS");
   if (forced > 0) return std::min(forced, nblocks);
   constexpr double kBlockUs = 0.3, kBytesPerUs = 2.5e6, kReduceUs = 4.0;
   int best_s = 1;
   double best = 1e300;
-  for (int s = 1; s <= std::min(16, std::max(1, nblocks / 16)); ++s) {
+  for (int s = 1; s <= std::min(max_splits, std::max(1, nblocks / min_blocks)); ++s) {
     const int bps = (nblocks + s - 1) / s;
     const int ss = (nblocks + bps - 1) / bps;
     const double waves = std::ceil(double(tiles) * ss / slots);
@@ -420,17 +443,17 @@ int choose_splits(int64_t M, int64_t N, int nblocks, int tiles, int slots) {
   return best_s;
 }
 
-template <typename T, int TOKENS>
+template <typename T, int TOKENS, int RS>
 void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const at::Tensor& blocks,
             const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  using S = TileShape<TOKENS>;
+  using S = TileShape<TOKENS, RS>;
   const int K = xs.size(1), N = qweight.size(1);
   const int nblocks = K / kBlockRows;
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
   const void* bias_p = bias_t.defined() ? bias_t.data_ptr() : nullptr;
   const int bias_kind = bias_t.defined() ? aux_kind(bias_t) : kAuxNone;
-  auto kernel = tile_gemm_kernel<T, TOKENS>;
+  auto kernel = tile_gemm_kernel<T, TOKENS, RS>;
   static int ready[64] = {};
   once_per_device(ready, [&](int) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -439,7 +462,10 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
   });
   const int mtiles = int((M + TOKENS - 1) / TOKENS);
   const int ntiles = (N + S::kCols - 1) / S::kCols;
-  const int splits_wanted = choose_splits(M, N, nblocks, mtiles * ntiles, sm_count());
+  // The 512-column tiles leave few CTAs on narrow layers (4096 columns: 8), which more and
+  // shorter splits spread over the device.
+  const int splits_wanted = choose_splits(M, N, nblocks, mtiles * ntiles, sm_count(),
+                                          RS == 4 ? 32 : 16, RS == 4 ? 8 : 16);
   const int bps = (nblocks + splits_wanted - 1) / splits_wanted;
   const int splits = (nblocks + bps - 1) / bps;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -458,33 +484,54 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
 }
 
 template <typename T>
-void launch_tokens(const at::Tensor& xs, int64_t M, const at::Tensor& qweight,
+void launch_tokens(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qweight,
                    const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
                    const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  // 128-token tiles up to 128 rows (H200, 8192 x 28672 4-bit, M = 128: 136.6 us against 250.9
-  // us for one half-empty 256-token tile), 256 from there (M = 256: 262.8 / 261.9 us, 2048:
-  // 1933.6 against 1988.3 us; 28672 x 8192 M = 1024 1018.1 against 1094.7 us).
-  // MBWQ_TILE_TOKENS = 128 or 256 forces one.
-  const int knob = tuning_override("MBWQ_TILE_TOKENS");
-  const int tokens = knob == 128 || knob == 256 ? knob : M <= 128 ? 128 : 256;
-  if (tokens == 128) return launch<T, 128>(xs, M, qweight, scales, zeros, blocks, bias, y);
-  launch<T, 256>(xs, M, qweight, scales, zeros, blocks, bias, y);
+  switch (tokens) {
+    case 16: return launch<T, 16, 4>(xs, M, qweight, scales, zeros, blocks, bias, y);
+    case 32: return launch<T, 32, 4>(xs, M, qweight, scales, zeros, blocks, bias, y);
+    case 64: return launch<T, 64, 4>(xs, M, qweight, scales, zeros, blocks, bias, y);
+    case 128: return launch<T, 128, 2>(xs, M, qweight, scales, zeros, blocks, bias, y);
+    default: return launch<T, 256, 1>(xs, M, qweight, scales, zeros, blocks, bias, y);
+  }
 }
 
 }  // namespace
 
-void gemm_tile(const at::Tensor& xs, int64_t M, const at::Tensor& qweight,
+bool wgmma_available() {
+  return compute_capability_major() == 9 && tuning_override("MBWQ_MMA_NO_WGMMA") == 0;
+}
+
+int tile_tokens(int64_t M) {
+  // The fewest that cover M. 128-token tiles up to 128 rows (H200, 8192 x 28672 4-bit, M =
+  // 128: 136.6 us against 250.9 us for one half-empty 256-token tile), 256 from there (M =
+  // 256: 262.8 / 261.9 us, 2048: 1933.6 against 1988.3 us; 28672 x 8192 M = 1024 1018.1
+  // against 1094.7 us); each CTA takes 128 x 256 / TOKENS columns. Tiles of 16, 32 and 64
+  // tokens take 512 columns (the most that two register sets of A leave room for) where
+  // M <= 64 reaches the kernel, which only MBWQ_TILE_MIN_M does so far: not yet measured
+  // against the mma.sync kernel. MBWQ_TILE_TOKENS = 16, 32, 64, 128 or 256 forces a tile.
+  const int knob = tuning_override("MBWQ_TILE_TOKENS");
+  if (knob == 16 || knob == 32 || knob == 64 || knob == 128 || knob == 256) return knob;
+  int tokens = 256;
+  for (const int t : {128, 64, 32, 16})
+    if (M <= t) tokens = t;
+  return tokens;
+}
+
+void gemm_tile(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qweight,
                const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
                const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  TORCH_CHECK(M >= 1 && xs.size(0) == (M + kTileTokens - 1) / kTileTokens * kTileTokens &&
+  TORCH_CHECK(M >= 1 && (tokens == 16 || tokens == 32 || tokens == 64 || tokens == 128 ||
+                         tokens == 256) &&
+                  xs.size(0) == (M + tokens - 1) / tokens * tokens &&
                   xs.size(1) % kBlockRows == 0 && wgmma_available() &&
                   mma_supported(xs, qweight, scales, zeros),
               "mbwq: internal: tile GEMM called with unsupported arguments (M = ", M,
-              ", xs rows = ", xs.size(0), ")");
+              ", tokens = ", tokens, ", xs rows = ", xs.size(0), ")");
   if (xs.scalar_type() == at::kHalf) {
-    launch_tokens<__half>(xs, M, qweight, scales, zeros, blocks, bias, y);
+    launch_tokens<__half>(xs, M, tokens, qweight, scales, zeros, blocks, bias, y);
   } else {
-    launch_tokens<__nv_bfloat16>(xs, M, qweight, scales, zeros, blocks, bias, y);
+    launch_tokens<__nv_bfloat16>(xs, M, tokens, qweight, scales, zeros, blocks, bias, y);
   }
 }
 

@@ -1,5 +1,5 @@
-// Host-side entry points of the CUDA kernels (defined in gemm_mma.cu, gather.cu and dequant.cu,
-// called by ops_cuda.cpp). Every launcher runs on the current stream of the current device;
+// Host-side entry points of the CUDA kernels (defined in gemm_mma.cu, gemm_tile.cu, gather.cu
+// and dequant.cu, called by ops_cuda.cpp). Every launcher runs on the current stream of the current device;
 // the caller holds the device guard and has checked shapes (checks.h).
 #pragma once
 #include <ATen/ATen.h>
@@ -11,39 +11,29 @@
 namespace mbwq {
 namespace cuda {
 
-// Path boundaries, from shapes and the device only (ops_cuda.cpp: gemm_cuda): the tensor-core
-// kernel takes 1 <= M <= kMmaMaxM (fp16 / bf16, mma_supported), on layers of at least
-// kMmaChunkedMinWeights weights up to kMmaChunkedMaxM as row chunks (each chunk reads the weights
-// once), on wgmma devices and layers of at least kWgmmaLargeMinWeights weights up to
-// kWgmmaLargeMaxM: chunks of kMmaMaxM rows, or of up to kWgmmaRows where wgmma_available() and
-// more than kWgmmaMinRows rows remain; dequant + cuBLAS everything else. Measured on an H100
-// (BENCHMARKS.md): 8192 x 28672 4-bit, M = 128 in two mma.sync chunks 238 us against 394 us for
-// dequant + cuBLAS (one wgmma chunk: 217 us, pipelined 193-201 us), M = 256 in four 506 us
-// against 432 us, in two pipelined wgmma chunks 397 us against 424 us (M = 384: 598 against 520
-// us), and M = 256 through dequant + cuBLAS (423 us) would drop below M = 128's throughput, as it
-// did on 8192 x 8192 (137 us against 65 us at M = 128); 4096 x 14336, M = 128: 77 us against 111
-// us; 4096 x 4096, M = 128: 47 us against 35 us.
+// Path boundaries, from shapes and the device only (ops_cuda.cpp: gemm_cuda):
+//  * the tile kernel (gemm_tile.cu) takes kTileMinM <= M <= kTileMaxM on wgmma devices;
+//  * the mma.sync kernel (gemm_mma.cu) 1 <= M <= kMmaMaxM, and on layers of at least
+//    kMmaChunkedMinWeights weights up to kMmaChunkedMaxM as row chunks of kMmaMaxM (each chunk
+//    reads the weights once);
+//  * dequant + cuBLAS everything else (and fp32 x, K or N not a multiple of 8, misaligned data).
+// mma.sync chunks against dequant + cuBLAS, H100: 8192 x 28672 4-bit, M = 128 in two chunks
+// 238 us against 394 us, M = 256 in four 506 us against 432 us; 4096 x 14336, M = 128: 77 us
+// against 111 us; 4096 x 4096, M = 128: 47 us against 35 us.
 constexpr int64_t kMmaMaxM = 64;
 constexpr int64_t kMmaChunkedMaxM = 192;
 constexpr int64_t kMmaChunkedMinWeights = int64_t(1) << 25;  // K * N, e.g. 4096 x 8192
-constexpr int64_t kWgmmaLargeMaxM = 256;
-constexpr int64_t kWgmmaLargeMinWeights = int64_t(1) << 26;  // K * N, e.g. 8192 x 8192
-constexpr int64_t kWgmmaRows = 128;
-constexpr int64_t kWgmmaMinRows = 88;
-// The many-token kernel (gemm_tile.cu; wgmma devices): the rows of one x tile in gather_x's
-// tile order (its CTAs take 128 or 256 of them), and the M it takes: kTileMinM .. kTileMaxM
+// The many-token kernel (gemm_tile.cu; wgmma devices) takes kTileMinM <= M <= kTileMaxM
 // (MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M move these). H200, 4-bit g128, fp16 x, against the paths
 // before it (mma.sync / 128-token wgmma chunks up to 256 rows on large layers, else dequant +
 // cuBLAS): 8192 x 28672 M = 128 203.2 -> 136.6 us, M = 256 408.3 -> 262.8 us, M = 1024 924.8
 // against 974.1 us (so larger M keeps dequant + cuBLAS); 28672 x 8192 M = 256 363.9 -> 262.6
 // us; 4096 x 4096 M = 128 29.7 -> 25.2 us, M = 256 33.9 against 35.7 us.
-constexpr int64_t kTileTokens = 256;
 constexpr int64_t kTileMinM = 65;
 constexpr int64_t kTileMaxM = 256;
 
-// True on devices with wgmma (compute capability 9.0, the sm_90a build): the tile kernel
-// (gemm_tile.cu) runs there, and gemm_mma's row chunks take 65 .. kWgmmaRows rows as one wgmma
-// tile. MBWQ_MMA_NO_WGMMA=1 turns both off for comparison.
+// True on devices with wgmma (compute capability 9.0, the sm_90a build), where the tile kernel
+// (gemm_tile.cu) runs. MBWQ_MMA_NO_WGMMA=1 turns it off for comparison.
 bool wgmma_available();
 
 // True when the tensor-core kernel may take this layer: fp16 / bf16 activations, K and N
@@ -52,28 +42,29 @@ bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
                    const at::Tensor& zeros);
 
 // Where a consumer expects stored row k of x (gather.cu): plain (k, for cuBLAS) or the 16-byte
-// chunk orders the tensor-core kernels read their B operand in (mma.sync, wgmma, and the tiles
-// of gemm_tile: kWgmma's chunks regrouped so that each 256-token x 32-row block of x is one
-// contiguous 16 KB run, rows padded with zeros to a multiple of kTileTokens).
-enum class XOrder { kPlain, kMma, kWgmma, kTile };
+// chunk orders the tensor-core kernels read their B operand in (mma.sync, and the wgmma tiles of
+// gemm_tile, in which each block of a tile's tokens x 32 rows of x is one contiguous run, rows
+// padded with zeros to a multiple of the tile's tokens).
+enum class XOrder { kPlain, kMma, kTile };
 
-// y[M, N] = xs @ Wstored + bias on tensor cores, weights read once per call, for
-// 1 <= M <= kMmaMaxM (mma.sync), or kWgmmaRows where wgmma_available() (wgmma from 65 on).
-// xs: round(x * cs)[:, perm] as gather_x writes it in mma_x_order(M) (16-byte aligned).
+// y[M, N] = xs @ Wstored + bias on tensor cores (mma.sync), weights read once per call, for
+// 1 <= M <= kMmaMaxM. xs: round(x * cs)[:, perm] as gather_x writes it in XOrder::kMma
+// (16-byte aligned).
 void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
               const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y);
 
+// The tokens of the tile kernel's CTA tiles for M rows: 16, 32, 64, 128 or 256 (the fewest
+// that cover M, or MBWQ_TILE_TOKENS).
+int tile_tokens(int64_t M);
+
 // y[M, N] = xs @ Wstored + bias for many tokens on wgmma devices (wgmma_available()): CTA tiles
-// of 256 columns x 128 tokens (M <= 128) or 128 x 256, every weight decoded once per tile. xs:
-// gathered in XOrder::kTile, ceil(M / kTileTokens) * kTileTokens rows.
-void gemm_tile(const at::Tensor& xs, int64_t M, const at::Tensor& qweight,
+// of `tokens` tokens (tile_tokens(M)) x 128 * min(4, 256 / tokens) columns, every weight decoded
+// once per tile. xs: gathered in XOrder::kTile with tiles of `tokens` rows,
+// ceil(M / tokens) * tokens rows.
+void gemm_tile(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qweight,
                const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
                const std::optional<at::Tensor>& bias, at::Tensor& y);
-
-// The chunk order in which gemm_mma reads a call of `rows` rows of x: every row is laid out on
-// its own, so row ranges of one gather (gather_x) serve consecutive calls of the same order.
-XOrder mma_x_order(int64_t rows);
 
 // Tuning hook for benchmarks (gemm_mma.cu): the positive integer in environment variable `name`,
 // read at each call, else 0.
@@ -101,8 +92,9 @@ void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tens
 
 // xs[m, k'] = round_x(x[m, perm[k]] * cs[perm[k]]) in x's dtype, k' the position of stored row
 // k in `order` (NaN for a perm entry outside [0, K)); chained to the next kernel (pdl.cuh).
+// tile_tokens: the tile height of XOrder::kTile (a power of two >= 8), else unused.
 void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
-              at::Tensor& xs, XOrder order);
+              at::Tensor& xs, XOrder order, int tile_tokens = 0);
 
 // The kernels read channel_scale / bias as float16, bfloat16 or float32; anything else is
 // converted to float32 first (what the CPU kernel computes with).

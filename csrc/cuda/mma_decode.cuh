@@ -188,8 +188,7 @@ __device__ __forceinline__ void decode_columns(uint32_t lo_a, uint32_t hi_a, uin
 // Half k of one quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and
 // hi (row j0 + 1; unused for widths 2 and 4) of lane columns 4q + k (A row g) and 4q + k + 2
 // (A row g + 8) become exact fp16 weights (as T), the A registers of mma i = 2q + k: a[0..3]
-// for k-step 0, a[4..7] for k-step 1. The same registers feed wgmma (wgmma.cuh), whose per-warp
-// A fragment is laid out like this one.
+// for k-step 0, a[4..7] for k-step 1.
 template <int B, int QN, typename T>
 __device__ __forceinline__ void decode_half(int q, int k, const uint4& lo, const uint4& hi, int t,
                                             const uint2 (&sc)[QN], const uint2 (&nz)[QN],

@@ -3,11 +3,10 @@
 // of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
 // wrappers; the kernels and their launchers are in the .cu files (launch.h).
 //
-//   kTileMinM <= M <= kTileMaxM on wgmma        ->  gemm_tile.cu: tiles of 128 / 256 tokens,
+//   kTileMinM <= M <= kTileMaxM on wgmma        ->  gemm_tile.cu: tiles of 16 .. 256 tokens,
 //   devices, fp16 / bf16 x, K, N % 8 == 0          weights decoded once per tile, exact fp16 W
-//   M <= kMmaMaxM (kMmaChunkedMaxM or         ->  gemm_mma.cu: tensor cores, weights read
-//   kWgmmaLargeMaxM on large layers), fp16 /        once per row chunk, exact fp16 W
-//   bf16 x, K, N % 8 == 0
+//   M <= kMmaMaxM (kMmaChunkedMaxM on large   ->  gemm_mma.cu: tensor cores, weights read
+//   layers), fp16 / bf16 x, K, N % 8 == 0         once per row chunk, exact fp16 W
 //   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
 //                                                  W in stored order into x's dtype + cuBLAS
 //
@@ -65,7 +64,7 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     return y;
   }
 
-  // Many tokens on wgmma devices: the tile kernel, every weight decoded once per tile of 128 or
+  // Many tokens on wgmma devices: the tile kernel, every weight decoded once per tile of 16 to
   // 256 tokens. (On these devices the row chunks below then serve 65+ rows only when the
   // MBWQ_TILE_* knobs move the tile kernel's range.)
   const bool wgmma = cuda::wgmma_available();
@@ -75,46 +74,29 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
   const int64_t tile_max_m = max_knob > 0 ? max_knob : cuda::kTileMaxM;
   if (wgmma && M >= tile_min_m && M <= tile_max_m &&
       cuda::mma_supported(x, qweight, scales, zeros)) {
-    const int64_t rows = (M + cuda::kTileTokens - 1) / cuda::kTileTokens * cuda::kTileTokens;
+    const int tokens = cuda::tile_tokens(M);
+    const int64_t rows = (M + tokens - 1) / tokens * tokens;
     at::Tensor xs = at::empty({rows, K}, x.options());
-    cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kTile);
-    cuda::gemm_tile(xs, M, qweight, scales, zeros, blocks, bias, y);
+    cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kTile, tokens);
+    cuda::gemm_tile(xs, M, tokens, qweight, scales, zeros, blocks, bias, y);
     return y;
   }
 
   // Up to kMmaMaxM rows per kernel call; more as row chunks on large layers (each chunk reads
   // the weights once: a few reads still beat dequantizing all of W there; on small layers
-  // dequant + cuBLAS wins from M = 65 on, launch.h). With wgmma a chunk takes up to
-  // kWgmmaRows rows when more than kWgmmaMinRows remain. MBWQ_MMA_MAX_M moves the boundary.
+  // dequant + cuBLAS wins from M = 65 on, launch.h). One x gather serves every chunk: the
+  // mma.sync order keeps each row on its own. MBWQ_MMA_MAX_M moves the boundary.
   const int max_m_knob = cuda::tuning_override("MBWQ_MMA_MAX_M");
-  const int64_t mma_max_m = max_m_knob > 0                                   ? max_m_knob
-                            : wgmma && K * N >= cuda::kWgmmaLargeMinWeights ? cuda::kWgmmaLargeMaxM
-                            : K * N >= cuda::kMmaChunkedMinWeights          ? cuda::kMmaChunkedMaxM
-                                                                            : cuda::kMmaMaxM;
+  const int64_t mma_max_m = max_m_knob > 0                           ? max_m_knob
+                            : K * N >= cuda::kMmaChunkedMinWeights ? cuda::kMmaChunkedMaxM
+                                                                    : cuda::kMmaMaxM;
   if (M <= mma_max_m && cuda::mma_supported(x, qweight, scales, zeros)) {
-    // Row chunks, and one x gather for each run of chunks that read x in the same order (the
-    // wgmma chunks, then the last one or two of at most kMmaMaxM rows): a gather of 128 rows of
-    // 8192 is a few us that every further chunk would otherwise repeat.
-    auto chunk_rows = [&](int64_t m0) {
-      const int64_t left = M - m0;
-      return std::min(wgmma && left > cuda::kWgmmaMinRows ? cuda::kWgmmaRows : cuda::kMmaMaxM,
-                      left);
-    };
     at::Tensor xs = at::empty_like(x);
-    int64_t gathered = 0;  // rows [0, gathered) of xs are written
-    for (int64_t m0 = 0; m0 < M;) {
-      const int64_t rows = chunk_rows(m0);
-      const cuda::XOrder order = cuda::mma_x_order(rows);
-      if (m0 == gathered) {  // this chunk and the following ones of its order
-        int64_t end = m0 + rows;
-        while (end < M && cuda::mma_x_order(chunk_rows(end)) == order) end += chunk_rows(end);
-        at::Tensor xs_run = xs.narrow(0, m0, end - m0);
-        cuda::gather_x(x.narrow(0, m0, end - m0), perm, channel_scale, xs_run, order);
-        gathered = end;
-      }
+    cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kMma);
+    for (int64_t m0 = 0; m0 < M; m0 += cuda::kMmaMaxM) {
+      const int64_t rows = std::min(cuda::kMmaMaxM, M - m0);
       at::Tensor y_rows = y.narrow(0, m0, rows);
       cuda::gemm_mma(xs.narrow(0, m0, rows), qweight, scales, zeros, blocks, bias, y_rows);
-      m0 += rows;
     }
     return y;
   }
