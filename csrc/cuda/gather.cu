@@ -286,7 +286,8 @@ void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<a
   TORCH_CHECK(x.size(1) % (tile ? kBlockRows : 8) == 0 && xs.is_contiguous() &&
                   x.is_contiguous() && xs.size(1) == x.size(1) &&
                   (tile ? tile_tokens >= 8 && tile_tokens == (1 << shift) &&
-                              xs.size(0) == (x.size(0) + tile_tokens - 1) / tile_tokens * tile_tokens
+                              xs.size(0) ==
+                                  (x.size(0) + tile_tokens - 1) / tile_tokens * tile_tokens
                         : xs.size(0) == x.size(0)),
               "mbwq: internal: gather_x needs contiguous x and xs of matching shapes and K % 8 == "
               "0 (tile order: K % 32 == 0, tiles of a power of two >= 8 tokens, here ",

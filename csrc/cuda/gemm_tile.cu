@@ -1,8 +1,9 @@
 // Tensor-core GEMM for many tokens on Hopper (sm_90a): y^T [N, M] = W^T [N, K] . xs^T [K, M],
-// every weight decoded once per tile of TOKENS (64, 128 or 256) tokens, reading the stored
-// qweight directly.
+// every weight decoded once per tile of TOKENS (16, 32, 64, 128 or 256) tokens, reading the
+// stored qweight directly.
 //
-// A CTA computes a tile of 128 * RS columns x TOKENS tokens (RS = 256 / TOKENS row sets) over
+// A CTA computes a tile of 128 * RS columns x TOKENS tokens (RS = min(4, 256 / TOKENS) row sets:
+// the accumulators of 256 tokens x 128 columns, or fewer with the most A registers) over
 // its range of 32-row blocks of K. Its warps have one role each (warp specialization) and hand
 // blocks over through a ring of shared-memory slots guarded by mbarriers:
 //
@@ -28,7 +29,7 @@
 //
 //   RS = 1 (256 tokens):  lane columns col0 + 2g + {0, 1}                     one 2-column run
 //   RS = 2 (128 tokens):  col0 + 4g + {0 1 | 2 3}  (row set 0 | 1)            one 4-column run
-//   RS = 4 (64 tokens):   col0 + 4g + {0 1 | 2 3},  col0 + 32 + 4g + {0 1 | 2 3}   two runs
+//   RS = 4 (16-64 tok.):  col0 + 4g + {0 1 | 2 3},  col0 + 32 + 4g + {0 1 | 2 3}   two runs
 //
 // So a run's words of a qweight row are one load of 8 or 16 bytes, each quarter warp's loads on
 // distinct banks with the rows' stride below (one 8-column run a lane at RS = 4 would be two
@@ -41,8 +42,8 @@
 //   distinct banks for widths 2-5.
 //
 // The shapes trade L2 traffic for decode work: 128 x 256 reads 16 KB of x and 2 KB of 4-bit
-// weights per block, 256 x 128 8 KB and 4 KB, 512 x 64 4 KB and 8 KB, and each halving of the
-// tokens doubles the weights decoded per product.
+// weights per block, 256 x 128 8 KB and 4 KB, 512 x 64 4 KB and 8 KB (512 x 32 and 512 x 16:
+// 2 and 1 KB of x), and each halving of the tokens doubles the weights decoded per product.
 //
 // Invalid block-table entries (bits 0 after load_block) get no copies and make the CTA's tile
 // NaN. Several K splits (few tiles on the device) write fp32 partials that reduce_splits adds in
@@ -496,6 +497,10 @@ void launch_tokens(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor
   }
 }
 
+constexpr bool is_tile_tokens(int t) {
+  return t == 16 || t == 32 || t == 64 || t == 128 || t == 256;
+}
+
 }  // namespace
 
 bool wgmma_available() {
@@ -511,7 +516,7 @@ int tile_tokens(int64_t M) {
   // M <= 64 reaches the kernel, which only MBWQ_TILE_MIN_M does so far: not yet measured
   // against the mma.sync kernel. MBWQ_TILE_TOKENS = 16, 32, 64, 128 or 256 forces a tile.
   const int knob = tuning_override("MBWQ_TILE_TOKENS");
-  if (knob == 16 || knob == 32 || knob == 64 || knob == 128 || knob == 256) return knob;
+  if (is_tile_tokens(knob)) return knob;
   int tokens = 256;
   for (const int t : {128, 64, 32, 16})
     if (M <= t) tokens = t;
@@ -521,8 +526,7 @@ int tile_tokens(int64_t M) {
 void gemm_tile(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qweight,
                const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
                const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  TORCH_CHECK(M >= 1 && (tokens == 16 || tokens == 32 || tokens == 64 || tokens == 128 ||
-                         tokens == 256) &&
+  TORCH_CHECK(M >= 1 && is_tile_tokens(tokens) &&
                   xs.size(0) == (M + tokens - 1) / tokens * tokens &&
                   xs.size(1) % kBlockRows == 0 && wgmma_available() &&
                   mma_supported(xs, qweight, scales, zeros),

@@ -1,6 +1,6 @@
 // Host-side entry points of the CUDA kernels (defined in gemm_mma.cu, gemm_tile.cu, gather.cu
-// and dequant.cu, called by ops_cuda.cpp). Every launcher runs on the current stream of the current device;
-// the caller holds the device guard and has checked shapes (checks.h).
+// and dequant.cu, called by ops_cuda.cpp). Every launcher runs on the current stream of the
+// current device; the caller holds the device guard and has checked shapes (checks.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
