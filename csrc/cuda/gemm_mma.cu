@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 // What one call needs besides the kernel configuration.
 template <typename T>
 struct Call {
-  const at::Tensor& xs;  // x gathered by the caller in mma_x_order(M) (launch.h)
+  const at::Tensor& xs;  // x gathered by the caller in XOrder::kMma (launch.h)
   const at::Tensor &qweight, &scales, &zeros, &blocks;
   const void* bias;
   int bias_kind;
