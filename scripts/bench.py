@@ -324,6 +324,12 @@ def main():
     common = {"device": device, "torch": torch.__version__, "commit": commit_id()}
 
     records = []
+
+    def save():  # after every layer too, so that a run cut short keeps what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as fh:
+            json.dump(records, fh, indent=1)
+
     header = (f"{'K x N':>12} {'format':>10} {'bpw':>5} {'M':>5} {'us':>9} {'layer':>9} "
               f"{'fp16':>9} {'bf16':>9} {'int4pk':>9} {'TB/s':>6} {'%bw':>5} {'%rd':>5} "
               f"{'x fp16':>6}")
@@ -361,6 +367,7 @@ def main():
                 del xs
             del layer, arg_sets
             torch.cuda.empty_cache()
+            save()
     if args.stack_blocks > 0:
         print(f"\ndecode step, M = 1, {args.stack_blocks} blocks of "
               f"{len(STACK_BLOCK)} projections (8B-model shapes), one CUDA graph:")
@@ -369,9 +376,7 @@ def main():
             print(f"  {r['format']:>10} {r['bpw']:5.2f} bpw  {r['us_per_token']:8.1f} us/token "
                   f"{r['tokens_per_s']:8.1f} tok/s   fp16 {r['fp16_us_per_token']:8.1f} us/token "
                   f"{r['fp16_tokens_per_s']:8.1f} tok/s   x{r['speedup_fp16']:.2f}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as fh:
-        json.dump(records, fh, indent=1)
+    save()
     print(f"\nwrote {len(records)} records to {out_path}")
 
 

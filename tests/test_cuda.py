@@ -2,9 +2,10 @@
 torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
 
 Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
-  * 65 <= M <= 256 on compute capability 9.0, fp16/bf16, N a multiple of 8: the many-token
-    tile kernel (gemm_tile.cu, CTA tiles of 256 columns x 128 tokens up to M = 128, else 128 x
-    256; K splits + reduction where tiles are few);
+  * 65 <= M <= 256 (33 <= M on layers of >= 2^25 weights) on compute capability 9.0,
+    fp16/bf16, N a multiple of 8: the tile kernel (gemm_tile.cu, CTA tiles of 512 columns x 64
+    tokens up to M = 64, 256 x 128 up to 128, else 128 x 256; K splits + reduction where tiles
+    are few);
   * M <= 64 (192 on layers of >= 2^25 weights), fp16/bf16, K and N multiples of 8: tensor-core
     kernel (gemm_mma.cu, mma.sync, row chunks of 64), exact fp16 weights; with a single K split it
     writes y itself, with several (many K blocks, few column tiles) it writes fp32 partials
@@ -38,16 +39,17 @@ def mma_max_m(K, N):
     return knob if knob > 0 else 192 if K * N >= 2**25 else 64
 
 
-def tile_rows():
-    """The range of M the many-token tile kernel takes (csrc/cuda/launch.h: kTileMinM ..
-    kTileMaxM on compute capability 9.0; MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M override them as in
-    ops_cuda.cpp), or None where it never runs."""
+def tile_rows(K, N):
+    """The range of M the tile kernel takes on a K x N layer (csrc/cuda/launch.h: kTileMinM or,
+    from 2^25 weights, kTileMinMLarge .. kTileMaxM on compute capability 9.0; MBWQ_TILE_MIN_M /
+    MBWQ_TILE_MAX_M override them as in ops_cuda.cpp), or None where it never runs."""
     if (torch.cuda.get_device_capability()[0] != 9
             or int(os.environ.get("MBWQ_MMA_NO_WGMMA", "0") or 0) != 0):
         return None
     lo = int(os.environ.get("MBWQ_TILE_MIN_M", "0") or 0)
     hi = int(os.environ.get("MBWQ_TILE_MAX_M", "0") or 0)
-    return range(lo if lo > 0 else 65, (hi if hi > 0 else 256) + 1)
+    default_lo = 33 if K * N >= 2**25 else 65
+    return range(lo if lo > 0 else default_lo, (hi if hi > 0 else 256) + 1)
 
 
 def gemm_args(layer):
@@ -71,7 +73,8 @@ def assert_close_to_reference(y, x, W, layer, dtype=None):
     M, K = x.reshape(-1, x.shape[-1]).shape
     N = y.shape[-1]
     tensor_cores = K % 8 == 0 and N % 8 == 0 and x.data_ptr() % 16 == 0
-    tile = tile_rows() is not None and M in tile_rows() and tensor_cores
+    rows = tile_rows(K, N)
+    tile = rows is not None and M in rows and tensor_cores
     via_cublas = not tile and (M > mma_max_m(K, N) or not tensor_cores)
     bound = error_bound(dtype, ref, S, cublas_bf16=via_cublas)
     assert y.dtype == x.dtype and y.shape == ref.shape
@@ -155,7 +158,7 @@ def test_tile_kernel(name, monkeypatch):
     # splits chosen by the cost model (splitk) or forced (MBWQ_TILE_SPLITS); any M forced onto
     # it (MBWQ_TILE_MIN_M / MAX_M: one row, several tiles of each size, tiles of 16, 32 and 64
     # tokens, which only the knobs reach). Deterministic.
-    if tile_rows() is None:
+    if tile_rows(1, 1) is None:
         pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
     layer, W = layer_and_weight(SPECS[name])
     K = layer.in_channels
@@ -180,6 +183,23 @@ def test_tile_kernel(name, monkeypatch):
             assert torch.equal(run_gemm(layer, x), y)
         for knob in ("MBWQ_TILE_MIN_M", "MBWQ_TILE_MAX_M", "MBWQ_TILE_TOKENS", "MBWQ_TILE_SPLITS"):
             monkeypatch.delenv(knob)
+
+
+def test_tile_kernel_from_33_rows_on_large_layers(monkeypatch):
+    # launch.h: on layers of >= 2^25 weights the tile kernel takes M = 33-64 (64-token tiles);
+    # below 33 rows the mma.sync kernel does. The default call of a 2048 x 16384 layer is
+    # bitwise the call forced onto the path it should take, and right.
+    if tile_rows(1, 1) is None:
+        pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
+    spec = LayerSpec(2048, 16384, False, w_bit=4, group_size=128, bias=True, seed=7)
+    layer, W = layer_and_weight(spec)
+    for M, path in ((32, "100000"), (33, "1"), (64, "1")):
+        x = rand_x(M, spec.in_features, torch.float16, seed=M)
+        y = run_gemm(layer, x)
+        assert_close_to_reference(y, x, W, layer)
+        monkeypatch.setenv("MBWQ_TILE_MIN_M", path)
+        assert torch.equal(run_gemm(layer, x), y), (M, path)
+        monkeypatch.delenv("MBWQ_TILE_MIN_M")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -374,7 +394,7 @@ def test_cuda_graph_capture_replay(M):
         with torch.no_grad():
             eager = model(x)
         torch.cuda.synchronize()
-        rows = tile_rows()
+        rows = tile_rows(512, 512)
         if M <= mma_max_m(512, 512) or (rows is not None and M in rows):
             # our kernels: bitwise the same under capture
             assert torch.equal(static_y, eager)

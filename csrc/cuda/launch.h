@@ -23,13 +23,24 @@ namespace cuda {
 constexpr int64_t kMmaMaxM = 64;
 constexpr int64_t kMmaChunkedMaxM = 192;
 constexpr int64_t kMmaChunkedMinWeights = int64_t(1) << 25;  // K * N, e.g. 4096 x 8192
-// The many-token kernel (gemm_tile.cu; wgmma devices) takes kTileMinM <= M <= kTileMaxM
-// (MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M move these). H200, 4-bit g128, fp16 x, against the paths
+// The tile kernel (gemm_tile.cu; wgmma devices) takes kTileMinM <= M <= kTileMaxM, from
+// kTileMinMLarge on layers of at least kTileLargeMinWeights weights (MBWQ_TILE_MIN_M /
+// MBWQ_TILE_MAX_M move these). H200, 4-bit g128, fp16 x, against the paths
 // before it (mma.sync / 128-token wgmma chunks up to 256 rows on large layers, else dequant +
 // cuBLAS): 8192 x 28672 M = 128 203.2 -> 136.6 us, M = 256 408.3 -> 262.8 us, M = 1024 924.8
 // against 974.1 us (so larger M keeps dequant + cuBLAS); 28672 x 8192 M = 256 363.9 -> 262.6
 // us; 4096 x 4096 M = 128 29.7 -> 25.2 us, M = 256 33.9 against 35.7 us.
+// 64-token tiles against the mma.sync kernel at M = 33-64, H200, A/B in one run (fp16 x; us):
+// 8192 x 28672 4-bit M = 33 / 48 / 64: 113.9 -> 86.4, 117.1 -> 89.3, 121.5 -> 94.3;
+// mixed 2.5 119.5 -> 92.4, 126.0 -> 98.4 at 64; 28672 x 8192 4-bit 102.9 -> 81.1, 108.8 ->
+// 87.2; 4096 x 14336 35.5 -> 28.3, 38.4 -> 31.5 at 56; 14336 x 4096 34.2 -> 28.9 (mixed 2.5
+// at 48 / 56: 37.0 / 37.7 against 37.5 / 38.2); bf16 8192 x 28672 133.4 -> 103.1 at 33. On
+// 4096 x 4096 (2^24 weights) 4-bit lost at 33-48 (16.2 -> 16.7, 18.5 -> 20.1; bf16 17.3 ->
+// 18.5) and mixed 2.5 won (20.1 -> 17.8), so small layers keep mma.sync up to 64. At M <= 32
+// the tiles lost everywhere (M = 1: 48.1 -> 71.1, M = 32: 77.4 -> 80.6 us on 8192 x 28672).
 constexpr int64_t kTileMinM = 65;
+constexpr int64_t kTileMinMLarge = 33;
+constexpr int64_t kTileLargeMinWeights = int64_t(1) << 25;  // K * N, e.g. 4096 x 8192
 constexpr int64_t kTileMaxM = 256;
 
 // True on devices with wgmma (compute capability 9.0, the sm_90a build), where the tile kernel

@@ -3,8 +3,9 @@
 // of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
 // wrappers; the kernels and their launchers are in the .cu files (launch.h).
 //
-//   kTileMinM <= M <= kTileMaxM on wgmma        ->  gemm_tile.cu: tiles of 16 .. 256 tokens,
-//   devices, fp16 / bf16 x, K, N % 8 == 0          weights decoded once per tile, exact fp16 W
+//   kTileMinM (33 on large layers) <= M <=      ->  gemm_tile.cu: tiles of 64 .. 256 tokens,
+//   kTileMaxM on wgmma devices, fp16 / bf16 x,      weights decoded once per tile, exact fp16 W
+//   K, N % 8 == 0
 //   M <= kMmaMaxM (kMmaChunkedMaxM on large   ->  gemm_mma.cu: tensor cores, weights read
 //   layers), fp16 / bf16 x, K, N % 8 == 0         once per row chunk, exact fp16 W
 //   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
@@ -70,7 +71,9 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
   const bool wgmma = cuda::wgmma_available();
   const int min_knob = cuda::tuning_override("MBWQ_TILE_MIN_M");
   const int max_knob = cuda::tuning_override("MBWQ_TILE_MAX_M");
-  const int64_t tile_min_m = min_knob > 0 ? min_knob : cuda::kTileMinM;
+  const int64_t tile_min_m = min_knob > 0                                  ? min_knob
+                             : K * N >= cuda::kTileLargeMinWeights ? cuda::kTileMinMLarge
+                                                                    : cuda::kTileMinM;
   const int64_t tile_max_m = max_knob > 0 ? max_knob : cuda::kTileMaxM;
   if (wgmma && M >= tile_min_m && M <= tile_max_m &&
       cuda::mma_supported(x, qweight, scales, zeros)) {
