@@ -282,31 +282,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     int cur_group = -1, pending = -1;  // pending: slot of the last committed group
     bool poisoned = false;
 
-    // The lane's words of a block from its slot: rows (t * bits) / 4 (lo) and the next (hi;
-    // widths 2 and 4 do not read it: need_hi false skips its load) of its runs; word [2k] is
-    // row set k's A-row-g column, [2k + 1] its A-row-g+8 column.
-    auto load_words = [&](const unsigned char* slot, int bits, bool need_hi, uint32_t(&lo)[2 * RS],
-                          uint32_t(&hi)[2 * RS]) {
-      const unsigned char* w = slot + S::kWOffset + ((t * bits) >> 2) * S::kRowStride + 4 * col;
-      if constexpr (RS == 1) {
-        const uint2 l = *reinterpret_cast<const uint2*>(w);
-        const uint2 h = need_hi ? *reinterpret_cast<const uint2*>(w + S::kRowStride) : l;
-        lo[0] = l.x, lo[1] = l.y, hi[0] = h.x, hi[1] = h.y;
-      } else {
-#pragma unroll
-        for (int r = 0; r < S::kRuns; ++r) {  // run r: row sets 2r, 2r + 1, 128 bytes on
-          const uint4 l = *reinterpret_cast<const uint4*>(w + 128 * r);
-          const uint4 h =
-              need_hi ? *reinterpret_cast<const uint4*>(w + 128 * r + S::kRowStride) : l;
-          lo[4 * r] = l.x, lo[4 * r + 1] = l.y, lo[4 * r + 2] = l.z, lo[4 * r + 3] = l.w;
-          hi[4 * r] = h.x, hi[4 * r + 1] = h.y, hi[4 * r + 2] = h.z, hi[4 * r + 3] = h.w;
-        }
-      }
-    };
-    // The lane's A registers of a block of width B from its words (B = 0: an invalid block,
+    // The lane's A registers of a block of width B from its slot (B = 0: an invalid block,
     // whose slot holds no weights: zeros, and the tile becomes NaN).
-    auto convert = [&](auto width, const uint32_t(&lo)[2 * RS], const uint32_t(&hi)[2 * RS],
-                       uint32_t(&a)[RS][8]) {
+    auto decode = [&](auto width, const unsigned char* slot, uint32_t(&a)[RS][8]) {
       constexpr int B = decltype(width)::value;
       if constexpr (B == 0) {
 #pragma unroll
@@ -315,45 +293,40 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int r = 0; r < 8; ++r) a[k][r] = 0;
         poisoned = true;
       } else {
+        const unsigned char* w = slot + S::kWOffset + ((t * B) >> 2) * S::kRowStride + 4 * col;
+        uint32_t lo[2 * RS], hi[2 * RS];  // words of row set k: [2k] (A row g), [2k + 1]
+        if constexpr (RS == 1) {
+          const uint2 l = *reinterpret_cast<const uint2*>(w);
+          const uint2 h = (B == 2 || B == 4) ? l
+                                             : *reinterpret_cast<const uint2*>(w + S::kRowStride);
+          lo[0] = l.x, lo[1] = l.y, hi[0] = h.x, hi[1] = h.y;
+        } else {
+#pragma unroll
+          for (int r = 0; r < S::kRuns; ++r) {  // run r: row sets 2r, 2r + 1, 128 bytes on
+            const uint4 l = *reinterpret_cast<const uint4*>(w + 128 * r);
+            const uint4 h = (B == 2 || B == 4)
+                                ? l
+                                : *reinterpret_cast<const uint4*>(w + 128 * r + S::kRowStride);
+            lo[4 * r] = l.x, lo[4 * r + 1] = l.y, lo[4 * r + 2] = l.z, lo[4 * r + 3] = l.w;
+            hi[4 * r] = h.x, hi[4 * r + 1] = h.y, hi[4 * r + 2] = h.z, hi[4 * r + 3] = h.w;
+          }
+        }
 #pragma unroll
         for (int k = 0; k < RS; ++k)
           decode_columns<B, T>(lo[2 * k], hi[2 * k], lo[2 * k + 1], hi[2 * k + 1], t, sc[k][0],
                                nz[k][0], sc[k][1], nz[k][1], a[k]);
       }
     };
-    auto decode = [&](auto width, const unsigned char* slot, uint32_t(&a)[RS][8]) {
-      constexpr int B = decltype(width)::value;
-      uint32_t lo[2 * RS], hi[2 * RS];
-      if constexpr (B > 0) load_words(slot, B, B != 2 && B != 4, lo, hi);
-      convert(width, lo, hi, a);
-    };
     // Block i (table entry b): decode into a, its products into acc as one group, then wait for
     // the group before (which read a_prev) and release that group's slot. One loop for every
     // width, the decode switching per block: with a loop per width, ptxas serialized every
     // wgmma (C7512).
-    //
-    // Tiles of up to 32 tokens (kPrefetch) load the next block's words as soon as this block's
-    // products are issued, so that the decode does not wait for its shared-memory loads: their
-    // registers fit there (the 64-token tile's accumulators leave no room for them).
-    constexpr bool kPrefetch = TOKENS <= 32;
     TableChunks table(blocks, jb0, nb, R, G);
-    BlockMeta b_next{};                  // kPrefetch: the next block's entry
-    uint32_t w_lo[2 * RS], w_hi[2 * RS];  // kPrefetch: and its words
-    auto prefetch = [&](int i) {
-      b_next = table.get(i);
-      const int s = i % S::kStages;
-      mbar_wait(full0 + 8 * s, (i / S::kStages) & 1);
-      if (b_next.bits > 0)
-        load_words(smem + s * S::kSlotBytes, b_next.bits, true, w_lo, w_hi);
-    };
-    if constexpr (kPrefetch) {
-      if (nb > 0) prefetch(0);
-    }
     auto step = [&](int i, uint32_t(&a)[RS][8], uint32_t(&a_prev)[RS][8]) {
-      const BlockMeta b = kPrefetch ? b_next : table.get(i);
+      const BlockMeta b = table.get(i);
       const int s = i % S::kStages;
       const bool new_group = starts_group(b.bits, b.group, cur_group);
-      mbar_wait(full0 + 8 * s, (i / S::kStages) & 1);  // kPrefetch: done (prefetch waited)
+      mbar_wait(full0 + 8 * s, (i / S::kStages) & 1);
       const unsigned char* slot = smem + s * S::kSlotBytes;
       if (new_group) {
 #pragma unroll
@@ -367,11 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           nz[k][0] = dup_half(z, 0), nz[k][1] = dup_half(z, 1);
         }
       }
-      if constexpr (kPrefetch) {
-        with_width(b.bits, [&](auto width) { convert(width, w_lo, w_hi, a); });
-      } else {
-        with_width(b.bits, [&](auto width) { decode(width, slot, a); });
-      }
+      with_width(b.bits, [&](auto width) { decode(width, slot, a); });
       const uint32_t x = smem_s + s * S::kSlotBytes;
       wgmma_fence();
 #pragma unroll
@@ -382,9 +351,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                                   a[k][4 * ks + 2], a[k][4 * ks + 3],
                                   smem_desc(x + 2 * ks * S::kPiece, S::kPiece, 128));
       wgmma_commit();
-      if constexpr (kPrefetch) {
-        if (i + 1 < nb) prefetch(i + 1);
-      }
       wgmma_wait<1>();
 #pragma unroll
       for (int k = 0; k < RS; ++k) wgmma_operand_done(a_prev[k]);
