@@ -12,7 +12,8 @@ namespace mbwq {
 namespace cuda {
 
 // Path boundaries, from shapes and the device only (ops_cuda.cpp: gemm_cuda):
-//  * the tile kernel (gemm_tile.cu) takes kTileMinM <= M <= kTileMaxM on wgmma devices;
+//  * the tile kernel (gemm_tile.cu) takes kTileMinM (kTileMinMLarge on large layers) <= M <=
+//    kTileMaxM on wgmma devices;
 //  * the mma.sync kernel (gemm_mma.cu) 1 <= M <= kMmaMaxM, and on layers of at least
 //    kMmaChunkedMinWeights weights up to kMmaChunkedMaxM as row chunks of kMmaMaxM (each chunk
 //    reads the weights once);
