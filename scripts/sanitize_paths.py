@@ -6,8 +6,9 @@
 Paths: the tensor-core kernel (fp16/bf16: one, two, four and eight 8-token tiles, x copied
 per warp or once per CTA, row chunks of 64 tokens; one or two column quads per lane (two on
 the 8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token
-tiles at M = 100 and 256-token tiles at M = 200, with one and two K splits, and tiles of 16,
-32 and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M), the x
+tiles at M = 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32
+and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M, and with three consumer
+warpgroups at M = 12 and 64 through MBWQ_TILE_WARPGROUPS), the x
 gather element by element and through shared memory (from 32 rows), one and several K
 splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale
 and bias in several dtypes or absent, identity and random perm; the large-M path (x gather +
@@ -77,13 +78,17 @@ def main():
                     assert close(y, y_ref, dtype), (spec, dtype, M)
                     checked += 1
                     # the tile kernel's K splits and reduction (M = 200), its tiles of 16, 32
-                    # and 64 tokens (M = 1, 17, 40, which only the knob sends there)
-                    knob = {200: ("MBWQ_TILE_SPLITS", "2"), 1: ("MBWQ_TILE_MIN_M", "1"),
-                            17: ("MBWQ_TILE_MIN_M", "1"), 40: ("MBWQ_TILE_MIN_M", "1")}
+                    # and 64 tokens (M = 1, 17, 40, which only the knob sends there), with
+                    # three consumer warpgroups (M = 12, 64)
+                    small = {"MBWQ_TILE_MIN_M": "1"}
+                    three = {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_WARPGROUPS": "3"}
+                    knob = {200: {"MBWQ_TILE_SPLITS": "2"}, 1: small, 17: small, 40: small,
+                            12: three, 64: three}
                     if M in knob:
-                        os.environ[knob[M][0]] = knob[M][1]
+                        os.environ.update(knob[M])
                         y = mbwq_ops.gemm(x.cuda(), *args, cs_v, bias_v)
-                        del os.environ[knob[M][0]]
+                        for k in knob[M]:
+                            del os.environ[k]
                         assert close(y, y_ref, dtype), (spec, dtype, M, knob[M])
                         checked += 1
     # misaligned qweight (4-byte offset): the scalar paths

@@ -11,7 +11,8 @@ MBWQ_MMA_MAX_M (largest M on the mma.sync path, csrc/cuda/ops_cuda.cpp), MBWQ_MM
 MBWQ_GATHER_MIN_M (fewest rows for which the x gather stages rows in shared memory,
 csrc/cuda/gather.cu), MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M (the rows the many-token tile
 kernel takes on compute capability 9.0, csrc/cuda/ops_cuda.cpp; a large minimum turns it off),
-MBWQ_TILE_TOKENS (16, 32, 64, 128 or 256 tokens per CTA tile) and MBWQ_TILE_SPLITS (its K splits,
+MBWQ_TILE_TOKENS (16, 32, 64, 128 or 256 tokens per CTA tile), MBWQ_TILE_WARPGROUPS (3: tiles
+of up to 64 tokens with three consumer warpgroups) and MBWQ_TILE_SPLITS (its K splits,
 csrc/cuda/gemm_tile.cu). --matmul adds torch.matmul in the activation dtype on
 the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger

@@ -157,7 +157,8 @@ def test_tile_kernel(name, monkeypatch):
     # one part padding; partial column tiles (wide: 6152 columns); every width (mixed_all); K
     # splits chosen by the cost model (splitk) or forced (MBWQ_TILE_SPLITS); any M forced onto
     # it (MBWQ_TILE_MIN_M / MAX_M: one row, several tiles of each size, tiles of 16, 32 and 64
-    # tokens, which only the knobs reach). Deterministic.
+    # tokens, also with three consumer warpgroups (MBWQ_TILE_WARPGROUPS), which only the knobs
+    # reach). Deterministic.
     if tile_rows(1, 1) is None:
         pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
     layer, W = layer_and_weight(SPECS[name])
@@ -175,13 +176,22 @@ def test_tile_kernel(name, monkeypatch):
             monkeypatch.setenv("MBWQ_TILE_TOKENS", tokens)
             x = rand_x(M, K, dtype, seed=M)
             assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+        monkeypatch.setenv("MBWQ_TILE_WARPGROUPS", "3")
+        for M, tokens in ((1, "0"), (20, "0"), (64, "0"), (100, "32")):
+            monkeypatch.setenv("MBWQ_TILE_TOKENS", tokens)
+            x = rand_x(M, K, dtype, seed=M)
+            assert_close_to_reference(run_gemm(layer, x), x, W, layer)
+        monkeypatch.setenv("MBWQ_TILE_TOKENS", "0")
+        monkeypatch.delenv("MBWQ_TILE_WARPGROUPS")
         monkeypatch.setenv("MBWQ_TILE_SPLITS", "3")
-        for M in (7, 20, 40, 300):
+        for M, warpgroups in ((7, "0"), (20, "0"), (40, "0"), (300, "0"), (40, "3")):
+            monkeypatch.setenv("MBWQ_TILE_WARPGROUPS", warpgroups)
             x = rand_x(M, K, dtype, seed=M)
             y = run_gemm(layer, x)
             assert_close_to_reference(y, x, W, layer)
             assert torch.equal(run_gemm(layer, x), y)
-        for knob in ("MBWQ_TILE_MIN_M", "MBWQ_TILE_MAX_M", "MBWQ_TILE_TOKENS", "MBWQ_TILE_SPLITS"):
+        for knob in ("MBWQ_TILE_MIN_M", "MBWQ_TILE_MAX_M", "MBWQ_TILE_TOKENS", "MBWQ_TILE_SPLITS",
+                     "MBWQ_TILE_WARPGROUPS"):
             monkeypatch.delenv(knob)
 
 

@@ -5,7 +5,9 @@
 // A CTA computes a tile of 128 * RS columns x TOKENS tokens (RS = min(4, 256 / TOKENS) row sets:
 // the accumulators of 256 tokens x 128 columns, or fewer with the most A registers) over
 // its range of 32-row blocks of K. Its warps have one role each (warp specialization) and hand
-// blocks over through a ring of shared-memory slots guarded by mbarriers:
+// blocks over through a ring of shared-memory slots guarded by mbarriers (warp numbers for the
+// two consumer warpgroups drawn here; with MBWQ_TILE_WARPGROUPS=3 small tiles run three of
+// two row sets each, 192 RS columns, and the producers are warps 12-14):
 //
 //   producers (warps 8-10)   for every block: wait until its slot is empty, then bulk-copy
 //                            (cp.async.bulk, the copy engine) the block's x (TOKENS tokens x
@@ -37,7 +39,7 @@
 //
 // Slot (bytes):
 //   | x: piece 0 (TOKENS x 16 B) .. piece 3 (wgmma.cuh's B layout) | qweight rows 0..7 of the
-//     block, kRowStride apart | scales (128 RS fp16) | zeros (128 RS fp16) |
+//     block, kRowStride apart | scales (kCols fp16) | zeros (kCols fp16) |
 //   rows kRowStride = 32 mod 128 bytes apart, so that the lanes' loads of rows (t * B) / 4 hit
 //   distinct banks for widths 2-5.
 //
@@ -68,11 +70,19 @@ namespace mbwq {
 namespace cuda {
 namespace {
 
-// Two consumer warpgroups and one producer warpgroup, of which kProducerWarps warps copy;
-// setmaxnreg moves the producers' registers to the consumers (128 accumulators and two A
-// register sets of 8 RS): 4 x 32 x 40 + 8 x 32 x 232 = 64512 of the 65536.
-constexpr int kThreads = 384;
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+// CWG consumer warpgroups (2, or 3 for small tiles) and one producer warpgroup, of which
+// kProducerWarps warps copy; setmaxnreg moves the producers' registers to the consumers:
+//   CWG = 2: 4 x 32 x 40 + 8 x 32 x 232 = 64512 of the 65536 (128 accumulators and two A
+//            register sets of 8 RS)
+//   CWG = 3: 4 x 32 x 40 + 12 x 32 x 152 = 63488 (up to 64 accumulators, RS = 2)
+template <int CWG>
+struct Roles {
+  static_assert(CWG == 2 || CWG == 3, "gemm_tile: 2 or 3 consumer warpgroups");
+  static constexpr int kConsumerWarps = 4 * CWG;
+  static constexpr int kThreads = 32 * kConsumerWarps + 128;
+  static constexpr int kConsumerRegs = CWG == 2 ? 232 : 152;
+};
+constexpr int kProducerRegs = 40;
 constexpr int kMaxStages = 12;
 // Warps that issue copies (Nsight Compute, 8192 x 28672 4-bit M = 2048: with one warp issuing
 // all of a block's copies, the consumers spent half their stall cycles waiting for full slots
@@ -80,11 +90,12 @@ constexpr int kMaxStages = 12;
 constexpr int kProducerWarps = 3;
 constexpr int kSmemLimit = 227 * 1024;
 
-// Geometry of a tile of TOKENS tokens x 128 RS columns.
-template <int TOKENS, int RS>
+// Geometry of a tile of TOKENS tokens x 64 RS CWG columns (RS row sets of 64 columns for each
+// of CWG consumer warpgroups).
+template <int TOKENS, int RS, int CWG>
 struct TileShape {
   static constexpr int kRowSets = RS;
-  static constexpr int kCols = 128 * kRowSets;                     // columns per CTA
+  static constexpr int kCols = 64 * CWG * kRowSets;                // columns per CTA
   static constexpr int kPiece = TOKENS * 16;                       // one x piece in a slot
   static constexpr int kXBytes = 4 * kPiece;  // = one block of xs (XOrder::kTile, H = TOKENS)
   static constexpr int kRowBytes = kCols * 4;                      // one qweight row
@@ -187,20 +198,21 @@ struct TableChunks {
 
 // ---- the kernel --------------------------------------------------------------------------
 
-// grid: (token tiles, column tiles, K splits); block: kThreads.
+// grid: (token tiles, column tiles, K splits); block: Roles<CWG>::kThreads.
 // xs: x gathered in XOrder::kTile with tiles of TOKENS rows;
 // out: y [M, N] (T) with bias when the grid has one split, else fp32 partials [splits, M, N].
 // RS: the row sets (a template parameter, not a local constant: cicc crashed on the lambdas'
-// array bounds of a local one).
-template <typename T, int TOKENS, int RS>
-__global__ void __launch_bounds__(kThreads, 1)
+// array bounds of a local one); CWG: the consumer warpgroups.
+template <typename T, int TOKENS, int RS, int CWG>
+__global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
     tile_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                      const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                      const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                      int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                      int blocks_per_split) {
 #if MBWQ_WGMMA
-  using S = TileShape<TOKENS, RS>;
+  using S = TileShape<TOKENS, RS, CWG>;
+  constexpr int kConsumerWarps = Roles<CWG>::kConsumerWarps;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t full0 = smem_s + S::kBarrierOffset, empty0 = full0 + 8 * S::kStages;
@@ -215,18 +227,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       // every consumer thread arrives once its own reads of the slot are done (an arrive by
       // one lane per warp left the other lanes' loads unordered before the next copy:
       // compute-sanitizer racecheck)
-      mbar_init(empty0 + 8 * s, kWarps * 32);
+      mbar_init(empty0 + 8 * s, kConsumerWarps * 32);
     }
     MBWQ_WGMMA_ASM("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
   allow_next_grid();  // the split reduction, if any, may be scheduled
 
-  if (warp >= kWarps) {
-    // ---- producers: warp 8 copies x (and the scales and zeros where a group starts), warps
-    // 9 and 10 the even and odd qweight rows; warp 11 only gives its registers away ----
+  if (warp >= kConsumerWarps) {
+    // ---- producers: the first warp after the consumers copies x (and the scales and zeros
+    // where a group starts), the next two the even and odd qweight rows; the last one only
+    // gives its registers away ----
     set_max_regs_dec<kProducerRegs>();
-    const int role = warp - kWarps;
+    const int role = warp - kConsumerWarps;
     if (role >= kProducerWarps) return;
     const uint32_t cols_bytes = uint32_t(min(S::kCols, N - n0)) * 4;  // N % 8 == 0: x 32
     // block jb0 of this tile's tokens in xs
@@ -267,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ---- consumers ----
-    set_max_regs_inc<kConsumerRegs>();
+    set_max_regs_inc<Roles<CWG>::kConsumerRegs>();
     const int g = lane / 4, t = lane % 4;
     const int col = 64 * RS * (warp / 4) + 16 * RS * (warp % 4) + S::kRunCols * g;  // lane's first
     float acc[RS][TOKENS / 8][4];
@@ -444,17 +457,17 @@ int choose_splits(int64_t M, int64_t N, int nblocks, int tiles, int slots, int m
   return best_s;
 }
 
-template <typename T, int TOKENS, int RS>
+template <typename T, int TOKENS, int RS, int CWG = 2>
 void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const at::Tensor& blocks,
             const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  using S = TileShape<TOKENS, RS>;
+  using S = TileShape<TOKENS, RS, CWG>;
   const int K = xs.size(1), N = qweight.size(1);
   const int nblocks = K / kBlockRows;
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
   const void* bias_p = bias_t.defined() ? bias_t.data_ptr() : nullptr;
   const int bias_kind = bias_t.defined() ? aux_kind(bias_t) : kAuxNone;
-  auto kernel = tile_gemm_kernel<T, TOKENS, RS>;
+  auto kernel = tile_gemm_kernel<T, TOKENS, RS, CWG>;
   static int ready[64] = {};
   once_per_device(ready, [&](int) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -463,16 +476,18 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
   });
   const int mtiles = int((M + TOKENS - 1) / TOKENS);
   const int ntiles = (N + S::kCols - 1) / S::kCols;
-  // The 512-column tiles leave few CTAs on narrow layers (4096 columns: 8), which more and
-  // shorter splits spread over the device.
+  // The small tiles' 384 or 512 columns leave few CTAs on narrow layers (4096 columns: 8 to
+  // 11), which more and shorter splits spread over the device.
+  const bool wide = S::kCols >= 384;
   const int splits_wanted = choose_splits(M, N, nblocks, mtiles * ntiles, sm_count(),
-                                          RS == 4 ? 32 : 16, RS == 4 ? 8 : 16);
+                                          wide ? 32 : 16, wide ? 8 : 16);
   const int bps = (nblocks + splits_wanted - 1) / splits_wanted;
   const int splits = (nblocks + bps - 1) / bps;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor part;
   if (splits > 1) part = at::empty({splits, M, N}, xs.options().dtype(at::kFloat));
-  launch_chained(kernel, dim3(mtiles, ntiles, splits), dim3(kThreads), S::kSmemBytes, stream,
+  launch_chained(kernel, dim3(mtiles, ntiles, splits), dim3(Roles<CWG>::kThreads), S::kSmemBytes,
+                 stream,
                  reinterpret_cast<const T*>(xs.data_ptr()),
                  reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                  reinterpret_cast<const uint16_t*>(scales.data_ptr()),
@@ -488,6 +503,17 @@ template <typename T>
 void launch_tokens(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qweight,
                    const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
                    const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  // MBWQ_TILE_WARPGROUPS=3: tiles of up to 64 tokens with three consumer warpgroups of two row
+  // sets (384 columns): 12 decoding warps an SM instead of 8, each with half the weights a
+  // block (Nsight Compute found the two-warpgroup small tiles latency-bound). Not yet measured.
+  if (tuning_override("MBWQ_TILE_WARPGROUPS") == 3) {
+    switch (tokens) {
+      case 16: return launch<T, 16, 2, 3>(xs, M, qweight, scales, zeros, blocks, bias, y);
+      case 32: return launch<T, 32, 2, 3>(xs, M, qweight, scales, zeros, blocks, bias, y);
+      case 64: return launch<T, 64, 2, 3>(xs, M, qweight, scales, zeros, blocks, bias, y);
+      default: break;
+    }
+  }
   switch (tokens) {
     case 16: return launch<T, 16, 4>(xs, M, qweight, scales, zeros, blocks, bias, y);
     case 32: return launch<T, 32, 4>(xs, M, qweight, scales, zeros, blocks, bias, y);
