@@ -55,6 +55,13 @@ def main():
     ]
     # M = 65 .. 192 as tensor-core row chunks (launch.h: large layers only; here on small ones)
     os.environ["MBWQ_MMA_MAX_M"] = "192"
+    # Second calls under knobs: the tile kernel's K splits and reduction (M = 200), its tiles of
+    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there), with three consumer
+    # warpgroups (M = 12, 64)
+    small = {"MBWQ_TILE_MIN_M": "1"}
+    three = {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_WARPGROUPS": "3"}
+    knob = {200: {"MBWQ_TILE_SPLITS": "2"}, 1: small, 17: small, 40: small, 12: three,
+            64: three}
     checked = 0
     for spec in specs:
         layer_cpu, _ = make_layer(spec, "cpu")
@@ -77,13 +84,6 @@ def main():
                     y_ref = mbwq_ops.gemm(x, *cargs, cs_c, bias_c)
                     assert close(y, y_ref, dtype), (spec, dtype, M)
                     checked += 1
-                    # the tile kernel's K splits and reduction (M = 200), its tiles of 16, 32
-                    # and 64 tokens (M = 1, 17, 40, which only the knob sends there), with
-                    # three consumer warpgroups (M = 12, 64)
-                    small = {"MBWQ_TILE_MIN_M": "1"}
-                    three = {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_WARPGROUPS": "3"}
-                    knob = {200: {"MBWQ_TILE_SPLITS": "2"}, 1: small, 17: small, 40: small,
-                            12: three, 64: three}
                     if M in knob:
                         os.environ.update(knob[M])
                         y = mbwq_ops.gemm(x.cuda(), *args, cs_v, bias_v)
