@@ -151,6 +151,33 @@ def test_mma_row_chunks(name, monkeypatch):
             assert torch.equal(run_gemm(layer, x[a:b].contiguous()), y[a:b]), (a, b)
 
 
+@pytest.mark.parametrize("name", ["q4g128", "q2g64", "mixed_all", "mixed_432", "splitk",
+                                  "onesplit", "wide", "two_quads"])
+def test_direct_kernel(name, monkeypatch):
+    # gemm_direct.cu (the fewest tokens, weights straight into registers), reached through
+    # MBWQ_DIRECT_MAX_M: every width (mixed_all, mixed_432: width changes inside a warp's
+    # range), partial column tiles (wide), K splits chosen (splitk) and forced (MBWQ_MMA_SPLITS),
+    # 1, 2 and 4 column warps per CTA (MBWQ_MMA_WC), both pipeline depths
+    # (MBWQ_DIRECT_VARIANT), 1-8 tokens. Deterministic, and the same as the mma.sync kernel
+    # up to the order of the fp32 sums.
+    layer, W = layer_and_weight(SPECS[name])
+    K = layer.in_channels
+    monkeypatch.setenv("MBWQ_DIRECT_MAX_M", "8")
+    for dtype in DTYPES:
+        for M, splits, wc, variant in ((1, "0", "0", "0"), (2, "0", "0", "1"), (3, "3", "0", "0"),
+                                       (5, "0", "1", "0"), (8, "2", "4", "1"), (8, "0", "2", "0"),
+                                       (1, "5", "1", "1")):
+            monkeypatch.setenv("MBWQ_MMA_SPLITS", splits)
+            monkeypatch.setenv("MBWQ_MMA_WC", wc)
+            monkeypatch.setenv("MBWQ_DIRECT_VARIANT", variant)
+            x = rand_x(M, K, dtype, seed=M + 100 * int(splits))
+            y = run_gemm(layer, x)
+            assert_close_to_reference(y, x, W, layer)
+            assert torch.equal(run_gemm(layer, x), y), (M, splits, wc, variant)
+    for knob in ("MBWQ_DIRECT_MAX_M", "MBWQ_MMA_SPLITS", "MBWQ_MMA_WC", "MBWQ_DIRECT_VARIANT"):
+        monkeypatch.delenv(knob)
+
+
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
 def test_tile_kernel(name, monkeypatch):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last

@@ -385,7 +385,7 @@ constexpr int64_t kTwoQuadMinN = 8192;
 //   MT = 4 and 8 with one quad (bf16 MT = 8, and layers narrower than kTwoQuadMinN): QN 1,
 //           5 stages, x per warpgroup / CTA (8 x 5 x 1408 + 2 x 5 x 2 KB / 5 x 4 KB + 8 KB
 //           = 83 KB)
-// WC: column warps per CTA, the first of wc_options that the cost model below ranks cheapest.
+// WC: column warps per CTA, the one of wc_options that choose_grid's cost model ranks cheapest.
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG = 1>
 void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
@@ -407,33 +407,9 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
     return n;
   });
-  // Column warps and K splits: model the time as waves x (blocks per warp + a pipeline ramp of
-  // ~STAGES blocks), plus the fp32 partials' traffic, and take the cheapest. (H100, 8192 x
-  // 28672 q4 at M = 1: 448 CTAs of one column warp = 1.7 waves, 56.7 us; 224 CTAs of two,
-  // one wave, 52.9 us. The model ranks them 72 : 68.)
-  const double weight_bytes = double(c.qweight.numel()) * 4;
-  const int forced = tuning_override("MBWQ_MMA_SPLITS");
-  const int s_min = (nblocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta;
-  int WC = *wc_options.begin(), best_s = 1;
-  double best = 1e300;
-  for (const int wc : wc_options) {
-    const int tiles = (N + wc * Slot<QN>::kCols - 1) / (wc * Slot<QN>::kCols);
-    const int WK = kWarps / wc;
-    for (int s = s_min; s <= std::max(s_min, std::min(64, nblocks / (2 * WK))); ++s) {
-      if (forced > 0 && s != std::max(forced, s_min)) continue;
-      const int bps = (nblocks + s - 1) / s;
-      const int ss = (nblocks + bps - 1) / bps;
-      const double waves = std::ceil(double(tiles) * ss / slots);
-      const double per_warp = std::ceil(double(bps) / WK) + STAGES;
-      const double partial = ss > 1 ? 2.0 * ss * M * N * 4 / weight_bytes : 0.0;
-      const double cost = waves * per_warp * (1.0 + partial);
-      if (cost < best * 0.999) best = cost, best_s = ss, WC = wc;
-    }
-  }
-  if (forced > 0) best_s = std::max(forced, s_min);
-  const int tiles = (N + WC * Slot<QN>::kCols - 1) / (WC * Slot<QN>::kCols);
-  const int bps = (nblocks + best_s - 1) / best_s;
-  const int splits = (nblocks + bps - 1) / bps;
+  const GridChoice gc = choose_grid(nblocks, N, Slot<QN>::kCols, M,
+                                    double(c.qweight.numel()) * 4, slots, STAGES, wc_options);
+  const int WC = gc.wc, tiles = gc.tiles, splits = gc.splits, bps = gc.blocks_per_split;
 
   at::Tensor part;
   void* dst = c.out;
@@ -511,6 +487,39 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
 }
 
 }  // namespace
+
+// Column warps and K splits (launch.h): model the time as waves x (blocks per warp + a
+// pipeline ramp), plus the fp32 partials' traffic, and take the cheapest. (H100, 8192 x 28672
+// q4 at M = 1 on gemm_mma: 448 CTAs of one column warp = 1.7 waves, 56.7 us; 224 CTAs of
+// two, one wave, 52.9 us. The model ranks them 72 : 68.)
+GridChoice choose_grid(int nblocks, int N, int warp_cols, int M, double weight_bytes, int slots,
+                       int ramp, std::initializer_list<int> wc_options) {
+  const int forced = tuning_override("MBWQ_MMA_SPLITS");
+  const int s_min = (nblocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta;
+  int WC = *wc_options.begin(), best_s = 1;
+  double best = 1e300;
+  for (const int wc : wc_options) {
+    const int tiles = (N + wc * warp_cols - 1) / (wc * warp_cols);
+    const int WK = kWarps / wc;
+    for (int s = s_min; s <= std::max(s_min, std::min(64, nblocks / (2 * WK))); ++s) {
+      if (forced > 0 && s != std::max(forced, s_min)) continue;
+      const int bps = (nblocks + s - 1) / s;
+      const int ss = (nblocks + bps - 1) / bps;
+      const double waves = std::ceil(double(tiles) * ss / slots);
+      const double per_warp = std::ceil(double(bps) / WK) + ramp;
+      const double partial = ss > 1 ? 2.0 * ss * M * N * 4 / weight_bytes : 0.0;
+      const double cost = waves * per_warp * (1.0 + partial);
+      if (cost < best * 0.999) best = cost, best_s = ss, WC = wc;
+    }
+  }
+  if (forced > 0) best_s = std::max(forced, s_min);
+  GridChoice gc;
+  gc.wc = WC;
+  gc.tiles = (N + WC * warp_cols - 1) / (WC * warp_cols);
+  gc.blocks_per_split = (nblocks + best_s - 1) / best_s;
+  gc.splits = (nblocks + gc.blocks_per_split - 1) / gc.blocks_per_split;
+  return gc;
+}
 
 // Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
 // a sweep can change it in-process), else 0. Results do not depend on it beyond rounding order.

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
 
 namespace mbwq {
@@ -65,6 +66,24 @@ enum class XOrder { kPlain, kMma, kTile };
 void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
               const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+// y[M, N] = xs @ Wstored + bias for the fewest tokens, 1 <= M <= kDirectMaxM (gemm_direct.cu):
+// mma.sync like gemm_mma, but the weights go from global memory straight into registers, several
+// blocks ahead, with no shared-memory ring. xs: as for gemm_mma (XOrder::kMma).
+constexpr int64_t kDirectMaxM = 8;
+void gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+                 const at::Tensor& zeros, const at::Tensor& blocks,
+                 const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+// The grid of the mma.sync kernels (gemm_mma.cu, gemm_direct.cu): WC column warps of
+// warp_cols columns per CTA (one of wc_options) and K splits of blocks_per_split 32-row blocks,
+// the cheapest under a cost model of waves x (blocks per warp + `ramp`) plus the partials'
+// traffic, for `slots` resident CTAs. MBWQ_MMA_SPLITS forces the splits.
+struct GridChoice {
+  int wc, tiles, splits, blocks_per_split;
+};
+GridChoice choose_grid(int nblocks, int N, int warp_cols, int M, double weight_bytes, int slots,
+                       int ramp, std::initializer_list<int> wc_options);
 
 // The tokens of the tile kernel's CTA tiles for M rows: 16, 32, 64, 128 or 256 (the fewest
 // that cover M, or MBWQ_TILE_TOKENS).

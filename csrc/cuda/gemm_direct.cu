@@ -1,0 +1,286 @@
+// Tensor-core GEMM for the fewest tokens (decode, M <= kDirectMaxM): the weights go from global
+// memory straight into registers, with no shared-memory ring, so that more warps per SM can
+// keep the DRAM stream busy. y^T [N, M] = W^T [N, K] . xs^T [K, M] with mma.sync.m16n8k16,
+// one token tile of 8 (tokens past M are zero B-fragments and never stored).
+//
+// Lanes, codes and decode are those of gemm_mma.cu (mma_decode.cuh): lane (g, t) owns the
+// 4 * kQN columns 32q + 4g + e and, in each 32-row block, the stored rows 8t .. 8t + 7, which
+// lie in the block's words j0 = (t * B) / 4 and j0 + 1 (odd widths and 8; widths 2 and 4 need
+// j0 only). A lane reads them as one 16-byte load per quad and word row:
+//
+//   qweight row (word j0 of a block), one warp, quad q:
+//     | g=0: cols 32q+0..3 | g=1: 32q+4..7 | ... | g=7: 32q+28..31 |   128 contiguous bytes
+//   lanes t = 0..3 read rows j0(t): for 4 bits rows 0, 1, 2, 3 of the block, so one warp load
+//   is 4 full 128-byte lines per quad.
+//
+// Pipeline: each warp walks its contiguous range of blocks; a run of blocks of one width keeps
+// the next kDepth<B> blocks' words and x fragments in registers (a rotating set, the loop
+// unrolled by the depth so that every set has registers of its own). The scales and zeros of a
+// block that starts a group are prefetched into L1 when its words are requested and read when
+// it is computed. Width changes (mixed layers: a few runs per warp, rows sorted by width) drain
+// the pipeline and refill it.
+//
+// CTA = 8 warps = WC column warps x WK k-warps, K splits over CTAs: the shapes, the block table
+// in shared memory, the k-warp reduction and the split partials are those of gemm_mma.cu
+// (mma_tile.cuh, split_reduce.cuh), chosen by the same cost model (choose_grid).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "../format.h"
+#include "common.cuh"
+#include "launch.h"
+#include "mma_decode.cuh"
+#include "mma_tile.cuh"
+#include "split_reduce.cuh"
+
+namespace mbwq {
+namespace cuda {
+namespace {
+
+constexpr int kQN = 2;                 // column quads per lane: a warp spans 64 columns
+constexpr int kWarpCols = 32 * kQN;
+
+__device__ __forceinline__ uint4 load16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 load8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
+}
+
+// One block's registers for a lane: its word rows j0 (lo) and j0 + 1 (hi; odd widths and 8)
+// per quad, and its x fragment (token g, k 8t .. 8t + 7; zero for g >= M). The same registers
+// serve every width, so that a mixed layer's width changes cost a branch, not a pipeline drain
+// (and ptxas one register set, not one per width).
+struct Fetched {
+  uint4 lo[kQN], hi[kQN];
+  uint4 x;
+};
+
+// What a lane reads, fixed for the kernel.
+struct LaneSource {
+  const unsigned char* q;   // qweight row 0, the lane's first column (quad q: + 128 q bytes)
+  const uint16_t* sc;       // scales row 0, the lane's first column (quad q: + 32 q halves)
+  const uint16_t* zr;       // zeros likewise
+  const unsigned char* x;   // xs row of token min(g, M - 1), k of the warp's first block + 8t
+  bool q_ok[kQN];           // quad inside [0, N) (N % 8 == 0: all four columns or none)
+  bool x_ok;                // g < M
+};
+
+// Block (bits, word) of the warp's range, number `block` in it: the lane's words and x.
+// bits == 0 (an invalid entry) reads nothing.
+__device__ __forceinline__ void fetch(Fetched& f, const LaneSource& s, int bits, int word,
+                                      int block, int t, uint32_t row_bytes) {
+  const int j0 = (t * bits) >> 2;
+  // the next word row; the last row of a block is never needed as hi, so clamp inside
+  const int j1 = min(j0 + 1, bits - 1);
+  const bool hi = bits == 3 || bits == 5 || bits == 6 || bits == 8;
+  const unsigned char* lo_row = s.q + size_t(uint32_t(word + j0)) * row_bytes;
+  const unsigned char* hi_row = s.q + size_t(uint32_t(word + j1)) * row_bytes;
+#pragma unroll
+  for (int q = 0; q < kQN; ++q) {
+    f.lo[q] = bits != 0 && s.q_ok[q] ? load16(lo_row + 128 * q) : make_uint4(0, 0, 0, 0);
+    f.hi[q] = hi && s.q_ok[q] ? load16(hi_row + 128 * q) : make_uint4(0, 0, 0, 0);
+  }
+  f.x = bits != 0 && s.x_ok ? load16(s.x + size_t(block) * (kBlockRows * 2))
+                            : make_uint4(0, 0, 0, 0);
+}
+
+// One block: decode each quad's words into A fragments (mma_decode.cuh) and multiply with the
+// x fragment, as gemm_mma.cu's compute_quad does for one token tile.
+template <int B, typename T>
+__device__ __forceinline__ void compute_block(const Fetched& f, int t, const uint2 (&sc)[kQN],
+                                              const uint2 (&nz)[kQN], float (&acc)[2 * kQN][1][4]) {
+#pragma unroll
+  for (int q = 0; q < kQN; ++q) {
+    uint32_t a[2][8];
+    decode_quad<B, kQN, T>(q, f.lo[q], f.hi[q], t, sc, nz, a);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      MmaOp<T>::run(acc[2 * q + k][0], a[k][0], a[k][1], a[k][2], a[k][3], f.x.x, f.x.y);
+      MmaOp<T>::run(acc[2 * q + k][0], a[k][4], a[k][5], a[k][6], a[k][7], f.x.z, f.x.w);
+    }
+  }
+}
+
+// grid: (column tiles, splits); block: kWarps * 32 threads. xs: x gathered in XOrder::kMma
+// [M, K]. out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
+// DEPTH: blocks in flight per warp (register sets of the pipeline); MIN_CTAS: CTAs per SM that
+// the registers are sized for.
+template <typename T, int DEPTH, int MIN_CTAS>
+__global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
+    direct_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
+                       const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
+                       const int32_t* __restrict__ blocks, const void* __restrict__ bias,
+                       int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
+                       int log2_wc, int blocks_per_split) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  allow_next_grid();  // the split reduction, if any, may be scheduled
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const WarpPlace place(warp, log2_wc);
+  const int n_warp = ((blockIdx.x << log2_wc) + place.wc) * kWarpCols;
+  const WarpRange r(K, blocks_per_split, place.kw, kLog2Warps - log2_wc);
+  const int nb = r.nb;
+  int2* meta = reinterpret_cast<int2*>(smem);
+  stage_table(meta, blocks, r, R, G);
+  const int2* my_meta = meta + (r.wb - r.jb0);
+  const uint32_t row_bytes = uint32_t(N) * 4;
+
+  LaneSource src;
+  const int n_lane = n_warp + 4 * g;
+  src.q = reinterpret_cast<const unsigned char*>(qweight + min(n_lane, N - 4));
+  src.sc = scales + min(n_lane, N - 4);
+  src.zr = zeros + min(n_lane, N - 4);
+#pragma unroll
+  for (int q = 0; q < kQN; ++q) src.q_ok[q] = n_lane + 32 * q < N;
+  src.x = reinterpret_cast<const unsigned char*>(xs + size_t(min(g, M - 1)) * K +
+                                                 size_t(r.wb) * kBlockRows + 8 * t);
+  src.x_ok = g < M;
+
+  float acc[2 * kQN][1][4];
+  fill_acc<1, kQN>(acc, 0.f);
+  uint2 sc[kQN], nz[kQN];  // the lane's scales and -zeros (fp16) of the current group
+  int cur_group = -1, issue_group = -1;
+
+  // Block i's words into register set s, and its scales and zeros into L1 when it starts a
+  // group.
+  auto request = [&](Fetched& f, int i) {
+    const int2 e = my_meta[i];
+    const int bits = e.x & 15, group = e.x >> 4;
+    fetch(f, src, bits, e.y, i, t, row_bytes);
+    if (starts_group(bits, group, issue_group)) {
+#pragma unroll
+      for (int q = 0; q < kQN; ++q) {
+        if (src.q_ok[q]) {
+          prefetch_l1(src.sc + size_t(group) * N + 32 * q);
+          prefetch_l1(src.zr + size_t(group) * N + 32 * q);
+        }
+      }
+    }
+  };
+  Fetched f[DEPTH];
+  // x is written by the gather kernel before this one (pdl.cuh): the table is read before the
+  // wait, the blocks after it (their x is part of each request).
+  wait_prior_grid();
+#pragma unroll
+  for (int s = 0; s < DEPTH; ++s)
+    if (s < nb) request(f[s], s);
+#pragma unroll 1
+  for (int i = 0; i < nb; i += DEPTH) {
+#pragma unroll
+    for (int s = 0; s < DEPTH; ++s) {
+      const int b = i + s;
+      if (b < nb) {
+        const int2 e = my_meta[b];
+        const int bits = e.x & 15, group = e.x >> 4;
+        if (starts_group(bits, group, cur_group)) {
+#pragma unroll
+          for (int q = 0; q < kQN; ++q) {
+            sc[q] = src.q_ok[q] ? load8(src.sc + size_t(group) * N + 32 * q) : make_uint2(0, 0);
+            nz[q] = negate_halves(src.q_ok[q] ? load8(src.zr + size_t(group) * N + 32 * q)
+                                              : make_uint2(0, 0));
+          }
+        }
+        with_width(bits, [&](auto width) {
+          constexpr int B = decltype(width)::value;
+          if constexpr (B > 0) compute_block<B, T>(f[s], t, sc, nz, acc);
+        });
+        if (b + DEPTH < nb) request(f[s], b + DEPTH);
+      }
+    }
+  }
+  // An invalid table entry in the warp's range makes its tile NaN.
+  bool poisoned = false;
+  for (int k = lane; k < nb; k += 32) poisoned |= (my_meta[k].x & 15) == 0;
+  poisoned = __any_sync(~0u, poisoned);
+  finish_tile<T, 1, kQN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
+}
+
+template <typename T, int DEPTH, int MIN_CTAS>
+void run_kernel(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+                const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& bias,
+                at::Tensor& y) {
+  const int M = xs.size(0), K = xs.size(1), N = qweight.size(1);
+  const int R = qweight.size(0), G = scales.size(0);
+  const int bias_kind = bias.defined() ? aux_kind(bias) : kAuxNone;
+  auto kernel = direct_gemm_kernel<T, DEPTH, MIN_CTAS>;
+  const size_t table = kMaxBlocksPerCta * sizeof(int2);
+  const size_t red = size_t(kWarps - 1) * 2 * kQN * 4 * 32 * sizeof(float);  // finish_tile
+  const size_t smem = std::max(table, red);
+  static int ctas_per_sm[64] = {};
+  const int slots = sm_count() * once_per_device(ctas_per_sm, [&](int) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(smem)));
+    int n = 0;
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
+    return n;
+  });
+  const int wc = tuning_override("MBWQ_MMA_WC");
+  const GridChoice gc = choose_grid(K / kBlockRows, N, kWarpCols, M, double(qweight.numel()) * 4,
+                                    slots, DEPTH,
+                                    wc == 1 || wc == 2 || wc == 4 || wc == 8
+                                        ? std::initializer_list<int>{wc}
+                                        : std::initializer_list<int>{1, 2, 4});
+  at::Tensor part;
+  void* dst = y.data_ptr();
+  if (gc.splits > 1) {
+    part = at::empty({gc.splits, M, N}, xs.options().dtype(at::kFloat));
+    dst = part.data_ptr();
+  }
+  const void* bias_ptr = bias.defined() ? bias.data_ptr() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  launch_chained(kernel, dim3(gc.tiles, gc.splits), dim3(kWarps * 32), smem, stream,
+                 reinterpret_cast<const T*>(xs.data_ptr()),
+                 reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(zeros.data_ptr()),
+                 reinterpret_cast<const int32_t*>(blocks.data_ptr()),
+                 part.defined() ? nullptr : bias_ptr, bias_kind, dst, M, K, N, R, G,
+                 __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split);
+  if (part.defined()) reduce_splits<T>(part, bias_ptr, bias_kind, y.data_ptr(), stream);
+}
+
+// MBWQ_DIRECT_VARIANT (A/B): 0 four blocks in flight per warp, 1 three.
+template <typename T>
+void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+            const at::Tensor& zeros, const at::Tensor& blocks,
+            const std::optional<at::Tensor>& bias_, at::Tensor& y) {
+  const at::Tensor bias = bias_.has_value() ? aux_tensor(*bias_) : at::Tensor();
+  switch (tuning_override("MBWQ_DIRECT_VARIANT")) {
+    case 1: return run_kernel<T, 3, 2>(xs, qweight, scales, zeros, blocks, bias, y);
+    default: return run_kernel<T, 4, 2>(xs, qweight, scales, zeros, blocks, bias, y);
+  }
+}
+
+}  // namespace
+
+void gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+                 const at::Tensor& zeros, const at::Tensor& blocks,
+                 const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t M = xs.size(0);
+  TORCH_CHECK(M >= 1 && M <= kDirectMaxM, "mbwq: internal: direct path needs 1 <= M <= ",
+              kDirectMaxM, ", got M = ", M);
+  TORCH_CHECK(mma_supported(xs, qweight, scales, zeros),
+              "mbwq: internal: direct path called with unsupported arguments");
+  if (xs.scalar_type() == at::kHalf) {
+    launch<__half>(xs, qweight, scales, zeros, blocks, bias, y);
+  } else {
+    launch<__nv_bfloat16>(xs, qweight, scales, zeros, blocks, bias, y);
+  }
+}
+
+}  // namespace cuda
+}  // namespace mbwq
