@@ -13,12 +13,14 @@
 //   lanes t = 0..3 read rows j0(t): for 4 bits rows 0, 1, 2, 3 of the block, so one warp load
 //   is 4 full 128-byte lines per quad.
 //
-// Pipeline: each warp walks its contiguous range of blocks; a run of blocks of one width keeps
-// the next kDepth<B> blocks' words and x fragments in registers (a rotating set, the loop
-// unrolled by the depth so that every set has registers of its own). The scales and zeros of a
-// block that starts a group are prefetched into L1 when its words are requested and read when
-// it is computed. Width changes (mixed layers: a few runs per warp, rows sorted by width) drain
-// the pipeline and refill it.
+// Pipeline: each warp walks its contiguous range of blocks with the next DEPTH blocks' words
+// and x fragments in registers: a rotating set of DEPTH register sets, the loop unrolled by the
+// depth so that every set has registers of its own, each refilled right after its block is
+// computed. One set holds the words of any width (j0 and, where needed, j0 + 1), so a mixed
+// layer's width changes cost a branch around the decode, not a drain of the pipeline. (Runs
+// of one width with a set sized per width made ptxas keep a register set for every width: 255
+// registers and spills.) The scales and zeros of a block that starts a group are prefetched
+// into L1 when its words are requested and read when it is computed.
 //
 // CTA = 8 warps = WC column warps x WK k-warps, K splits over CTAs: the shapes, the block table
 // in shared memory, the k-warp reduction and the split partials are those of gemm_mma.cu
@@ -68,33 +70,35 @@ struct Fetched {
   uint4 x;
 };
 
-// What a lane reads, fixed for the kernel.
+// What a lane reads, fixed for the kernel. Quads past N (only in the last column tile) and
+// tokens past M read in-bounds stand-ins instead of being predicated off: the column N - 4 and
+// the token M - 1. Their products land only in accumulators that are never stored (a quad's
+// columns, a token's B column), so the loop needs no predicates and no zero fills.
 struct LaneSource {
-  const unsigned char* q;   // qweight row 0, the lane's first column (quad q: + 128 q bytes)
-  const uint16_t* sc;       // scales row 0, the lane's first column (quad q: + 32 q halves)
+  const unsigned char* q;   // qweight row 0 at the lane's first column
+  const uint16_t* sc;       // scales row 0 at the lane's first column
   const uint16_t* zr;       // zeros likewise
   const unsigned char* x;   // xs row of token min(g, M - 1), k of the warp's first block + 8t
-  bool q_ok[kQN];           // quad inside [0, N) (N % 8 == 0: all four columns or none)
-  bool x_ok;                // g < M
+  int quad_step;            // columns from the lane's first quad to its second (32, or less
+                            // where clamped)
 };
 
-// Block (bits, word) of the warp's range, number `block` in it: the lane's words and x.
-// bits == 0 (an invalid entry) reads nothing.
+// Block (bits, word) of the warp's range, number `block` in it: the lane's words and x. An
+// invalid entry (bits == 0, word 0) reads row 0, and is never computed.
 __device__ __forceinline__ void fetch(Fetched& f, const LaneSource& s, int bits, int word,
                                       int block, int t, uint32_t row_bytes) {
+  static_assert(kQN == 2, "LaneSource has one quad step");
   const int j0 = (t * bits) >> 2;
-  // the next word row; the last row of a block is never needed as hi, so clamp inside
-  const int j1 = min(j0 + 1, bits - 1);
-  const bool hi = bits == 3 || bits == 5 || bits == 6 || bits == 8;
   const unsigned char* lo_row = s.q + size_t(uint32_t(word + j0)) * row_bytes;
-  const unsigned char* hi_row = s.q + size_t(uint32_t(word + j1)) * row_bytes;
-#pragma unroll
-  for (int q = 0; q < kQN; ++q) {
-    f.lo[q] = bits != 0 && s.q_ok[q] ? load16(lo_row + 128 * q) : make_uint4(0, 0, 0, 0);
-    f.hi[q] = hi && s.q_ok[q] ? load16(hi_row + 128 * q) : make_uint4(0, 0, 0, 0);
+  f.lo[0] = load16(lo_row);
+  f.lo[1] = load16(lo_row + 4 * s.quad_step);
+  if (bits == 3 || bits == 5 || bits == 6 || bits == 8) {  // uniform over the warp
+    // the next word row; the last row of a block is never needed as hi, so clamp inside
+    const unsigned char* hi_row = lo_row + (j0 + 1 < bits ? row_bytes : 0);
+    f.hi[0] = load16(hi_row);
+    f.hi[1] = load16(hi_row + 4 * s.quad_step);
   }
-  f.x = bits != 0 && s.x_ok ? load16(s.x + size_t(block) * (kBlockRows * 2))
-                            : make_uint4(0, 0, 0, 0);
+  f.x = load16(s.x + size_t(block) * (kBlockRows * 2));
 }
 
 // One block: decode each quad's words into A fragments (mma_decode.cuh) and multiply with the
@@ -139,15 +143,13 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const uint32_t row_bytes = uint32_t(N) * 4;
 
   LaneSource src;
-  const int n_lane = n_warp + 4 * g;
-  src.q = reinterpret_cast<const unsigned char*>(qweight + min(n_lane, N - 4));
-  src.sc = scales + min(n_lane, N - 4);
-  src.zr = zeros + min(n_lane, N - 4);
-#pragma unroll
-  for (int q = 0; q < kQN; ++q) src.q_ok[q] = n_lane + 32 * q < N;
+  const int c0 = min(n_warp + 4 * g, N - 4), c1 = min(n_warp + 4 * g + 32, N - 4);
+  src.q = reinterpret_cast<const unsigned char*>(qweight + c0);
+  src.sc = scales + c0;
+  src.zr = zeros + c0;
+  src.quad_step = c1 - c0;
   src.x = reinterpret_cast<const unsigned char*>(xs + size_t(min(g, M - 1)) * K +
                                                  size_t(r.wb) * kBlockRows + 8 * t);
-  src.x_ok = g < M;
 
   float acc[2 * kQN][1][4];
   fill_acc<1, kQN>(acc, 0.f);
@@ -163,10 +165,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     if (starts_group(bits, group, issue_group)) {
 #pragma unroll
       for (int q = 0; q < kQN; ++q) {
-        if (src.q_ok[q]) {
-          prefetch_l1(src.sc + size_t(group) * N + 32 * q);
-          prefetch_l1(src.zr + size_t(group) * N + 32 * q);
-        }
+        prefetch_l1(src.sc + size_t(group) * N + q * src.quad_step);
+        prefetch_l1(src.zr + size_t(group) * N + q * src.quad_step);
       }
     }
   };
@@ -188,9 +188,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
         if (starts_group(bits, group, cur_group)) {
 #pragma unroll
           for (int q = 0; q < kQN; ++q) {
-            sc[q] = src.q_ok[q] ? load8(src.sc + size_t(group) * N + 32 * q) : make_uint2(0, 0);
-            nz[q] = negate_halves(src.q_ok[q] ? load8(src.zr + size_t(group) * N + 32 * q)
-                                              : make_uint2(0, 0));
+            sc[q] = load8(src.sc + size_t(group) * N + q * src.quad_step);
+            nz[q] = negate_halves(load8(src.zr + size_t(group) * N + q * src.quad_step));
           }
         }
         with_width(bits, [&](auto width) {
