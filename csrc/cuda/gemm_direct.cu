@@ -1,7 +1,7 @@
 // Tensor-core GEMM for the fewest tokens (decode, M <= kDirectMaxM): the weights go from global
 // memory straight into registers, with no shared-memory ring, so that more warps per SM can
 // keep the DRAM stream busy. y^T [N, M] = W^T [N, K] . xs^T [K, M] with mma.sync.m16n8k16,
-// one token tile of 8 (tokens past M are zero B-fragments and never stored).
+// one token tile of 8 (tokens past M repeat token M - 1 and are never stored).
 //
 // Lanes, codes and decode are those of gemm_mma.cu (mma_decode.cuh): lane (g, t) owns the
 // 4 * kQN columns 32q + 4g + e and, in each 32-row block, the stored rows 8t .. 8t + 7, which
@@ -36,7 +36,6 @@
 #include "launch.h"
 #include "mma_decode.cuh"
 #include "mma_tile.cuh"
-#include "split_reduce.cuh"
 
 namespace mbwq {
 namespace cuda {
@@ -208,78 +207,36 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 }
 
 template <typename T, int DEPTH, int MIN_CTAS>
-void run_kernel(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
-                const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& bias,
-                at::Tensor& y) {
-  const int M = xs.size(0), K = xs.size(1), N = qweight.size(1);
-  const int R = qweight.size(0), G = scales.size(0);
-  const int bias_kind = bias.defined() ? aux_kind(bias) : kAuxNone;
+void run_kernel(const Call<T>& c) {
+  const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   auto kernel = direct_gemm_kernel<T, DEPTH, MIN_CTAS>;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
   const size_t red = size_t(kWarps - 1) * 2 * kQN * 4 * 32 * sizeof(float);  // finish_tile
   const size_t smem = std::max(table, red);
   static int ctas_per_sm[64] = {};
-  const int slots = sm_count() * once_per_device(ctas_per_sm, [&](int) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(smem)));
-    int n = 0;
-    C10_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
-    return n;
-  });
+  const int slots = resident_ctas(ctas_per_sm, kernel, smem);
   const int wc = tuning_override("MBWQ_MMA_WC");
-  const GridChoice gc = choose_grid(K / kBlockRows, N, kWarpCols, M, double(qweight.numel()) * 4,
-                                    slots, DEPTH,
+  const GridChoice gc = choose_grid(K / kBlockRows, N, kWarpCols, M,
+                                    double(c.qweight.numel()) * 4, slots, DEPTH,
                                     wc == 1 || wc == 2 || wc == 4 || wc == 8
                                         ? std::initializer_list<int>{wc}
                                         : std::initializer_list<int>{1, 2, 4});
-  at::Tensor part;
-  void* dst = y.data_ptr();
-  if (gc.splits > 1) {
-    part = at::empty({gc.splits, M, N}, xs.options().dtype(at::kFloat));
-    dst = part.data_ptr();
-  }
-  const void* bias_ptr = bias.defined() ? bias.data_ptr() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  launch_chained(kernel, dim3(gc.tiles, gc.splits), dim3(kWarps * 32), smem, stream,
-                 reinterpret_cast<const T*>(xs.data_ptr()),
-                 reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
-                 reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-                 reinterpret_cast<const uint16_t*>(zeros.data_ptr()),
-                 reinterpret_cast<const int32_t*>(blocks.data_ptr()),
-                 part.defined() ? nullptr : bias_ptr, bias_kind, dst, M, K, N, R, G,
-                 __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split);
-  if (part.defined()) reduce_splits<T>(part, bias_ptr, bias_kind, y.data_ptr(), stream);
-}
-
-// MBWQ_DIRECT_VARIANT (A/B): 0 four blocks in flight per warp, 1 three.
-template <typename T>
-void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
-            const at::Tensor& zeros, const at::Tensor& blocks,
-            const std::optional<at::Tensor>& bias_, at::Tensor& y) {
-  const at::Tensor bias = bias_.has_value() ? aux_tensor(*bias_) : at::Tensor();
-  switch (tuning_override("MBWQ_DIRECT_VARIANT")) {
-    case 1: return run_kernel<T, 3, 2>(xs, qweight, scales, zeros, blocks, bias, y);
-    default: return run_kernel<T, 4, 2>(xs, qweight, scales, zeros, blocks, bias, y);
-  }
+  launch_on_grid(kernel, gc, smem, c);
 }
 
 }  // namespace
 
-void gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
-                 const at::Tensor& zeros, const at::Tensor& blocks,
-                 const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  const int64_t M = xs.size(0);
-  TORCH_CHECK(M >= 1 && M <= kDirectMaxM, "mbwq: internal: direct path needs 1 <= M <= ",
-              kDirectMaxM, ", got M = ", M);
-  TORCH_CHECK(mma_supported(xs, qweight, scales, zeros),
-              "mbwq: internal: direct path called with unsupported arguments");
-  if (xs.scalar_type() == at::kHalf) {
-    launch<__half>(xs, qweight, scales, zeros, blocks, bias, y);
-  } else {
-    launch<__nv_bfloat16>(xs, qweight, scales, zeros, blocks, bias, y);
-  }
+// MBWQ_DIRECT_VARIANT (A/B): 0 four blocks in flight per warp, 1 three.
+template <typename T>
+void launch_direct(const Call<T>& c) {
+  TORCH_CHECK(c.xs.size(0) >= 1 && c.xs.size(0) <= kDirectMaxM,
+              "mbwq: internal: direct path needs 1 <= M <= ", kDirectMaxM, ", got M = ",
+              c.xs.size(0));
+  if (tuning_override("MBWQ_DIRECT_VARIANT") == 1) return run_kernel<T, 3, 2>(c);
+  run_kernel<T, 4, 2>(c);
 }
+template void launch_direct<__half>(const Call<__half>& c);
+template void launch_direct<__nv_bfloat16>(const Call<__nv_bfloat16>& c);
 
 }  // namespace cuda
 }  // namespace mbwq

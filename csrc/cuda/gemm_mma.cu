@@ -359,17 +359,6 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   finish_tile<T, MT, QN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
 }
 
-// What one call needs besides the kernel configuration.
-template <typename T>
-struct Call {
-  const at::Tensor& xs;  // x gathered by the caller in XOrder::kMma (launch.h)
-  const at::Tensor &qweight, &scales, &zeros, &blocks;
-  const void* bias;
-  int bias_kind;
-  void* out;
-  cudaStream_t stream;
-};
-
 // Fewest columns for which the 17-64-token kernels take two column quads per lane (launch).
 constexpr int64_t kTwoQuadMinN = 8192;
 
@@ -389,7 +378,6 @@ constexpr int64_t kTwoQuadMinN = 8192;
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG = 1>
 void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
-  const int R = c.qweight.size(0), G = c.scales.size(0);
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
@@ -397,35 +385,11 @@ void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0
   const size_t red = size_t(kWarps - std::min(wc_options)) * 2 * QN * MT * 4 * 32 * sizeof(float);
   const size_t smem = std::max(rings + table, red);
-  // Raise the shared-memory limit and read the occupancy once per device.
   static int ctas_per_sm[64] = {};
-  const int slots = sm_count() * once_per_device(ctas_per_sm, [&](int) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(smem)));
-    int n = 0;
-    C10_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
-    return n;
-  });
+  const int slots = resident_ctas(ctas_per_sm, kernel, smem);
   const GridChoice gc = choose_grid(nblocks, N, Slot<QN>::kCols, M,
                                     double(c.qweight.numel()) * 4, slots, STAGES, wc_options);
-  const int WC = gc.wc, tiles = gc.tiles, splits = gc.splits, bps = gc.blocks_per_split;
-
-  at::Tensor part;
-  void* dst = c.out;
-  if (splits > 1) {
-    part = at::empty({splits, M, N}, c.xs.options().dtype(at::kFloat));
-    dst = part.data_ptr();
-  }
-  launch_chained(kernel, dim3(tiles, splits), dim3(kWarps * 32), smem, c.stream,
-                 reinterpret_cast<const T*>(c.xs.data_ptr()),
-                 reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
-                 reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
-                 reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
-                 reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
-                 part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G,
-                 __builtin_ctz(unsigned(WC)), bps);
-  if (part.defined()) reduce_splits<T>(part, c.bias, c.bias_kind, c.out, c.stream);
+  launch_on_grid(kernel, gc, smem, c);
 }
 
 template <typename T>
@@ -439,6 +403,10 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       bias_t.defined() ? bias_t.data_ptr() : nullptr,
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
+  // The fewest tokens: weights straight into registers (gemm_direct.cu), up to
+  // MBWQ_DIRECT_MAX_M rows.
+  if (M <= std::min<int64_t>(tuning_override("MBWQ_DIRECT_MAX_M"), kDirectMaxM))
+    return launch_direct(c);
   const int wc = tuning_override("MBWQ_MMA_WC");
   const bool wc_forced = wc == 1 || wc == 2 || wc == 4 || wc == 8;
   // Token tiles by M: one (M <= 8), two, four, eight, with two column quads per lane (one for

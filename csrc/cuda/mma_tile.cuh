@@ -1,14 +1,19 @@
-// Pieces of the tensor-core GEMM (gemm_mma.cu) around the decode: the warp's range of blocks,
-// the block table in shared memory, group changes, and the deterministic reduction of the
-// k-warps' sums at the end.
+// Pieces of the mma.sync GEMMs (gemm_mma.cu, gemm_direct.cu) around the decode: the warp's
+// range of blocks, the block table in shared memory, group changes, the deterministic
+// reduction of the k-warps' sums at the end, and the host side of a launch (the grid, the K
+// split partials and their reduction).
 #pragma once
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <stdint.h>
 
 #include <type_traits>
 
 #include "../format.h"
 #include "common.cuh"
+#include "launch.h"
 #include "pdl.cuh"
+#include "split_reduce.cuh"
 
 namespace mbwq {
 namespace cuda {
@@ -168,6 +173,63 @@ __device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool po
     }
   }
 }
+
+// ---- the host side of a launch ----------------------------------------------------------
+
+// What one call needs besides the kernel configuration.
+template <typename T>
+struct Call {
+  const at::Tensor& xs;  // x gathered by the caller in XOrder::kMma (launch.h)
+  const at::Tensor &qweight, &scales, &zeros, &blocks;
+  const void* bias;
+  int bias_kind;
+  void* out;
+  cudaStream_t stream;
+};
+
+// CTAs of kWarps warps and `smem` bytes of dynamic shared memory that the whole current device
+// holds at once for `kernel` (whose shared-memory limit this raises to smem), computed once per
+// device into `cache`.
+template <typename Kernel>
+int resident_ctas(int (&cache)[64], Kernel kernel, size_t smem) {
+  return sm_count() * once_per_device(cache, [&](int) {
+           C10_CUDA_CHECK(cudaFuncSetAttribute(
+               kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+           int n = 0;
+           C10_CUDA_CHECK(
+               cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
+           return n;
+         });
+}
+
+// Launch an mma.sync GEMM kernel (the argument list of gemm_mma.cu's and gemm_direct.cu's) on
+// grid gc: with one K split it writes y (+ bias) itself, with several it writes fp32 partials
+// that reduce_splits adds up in split order.
+template <typename T, typename Kernel>
+void launch_on_grid(Kernel kernel, const GridChoice& gc, size_t smem, const Call<T>& c) {
+  const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
+  const int R = c.qweight.size(0), G = c.scales.size(0);
+  at::Tensor part;
+  void* dst = c.out;
+  if (gc.splits > 1) {
+    part = at::empty({gc.splits, M, N}, c.xs.options().dtype(at::kFloat));
+    dst = part.data_ptr();
+  }
+  launch_chained(kernel, dim3(gc.tiles, gc.splits), dim3(kWarps * 32), smem, c.stream,
+                 reinterpret_cast<const T*>(c.xs.data_ptr()),
+                 reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
+                 reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
+                 part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G,
+                 __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split);
+  if (part.defined()) reduce_splits<T>(part, c.bias, c.bias_kind, c.out, c.stream);
+}
+
+// The direct kernel (gemm_direct.cu) for 1 <= M <= kDirectMaxM; gemm_mma.cu's launcher hands it
+// the calls it takes. Instantiated for __half and __nv_bfloat16.
+template <typename T>
+void launch_direct(const Call<T>& c);
 
 }  // namespace cuda
 }  // namespace mbwq

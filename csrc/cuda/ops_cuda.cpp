@@ -7,7 +7,9 @@
 //   kTileMaxM on wgmma devices, fp16 / bf16 x,      weights decoded once per tile, exact fp16 W
 //   K, N % 8 == 0
 //   M <= kMmaMaxM (kMmaChunkedMaxM on large   ->  gemm_mma.cu: tensor cores, weights read
-//   layers), fp16 / bf16 x, K, N % 8 == 0         once per row chunk, exact fp16 W
+//   layers), fp16 / bf16 x, K, N % 8 == 0         once per row chunk, exact fp16 W (up to
+//                                                  MBWQ_DIRECT_MAX_M <= 8 rows: gemm_direct.cu,
+//                                                  not on by default)
 //   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
 //                                                  W in stored order into x's dtype + cuBLAS
 //
@@ -96,14 +98,6 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
   if (M <= mma_max_m && cuda::mma_supported(x, qweight, scales, zeros)) {
     at::Tensor xs = at::empty_like(x);
     cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kMma);
-    // The fewest tokens: weights straight into registers (gemm_direct.cu), up to
-    // MBWQ_DIRECT_MAX_M rows.
-    const int64_t direct_max_m =
-        std::min<int64_t>(cuda::tuning_override("MBWQ_DIRECT_MAX_M"), cuda::kDirectMaxM);
-    if (M <= direct_max_m) {
-      cuda::gemm_direct(xs, qweight, scales, zeros, blocks, bias, y);
-      return y;
-    }
     for (int64_t m0 = 0; m0 < M; m0 += cuda::kMmaMaxM) {
       const int64_t rows = std::min(cuda::kMmaMaxM, M - m0);
       at::Tensor y_rows = y.narrow(0, m0, rows);
