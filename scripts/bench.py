@@ -3,9 +3,10 @@
 One run measures, on the current CUDA device:
   * read bandwidth: a large device reduction and a large device-to-device copy (bytes read
     [+ written] / time); the larger of the two is `read_bw_tbs`;
-  * per layer, one torch.sum over exactly the layer's weight bytes (`read_same_bytes_us`): what
-    a single read kernel achieves at that size, fixed per-call costs included (`%rd` = that
-    time / ours: above 100 means faster than reading the bytes with torch.sum);
+  * per layer, the fastest of three torch reductions over exactly the layer's weight bytes
+    (`read_same_bytes_us`): what a single read kernel achieves at that size, fixed per-call
+    costs included (`%rd` = that time / ours: above 100 means faster than reading the bytes
+    with torch's reductions);
   * torch.matmul in fp16 and bf16 on the same [M, K] x [K, N] problem;
   * torch.ops.aten._weight_int4pack_mm (4-bit, group 128, bf16) where it runs, else null;
   * our gemm through torch.ops.mbwq.gemm (CUDA-graph replays) and through MBWQLinear (eager
@@ -134,14 +135,21 @@ def read_bandwidth() -> Dict[str, float]:
 
 
 def read_same_bytes_us(nbytes: int) -> float:
-    """Microseconds one torch.sum takes to read `nbytes` (fp16 buffers, rotated past L2 like the
-    layers): what a single well-tuned read kernel achieves at this size, launch, ramp-up and
-    tail included: the practical ceiling for a kernel that must read the same bytes."""
+    """Microseconds the fastest of torch's reductions takes to read `nbytes` (buffers rotated
+    past L2 like the layers): torch.sum of fp16 into fp32, torch.sum of the bytes as fp32 and
+    torch.amax of them as int32. What a single well-tuned read kernel achieves at this size,
+    launch, ramp-up and tail included: the practical ceiling for a kernel that must read the
+    same bytes."""
     n = copies_for(nbytes)
     bufs = [torch.rand(nbytes // 2, device="cuda").half() for _ in range(n)]
+    words = [b[: b.numel() // 2 * 2].view(torch.float32) for b in bufs]
     out = torch.empty((), device="cuda", dtype=torch.float32)
-    us = time_graph([lambda b=b: torch.sum(b, 0, dtype=torch.float32, out=out) for b in bufs])
-    del bufs
+    out_i = torch.empty((), device="cuda", dtype=torch.int32)
+    us = min(
+        time_graph([lambda b=b: torch.sum(b, 0, dtype=torch.float32, out=out) for b in bufs]),
+        time_graph([lambda w=w: torch.sum(w, 0, out=out) for w in words]),
+        time_graph([lambda w=w: torch.amax(w.view(torch.int32), 0, out=out_i) for w in words]))
+    del bufs, words
     torch.cuda.empty_cache()
     return us
 
