@@ -82,10 +82,10 @@ struct LaneSource {
                             // where clamped)
 };
 
-// Block (bits, word) of the warp's range, number `block` in it: the lane's words and x. An
-// invalid entry (bits == 0, word 0) reads row 0, and is never computed.
-__device__ __forceinline__ void fetch(Fetched& f, const LaneSource& s, int bits, int word,
-                                      int block, int t, uint32_t row_bytes) {
+// Block (bits, word)'s words for the lane. An invalid entry (bits == 0, word 0) reads row 0,
+// and is never computed.
+__device__ __forceinline__ void fetch_words(Fetched& f, const LaneSource& s, int bits, int word,
+                                            int t, uint32_t row_bytes) {
   static_assert(kQN == 2, "LaneSource has one quad step");
   const int j0 = (t * bits) >> 2;
   const unsigned char* lo_row = s.q + size_t(uint32_t(word + j0)) * row_bytes;
@@ -97,6 +97,10 @@ __device__ __forceinline__ void fetch(Fetched& f, const LaneSource& s, int bits,
     f.hi[0] = load16(hi_row);
     f.hi[1] = load16(hi_row + 4 * s.quad_step);
   }
+}
+
+// The x fragment of block number `block` of the warp's range.
+__device__ __forceinline__ void fetch_x(Fetched& f, const LaneSource& s, int block) {
   f.x = load16(s.x + size_t(block) * (kBlockRows * 2));
 }
 
@@ -155,12 +159,12 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   uint2 sc[kQN], nz[kQN];  // the lane's scales and -zeros (fp16) of the current group
   int cur_group = -1, issue_group = -1;
 
-  // Block i's words into register set s, and its scales and zeros into L1 when it starts a
+  // Block i's words into register set f, and its scales and zeros into L1 when it starts a
   // group.
-  auto request = [&](Fetched& f, int i) {
+  auto request_words = [&](Fetched& f, int i) {
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
-    fetch(f, src, bits, e.y, i, t, row_bytes);
+    fetch_words(f, src, bits, e.y, t, row_bytes);
     if (starts_group(bits, group, issue_group)) {
 #pragma unroll
       for (int q = 0; q < kQN; ++q) {
@@ -170,12 +174,15 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     }
   };
   Fetched f[DEPTH];
-  // x is written by the gather kernel before this one (pdl.cuh): the table is read before the
-  // wait, the blocks after it (their x is part of each request).
+#pragma unroll
+  for (int s = 0; s < DEPTH; ++s)
+    if (s < nb) request_words(f[s], s);
+  // x is written by the gather kernel before this one (pdl.cuh): the first blocks' weights
+  // above may already be on their way while it runs.
   wait_prior_grid();
 #pragma unroll
   for (int s = 0; s < DEPTH; ++s)
-    if (s < nb) request(f[s], s);
+    if (s < nb) fetch_x(f[s], src, s);
 #pragma unroll 1
   for (int i = 0; i < nb; i += DEPTH) {
 #pragma unroll
@@ -195,7 +202,10 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
           constexpr int B = decltype(width)::value;
           if constexpr (B > 0) compute_block<B, T>(f[s], t, sc, nz, acc);
         });
-        if (b + DEPTH < nb) request(f[s], b + DEPTH);
+        if (b + DEPTH < nb) {
+          request_words(f[s], b + DEPTH);
+          fetch_x(f[s], src, b + DEPTH);
+        }
       }
     }
   }
