@@ -8,8 +8,8 @@ per warp or once per CTA, row chunks of 64 tokens; one or two column quads per l
 the 8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token
 tiles at M = 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32
 and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M, and with three consumer
-warpgroups at M = 12 and 64 through MBWQ_TILE_WARPGROUPS; the direct kernel at M = 2, 3
-and 7 through MBWQ_DIRECT_MAX_M), the x
+warpgroups at M = 12 and 64 through MBWQ_TILE_WARPGROUPS; the direct kernel at M = 2, 3,
+7 and 12 through MBWQ_DIRECT_MAX_M), the x
 gather element by element and through shared memory (from 32 rows), one and several K
 splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale
 and bias in several dtypes or absent, identity and random perm; the large-M path (x gather +
@@ -61,12 +61,12 @@ def main():
     # warpgroups (M = 12, 64)
     small = {"MBWQ_TILE_MIN_M": "1"}
     three = {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_WARPGROUPS": "3"}
-    # ... and the direct kernel (gemm_direct.cu) at M = 2, 3 and 7 through MBWQ_DIRECT_MAX_M,
-    # with forced K splits and both pipeline depths
-    direct = {"MBWQ_DIRECT_MAX_M": "8"}
-    knob = {200: {"MBWQ_TILE_SPLITS": "2"}, 1: small, 17: small, 40: small, 12: three,
-            64: three, 2: direct, 3: {**direct, "MBWQ_MMA_SPLITS": "3"},
-            7: {**direct, "MBWQ_DIRECT_VARIANT": "1"}}
+    # ... and the direct kernel (gemm_direct.cu) at M = 2, 3, 7 and 12 through
+    # MBWQ_DIRECT_MAX_M, with forced K splits and both pipeline depths of one token tile
+    direct = {"MBWQ_DIRECT_MAX_M": "16"}
+    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small], 17: [small], 40: [small],
+            12: [three, direct], 64: [three], 2: [direct],
+            3: [{**direct, "MBWQ_MMA_SPLITS": "3"}], 7: [{**direct, "MBWQ_DIRECT_VARIANT": "1"}]}
     checked = 0
     for spec in specs:
         layer_cpu, _ = make_layer(spec, "cpu")
@@ -89,12 +89,12 @@ def main():
                     y_ref = mbwq_ops.gemm(x, *cargs, cs_c, bias_c)
                     assert close(y, y_ref, dtype), (spec, dtype, M)
                     checked += 1
-                    if M in knob:
-                        os.environ.update(knob[M])
+                    for env in knob.get(M, []):
+                        os.environ.update(env)
                         y = mbwq_ops.gemm(x.cuda(), *args, cs_v, bias_v)
-                        for k in knob[M]:
+                        for k in env:
                             del os.environ[k]
-                        assert close(y, y_ref, dtype), (spec, dtype, M, knob[M])
+                        assert close(y, y_ref, dtype), (spec, dtype, M, env)
                         checked += 1
     # misaligned qweight (4-byte offset): the scalar paths
     layer, _ = make_layer(specs[0], "cuda")

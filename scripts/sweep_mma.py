@@ -13,9 +13,9 @@ csrc/cuda/gather.cu), MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M (the rows the many-token
 kernel takes on compute capability 9.0, csrc/cuda/ops_cuda.cpp; a large minimum turns it off),
 MBWQ_TILE_TOKENS (16, 32, 64, 128 or 256 tokens per CTA tile), MBWQ_TILE_WARPGROUPS (3: tiles
 of up to 64 tokens with three consumer warpgroups) and MBWQ_TILE_SPLITS (its K splits,
-csrc/cuda/gemm_tile.cu), MBWQ_DIRECT_MAX_M (up to 8: the rows the direct kernel takes,
+csrc/cuda/gemm_tile.cu), MBWQ_DIRECT_MAX_M (up to 16: the rows the direct kernel takes,
 csrc/cuda/gemm_direct.cu; it shares MBWQ_MMA_WC and MBWQ_MMA_SPLITS) and MBWQ_DIRECT_VARIANT
-(1: three blocks in flight per warp instead of four). --matmul adds torch.matmul in the activation dtype on
+(1: three blocks in flight per warp instead of four, for M <= 8). --matmul adds torch.matmul in the activation dtype on
 the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).

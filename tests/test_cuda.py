@@ -157,16 +157,16 @@ def test_direct_kernel(name, monkeypatch):
     # gemm_direct.cu (the fewest tokens, weights straight into registers), reached through
     # MBWQ_DIRECT_MAX_M: every width (mixed_all, mixed_432: width changes inside a warp's
     # range), partial column tiles (wide), K splits chosen (splitk) and forced (MBWQ_MMA_SPLITS),
-    # 1, 2 and 4 column warps per CTA (MBWQ_MMA_WC), both pipeline depths
-    # (MBWQ_DIRECT_VARIANT), 1-8 tokens. Deterministic, and the same as the mma.sync kernel
-    # up to the order of the fp32 sums.
+    # 1, 2 and 4 column warps per CTA (MBWQ_MMA_WC), both pipeline depths of one token tile
+    # (MBWQ_DIRECT_VARIANT), 1-8 tokens in one tile and 9-16 in two. Deterministic.
     layer, W = layer_and_weight(SPECS[name])
     K = layer.in_channels
-    monkeypatch.setenv("MBWQ_DIRECT_MAX_M", "8")
+    monkeypatch.setenv("MBWQ_DIRECT_MAX_M", "16")
     for dtype in DTYPES:
         for M, splits, wc, variant in ((1, "0", "0", "0"), (2, "0", "0", "1"), (3, "3", "0", "0"),
                                        (5, "0", "1", "0"), (8, "2", "4", "1"), (8, "0", "2", "0"),
-                                       (1, "5", "1", "1")):
+                                       (1, "5", "1", "1"), (9, "0", "0", "0"), (12, "3", "2", "0"),
+                                       (16, "0", "1", "0")):
             monkeypatch.setenv("MBWQ_MMA_SPLITS", splits)
             monkeypatch.setenv("MBWQ_MMA_WC", wc)
             monkeypatch.setenv("MBWQ_DIRECT_VARIANT", variant)

@@ -1,7 +1,8 @@
 // Tensor-core GEMM for the fewest tokens (decode, M <= kDirectMaxM): the weights go from global
 // memory straight into registers, with no shared-memory ring, so that more warps per SM can
 // keep the DRAM stream busy. y^T [N, M] = W^T [N, K] . xs^T [K, M] with mma.sync.m16n8k16,
-// one token tile of 8 (tokens past M repeat token M - 1 and are never stored).
+// one token tile of 8 up to M = 8, two up to 16 (tokens past M repeat token M - 1 and are never
+// stored).
 //
 // Lanes, codes and decode are those of gemm_mma.cu (mma_decode.cuh): lane (g, t) owns the
 // 4 * kQN columns 32q + 4g + e and, in each 32-row block, the stored rows 8t .. 8t + 7, which
@@ -64,9 +65,10 @@ __device__ __forceinline__ void prefetch_l1(const void* p) {
 // per quad, and its x fragment (token g, k 8t .. 8t + 7; zero for g >= M). The same registers
 // serve every width, so that a mixed layer's width changes cost a branch, not a pipeline drain
 // (and ptxas one register set, not one per width).
+template <int MT>
 struct Fetched {
   uint4 lo[kQN], hi[kQN];
-  uint4 x;
+  uint4 x[MT];
 };
 
 // What a lane reads, fixed for the kernel. Quads past N (only in the last column tile) and
@@ -78,13 +80,15 @@ struct LaneSource {
   const uint16_t* sc;       // scales row 0 at the lane's first column
   const uint16_t* zr;       // zeros likewise
   const unsigned char* x;   // xs row of token min(g, M - 1), k of the warp's first block + 8t
+  int x_tile_step;          // bytes from that row to the one of token min(8 + g, M - 1)
   int quad_step;            // columns from the lane's first quad to its second (32, or less
                             // where clamped)
 };
 
 // Block (bits, word)'s words for the lane. An invalid entry (bits == 0, word 0) reads row 0,
 // and is never computed.
-__device__ __forceinline__ void fetch_words(Fetched& f, const LaneSource& s, int bits, int word,
+template <int MT>
+__device__ __forceinline__ void fetch_words(Fetched<MT>& f, const LaneSource& s, int bits, int word,
                                             int t, uint32_t row_bytes) {
   static_assert(kQN == 2, "LaneSource has one quad step");
   const int j0 = (t * bits) >> 2;
@@ -99,25 +103,34 @@ __device__ __forceinline__ void fetch_words(Fetched& f, const LaneSource& s, int
   }
 }
 
-// The x fragment of block number `block` of the warp's range.
-__device__ __forceinline__ void fetch_x(Fetched& f, const LaneSource& s, int block) {
-  f.x = load16(s.x + size_t(block) * (kBlockRows * 2));
+// The x fragments (one per token tile) of block number `block` of the warp's range.
+template <int MT>
+__device__ __forceinline__ void fetch_x(Fetched<MT>& f, const LaneSource& s, int block) {
+  static_assert(MT <= 2, "LaneSource has one token-tile step");
+  const unsigned char* p = s.x + size_t(block) * (kBlockRows * 2);
+  f.x[0] = load16(p);
+  if constexpr (MT == 2) f.x[1] = load16(p + s.x_tile_step);
 }
 
 // One block: decode each quad's words into A fragments (mma_decode.cuh) and multiply with the
 // x fragment, as gemm_mma.cu's compute_quad does for one token tile.
-template <int B, typename T>
-__device__ __forceinline__ void compute_block(const Fetched& f, int t, const uint2 (&sc)[kQN],
-                                              const uint2 (&nz)[kQN], float (&acc)[2 * kQN][1][4]) {
+template <int B, int MT, typename T>
+__device__ __forceinline__ void compute_block(const Fetched<MT>& f, int t, const uint2 (&sc)[kQN],
+                                              const uint2 (&nz)[kQN],
+                                              float (&acc)[2 * kQN][MT][4]) {
 #pragma unroll
   for (int q = 0; q < kQN; ++q) {
     uint32_t a[2][8];
     decode_quad<B, kQN, T>(q, f.lo[q], f.hi[q], t, sc, nz, a);
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      MmaOp<T>::run(acc[2 * q + k][0], a[k][0], a[k][1], a[k][2], a[k][3], f.x.x, f.x.y);
-      MmaOp<T>::run(acc[2 * q + k][0], a[k][4], a[k][5], a[k][6], a[k][7], f.x.z, f.x.w);
-    }
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        MmaOp<T>::run(acc[2 * q + k][mt], a[k][0], a[k][1], a[k][2], a[k][3], f.x[mt].x,
+                      f.x[mt].y);
+        MmaOp<T>::run(acc[2 * q + k][mt], a[k][4], a[k][5], a[k][6], a[k][7], f.x[mt].z,
+                      f.x[mt].w);
+      }
   }
 }
 
@@ -125,7 +138,7 @@ __device__ __forceinline__ void compute_block(const Fetched& f, int t, const uin
 // [M, K]. out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // DEPTH: blocks in flight per warp (register sets of the pipeline); MIN_CTAS: CTAs per SM that
 // the registers are sized for.
-template <typename T, int DEPTH, int MIN_CTAS>
+template <typename T, int MT, int DEPTH, int MIN_CTAS>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     direct_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                        const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
@@ -153,15 +166,16 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   src.quad_step = c1 - c0;
   src.x = reinterpret_cast<const unsigned char*>(xs + size_t(min(g, M - 1)) * K +
                                                  size_t(r.wb) * kBlockRows + 8 * t);
+  src.x_tile_step = (min(8 + g, M - 1) - min(g, M - 1)) * K * int(sizeof(T));
 
-  float acc[2 * kQN][1][4];
-  fill_acc<1, kQN>(acc, 0.f);
+  float acc[2 * kQN][MT][4];
+  fill_acc<MT, kQN>(acc, 0.f);
   uint2 sc[kQN], nz[kQN];  // the lane's scales and -zeros (fp16) of the current group
   int cur_group = -1, issue_group = -1;
 
   // Block i's words into register set f, and its scales and zeros into L1 when it starts a
   // group.
-  auto request_words = [&](Fetched& f, int i) {
+  auto request_words = [&](Fetched<MT>& f, int i) {
     const int2 e = my_meta[i];
     const int bits = e.x & 15, group = e.x >> 4;
     fetch_words(f, src, bits, e.y, t, row_bytes);
@@ -173,7 +187,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       }
     }
   };
-  Fetched f[DEPTH];
+  Fetched<MT> f[DEPTH];
 #pragma unroll
   for (int s = 0; s < DEPTH; ++s)
     if (s < nb) request_words(f[s], s);
@@ -200,7 +214,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
         }
         with_width(bits, [&](auto width) {
           constexpr int B = decltype(width)::value;
-          if constexpr (B > 0) compute_block<B, T>(f[s], t, sc, nz, acc);
+          if constexpr (B > 0) compute_block<B, MT, T>(f[s], t, sc, nz, acc);
         });
         if (b + DEPTH < nb) {
           request_words(f[s], b + DEPTH);
@@ -213,15 +227,15 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   bool poisoned = false;
   for (int k = lane; k < nb; k += 32) poisoned |= (my_meta[k].x & 15) == 0;
   poisoned = __any_sync(~0u, poisoned);
-  finish_tile<T, 1, kQN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
+  finish_tile<T, MT, kQN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
 }
 
-template <typename T, int DEPTH, int MIN_CTAS>
+template <typename T, int MT, int DEPTH, int MIN_CTAS>
 void run_kernel(const Call<T>& c) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
-  auto kernel = direct_gemm_kernel<T, DEPTH, MIN_CTAS>;
+  auto kernel = direct_gemm_kernel<T, MT, DEPTH, MIN_CTAS>;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
-  const size_t red = size_t(kWarps - 1) * 2 * kQN * 4 * 32 * sizeof(float);  // finish_tile
+  const size_t red = size_t(kWarps - 1) * 2 * kQN * MT * 4 * 32 * sizeof(float);  // finish_tile
   const size_t smem = std::max(table, red);
   static int ctas_per_sm[64] = {};
   const int slots = resident_ctas(ctas_per_sm, kernel, smem);
@@ -236,14 +250,16 @@ void run_kernel(const Call<T>& c) {
 
 }  // namespace
 
-// MBWQ_DIRECT_VARIANT (A/B): 0 four blocks in flight per warp, 1 three.
+// One token tile (M <= 8) with four blocks in flight per warp (MBWQ_DIRECT_VARIANT=1: three,
+// for the A/B); two tiles (9-16 tokens) with two, where three spill (ptxas: 52-64 bytes).
 template <typename T>
 void launch_direct(const Call<T>& c) {
   TORCH_CHECK(c.xs.size(0) >= 1 && c.xs.size(0) <= kDirectMaxM,
               "mbwq: internal: direct path needs 1 <= M <= ", kDirectMaxM, ", got M = ",
               c.xs.size(0));
-  if (tuning_override("MBWQ_DIRECT_VARIANT") == 1) return run_kernel<T, 3, 2>(c);
-  run_kernel<T, 4, 2>(c);
+  if (c.xs.size(0) > 8) return run_kernel<T, 2, 2, 2>(c);
+  if (tuning_override("MBWQ_DIRECT_VARIANT") == 1) return run_kernel<T, 1, 3, 2>(c);
+  run_kernel<T, 1, 4, 2>(c);
 }
 template void launch_direct<__half>(const Call<__half>& c);
 template void launch_direct<__nv_bfloat16>(const Call<__nv_bfloat16>& c);

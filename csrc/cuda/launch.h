@@ -70,7 +70,7 @@ void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor&
 // gemm_mma hands calls of 1 <= M <= min(kDirectMaxM, MBWQ_DIRECT_MAX_M) rows to the direct
 // kernel (gemm_direct.cu): mma.sync like gemm_mma's, but the weights go from global memory
 // straight into registers, several blocks ahead, with no shared-memory ring.
-constexpr int64_t kDirectMaxM = 8;
+constexpr int64_t kDirectMaxM = 16;
 
 // The grid of the mma.sync kernels (gemm_mma.cu, gemm_direct.cu): WC column warps of
 // warp_cols columns per CTA (one of wc_options) and K splits of blocks_per_split 32-row blocks,
