@@ -62,7 +62,7 @@ __device__ __forceinline__ void prefetch_l1(const void* p) {
 }
 
 // One block's registers for a lane: its word rows j0 (lo) and j0 + 1 (hi; odd widths and 8)
-// per quad, and its x fragment (token g, k 8t .. 8t + 7; zero for g >= M). The same registers
+// per quad, and its x fragment per token tile (token 8 mt + g, k 8t .. 8t + 7). The same registers
 // serve every width, so that a mixed layer's width changes cost a branch, not a pipeline drain
 // (and ptxas one register set, not one per width).
 template <int MT>
@@ -113,7 +113,7 @@ __device__ __forceinline__ void fetch_x(Fetched<MT>& f, const LaneSource& s, int
 }
 
 // One block: decode each quad's words into A fragments (mma_decode.cuh) and multiply with the
-// x fragment, as gemm_mma.cu's compute_quad does for one token tile.
+// x fragments, as gemm_mma.cu's compute_quad does.
 template <int B, int MT, typename T>
 __device__ __forceinline__ void compute_block(const Fetched<MT>& f, int t, const uint2 (&sc)[kQN],
                                               const uint2 (&nz)[kQN],
