@@ -301,6 +301,20 @@ def test_gemm_property_vs_reference(case):
     assert_close_to_reference(run_gemm(layer, x), x, W, layer)
 
 
+@given(cuda_cases(), st.integers(1, 16))
+def test_direct_kernel_property_vs_reference(case, M):
+    # the direct kernel (gemm_direct.cu, on through MBWQ_DIRECT_MAX_M) on the same random layers
+    spec, _, dtype = case
+    layer, W = layer_and_weight(spec)
+    x = rand_x(M, spec.in_features, dtype, seed=M)
+    os.environ["MBWQ_DIRECT_MAX_M"] = "16"
+    try:
+        y = run_gemm(layer, x)
+    finally:
+        del os.environ["MBWQ_DIRECT_MAX_M"]
+    assert_close_to_reference(y, x, W, layer)
+
+
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "n_odd", "splitk"])
 def test_dequant_bit_exact(name):
     spec = SPECS[name]
