@@ -57,6 +57,12 @@ __device__ __forceinline__ uint2 load8(const void* p) {
   asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
+// An empty asm that "changes" v: ptxas must keep the value in a register from here on instead
+// of recomputing it from the thread index where it is used (which it did in every block's
+// requests: ~35 of 223 instructions a block at four blocks in flight).
+template <typename P>
+__device__ __forceinline__ void pin(P*& p) { asm volatile("" : "+l"(p)); }
+__device__ __forceinline__ void pin(int& v) { asm volatile("" : "+r"(v)); }
 __device__ __forceinline__ void prefetch_l1(const void* p) {
   asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
 }
@@ -148,14 +154,20 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   extern __shared__ __align__(16) unsigned char smem[];
   allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
+  const int g = lane / 4;
+  int t = lane % 4;
+  // Pinned up to three blocks in flight; at four the registers are short and pinning spills.
+  constexpr bool kPin = DEPTH <= 3;
+  if constexpr (kPin) pin(t);
   const WarpPlace place(warp, log2_wc);
   const int n_warp = ((blockIdx.x << log2_wc) + place.wc) * kWarpCols;
   const WarpRange r(K, blocks_per_split, place.kw, kLog2Warps - log2_wc);
   const int nb = r.nb;
   int2* meta = reinterpret_cast<int2*>(smem);
   stage_table(meta, blocks, r, R, G);
-  const int2* my_meta = meta + (r.wb - r.jb0);
+  int meta_off = r.wb - r.jb0;
+  if constexpr (kPin) pin(meta_off);
+  const int2* my_meta = meta + meta_off;
   const uint32_t row_bytes = uint32_t(N) * 4;
 
   LaneSource src;
@@ -167,6 +179,13 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   src.x = reinterpret_cast<const unsigned char*>(xs + size_t(min(g, M - 1)) * K +
                                                  size_t(r.wb) * kBlockRows + 8 * t);
   src.x_tile_step = (min(8 + g, M - 1) - min(g, M - 1)) * K * int(sizeof(T));
+  if constexpr (kPin) {
+    pin(src.q);
+    pin(src.sc);
+    pin(src.zr);
+    pin(src.x);
+    pin(src.quad_step);
+  }
 
   float acc[2 * kQN][MT][4];
   fill_acc<MT, kQN>(acc, 0.f);
@@ -250,16 +269,17 @@ void run_kernel(const Call<T>& c) {
 
 }  // namespace
 
-// One token tile (M <= 8) with four blocks in flight per warp (MBWQ_DIRECT_VARIANT=1: three,
-// for the A/B); two tiles (9-16 tokens) with two, where three spill (ptxas: 52-64 bytes).
+// One token tile (M <= 8) with three blocks in flight per warp (MBWQ_DIRECT_VARIANT=1: four,
+// unpinned, for the A/B); two tiles (9-16 tokens) with two, where three spill (ptxas: 52-64
+// bytes).
 template <typename T>
 void launch_direct(const Call<T>& c) {
   TORCH_CHECK(c.xs.size(0) >= 1 && c.xs.size(0) <= kDirectMaxM,
               "mbwq: internal: direct path needs 1 <= M <= ", kDirectMaxM, ", got M = ",
               c.xs.size(0));
   if (c.xs.size(0) > 8) return run_kernel<T, 2, 2, 2>(c);
-  if (tuning_override("MBWQ_DIRECT_VARIANT") == 1) return run_kernel<T, 1, 3, 2>(c);
-  run_kernel<T, 1, 4, 2>(c);
+  if (tuning_override("MBWQ_DIRECT_VARIANT") == 1) return run_kernel<T, 1, 4, 2>(c);
+  run_kernel<T, 1, 3, 2>(c);
 }
 template void launch_direct<__half>(const Call<__half>& c);
 template void launch_direct<__nv_bfloat16>(const Call<__nv_bfloat16>& c);
