@@ -1,6 +1,7 @@
 // Tensor-core GEMM for the fewest tokens (decode, M <= kDirectMaxM): the weights go from global
-// memory straight into registers, with no shared-memory ring, so that more warps per SM can
-// keep the DRAM stream busy. y^T [N, M] = W^T [N, K] . xs^T [K, M] with mma.sync.m16n8k16,
+// memory straight into registers, with no shared-memory ring, so that a warp's instructions
+// go to the decode rather than to ring bookkeeping (the M = 1 kernel is issue-bound, not
+// DRAM-bound). y^T [N, M] = W^T [N, K] . xs^T [K, M] with mma.sync.m16n8k16,
 // one token tile of 8 up to M = 8, two up to 16 (tokens past M repeat token M - 1 and are never
 // stored).
 //
