@@ -102,7 +102,7 @@ __device__ __forceinline__ void fetch_words(Fetched<MT>& f, const LaneSource& s,
   const unsigned char* lo_row = s.q + size_t(uint32_t(word + j0)) * row_bytes;
   f.lo[0] = load16(lo_row);
   f.lo[1] = load16(lo_row + 4 * s.quad_step);
-  if (bits == 3 || bits == 5 || bits == 6 || bits == 8) {  // uniform over the warp
+  if (bits != 0 && reads_next_word(bits)) {  // uniform over the warp
     // the next word row; the last row of a block is never needed as hi, so clamp inside
     const unsigned char* hi_row = lo_row + (j0 + 1 < bits ? row_bytes : 0);
     f.hi[0] = load16(hi_row);

@@ -98,7 +98,7 @@ __device__ __forceinline__ void quad_words(const unsigned char* slot, int q, int
   using R = Slot<QN>;
   const unsigned char* p = slot + ((t * B) >> 2) * R::kRowStride + 128 * q + 16 * g;
   lo = *reinterpret_cast<const uint4*>(p);
-  hi = (B == 2 || B == 4) ? lo : *reinterpret_cast<const uint4*>(p + R::kRowStride);
+  hi = reads_next_word(B) ? *reinterpret_cast<const uint4*>(p + R::kRowStride) : lo;
 }
 
 // One 32-row block of width B from ring slot `slot`, its x at `x`.

@@ -310,16 +310,16 @@ __global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
         uint32_t lo[2 * RS], hi[2 * RS];  // words of row set k: [2k] (A row g), [2k + 1]
         if constexpr (RS == 1) {
           const uint2 l = *reinterpret_cast<const uint2*>(w);
-          const uint2 h = (B == 2 || B == 4) ? l
-                                             : *reinterpret_cast<const uint2*>(w + S::kRowStride);
+          const uint2 h = reads_next_word(B) ? *reinterpret_cast<const uint2*>(w + S::kRowStride)
+                                             : l;
           lo[0] = l.x, lo[1] = l.y, hi[0] = h.x, hi[1] = h.y;
         } else {
 #pragma unroll
           for (int r = 0; r < S::kRuns; ++r) {  // run r: row sets 2r, 2r + 1, 128 bytes on
             const uint4 l = *reinterpret_cast<const uint4*>(w + 128 * r);
-            const uint4 h = (B == 2 || B == 4)
-                                ? l
-                                : *reinterpret_cast<const uint4*>(w + 128 * r + S::kRowStride);
+            const uint4 h = reads_next_word(B)
+                                ? *reinterpret_cast<const uint4*>(w + 128 * r + S::kRowStride)
+                                : l;
             lo[4 * r] = l.x, lo[4 * r + 1] = l.y, lo[4 * r + 2] = l.z, lo[4 * r + 3] = l.w;
             hi[4 * r] = h.x, hi[4 * r + 1] = h.y, hi[4 * r + 2] = h.z, hi[4 * r + 3] = h.w;
           }
