@@ -259,12 +259,8 @@ void run_kernel(const Call<T>& c) {
   const size_t smem = std::max(table, red);
   static int ctas_per_sm[64] = {};
   const int slots = resident_ctas(ctas_per_sm, kernel, smem);
-  const int wc = tuning_override("MBWQ_MMA_WC");
   const GridChoice gc = choose_grid(K / kBlockRows, N, kWarpCols, M,
-                                    double(c.qweight.numel()) * 4, slots, DEPTH,
-                                    wc == 1 || wc == 2 || wc == 4 || wc == 8
-                                        ? std::initializer_list<int>{wc}
-                                        : std::initializer_list<int>{1, 2, 4});
+                                    double(c.qweight.numel()) * 4, slots, DEPTH, {1, 2, 4}, true);
   launch_on_grid(kernel, gc, smem, c);
 }
 

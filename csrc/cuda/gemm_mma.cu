@@ -374,21 +374,24 @@ constexpr int64_t kTwoQuadMinN = 8192;
 //   MT = 4 and 8 with one quad (bf16 MT = 8, and layers narrower than kTwoQuadMinN): QN 1,
 //           5 stages, x per warpgroup / CTA (8 x 5 x 1408 + 2 x 5 x 2 KB / 5 x 4 KB + 8 KB
 //           = 83 KB)
-// WC: column warps per CTA, the one of wc_options that choose_grid's cost model ranks cheapest.
+// WC: column warps per CTA, the one of wc_options that choose_grid's cost model ranks cheapest
+// (wc_knob: or MBWQ_MMA_WC).
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG = 1>
-void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options) {
+void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options, bool wc_knob) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
-  // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0
+  // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0 (at most, whatever
+  // MBWQ_MMA_WC forces: every wc_knob list holds 1)
   const size_t red = size_t(kWarps - std::min(wc_options)) * 2 * QN * MT * 4 * 32 * sizeof(float);
   const size_t smem = std::max(rings + table, red);
   static int ctas_per_sm[64] = {};
   const int slots = resident_ctas(ctas_per_sm, kernel, smem);
   const GridChoice gc = choose_grid(nblocks, N, Slot<QN>::kCols, M,
-                                    double(c.qweight.numel()) * 4, slots, STAGES, wc_options);
+                                    double(c.qweight.numel()) * 4, slots, STAGES, wc_options,
+                                    wc_knob);
   launch_on_grid(kernel, gc, smem, c);
 }
 
@@ -407,8 +410,6 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
   // MBWQ_DIRECT_MAX_M rows.
   if (M <= std::min<int64_t>(tuning_override("MBWQ_DIRECT_MAX_M"), kDirectMaxM))
     return launch_direct(c);
-  const int wc = tuning_override("MBWQ_MMA_WC");
-  const bool wc_forced = wc == 1 || wc == 2 || wc == 4 || wc == 8;
   // Token tiles by M: one (M <= 8), two, four, eight, with two column quads per lane (one for
   // eight tiles of bf16 and on narrow layers, below). Up to 16 tokens each warp copies its own
   // x; beyond, x is as many bytes as the warp's weights or more, and one copy per CTA saves the
@@ -434,23 +435,23 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
   // 4-bit M = 32: 13.9 -> 19.5 us, mixed 2.5 M = 64 22.7 -> 23.8 us; 8192 x 8192 still gained,
   // M = 32 29.3 -> 28.8 us). So two quads from kTwoQuadMinN columns on.
   const bool two_quads = c.qweight.size(1) >= kTwoQuadMinN;
+  // (The x-per-warp kernels take any column-warp count, so MBWQ_MMA_WC may force one; the
+  // shared-x kernels need all eight.)
   if (M <= 8) {
-    run_kernel<T, 1, 2, 4, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
-                                                  : std::initializer_list<int>{1, 2});
+    run_kernel<T, 1, 2, 4, 2, false>(c, {1, 2}, true);
   } else if (M <= 16) {
-    run_kernel<T, 2, 2, 3, 2, false>(c, wc_forced ? std::initializer_list<int>{wc}
-                                                   : std::initializer_list<int>{2, 1});
+    run_kernel<T, 2, 2, 3, 2, false>(c, {2, 1}, true);
   } else if (M <= 32) {
     if (two_quads) {
-      run_kernel<T, 4, 2, 3, 2, true, 2>(c, {kWarps});
+      run_kernel<T, 4, 2, 3, 2, true, 2>(c, {kWarps}, false);
     } else {
-      run_kernel<T, 4, 1, 5, 2, true, 2>(c, {kWarps});
+      run_kernel<T, 4, 1, 5, 2, true, 2>(c, {kWarps}, false);
     }
   } else {
     if constexpr (std::is_same_v<T, __half>) {
-      if (two_quads) return run_kernel<T, 8, 2, 3, 1, true>(c, {kWarps});
+      if (two_quads) return run_kernel<T, 8, 2, 3, 1, true>(c, {kWarps}, false);
     }
-    run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps});
+    run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps}, false);
   }
 }
 
@@ -461,12 +462,17 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
 // q4 at M = 1 on gemm_mma: 448 CTAs of one column warp = 1.7 waves, 56.7 us; 224 CTAs of
 // two, one wave, 52.9 us. The model ranks them 72 : 68.)
 GridChoice choose_grid(int nblocks, int N, int warp_cols, int M, double weight_bytes, int slots,
-                       int ramp, std::initializer_list<int> wc_options) {
+                       int ramp, std::initializer_list<int> wc_options, bool wc_knob) {
   const int forced = tuning_override("MBWQ_MMA_SPLITS");
+  // MBWQ_MMA_WC = 1, 2, 4 or 8 replaces wc_options where the kernel allows (wc_knob)
+  const int knob = wc_knob ? tuning_override("MBWQ_MMA_WC") : 0;
+  const std::initializer_list<int> forced_wc = {knob};
+  const std::initializer_list<int>& options =
+      knob == 1 || knob == 2 || knob == 4 || knob == 8 ? forced_wc : wc_options;
   const int s_min = (nblocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta;
-  int WC = *wc_options.begin(), best_s = 1;
+  int WC = *options.begin(), best_s = 1;
   double best = 1e300;
-  for (const int wc : wc_options) {
+  for (const int wc : options) {
     const int tiles = (N + wc * warp_cols - 1) / (wc * warp_cols);
     const int WK = kWarps / wc;
     for (int s = s_min; s <= std::max(s_min, std::min(64, nblocks / (2 * WK))); ++s) {

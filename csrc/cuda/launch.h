@@ -75,12 +75,13 @@ constexpr int64_t kDirectMaxM = 16;
 // The grid of the mma.sync kernels (gemm_mma.cu, gemm_direct.cu): WC column warps of
 // warp_cols columns per CTA (one of wc_options) and K splits of blocks_per_split 32-row blocks,
 // the cheapest under a cost model of waves x (blocks per warp + `ramp`) plus the partials'
-// traffic, for `slots` resident CTAs. MBWQ_MMA_SPLITS forces the splits.
+// traffic, for `slots` resident CTAs. MBWQ_MMA_SPLITS forces the splits, and MBWQ_MMA_WC the
+// column warps where the kernel takes any number of them (wc_knob).
 struct GridChoice {
   int wc, tiles, splits, blocks_per_split;
 };
 GridChoice choose_grid(int nblocks, int N, int warp_cols, int M, double weight_bytes, int slots,
-                       int ramp, std::initializer_list<int> wc_options);
+                       int ramp, std::initializer_list<int> wc_options, bool wc_knob);
 
 // The tokens of the tile kernel's CTA tiles for M rows: 16, 32, 64, 128 or 256 (the fewest
 // that cover M, or MBWQ_TILE_TOKENS).
