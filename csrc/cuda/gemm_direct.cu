@@ -193,6 +193,10 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   uint2 sc[kQN], nz[kQN];  // the lane's scales and -zeros (fp16) of the current group
   int cur_group = -1, issue_group = -1;
 
+  // The lane's 4 columns of quad q in row `group` of scales or zeros (base: src.sc / src.zr).
+  auto group_cols = [&](const uint16_t* base, int group, int q) {
+    return base + size_t(group) * N + q * src.quad_step;
+  };
   // Block i's words into register set f, and its scales and zeros into L1 when it starts a
   // group.
   auto request_words = [&](Fetched<MT>& f, int i) {
@@ -202,8 +206,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     if (starts_group(bits, group, issue_group)) {
 #pragma unroll
       for (int q = 0; q < kQN; ++q) {
-        prefetch_l1(src.sc + size_t(group) * N + q * src.quad_step);
-        prefetch_l1(src.zr + size_t(group) * N + q * src.quad_step);
+        prefetch_l1(group_cols(src.sc, group, q));
+        prefetch_l1(group_cols(src.zr, group, q));
       }
     }
   };
@@ -228,8 +232,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
         if (starts_group(bits, group, cur_group)) {
 #pragma unroll
           for (int q = 0; q < kQN; ++q) {
-            sc[q] = load8(src.sc + size_t(group) * N + q * src.quad_step);
-            nz[q] = negate_halves(load8(src.zr + size_t(group) * N + q * src.quad_step));
+            sc[q] = load8(group_cols(src.sc, group, q));
+            nz[q] = negate_halves(load8(group_cols(src.zr, group, q)));
           }
         }
         with_width(bits, [&](auto width) {
