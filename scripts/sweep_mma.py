@@ -15,8 +15,8 @@ MBWQ_TILE_TOKENS (16, 32, 64, 128 or 256 tokens per CTA tile), MBWQ_TILE_WARPGRO
 of up to 64 tokens with three consumer warpgroups) and MBWQ_TILE_SPLITS (its K splits,
 csrc/cuda/gemm_tile.cu), MBWQ_DIRECT_MAX_M (up to 16: the rows the direct kernel takes,
 csrc/cuda/gemm_direct.cu; it shares MBWQ_MMA_WC and MBWQ_MMA_SPLITS) and MBWQ_DIRECT_VARIANT
-(1: four blocks in flight per warp instead of three, for M <= 8). --matmul adds torch.matmul in the activation dtype on
-the same problem, timed the same way.
+(1: four blocks in flight per warp instead of three, for M <= 8). --matmul adds torch.matmul
+in the activation dtype on the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).
 Prints one line per point; the fastest per (shape, format, M) is marked with *.
