@@ -174,8 +174,6 @@ def test_direct_kernel(name, monkeypatch):
             y = run_gemm(layer, x)
             assert_close_to_reference(y, x, W, layer)
             assert torch.equal(run_gemm(layer, x), y), (M, splits, wc, variant)
-    for knob in ("MBWQ_DIRECT_MAX_M", "MBWQ_MMA_SPLITS", "MBWQ_MMA_WC", "MBWQ_DIRECT_VARIANT"):
-        monkeypatch.delenv(knob)
 
 
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
