@@ -49,6 +49,19 @@ __device__ __forceinline__ float round_as(float v) {
 
 __device__ __forceinline__ float qnan() { return __int_as_float(0x7fc00000); }
 
+// 16 bytes of global memory through L2 only (ld.global.cg), for data an earlier kernel in the
+// stream writes (x as the previous layer left it, xs from the gather): a chained kernel
+// (pdl.cuh) starts before that kernel ends, and the read-only path (ld.global.nc, __ldg) is
+// only defined for data that stays unchanged for the reading kernel's whole lifetime. Weights
+// are never written by a kernel of the chain and keep the read-only path.
+__device__ __forceinline__ uint4 load16_l2(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 // Validated block metadata (format.h): bits == 0 marks a block whose table entry is out of
 // range; kernels turn it into NaN instead of reading outside qweight / scales.
 struct BlockMeta {

@@ -195,8 +195,7 @@ __global__ void __launch_bounds__(kStagedThreads)
       if (vec) {
 #pragma unroll
         for (int q = 0; q < int(sizeof(T)) * 8 / 16; ++q)
-          reinterpret_cast<uint4*>(v[u])[q] =
-              __ldg(reinterpret_cast<const uint4*>(row + 8 * c) + q);
+          reinterpret_cast<uint4*>(v[u])[q] = load16_l2(row + 8 * c + q * (16 / sizeof(T)));
       } else {
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[u][e] = row[8 * c + e];

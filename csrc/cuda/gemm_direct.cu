@@ -115,8 +115,8 @@ template <int MT>
 __device__ __forceinline__ void fetch_x(Fetched<MT>& f, const LaneSource& s, int block) {
   static_assert(MT <= 2, "LaneSource has one token-tile step");
   const unsigned char* p = s.x + size_t(block) * (kBlockRows * 2);
-  f.x[0] = load16(p);
-  if constexpr (MT == 2) f.x[1] = load16(p + s.x_tile_step);
+  f.x[0] = load16_l2(p);  // written by the gather kernel, which may still run at our start
+  if constexpr (MT == 2) f.x[1] = load16_l2(p + s.x_tile_step);
 }
 
 // One block: decode each quad's words into A fragments (mma_decode.cuh) and multiply with the
