@@ -55,11 +55,7 @@ __device__ __forceinline__ float qnan() { return __int_as_float(0x7fc00000); }
 // only defined for data that stays unchanged for the reading kernel's whole lifetime. Weights
 // are never written by a kernel of the chain and keep the read-only path.
 __device__ __forceinline__ uint4 load16_l2(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+  return __ldcg(static_cast<const uint4*>(p));
 }
 
 // Validated block metadata (format.h): bits == 0 marks a block whose table entry is out of
