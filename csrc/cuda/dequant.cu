@@ -12,7 +12,7 @@
 // the output comes out in original input order with no second pass. Each fp16 value is the
 // single rounding of code*scale - zero (__hfma), bit-exact with the original; bf16 / fp32
 // outputs convert that fp16 value.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 

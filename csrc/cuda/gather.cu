@@ -17,7 +17,7 @@
 //    us, M = 512 671 -> 576 us, M = 2048 2095 -> 1788 us; on layers of K = 4096 and 8192 the
 //    two are within run-to-run noise. Below the threshold rows are few, and the direct gather
 //    spreads each over many CTAs.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -27,7 +27,7 @@
 // CTA = 8 warps = WC column warps x WK k-warps, K splits over CTAs: the shapes, the block table
 // in shared memory, the k-warp reduction and the split partials are those of gemm_mma.cu
 // (mma_tile.cuh, split_reduce.cuh), chosen by the same cost model (choose_grid).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 

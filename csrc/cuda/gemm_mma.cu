@@ -38,7 +38,7 @@
 // ---------------------------------------------------------------------------------------
 // The decode (which codes a lane takes, how they become fp16) is described in mma_decode.cuh.
 // ---------------------------------------------------------------------------------------
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 

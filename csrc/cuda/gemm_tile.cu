@@ -50,7 +50,8 @@
 // Invalid block-table entries (bits 0 after load_block) get no copies and make the CTA's tile
 // NaN. Several K splits (few tiles on the device) write fp32 partials that reduce_splits adds in
 // order, as on the other path: results do not depend on timing.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 

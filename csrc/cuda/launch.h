@@ -2,7 +2,7 @@
 // and dequant.cu, called by ops_cuda.cpp). Every launcher runs on the current stream of the
 // current device; the caller holds the device guard and has checked shapes (checks.h).
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>

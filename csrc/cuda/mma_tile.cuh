@@ -3,7 +3,8 @@
 // reduction of the k-warps' sums at the end, and the host side of a launch (the grid, the K
 // split partials and their reduction).
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <stdint.h>
 

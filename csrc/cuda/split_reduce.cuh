@@ -2,7 +2,7 @@
 // wrote fp32 partials [splits, M, N]; this adds them in split order (deterministic), adds the
 // bias and rounds once to y's dtype.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "common.cuh"
 #include "pdl.cuh"
