@@ -46,9 +46,12 @@ namespace {
 constexpr int kQN = 2;                 // column quads per lane: a warp spans 64 columns
 constexpr int kWarpCols = 32 * kQN;
 
-__device__ __forceinline__ uint4 load16(const void* p) {
+// A lane's 16 bytes of a qweight row. Every weight byte is read once per call (column tiles and
+// K ranges are disjoint), so the line is not kept in L1, where it would only push out the
+// scales and zeros prefetched there.
+__device__ __forceinline__ uint4 load_words(const void* p) {
   uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -100,13 +103,13 @@ __device__ __forceinline__ void fetch_words(Fetched<MT>& f, const LaneSource& s,
   static_assert(kQN == 2, "LaneSource has one quad step");
   const int j0 = (t * bits) >> 2;
   const unsigned char* lo_row = s.q + size_t(uint32_t(word + j0)) * row_bytes;
-  f.lo[0] = load16(lo_row);
-  f.lo[1] = load16(lo_row + 4 * s.quad_step);
+  f.lo[0] = load_words(lo_row);
+  f.lo[1] = load_words(lo_row + 4 * s.quad_step);
   if (bits != 0 && reads_next_word(bits)) {  // uniform over the warp
     // the next word row; the last row of a block is never needed as hi, so clamp inside
     const unsigned char* hi_row = lo_row + (j0 + 1 < bits ? row_bytes : 0);
-    f.hi[0] = load16(hi_row);
-    f.hi[1] = load16(hi_row + 4 * s.quad_step);
+    f.hi[0] = load_words(hi_row);
+    f.hi[1] = load_words(hi_row + 4 * s.quad_step);
   }
 }
 
