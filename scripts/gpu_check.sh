@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine: build + install the package, run the CUDA tests, the
-# compute-sanitizer script (memcheck + racecheck), the quick benchmark and the demo.
+# One command for a CUDA machine: build + install the package, run the CUDA tests, an optional
+# extra command, the compute-sanitizer script (memcheck + racecheck), the quick benchmark and
+# the demo, in that order.
 #
 #   scripts/gpu_check.sh             # logs under $OUT if set, else ./.device_out
 #   BENCH=full scripts/gpu_check.sh  # full benchmark instead of --quick
@@ -11,7 +12,7 @@
 #                                                      # test marked cuda, one process per file)
 #   TESTS=0 BENCH=0 scripts/gpu_check.sh               # skip the tests / the benchmark
 #   EXTRA="ncu ... python3 scripts/profile_gemm.py" scripts/gpu_check.sh   # one more command
-#                                                      # after the build (log: extra.log)
+#                                                      # after the tests (log: extra.log)
 #
 # Python wheels missing on the machine (e.g. expecttest for opcheck) are taken from ./.whl if
 # that folder exists (on the lent device: pass `.whl` in carry). Exits non-zero if any step
@@ -86,12 +87,14 @@ run_tests() {
   return $rc
 }
 [ "${TESTS:-}" = 0 ] || step tests tests.log run_tests
+# The extra command (usually an A/B sweep) before the sanitizers, which take the longest: if a
+# call runs out of time, the measurements are what came back.
+if [ -n "${EXTRA:-}" ]; then step extra extra.log bash -c "$EXTRA"; fi
 SAN="compute-sanitizer --error-exitcode 1 --print-limit 20"
 if [ "${SANITIZE:-1}" = 1 ]; then
   step memcheck memcheck.log $SAN --tool memcheck $PY scripts/sanitize_paths.py
   step racecheck racecheck.log $SAN --tool racecheck $PY scripts/sanitize_paths.py
 fi
-if [ -n "${EXTRA:-}" ]; then step extra extra.log bash -c "$EXTRA"; fi
 if [ "${BENCH:-}" = 0 ]; then
   :
 elif [ -n "${BENCH_ARGS:-}" ]; then
@@ -107,5 +110,5 @@ fi
 if [ "${DEMO:-1}" = 1 ]; then step demo demo.log $PY -m mbwq_ops.demo; fi
 
 echo "=== summary"
-for k in build tests memcheck racecheck extra bench demo; do echo "$k: ${RESULT[$k]:-not run}"; done
+for k in build tests extra memcheck racecheck bench demo; do echo "$k: ${RESULT[$k]:-not run}"; done
 exit $fail
