@@ -9,7 +9,7 @@ the 8192-column layer); on compute capability 9.0 the many-token tile kernel, 12
 tiles at M = 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32
 and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M, and with three consumer
 warpgroups at M = 12 and 64 through MBWQ_TILE_WARPGROUPS; the direct kernel at M = 2, 3,
-7 and 12 through MBWQ_DIRECT_MAX_M), the x
+7 and 12 through MBWQ_DIRECT_MAX_M, and the ring kernels at M = 1, 3 and 12 with it off), the x
 gather element by element and through shared memory (from 32 rows), one and several K
 splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale
 and bias in several dtypes or absent, identity and random perm; the large-M path (x gather +
@@ -62,11 +62,14 @@ def main():
     small = {"MBWQ_TILE_MIN_M": "1"}
     three = {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_WARPGROUPS": "3"}
     # ... and the direct kernel (gemm_direct.cu) at M = 2, 3, 7 and 12 through
-    # MBWQ_DIRECT_MAX_M, with forced K splits and both pipeline depths of one token tile
+    # MBWQ_DIRECT_MAX_M, with forced K splits and both pipeline depths of one token tile, and
+    # with it off (gemm_mma.cu's own 1-16-token kernels) at M = 1, 3 and 12, whatever its default
     direct = {"MBWQ_DIRECT_MAX_M": "16"}
-    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small], 17: [small], 40: [small],
-            12: [three, direct], 64: [three], 2: [direct],
-            3: [{**direct, "MBWQ_MMA_SPLITS": "3"}], 7: [{**direct, "MBWQ_DIRECT_VARIANT": "1"}]}
+    ring = {"MBWQ_DIRECT_MAX_M": "0"}
+    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small, ring], 17: [small], 40: [small],
+            12: [three, direct, ring], 64: [three], 2: [direct],
+            3: [{**direct, "MBWQ_MMA_SPLITS": "3"}, ring],
+            7: [{**direct, "MBWQ_DIRECT_VARIANT": "1"}]}
     checked = 0
     for spec in specs:
         layer_cpu, _ = make_layer(spec, "cpu")

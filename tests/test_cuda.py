@@ -151,6 +151,21 @@ def test_mma_row_chunks(name, monkeypatch):
             assert torch.equal(run_gemm(layer, x[a:b].contiguous()), y[a:b]), (a, b)
 
 
+@pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide"])
+def test_ring_kernel_fewest_tokens(name, monkeypatch):
+    # gemm_mma.cu's own kernels for 1-16 tokens, with the direct kernel off whatever its
+    # default (MBWQ_DIRECT_MAX_M=0), so that they stay tested once the direct kernel takes
+    # these M by default. Deterministic.
+    monkeypatch.setenv("MBWQ_DIRECT_MAX_M", "0")
+    layer, W = layer_and_weight(SPECS[name])
+    for dtype in DTYPES:
+        for M in (1, 4, 8, 9, 16):
+            x = rand_x(M, layer.in_channels, dtype, seed=M)
+            y = run_gemm(layer, x)
+            assert_close_to_reference(y, x, W, layer)
+            assert torch.equal(run_gemm(layer, x), y), (name, dtype, M)
+
+
 @pytest.mark.parametrize("name", ["q4g128", "q2g64", "mixed_all", "mixed_432", "splitk",
                                   "onesplit", "wide", "two_quads"])
 def test_direct_kernel(name, monkeypatch):
