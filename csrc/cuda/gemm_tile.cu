@@ -291,20 +291,19 @@ __global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
       for (int j = 0; j < TOKENS / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[k][j][e] = 0.f;
-    uint32_t a0[RS][8], a1[RS][8];  // A registers of alternate blocks
+    // A registers of alternate blocks; zero once, so that an invalid block, which leaves them
+    // as they are (its tile is NaN anyway), never multiplies uninitialized registers
+    uint32_t a0[RS][8] = {}, a1[RS][8] = {};
     __half2 sc[RS][2], nz[RS][2];   // scale and -zero of row set k's two columns, (v, v) pairs
     int cur_group = -1, pending = -1;  // pending: slot of the last committed group
     bool poisoned = false;
 
     // The lane's A registers of a block of width B from its slot (B = 0: an invalid block,
-    // whose slot holds no weights: zeros, and the tile becomes NaN).
+    // whose slot holds no weights: a keeps an earlier block's values and the tile becomes
+    // NaN; zeroing a here cost ~16 instructions in every valid block, where ptxas hoisted it).
     auto decode = [&](auto width, const unsigned char* slot, uint32_t(&a)[RS][8]) {
       constexpr int B = decltype(width)::value;
       if constexpr (B == 0) {
-#pragma unroll
-        for (int k = 0; k < RS; ++k)
-#pragma unroll
-          for (int r = 0; r < 8; ++r) a[k][r] = 0;
         poisoned = true;
       } else {
         const unsigned char* w = slot + S::kWOffset + ((t * B) >> 2) * S::kRowStride + 4 * col;
