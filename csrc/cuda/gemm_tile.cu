@@ -283,7 +283,12 @@ __global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
     // ---- consumers ----
     set_max_regs_inc<Roles<CWG>::kConsumerRegs>();
     const int g = lane / 4, t = lane % 4;
-    const int col = 64 * RS * (warp / 4) + 16 * RS * (warp % 4) + S::kRunCols * g;  // lane's first
+    int col = 64 * RS * (warp / 4) + 16 * RS * (warp % 4) + S::kRunCols * g;  // lane's first
+    // Kept in a register (an empty asm that "changes" it), not recomputed from the thread index
+    // in every block's slot addresses, where the accumulators and the two A register sets
+    // leave room: 4-bit 256-token tiles 225 -> 207 instructions per two blocks; the 64-token
+    // tiles of four row sets (192 such registers) spill with it.
+    if constexpr (RS * TOKENS / 2 + 16 * RS <= 160) asm volatile("" : "+r"(col));
     float acc[RS][TOKENS / 8][4];
 #pragma unroll
     for (int k = 0; k < RS; ++k)
