@@ -340,6 +340,7 @@ __global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
     // width, the decode switching per block: with a loop per width, ptxas serialized every
     // wgmma (C7512).
     TableChunks table(blocks, jb0, nb, R, G);
+    const uint64_t x_desc0 = smem_desc(smem_s, S::kPiece, 128);
     auto step = [&](int i, uint32_t(&a)[RS][8], uint32_t(&a_prev)[RS][8]) {
       const BlockMeta b = table.get(i);
       const int s = i % S::kStages;
@@ -359,7 +360,10 @@ __global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
         }
       }
       with_width(b.bits, [&](auto width) { decode(width, slot, a); });
-      const uint32_t x = smem_s + s * S::kSlotBytes;
+      // slot s's x pieces: slot 0's descriptor + the offset in its start-address field (in 16
+      // bytes; shared addresses < 256 KB never carry out of its 14 bits), one add instead of
+      // building each descriptor from the address (4 uniform instructions a wgmma)
+      const uint32_t x_off = (s * S::kSlotBytes) >> 4;
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < RS; ++k)
@@ -367,7 +371,7 @@ __global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
         for (int ks = 0; ks < 2; ++ks)
           wgmma_tokens<T, TOKENS>(&acc[k][0][0], a[k][4 * ks], a[k][4 * ks + 1],
                                   a[k][4 * ks + 2], a[k][4 * ks + 3],
-                                  smem_desc(x + 2 * ks * S::kPiece, S::kPiece, 128));
+                                  x_desc0 + (x_off + ks * (2 * S::kPiece >> 4)));
       wgmma_commit();
       wgmma_wait<1>();
 #pragma unroll
