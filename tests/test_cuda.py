@@ -384,8 +384,22 @@ def test_bf16_large_values_and_fp16_finite():
             assert torch.isfinite(y).all()
 
 
+KERNEL_KNOBS = {
+    "default": {},
+    # every M on the tile kernel (wgmma devices): its 16-, 32- and 64-token tiles
+    "tiles": {"MBWQ_TILE_MIN_M": "1"},
+    "tiles3": {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_WARPGROUPS": "3"},
+    "direct": {"MBWQ_DIRECT_MAX_M": "16"},
+}
+
+
+@pytest.mark.parametrize("knobs", list(KERNEL_KNOBS))
 @pytest.mark.parametrize("M", [1, 5, 20, 64, 100, 200, 300])
-def test_invalid_tables_do_not_crash(M):
+def test_invalid_tables_do_not_crash(M, knobs, monkeypatch):
+    # invalid table entries and perm values on every path (KERNEL_KNOBS sends small M to the
+    # tile kernels and the direct kernel)
+    for k, v in KERNEL_KNOBS[knobs].items():
+        monkeypatch.setenv(k, v)
     layer, _ = layer_and_weight(SPECS["mixed_432"])
     q, s, z, blocks, perm, cs, bias = gemm_args(layer)
     x = rand_x(M, layer.in_channels, torch.float16)
