@@ -96,12 +96,12 @@ __device__ __forceinline__ __half2 code_pair(uint32_t word) {
   }
 }
 
-// The lane's 8 codes of one column as the pairs P0..P3 (header), from the two words that hold
-// its bytes [t*B, t*B + B): lo = word j0, hi = word j0 + 1. Bit layouts per width (format.h):
 // True where a lane's bytes [t*bits, t*bits + bits) of a block may reach into word j0 + 1, so
 // that decode_pairs needs hi: every width but 2 and 4 (whose lanes stay inside one word).
 __host__ __device__ constexpr bool reads_next_word(int bits) { return bits != 2 && bits != 4; }
 
+// The lane's 8 codes of one column as the pairs P0..P3 (header), from the two words that hold
+// its bytes [t*B, t*B + B): lo = word j0, hi = word j0 + 1. Bit layouts per width (format.h):
 template <int B>
 __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, int t, __half2 (&p)[4]) {
   const int sh = 8 * ((t * B) & 3);  // the lane's first bit inside lo
