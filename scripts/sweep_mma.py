@@ -19,7 +19,11 @@ MBWQ_DIRECT_VARIANT (1: four blocks in flight per warp instead of three, for M <
 --matmul adds torch.matmul in the activation dtype on the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).
-Prints one line per point; the fastest per (shape, format, M) is marked with *.
+Every point is also checked against an fp32 reference (dequantized W, x * channel_scale rounded
+to the activation dtype): `err` is max |y - ref| / (|ref| + |xs| @ |W|), ~1e-4 for a correct
+fp16 result; a point above 2^-6 is marked WRONG and never counted as the fastest, so that a
+broken variant cannot win the sweep.
+Prints one line per point; the fastest correct one per (shape, format, M) is marked with *.
 """
 import argparse
 import itertools
@@ -29,6 +33,24 @@ import torch
 
 from bench import (bench_matmul, clone_layer_args, copies_for, make_layer, read_bandwidth,
                    time_graph)
+
+WRONG = 2.0 ** -6  # err above this is a wrong result, not rounding
+
+
+class Reference:
+    """fp32 reference for one layer's op arguments (FORMAT.md section 7)."""
+
+    def __init__(self, args):
+        qweight, scales, zeros, blocks, perm, self.cs, self.bias = args
+        self.W = torch.ops.mbwq.dequant(qweight, scales, zeros, blocks, perm, torch.float32)
+
+    def error(self, x, y):
+        xs = (x * self.cs).to(x.dtype).float() if self.cs is not None else x.float()
+        ref = xs @ self.W
+        S = xs.abs() @ self.W.abs()
+        if self.bias is not None:
+            ref, S = ref + self.bias.float(), S + self.bias.float().abs()
+        return ((y.float() - ref).abs() / (ref.abs() + S + 1e-30)).max().item()
 
 
 def main():
@@ -55,22 +77,27 @@ def main():
         for f in args.formats.split(","):
             layer, wbytes = make_layer(f, K, N)
             arg_sets = clone_layer_args(layer, copies_for(wbytes))
+            ref = Reference(arg_sets[0])
             for M in Ms:
                 xs = [torch.randn(M, K, device="cuda", dtype=getattr(torch, args.dtype))
                       for _ in arg_sets]
                 rows = []
                 for values in itertools.product(*(v for _, v in knobs)):
                     os.environ.update(zip(names, values))
+                    err = ref.error(xs[0], torch.ops.mbwq.gemm(xs[0], *arg_sets[0]))
                     us = time_graph([lambda x=x, a=a: torch.ops.mbwq.gemm(x, *a)
                                      for x, a in zip(xs, arg_sets)])
-                    rows.append((us, values))
-                best = min(r[0] for r in rows)
-                for us, values in rows:
+                    rows.append((us, err, values))
+                best = min((r[0] for r in rows if r[1] <= WRONG), default=None)
+                for us, err, values in rows:
                     pct = 100 * wbytes / us / 1e6 / bw
                     point = " ".join(f"{k.removeprefix('MBWQ_MMA_').lower()}={v}"
                                      for k, v in zip(names, values))
+                    mark = "WRONG" if not err <= WRONG else "*" if us == best else ""
                     print(f"{K}x{N} {f} {args.dtype} M={M:<4} {point} {us:8.1f} us "
-                          f"{pct:5.1f}% bw {'*' if us == best else ''}", flush=True)
+                          f"{pct:5.1f}% bw err={err:.1e} {mark}", flush=True)
+            del ref, arg_sets, layer
+            torch.cuda.empty_cache()
     for k in names:
         os.environ.pop(k, None)
 
