@@ -67,12 +67,14 @@ __device__ __forceinline__ uint2 load8(const void* p) {
 template <typename P>
 __device__ __forceinline__ void pin(P*& p) { asm volatile("" : "+l"(p)); }
 __device__ __forceinline__ void pin(int& v) { asm volatile("" : "+r"(v)); }
-// When `start` (warp-uniform): the L1 lines of row `group` of scales and of zeros at the lane's
-// first column, sc + group * row_bytes and zr + group * row_bytes (the lane's second quad, 64
-// bytes on, lies in the same 128-byte line when N is a multiple of 64, as in every model
-// layer). One PTX block for the addresses and both prefetches: ptxas predicates it into every
-// block (7 instructions issued whether or not the block starts a group), where the C++ form
-// with one prefetch per quad took ~15.
+// When `start`: the L1 lines of row `group` of scales and of zeros at the lane's first column,
+// sc + group * row_bytes and zr + group * row_bytes (the lane's second quad, 64 bytes on, lies
+// in the same 128-byte line when N is a multiple of 64, as in every model layer, and the
+// tensors start on 128 bytes, as torch allocates them). One PTX block for the addresses and
+// both prefetches: 7 instructions a block, where the C++ form with one prefetch per quad took
+// ~15; ptxas predicates some of its copies in the unrolled loop and branches around others.
+// The branch is a plain `bra` (not `.uni`), so it stays defined should a caller ever pass a
+// `start` that differs between lanes.
 __device__ __forceinline__ void prefetch_group_l1(bool start, const void* sc, const void* zr,
                                                   int group, uint32_t row_bytes) {
   asm volatile(
@@ -80,7 +82,7 @@ __device__ __forceinline__ void prefetch_group_l1(bool start, const void* sc, co
       ".reg .pred p;\n"
       ".reg .u64 a, b;\n"
       "setp.ne.u32 p, %0, 0;\n"
-      "@!p bra.uni SKIP;\n"
+      "@!p bra SKIP;\n"
       "mad.wide.u32 a, %1, %2, %3;\n"
       "mad.wide.u32 b, %1, %2, %4;\n"
       "prefetch.global.L1 [a];\n"
@@ -136,7 +138,7 @@ __device__ __forceinline__ void fetch_words(Fetched<MT>& f, const LaneSource& s,
 template <int MT>
 __device__ __forceinline__ void fetch_x(Fetched<MT>& f, const LaneSource& s, int block) {
   static_assert(MT <= 2, "LaneSource has one token-tile step");
-  const unsigned char* p = s.x + size_t(block) * (kBlockRows * 2);
+  const unsigned char* p = s.x + size_t(block) * (kBlockRows * 2);  // 2-byte x (fp16, bf16)
   f.x[0] = load16_l2(p);  // written by the gather kernel, which may still run at our start
   if constexpr (MT == 2) f.x[1] = load16_l2(p + s.x_tile_step);
 }
@@ -174,6 +176,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
                        const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                        int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                        int log2_wc, int blocks_per_split) {
+  static_assert(sizeof(T) == 2, "fetch_x steps over 2-byte x");
   extern __shared__ __align__(16) unsigned char smem[];
   allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
