@@ -26,14 +26,24 @@ inline void check_weight_args(const at::Tensor& qweight, const at::Tensor& scale
               "mbwq: blocks must be int32 [K/32, ", kBlockCols, "], got ", blocks.scalar_type(),
               " ", blocks.sizes());
   const int64_t K = blocks.size(0) * kBlockRows;
-  TORCH_CHECK(perm.dim() == 1 && perm.scalar_type() == at::kInt &&
-                  (perm.numel() == 0 || perm.numel() == K),
-              "mbwq: perm must be int32 [", K, "] or [0] (identity), got ", perm.scalar_type(),
-              " ", perm.sizes());
+  TORCH_CHECK(perm.dim() == 1 && perm.scalar_type() == at::kInt,
+              "mbwq: perm must be a 1-D int32 tensor, got ", perm.dim(), "-D ",
+              perm.scalar_type());
+  // K comes from blocks, so a short blocks table shows up here: name both sides.
+  TORCH_CHECK(perm.numel() == 0 || perm.numel() == K, "mbwq: perm has ", perm.numel(),
+              " entries but blocks covers K = ", K, " input features (", blocks.size(0),
+              " blocks of ", kBlockRows, " rows); perm must be [K] or [0] (identity)");
   for (const at::Tensor* t : {&scales, &zeros, &blocks, &perm}) {
     TORCH_CHECK(t->device() == qweight.device(), "mbwq: all weight tensors must be on ",
                 qweight.device(), ", found one on ", t->device());
   }
+}
+
+// dequant's output dtype: floating (fp16, bf16 and fp32 are written directly, others are the
+// fp16 weight converted); an integer W would truncate every weight.
+inline void check_dequant_dtype(at::ScalarType dtype) {
+  TORCH_CHECK(at::isFloatingType(dtype), "mbwq: dequant dtype must be a floating type, got ",
+              dtype);
 }
 
 inline void check_gemm_args(const at::Tensor& x, const at::Tensor& qweight,

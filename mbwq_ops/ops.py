@@ -46,10 +46,12 @@ def _check_weight_args(qweight, scales, zeros, blocks, perm):
                  lambda: f"mbwq: blocks must be int32 [K/32, {BLOCK_COLS}], got {blocks.dtype} "
                          f"{tuple(blocks.shape)}")
     K = blocks.shape[0] * BLOCK_ROWS
-    torch._check(perm.dim() == 1 and perm.dtype == torch.int32
-                 and (perm.numel() == 0 or perm.numel() == K),
-                 lambda: f"mbwq: perm must be int32 [{K}] or [0] (identity), got {perm.dtype} "
-                         f"{tuple(perm.shape)}")
+    torch._check(perm.dim() == 1 and perm.dtype == torch.int32,
+                 lambda: f"mbwq: perm must be a 1-D int32 tensor, got {perm.dim()}-D {perm.dtype}")
+    torch._check(perm.numel() == 0 or perm.numel() == K,
+                 lambda: f"mbwq: perm has {perm.numel()} entries but blocks covers K = {K} input "
+                         f"features ({blocks.shape[0]} blocks of {BLOCK_ROWS} rows); perm must be "
+                         f"[K] or [0] (identity)")
     for t in (scales, zeros, blocks, perm):
         torch._check(t.device == qweight.device,
                      lambda: f"mbwq: all weight tensors must be on {qweight.device}, found one on {t.device}")
@@ -59,6 +61,8 @@ def _check_weight_args(qweight, scales, zeros, blocks, perm):
 @torch.library.register_fake("mbwq::dequant")
 def _dequant_fake(qweight, scales, zeros, blocks, perm, dtype):
     K, N = _check_weight_args(qweight, scales, zeros, blocks, perm)
+    torch._check(dtype.is_floating_point,
+                 lambda: f"mbwq: dequant dtype must be a floating type, got {dtype}")
     return qweight.new_empty((K, N), dtype=dtype)
 
 

@@ -148,6 +148,7 @@ at::Tensor dequant_cpu(const at::Tensor& qweight_, const at::Tensor& scales_,
                        const at::Tensor& zeros_, const at::Tensor& blocks_,
                        const at::Tensor& perm_, at::ScalarType dtype) {
   check_weight_args(qweight_, scales_, zeros_, blocks_, perm_);
+  check_dequant_dtype(dtype);
   const at::Tensor qweight = qweight_.contiguous(), scales = scales_.contiguous(),
                    zeros = zeros_.contiguous(), blocks = blocks_.contiguous(),
                    perm = perm_.contiguous();
