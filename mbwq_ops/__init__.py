@@ -17,13 +17,13 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 from . import format, ops, reference  # noqa: E402,F401
-from .layer import MBWQLinear, MBWQLinearCuda  # noqa: E402,F401
+from .layer import MBWQLinear, MBWQLinearCuda, prepare_model  # noqa: E402,F401
 from .ops import dequant, gemm  # noqa: E402,F401
 from .quantize import (  # noqa: E402,F401
     bits_per_weight, collect_hessians, load_strategy, quantize_linear, quantize_model,
     strategy_from_model)
 from .checkpoint import load_quantized, save_quantized  # noqa: E402,F401
 
-__all__ = ["MBWQLinear", "MBWQLinearCuda", "dequant", "gemm", "format", "ops", "reference",
-           "quantize_linear", "quantize_model", "bits_per_weight", "collect_hessians",
+__all__ = ["MBWQLinear", "MBWQLinearCuda", "prepare_model", "dequant", "gemm", "format", "ops",
+           "reference", "quantize_linear", "quantize_model", "bits_per_weight", "collect_hessians",
            "load_strategy", "strategy_from_model", "save_quantized", "load_quantized"]

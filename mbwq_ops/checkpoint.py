@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Union
 
 from torch import nn
 
-from .layer import MBWQLinear
+from .layer import MBWQLinear, prepare_model
 from .quantize import _set_module, bits_per_weight, layer_bits
 
 __all__ = ["save_quantized", "load_quantized", "read_config", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -141,8 +141,8 @@ def load_quantized(model_skeleton_or_factory: Union[nn.Module, Callable[[], nn.M
             setattr(model.get_submodule(a_mod), a_name, t_param)
     if device is not None:
         model.to(device)
-    for m in model.modules():
-        if isinstance(m, MBWQLinear):
-            m.prepare_params()
-    return model
+    try:
+        return prepare_model(model)
+    except ValueError as e:
+        raise ValueError(f"load_quantized: {e}") from e
 

@@ -176,7 +176,11 @@ class MBWQLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self._prepared:
             raise RuntimeError("MBWQLinear: call prepare_params() after loading weights and "
-                               "before forward()")
+                               "before forward() (mbwq_ops.prepare_model(model) prepares every "
+                               "layer of a model)")
+        if x.dim() == 0:
+            raise ValueError(f"MBWQLinear: input must have a feature dimension of "
+                             f"{self.in_channels}, got a 0-D tensor")
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"MBWQLinear: input has {x.shape[-1]} features (shape "
                              f"{tuple(x.shape)}), the layer expects {self.in_channels}")
@@ -279,6 +283,18 @@ class MBWQLinear(nn.Module):
 
 
 MBWQLinearCuda = MBWQLinear
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """``prepare_params()`` on every MBWQLinear in ``model`` (after ``model.load_state_dict``
+    or any change of stored tensors); a malformed layer's ``ValueError`` names the layer."""
+    for name, m in model.named_modules():
+        if isinstance(m, MBWQLinear):
+            try:
+                m.prepare_params()
+            except ValueError as e:
+                raise ValueError(f"layer {name or '(the model itself)'}: {e}") from e
+    return model
 
 
 def _check_int(name: str, v) -> None:

@@ -209,6 +209,8 @@ def test_forward_rejects_bad_x(device):
         layer(torch.ones(2, 255, dtype=torch.half, device=device))
     with pytest.raises(ValueError, match="input has 1 features"):
         layer(torch.ones(256, 1, dtype=torch.half, device=device))
+    with pytest.raises(ValueError, match="feature dimension of 256, got a 0-D tensor"):
+        layer(torch.tensor(1.0, dtype=torch.half, device=device))
     for dtype, name in ((torch.float64, "Double"), (torch.int32, "Int"), (torch.float8_e4m3fn, "Float8")):
         with pytest.raises(RuntimeError, match=f"x must be float16, bfloat16 or float32, got {name}"):
             layer(torch.ones(2, 256, device=device).to(dtype))

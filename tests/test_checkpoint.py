@@ -93,6 +93,16 @@ def test_errors(tmp_path):
     other = LlamaConfig(**{**CFG.to_dict(), "intermediate_size": 192})
     with pytest.raises(ValueError, match="skeleton"):
         mbwq_ops.load_quantized(lambda: TinyLlama(other), tmp_path / "b")
+    # a corrupted layer in the weights file is named
+    from safetensors.torch import load_file, save_file
+    weights = tmp_path / "b" / C.WEIGHTS_NAME
+    sd = load_file(weights)
+    key = sorted(k for k in sd if k.endswith("q_perm"))[0]
+    sd[key][5] = sd[key][6]
+    save_file(sd, weights)
+    with pytest.raises(ValueError, match=rf"load_quantized: layer {key[:-len('.q_perm')]}: "
+                                         r"q_perm is not a permutation"):
+        mbwq_ops.load_quantized(lambda: TinyLlama(CFG), tmp_path / "b")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / C.CONFIG_NAME).write_text(json.dumps({"quant_method": "gptq"}))
     with pytest.raises(ValueError, match="quant_method"):

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from torch import nn
 
-from mbwq_ops import MBWQLinear, MBWQLinearCuda, reference
+from mbwq_ops import MBWQLinear, MBWQLinearCuda, prepare_model, reference
 from mbwq_ops import format as fmt
 
 from layers import LayerSpec, build, device_params, error_bound, make_layer, reference_weight
@@ -272,11 +272,25 @@ def test_nested_model_load_state_dict():
     assert {k for k in out if k.startswith("q.")} == {"q." + k for k in t}
     dst = Parent(MIXED)
     dst.load_state_dict(out)
-    dst.q.prepare_params()
+    with pytest.raises(RuntimeError, match=r"mbwq_ops.prepare_model\(model\)"):
+        dst(torch.randn(3, 8).half())
+    assert prepare_model(dst) is dst
     x = torch.randn(3, 8).half()
     assert torch.equal(dst(x), src(x))
     with pytest.raises(RuntimeError, match="q.unknown"):
         Parent(MIXED).load_state_dict(dict(out, **{"q.unknown": torch.ones(1)}))
+
+
+def test_prepare_model_names_the_bad_layer():
+    t = build(MIXED)
+    model = Parent(MIXED)
+    model.load_state_dict({"proj.weight": torch.randn(256, 8).half(),
+                           "proj.bias": torch.randn(256).half(),
+                           **{"q." + k: v for k, v in t.items()}})
+    with torch.no_grad():
+        model.q.q_perm[5] = model.q.q_perm[6]  # in place: not caught at load time
+    with pytest.raises(ValueError, match="layer q: q_perm is not a permutation"):
+        prepare_model(model)
 
 
 def test_nested_load_rejects_wrong_dtype():
