@@ -49,6 +49,10 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Pack unsigned codes ``[rows, N]`` (rows a multiple of 32) into int32 ``[rows*bits/32, N]``."""
     if bits not in WIDTHS:
         raise ValueError(f"bits must be one of {WIDTHS}, got {bits}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [rows, N], got shape {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
     rows, N = codes.shape
     if rows % BLOCK_ROWS:
         raise ValueError(f"rows must be a multiple of {BLOCK_ROWS}, got {rows}")
@@ -70,8 +74,16 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_codes(packed: Tensor, bits: int, rows: Optional[int] = None) -> Tensor:
     """Inverse of :func:`pack_codes`: int32 ``[P, N]`` -> int64 codes ``[rows, N]``."""
+    if bits not in WIDTHS:
+        raise ValueError(f"bits must be one of {WIDTHS}, got {bits}")
+    if packed.dim() != 2:
+        raise ValueError(f"packed must be 2-D [P, N], got shape {tuple(packed.shape)}")
     w = packed.to(torch.int64) & 0xFFFFFFFF
-    rows = w.shape[0] * 32 // bits if rows is None else rows
+    capacity = w.shape[0] * 32 // bits
+    if rows is not None and not 0 <= rows <= capacity:
+        raise ValueError(f"rows must lie in [0, {capacity}] for {w.shape[0]} packed rows at "
+                         f"{bits} bits, got {rows}")
+    rows = capacity if rows is None else rows
     out = torch.empty(rows, w.shape[1], dtype=torch.int64, device=packed.device)
     mask = (1 << bits) - 1
     for r in range(rows):
@@ -85,6 +97,14 @@ def unpack_codes(packed: Tensor, bits: int, rows: Optional[int] = None) -> Tenso
 
 def pack_groups(codes: Tensor, groups: Sequence[Group]) -> Tensor:
     """Pack stored-order codes ``[K, N]`` group by group into one qweight ``[R, N]``."""
+    first = 0
+    for gi, g in enumerate(groups):
+        if g.first_row != first:
+            raise ValueError(f"groups must be consecutive: group {gi} starts at stored row "
+                             f"{g.first_row}, expected {first}")
+        first += g.rows
+    if codes.dim() != 2 or first != codes.shape[0]:
+        raise ValueError(f"the groups cover {first} rows but codes has shape {tuple(codes.shape)}")
     parts = [pack_codes(codes[g.first_row:g.first_row + g.rows], g.bits) for g in groups]
     return torch.cat(parts, 0)
 
@@ -100,8 +120,9 @@ def uniform_groups(in_features: int, w_bit: int, group_size: int) -> List[Group]
     check_in_features(in_features)
     if w_bit not in UNIFORM_WIDTHS:
         raise ValueError(f"w_bit must be 4 or 2 for a uniform layer (use_mbw=False), got {w_bit}")
-    if group_size <= 0 or group_size % BLOCK_ROWS:
+    if group_size != int(group_size) or group_size <= 0 or group_size % BLOCK_ROWS:
         raise ValueError(f"group_size must be a positive multiple of {BLOCK_ROWS}, got {group_size}")
+    group_size = int(group_size)
     groups, first = [], 0
     while first < in_features:
         rows = min(group_size, in_features - first)
@@ -112,6 +133,16 @@ def uniform_groups(in_features: int, w_bit: int, group_size: int) -> List[Group]
 
 def mixed_groups(widths: Sequence[int], rows: Sequence[int]) -> List[Group]:
     """Groups from per-group widths and row counts, in the given (stored) order."""
+    widths, rows = list(widths), list(rows)
+    if len(widths) != len(rows):
+        raise ValueError(f"widths and rows must have the same length, got {len(widths)} widths "
+                         f"{widths} and {len(rows)} row counts {rows}")
+    for g, (b, r) in enumerate(zip(widths, rows)):
+        if b not in WIDTHS:
+            raise ValueError(f"group {g} has width {b!r}; allowed widths are {WIDTHS}")
+        if r != int(r) or int(r) <= 0 or int(r) % BLOCK_ROWS:
+            raise ValueError(f"group {g} has {r!r} rows; it must be a positive multiple of "
+                             f"{BLOCK_ROWS}")
     groups, first, start = [], 0, 0
     for b, r in zip(widths, rows):
         groups.append(Group(int(b), int(r), start, first))

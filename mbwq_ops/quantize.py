@@ -42,6 +42,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
+import operator
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -111,6 +114,13 @@ class LayerPlan:
     group_size: int = 128
 
     def check(self, K: int) -> None:
+        if self.order.dim() != 1 or self.order.numel() != K:
+            raise ValueError(f"plan order must have shape [{K}], got {tuple(self.order.shape)}")
+        if not self.groups:
+            raise ValueError("plan has no groups")
+        bad = [b for b, _ in self.groups if b not in WIDTHS]
+        if bad:
+            raise ValueError(f"plan widths must be in {WIDTHS}, got {bad}")
         if sum(r for _, r in self.groups) != K:
             raise ValueError(f"plan covers {sum(r for _, r in self.groups)} rows, layer has {K}")
         ws = [b for b, _ in self.groups]
@@ -139,6 +149,68 @@ def _importance(W: Tensor, H: Optional[Tensor]) -> Tensor:
 def _check_group_size(gs: int) -> None:
     if not isinstance(gs, int) or gs <= 0 or gs % 32:
         raise ValueError(f"group_size must be a positive multiple of 32, got {gs!r}")
+
+
+def _group_sizes(group_size) -> List[int]:
+    """Candidate group sizes (an int or a non-empty sequence of them), validated."""
+    gss = [group_size] if isinstance(group_size, int) else list(group_size)
+    if not gss:
+        raise ValueError("group_size must be an int or a non-empty sequence of ints, got an "
+                         "empty sequence")
+    for g in gss:
+        _check_group_size(g)
+    return gss
+
+
+def _check_widths(widths: Sequence[int]) -> None:
+    ws = list(widths)
+    if not ws or any(isinstance(b, bool) or b not in WIDTHS for b in ws):
+        raise ValueError(f"widths must be a non-empty selection of {WIDTHS}, got {widths!r}")
+
+
+def _check_budget_value(value, arg: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, (str, bool)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{arg} must be a positive, finite number of bits per weight, got {value!r}")
+    return v
+
+
+def _as_width(bits, arg: str) -> int:
+    """An int width (any integer type; not a float, str or bool), validated against WIDTHS."""
+    try:
+        b = operator.index(bits)
+    except TypeError:
+        b = None
+    if b is None or isinstance(bits, bool) or b not in WIDTHS:
+        raise ValueError(f"{arg} must be one of {WIDTHS}, got {bits!r}")
+    return b
+
+
+def _check_damp(damp) -> None:
+    try:
+        d = float(damp)
+    except (TypeError, ValueError):
+        d = float("nan")
+    if isinstance(damp, (str, bool)) or not math.isfinite(d) or d < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+
+
+def _check_method(method) -> None:
+    if method not in ("auto", "rtn", "gptq"):
+        raise ValueError(f"method must be 'auto', 'rtn' or 'gptq', got {method!r}")
+
+
+def _check_min_budget(m_cost: Tensor, bpw: float, weights: int, arg: str, hint: str = "") -> None:
+    """Raise when ``bpw`` bits per weight is below the cheapest layout of the candidates."""
+    min_cost = float(m_cost.min(1).values.sum())
+    min_bpw = min_cost / weights
+    if bpw * weights < min_cost - 1e-6:
+        raise ValueError(f"{arg}={bpw!r} is a bit budget below the cheapest layout possible: "
+                         f"{min_bpw:.4g} bits per weight (codes + scales + zeros) with these "
+                         f"widths and group sizes; ask for at least {min_bpw:.4g}{hint}")
 
 
 def _assemble(order: Tensor, unit_rows: List[int], choice: List[Tuple[int, int]]) -> LayerPlan:
@@ -249,12 +321,20 @@ def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor,
     return layer
 
 
-def _weight_of(linear: nn.Linear) -> Tensor:
+def _weight_of(linear: nn.Linear, name: Optional[str] = None) -> Tensor:
+    where = f" of layer {name!r}" if name else ""
     if not isinstance(linear, nn.Linear):
-        raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        raise TypeError(f"expected an nn.Linear{where}, got {type(linear).__name__}")
     W = linear.weight.detach()
     if W.device.type == "meta":
-        raise ValueError("the linear layer's weight is on the meta device (no values to quantize)")
+        raise ValueError(f"the linear layer's weight{where} is on the meta device (no values to "
+                         "quantize)")
+    finite = torch.isfinite(W)
+    if not bool(finite.all()):
+        n_nan, n_inf = int(torch.isnan(W).sum()), int(torch.isinf(W).sum())
+        o, i = (int(v) for v in (~finite).nonzero()[0])
+        raise ValueError(f"the weight{where} has non-finite values ({n_nan} NaN, {n_inf} inf; "
+                         f"first at weight[{o}, {i}] = {float(W[o, i])}); it cannot be quantized")
     return W.t().to(torch.float32)  # [K, N]
 
 
@@ -273,6 +353,8 @@ def quantize_with_plan(linear: nn.Linear, plan: LayerPlan, H: Optional[Tensor] =
     order = plan.order.to(W.device)
     Ws = W[order]
     if H is not None:
+        if tuple(H.shape) != (K, K):
+            raise ValueError(f"the Hessian must have shape [{K}, {K}], got {tuple(H.shape)}")
         H = H.to(W.device)
         codes, scales, zeros = _gptq(Ws, H[order][:, order], plan.groups, damp)
     else:
@@ -281,14 +363,40 @@ def quantize_with_plan(linear: nn.Linear, plan: LayerPlan, H: Optional[Tensor] =
 
 
 # ============================================================================ measurement
-def _hessian_from(calibration: Optional[Tensor], K: int, device) -> Optional[Tensor]:
+def _hessian_from(calibration: Optional[Tensor], K: int,
+                  device) -> Tuple[Optional[Tensor], Optional[int]]:
+    """``(H, rows)``: the Hessian and the number of input rows it came from (``None`` when a
+    Hessian was given)."""
     if calibration is None:
-        return None
+        return None, None
+    if not isinstance(calibration, Tensor):
+        raise TypeError(f"calibration must be a tensor of layer inputs [..., {K}] or a float64 "
+                        f"Hessian [{K}, {K}], got {type(calibration).__name__}")
+    if not bool(torch.isfinite(calibration).all()):
+        raise ValueError(f"calibration has {int((~torch.isfinite(calibration)).sum())} NaN/inf "
+                         "values")
     if calibration.dim() == 2 and calibration.shape[0] == K and calibration.shape[1] == K \
             and calibration.dtype == torch.float64:
-        return calibration.to(device)  # already a Hessian (float64 [K, K])
+        asym = float((calibration - calibration.t()).abs().max())
+        if asym > 1e-6 * float(calibration.abs().max()):
+            raise ValueError(f"a float64 [{K}, {K}] calibration is read as a Hessian, but this one "
+                             f"is not symmetric (max |H - H^T| = {asym:.3g}); pass layer inputs in "
+                             "another dtype (e.g. float32) or a symmetric Hessian")
+        return calibration.to(device), None  # already a Hessian (float64 [K, K])
+    if calibration.dim() == 0 or calibration.shape[-1] != K:
+        last = calibration.shape[-1] if calibration.dim() else "none (a scalar)"
+        raise ValueError(f"calibration's last dimension ({last}) must equal the layer's "
+                         f"in_features ({K}); pass layer inputs [..., {K}] or a float64 Hessian "
+                         f"[{K}, {K}], got shape {tuple(calibration.shape)}")
     x = calibration.reshape(-1, K).to(device=device, dtype=torch.float64)
-    return (x.t() @ x) / max(1, x.shape[0])
+    return (x.t() @ x) / max(1, x.shape[0]), x.shape[0]
+
+
+def _few_rows_message(rows: int, K: int) -> str:
+    return (f"{rows} calibration rows for in_features K={K}: with fewer rows than K the "
+            "Hessian is rank-deficient and GPTQ usually gives a worse layer than plain "
+            f"round-to-nearest. Use at least K={K} rows (tokens), better several times K "
+            f"(e.g. {4 * K}), or method='rtn'")
 
 
 @dataclass
@@ -412,28 +520,43 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
       ``method="auto"`` runs GPTQ (``act_order`` orders features by ``H_kk``), without it RTN.
     """
     K, N = _check_linear(linear)
+    _check_method(method)
+    _check_damp(damp)
+    is_list = isinstance(bits, (list, tuple))
+    if bits_prop is not None and not is_list:
+        raise ValueError(f"bits_prop is only used with a list of widths (bits=[4, 2], ...), got "
+                         f"bits={bits!r}")
+    if use_mbw is False and (is_list or isinstance(bits, float)):
+        raise ValueError(f"use_mbw=False (uniform) needs an int bits of 4 or 2, got bits={bits!r}")
     W = _weight_of(linear)
-    H = _hessian_from(calibration, K, W.device)
-    if method not in ("auto", "rtn", "gptq"):
-        raise ValueError(f"method must be 'auto', 'rtn' or 'gptq', got {method!r}")
+    H, rows = _hessian_from(calibration, K, W.device)
     if method == "gptq" and H is None:
         raise ValueError("method='gptq' needs calibration data (layer inputs or a Hessian)")
     use_h = H if method in ("auto", "gptq") else None
+    if use_h is not None and rows is not None and rows < K:
+        warnings.warn("quantize_linear: GPTQ with " + _few_rows_message(rows, K), UserWarning,
+                      stacklevel=2)
 
-    if isinstance(bits, (list, tuple)):
+    if is_list:
         plan = plan_from_strategy(W, H, {"bits": list(bits), "bits_prop": bits_prop,
                                          "group_size": group_size})
     elif isinstance(bits, float):
-        gss = [group_size] if isinstance(group_size, int) else list(group_size)
-        for g in gss:
-            _check_group_size(g)
+        bpw = _check_budget_value(bits, "bits")
+        gss = _group_sizes(group_size)
+        _check_widths(widths)
+        if unit_rows is not None:
+            if not isinstance(unit_rows, int) or unit_rows <= 0 or unit_rows % 32:
+                raise ValueError(f"unit_rows must be a positive multiple of 32, got {unit_rows!r}")
         m = _measure(W, H, unit_rows or max(gss), widths, gss, damp)
-        choice = _allocate(m.err, m.cost, float(bits) * K * N)
+        hint = ""
+        if bpw == int(bpw) and int(bpw) in WIDTHS:
+            hint = (f" (a float bits={bits!r} is a budget in bits per weight including scales "
+                    f"and zeros; an int bits={int(bpw)} means uniform {int(bpw)}-bit)")
+        _check_min_budget(m.cost, bpw, K * N, "bits", hint)
+        choice = _allocate(m.err, m.cost, bpw * K * N)
         plan = _assemble(m.order, m.unit_rows, [m.cands[int(c)] for c in choice])
     else:
-        b = int(bits)
-        if b not in WIDTHS:
-            raise ValueError(f"bits must be one of {WIDTHS}, got {bits}")
+        b = _as_width(bits, "bits")
         if not isinstance(group_size, int):
             raise ValueError(f"group_size must be an int for a single width, got {group_size!r}")
         _check_group_size(group_size)
@@ -455,27 +578,42 @@ def plan_from_strategy(W: Tensor, H: Optional[Tensor], entry: Dict) -> LayerPlan
 
     Feature counts per width follow green-bit-llm: every width but the last gets
     ``max(1, int(K * prop) // gs) * gs`` features, the last one the rest. The most important
-    features (``H_kk * |W_k|^2``) get the highest width."""
+    features (``H_kk * |W_k|^2``) get the highest width.
+
+    ``bits_prop`` holds shares of the input features: each in [0, 1], summing to 1 (within
+    0.01, for rounded values in strategy files)."""
     K = W.shape[0]
-    bits = [int(b) for b in entry["bits"]]
+    raw_bits = entry["bits"]
+    if not isinstance(raw_bits, (list, tuple)) or not raw_bits:
+        raise ValueError(f"strategy bits must be a non-empty list of widths, got {raw_bits!r}")
+    bits = [_as_width(b, "strategy width") for b in raw_bits]
+    if len(set(bits)) != len(bits):
+        raise ValueError(f"strategy bits {bits} name a width twice")
     prop = entry.get("bits_prop")
     if prop is None:
         if len(bits) != 1:
             raise ValueError(f"strategy entry with bits {bits} needs bits_prop")
         prop = [1.0]
+    if not isinstance(prop, (list, tuple)):
+        raise ValueError(f"bits_prop must be a list of shares, one per width, got {prop!r}")
     prop = [float(p) for p in prop]
     if len(prop) != len(bits):
         raise ValueError(f"bits {bits} and bits_prop {prop} differ in length")
+    if any(not 0.0 <= p <= 1.0 for p in prop):  # also rejects NaN
+        raise ValueError(f"bits_prop entries are shares of the input features and must lie in "
+                         f"[0, 1], got {prop}")
+    if abs(sum(prop) - 1.0) > 0.01:
+        raise ValueError(f"bits_prop {prop} sums to {sum(prop):g}; the shares of the widths "
+                         f"{bits} must sum to 1")
     gs_raw = entry.get("group_size", 128)
     if isinstance(gs_raw, dict):
         gs = [int(gs_raw.get(str(b), gs_raw.get(b, 128))) for b in bits]
     elif isinstance(gs_raw, (list, tuple)):
         gs = [int(g) for g in gs_raw]
+        if len(gs) != len(bits):
+            raise ValueError(f"bits {bits} and group_size {gs} differ in length")
     else:
         gs = [int(gs_raw)] * len(bits)
-    for b in bits:
-        if b not in WIDTHS:
-            raise ValueError(f"strategy width {b} is not one of {WIDTHS}")
     for g in gs:
         _check_group_size(g)
     pairs = sorted(zip(bits, prop, gs), key=lambda t: WIDTHS.index(t[0]))
@@ -502,13 +640,40 @@ def load_strategy(path_or_dict: Union[str, Dict]) -> Dict[str, Dict]:
     (``{"model.layers.0": {"self_attn.q_proj" | "q_proj": entry}}``)."""
     if isinstance(path_or_dict, dict):
         d = path_or_dict
+    elif not isinstance(path_or_dict, (str, bytes, os.PathLike)):
+        raise ValueError(f"strategy must be a mapping ({{'measurement': {{...}}}}) or the path "
+                         f"of a JSON file, got {type(path_or_dict).__name__}")
     else:
         with open(path_or_dict) as f:
             d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError(f"strategy must be a mapping ({{'measurement': {{...}}}}), got "
+                         f"{type(d).__name__}")
     m = d.get("measurement", d)
     if not isinstance(m, dict):
         raise ValueError("strategy: 'measurement' must be a mapping of layer names")
+    for key, v in m.items():
+        if _is_entry(v):
+            continue
+        if not isinstance(v, dict):
+            raise ValueError(f"strategy: {key!r} must be an entry {{'bits': [...], ...}} or a "
+                             f"mapping of sub-layer names to entries, got {v!r}")
+        for sub, e in v.items():
+            if not _is_entry(e):
+                raise ValueError(f"strategy: {key}.{sub} must be an entry with 'bits' "
+                                 f"({{'bits': [...], 'bits_prop': [...], ...}}), got {e!r}")
     return m
+
+
+def _strategy_keys(strategy: Dict[str, Dict]) -> List[Tuple[str, ...]]:
+    """The key path of every entry of a strategy: ``(key,)`` flat, ``(block, sub)`` nested."""
+    out = []
+    for key, v in strategy.items():
+        if _is_entry(v):
+            out.append((key,))
+        elif isinstance(v, dict):
+            out += [(key, sub) for sub, e in v.items() if _is_entry(e)]
+    return out
 
 
 def _is_entry(v) -> bool:
@@ -518,9 +683,16 @@ def _is_entry(v) -> bool:
 def strategy_entry(strategy: Dict[str, Dict], name: str) -> Optional[Dict]:
     """The strategy entry for the module ``name`` (exact flat key, or block prefix + sub-key
     matched on the last components, as green-bit-llm does)."""
+    found = _strategy_lookup(strategy, name)
+    return None if found is None else found[1]
+
+
+def _strategy_lookup(strategy: Dict[str, Dict], name: str) -> Optional[Tuple[Tuple[str, ...], Dict]]:
+    """:func:`strategy_entry` with the key path it was found under: ``(key,)`` for a flat
+    entry, ``(block, sub)`` for a nested one."""
     v = strategy.get(name)
     if _is_entry(v):
-        return v
+        return (name,), v
     best = None
     for block, sub in strategy.items():
         if isinstance(sub, dict) and not _is_entry(sub) and name.startswith(block + "."):
@@ -531,13 +703,13 @@ def strategy_entry(strategy: Dict[str, Dict], name: str) -> Optional[Dict]:
     rest = name[len(best) + 1:]
     sub = strategy[best]
     if _is_entry(sub.get(rest)):
-        return sub[rest]
+        return (best, rest), sub[rest]
     last = rest.split(".")[-1]
     if _is_entry(sub.get(last)):
-        return sub[last]
+        return (best, last), sub[last]
     for k, e in sub.items():
         if _is_entry(e) and rest.endswith(k):
-            return e
+            return (best, k), e
     return None
 
 
@@ -623,10 +795,14 @@ def _run_calibration(model: nn.Module, calibration) -> None:
                 model(item)
 
 
-def collect_hessians(model: nn.Module, names: Sequence[str], calibration) -> Dict[str, Tensor]:
+def collect_hessians(model: nn.Module, names: Sequence[str], calibration,
+                     rows: Optional[Dict[str, int]] = None) -> Dict[str, Tensor]:
     """``H = mean(x x^T)`` (float64 ``[K, K]``) of the inputs of each named ``nn.Linear``, from
     running ``model`` on ``calibration`` (a tensor, a list of batches -- dicts are passed as
-    keyword arguments, tuples as positional ones -- or a callable ``f(model)``)."""
+    keyword arguments, tuples as positional ones -- or a callable ``f(model)``). A dict passed
+    as ``rows`` receives the number of input rows (tokens) each layer saw."""
+    if isinstance(names, str):
+        names = [names]
     mods = dict(model.named_modules())
     H: Dict[str, Tensor] = {}
     count: Dict[str, int] = {}
@@ -644,12 +820,18 @@ def collect_hessians(model: nn.Module, names: Sequence[str], calibration) -> Dic
         return hook
 
     for n in names:
+        if not isinstance(mods.get(n), nn.Linear):
+            raise ValueError(f"collect_hessians: {n!r} is not an nn.Linear of the model"
+                             + (f" (it is a {type(mods[n]).__name__})" if n in mods else ""))
+    for n in names:
         hooks.append(mods[n].register_forward_pre_hook(make(n)))
     try:
         _run_calibration(model, calibration)
     finally:
         for h in hooks:
             h.remove()
+    if rows is not None:
+        rows.update(count)
     return {n: H[n] / max(1, count[n]) for n in H}
 
 
@@ -685,6 +867,19 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     * ``calibration``: model inputs (see :func:`collect_hessians`); with it the error is measured
       under the inputs' Hessian and layers are quantized with GPTQ (``method="auto"``).
     """
+    _check_method(method)
+    _check_damp(damp)
+    _check_widths(widths)
+    gss = _group_sizes(group_size)
+    if bpw is not None:
+        bpw = _check_budget_value(bpw, "bpw")
+    if bits is not None:
+        if isinstance(bits, float) and not bits.is_integer():
+            raise ValueError(f"bits must be one of {WIDTHS}, got {bits!r} (for a budget in bits "
+                             f"per weight use bpw={bits!r})")
+        bits = _as_width(int(bits) if isinstance(bits, float) else bits, "bits")
+    if isinstance(skip, str):
+        skip = (skip,)
     targets = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and not isinstance(m, MBWQLinear):
@@ -692,17 +887,54 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
                 continue
             if m.in_features % 32 or m.in_features > fmt.MAX_IN_FEATURES:
                 warnings.warn(f"quantize_model: keeping {name} unquantized (in_features="
-                              f"{m.in_features} is not a multiple of 32)")
+                              f"{m.in_features} is not a multiple of 32"
+                              + (")" if m.in_features % 32 else
+                                 f", or is above {fmt.MAX_IN_FEATURES})"))
                 continue
             targets.append(name)
     if not targets:
         raise ValueError("quantize_model: no nn.Linear layer to quantize")
-    strat = load_strategy(strategy) if strategy is not None else None
     mods = dict(model.named_modules())
-    hessians = collect_hessians(model, targets, calibration) if calibration is not None else {}
+    for name in targets:  # fail before the (slow) calibration run
+        _weight_of(mods[name], name)
+    strat = load_strategy(strategy) if strategy is not None else None
+    if strat is not None:
+        linears = [n for n, m in mods.items() if isinstance(m, nn.Linear)]
+        used = {f[0] for f in (_strategy_lookup(strat, n) for n in linears) if f is not None}
+        unknown = [k for k in _strategy_keys(strat) if k not in used]
+        if unknown:
+            shown = ", ".join(repr(".".join(k)) for k in unknown[:8])
+            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+            raise ValueError(f"quantize_model: the strategy names {len(unknown)} layer(s) that "
+                             f"are not nn.Linear layers of the model: {shown}{more}; check the "
+                             "names (the layers they were meant for would silently get the "
+                             "defaults)")
+    rows: Dict[str, int] = {}
+    hessians = (collect_hessians(model, targets, calibration, rows)
+                if calibration is not None else {})
+    for name, H in hessians.items():
+        if not bool(torch.isfinite(H).all()):
+            raise ValueError(f"quantize_model: the calibration inputs of {name} contain NaN/inf "
+                             "values (overflow in a low-precision dtype?)")
     use_h = method in ("auto", "gptq")
     if method == "gptq" and not hessians:
         raise ValueError("method='gptq' needs calibration data")
+    if use_h and hessians:
+        missing = [n for n in targets if n not in hessians]
+        if missing:
+            warnings.warn(f"quantize_model: {len(missing)} layer(s) saw no calibration input and "
+                          f"are quantized with round-to-nearest: {', '.join(missing[:8])}"
+                          + (" ..." if len(missing) > 8 else ""), UserWarning, stacklevel=2)
+        few = [(n, rows[n], mods[n].in_features) for n in targets
+               if n in rows and rows[n] < mods[n].in_features]
+        if few:
+            listed = ", ".join(f"{n} ({r} rows, K={k})" for n, r, k in few[:8])
+            warnings.warn(f"quantize_model: GPTQ calibration has fewer rows (tokens) than "
+                          f"in_features K for {len(few)} layer(s): {listed}"
+                          + (" ..." if len(few) > 8 else "") + ". With fewer rows than K the "
+                          "Hessian is rank-deficient and GPTQ usually gives a worse layer than "
+                          "plain round-to-nearest. Use at least K rows, better several times "
+                          "K, or method='rtn'", UserWarning, stacklevel=2)
 
     plans: Dict[str, LayerPlan] = {}
     to_allocate = []
@@ -710,13 +942,13 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
         lin = mods[name]
         entry = strategy_entry(strat, name) if strat is not None else None
         if entry is not None:
-            plans[name] = plan_from_strategy(_weight_of(lin), hessians.get(name), entry)
+            try:
+                plans[name] = plan_from_strategy(_weight_of(lin), hessians.get(name), entry)
+            except ValueError as e:
+                raise ValueError(f"strategy entry for {name}: {e}") from None
         elif bits is not None:
-            b = int(bits)
-            if b not in WIDTHS:
-                raise ValueError(f"bits must be one of {WIDTHS}, got {bits}")
-            gs = group_size if isinstance(group_size, int) else max(group_size)
-            _check_group_size(gs)
+            b = bits
+            gs = max(gss)
             K = lin.in_features
             H = hessians.get(name)
             order = (torch.argsort(torch.diagonal(H), descending=True, stable=True).cpu()
@@ -729,16 +961,17 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     if to_allocate:
         if bpw is None:
             raise ValueError("quantize_model: give bpw, bits or a strategy covering every layer")
-        gss = [group_size] if isinstance(group_size, int) else list(group_size)
-        for g in gss:
-            _check_group_size(g)
         measured = {}
         for name in _progress(to_allocate, verbose, "measuring"):
-            W = _weight_of(mods[name])
+            W = _weight_of(mods[name], name)
             measured[name] = _measure(W, hessians.get(name), max(gss), widths, gss, damp)
         err = torch.cat([measured[n].err for n in to_allocate])
         cost = torch.cat([measured[n].cost for n in to_allocate])
-        budget = float(bpw) * sum(measured[n].K * measured[n].N for n in to_allocate)
+        weights = sum(measured[n].K * measured[n].N for n in to_allocate)
+        _check_min_budget(cost, bpw, weights, "bpw",
+                          " (bpw counts codes + scales + zeros per weight; bits=2 gives uniform "
+                          "2-bit layers)")
+        budget = float(bpw) * weights
         choice = _allocate(err, cost, budget)
         at = 0
         for n in to_allocate:

@@ -250,3 +250,33 @@ def test_reference_round_to_fp16_single_rounding():
     assert torch.tensor(exact[0].item(), dtype=torch.float32).half().item() == 1.0
     got = reference.round_to_fp16(exact)
     assert got.tolist() == [1 + 2.0 ** -10, 1.0, -(1 + 2.0 ** -10)]
+
+
+# ----------------------------------------------------------------------------- bad arguments
+def test_mixed_groups_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"same length, got 2 widths \[8, 4\] and 1 row counts \[32\]"):
+        fmt.mixed_groups([8, 4], [32])
+    with pytest.raises(ValueError, match=r"group 1 has width 7"):
+        fmt.mixed_groups([8, 7], [32, 32])
+    with pytest.raises(ValueError, match=r"group 0 has 48 rows; it must be a positive multiple of 32"):
+        fmt.mixed_groups([4], [48])
+    with pytest.raises(ValueError, match=r"group 0 has 0 rows"):
+        fmt.mixed_groups([4], [0])
+
+
+def test_pack_unpack_reject_bad_shapes_and_types():
+    with pytest.raises(ValueError, match=r"codes must be 2-D \[rows, N\], got shape \(32,\)"):
+        fmt.pack_codes(torch.zeros(32, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match="codes must be an integer tensor, got torch.float32"):
+        fmt.pack_codes(torch.full((32, 1), 3.7), 4)
+    packed = fmt.pack_codes(torch.ones(32, 2, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match=r"bits must be one of .* got 7"):
+        fmt.unpack_codes(packed, 7)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 32\] for 4 packed rows at 4 bits, got 40"):
+        fmt.unpack_codes(packed, 4, rows=40)
+    groups = fmt.mixed_groups([8, 4], [32, 32])
+    with pytest.raises(ValueError, match=r"the groups cover 64 rows but codes has shape \(96, 2\)"):
+        fmt.pack_groups(torch.ones(96, 2, dtype=torch.int64), groups)
+    with pytest.raises(ValueError, match=r"group 1 starts at stored row 0, expected 32"):
+        fmt.pack_groups(torch.ones(64, 2, dtype=torch.int64), [groups[0], fmt.Group(4, 32, 8, 0)])
+

@@ -307,3 +307,177 @@ def test_quantize_model_swaps_linears_and_is_quiet(capsys):
     assert mbwq_ops.bits_per_weight(model) <= 3.0
     tokens = torch.randint(0, 64, (2, 8))
     assert model(tokens).shape == (2, 8, 64)
+
+
+# ----------------------------------------------------------------------------- input validation
+def _no_warnings(fn):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn()
+
+
+def test_gptq_warns_when_calibration_has_fewer_rows_than_in_features():
+    K = 128
+    lin = _linear(K, 16, seed=11)
+    g = torch.Generator().manual_seed(0)
+    few = torch.randn(64, K, generator=g)
+    with pytest.warns(UserWarning, match=r"64 calibration rows for in_features K=128.*"
+                                         r"at least K=128 rows.*several times K"):
+        mbwq_ops.quantize_linear(lin, bits=4, calibration=few)
+    with pytest.warns(UserWarning, match="64 calibration rows"):  # batched [..., K] inputs too
+        mbwq_ops.quantize_linear(lin, bits=4, calibration=few.view(4, 16, K))
+    # enough rows, round-to-nearest, or a ready Hessian: no warning
+    _no_warnings(lambda: mbwq_ops.quantize_linear(lin, bits=4, calibration=torch.randn(512, K)))
+    _no_warnings(lambda: mbwq_ops.quantize_linear(lin, bits=4, calibration=few, method="rtn"))
+    H = few.double().t() @ few.double() / 64
+    _no_warnings(lambda: mbwq_ops.quantize_linear(lin, bits=4, calibration=H))
+    # the warning changes nothing: same layer as from the Hessian of the same rows
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = mbwq_ops.quantize_linear(lin, bits=4, calibration=few)
+    assert torch.equal(q.qweight, mbwq_ops.quantize_linear(lin, bits=4, calibration=H).qweight)
+
+
+def test_quantize_model_warns_about_few_calibration_rows():
+    import copy
+    model = nn.Sequential(_linear(128, 64, seed=1), nn.ReLU(), _linear(64, 32, seed=2))
+    with pytest.warns(UserWarning, match=r"fewer rows .* 1 layer\(s\): 0 \(96 rows, K=128\)"):
+        mbwq_ops.quantize_model(copy.deepcopy(model), bits=4, group_size=32,
+                                calibration=torch.randn(96, 128), verbose=False)
+    _no_warnings(lambda: mbwq_ops.quantize_model(copy.deepcopy(model), bits=4, group_size=32,
+                                                 calibration=torch.randn(256, 128), verbose=False))
+
+
+def test_calibration_of_the_wrong_width_is_named():
+    lin = _linear(64, 16)
+    with pytest.raises(ValueError, match=r"calibration's last dimension \(100\) must equal the "
+                                         r"layer's in_features \(64\)"):
+        mbwq_ops.quantize_linear(lin, bits=4, calibration=torch.randn(32, 100))
+    with pytest.raises(TypeError, match="calibration must be a tensor"):
+        mbwq_ops.quantize_linear(lin, bits=4, calibration=[[0.0] * 64])
+    with pytest.raises(ValueError, match="calibration has 1 NaN/inf"):
+        x = torch.randn(128, 64)
+        x[3, 4] = float("nan")
+        mbwq_ops.quantize_linear(lin, bits=4, calibration=x)
+    # a float64 [K, K] calibration is read as a Hessian: a non-symmetric one is refused
+    with pytest.raises(ValueError, match="not symmetric"):
+        mbwq_ops.quantize_linear(lin, bits=4, calibration=torch.randn(64, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_named(bad):
+    lin = _linear(64, 16)
+    with torch.no_grad():
+        lin.weight[5, 7] = bad
+    kind = "NaN" if bad != bad else "inf"
+    with pytest.raises(ValueError, match=rf"weight has non-finite values .*{kind}.*weight\[5, 7\]"):
+        mbwq_ops.quantize_linear(lin, bits=4)
+    model = nn.Sequential(_linear(64, 64, seed=1), nn.ReLU(), lin)
+    with pytest.raises(ValueError, match=r"weight of layer '2' has non-finite values"):
+        mbwq_ops.quantize_model(model, bpw=3.0, verbose=False)
+    assert isinstance(model[0], nn.Linear) and not isinstance(model[0], mbwq_ops.MBWQLinear)
+
+
+def test_budget_below_cheapest_layout_in_bits_per_weight():
+    lin = _linear(128, 16)
+    with pytest.raises(ValueError, match=r"bits=2\.0 is a bit budget below the cheapest layout "
+                                         r"possible: 2\.25 bits per weight.*int bits=2 means "
+                                         r"uniform 2-bit"):
+        mbwq_ops.quantize_linear(lin, bits=2.0, group_size=128)
+    with pytest.raises(ValueError, match=r"bpw=2\.0 is a bit budget .* 2\.25 bits per weight"
+                                         r".*bits=2 gives uniform"):
+        mbwq_ops.quantize_model(nn.Sequential(lin), bpw=2.0, group_size=128, verbose=False)
+    for v in (float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match="must be a positive, finite number"):
+            mbwq_ops.quantize_linear(lin, bits=v)
+        with pytest.raises(ValueError, match="bpw must be a positive, finite number"):
+            mbwq_ops.quantize_model(nn.Sequential(_linear(64, 8)), bpw=v, verbose=False)
+
+
+def test_quantize_model_rejects_bad_arguments():
+    def model():
+        return nn.Sequential(_linear(64, 32, seed=1), nn.ReLU(), _linear(32, 16, seed=2))
+    with pytest.raises(ValueError, match=r"method must be 'auto', 'rtn' or 'gptq', got 'foo'"):
+        mbwq_ops.quantize_model(model(), bits=4, method="foo", verbose=False)
+    with pytest.raises(ValueError, match=r"got 3\.5 \(for a budget in bits per weight use bpw=3\.5\)"):
+        mbwq_ops.quantize_model(model(), bits=3.5, verbose=False)
+    with pytest.raises(ValueError, match="bits must be one of .* got 7"):
+        mbwq_ops.quantize_model(model(), bits=7, verbose=False)
+    with pytest.raises(ValueError, match=r"widths must be a non-empty selection .* got \(4, 7\)"):
+        mbwq_ops.quantize_model(model(), bpw=4.0, widths=(4, 7), verbose=False)
+    with pytest.raises(ValueError, match="group_size must be an int or a non-empty sequence"):
+        mbwq_ops.quantize_model(model(), bpw=4.0, group_size=(), verbose=False)
+    with pytest.raises(ValueError, match="damp must be a finite number >= 0, got -0.1"):
+        mbwq_ops.quantize_model(model(), bpw=4.0, damp=-0.1, verbose=False)
+    # a single skip pattern given as a string is one pattern, not its characters
+    m = model()
+    mbwq_ops.quantize_model(m, bits=4, group_size=32, skip="0", verbose=False)
+    assert not isinstance(m[0], mbwq_ops.MBWQLinear) and isinstance(m[2], mbwq_ops.MBWQLinear)
+    with pytest.raises(ValueError, match=r"'nope' is not an nn.Linear of the model"):
+        Q.collect_hessians(model(), ["0", "nope"], torch.randn(4, 64))
+
+
+def test_quantize_linear_rejects_ignored_arguments():
+    lin = _linear(64, 16)
+    with pytest.raises(ValueError, match=r"use_mbw=False .* got bits=3\.0"):
+        mbwq_ops.quantize_linear(lin, bits=3.0, use_mbw=False)
+    with pytest.raises(ValueError, match=r"bits_prop is only used with a list .* got bits=4"):
+        mbwq_ops.quantize_linear(lin, bits=4, bits_prop=[1.0])
+    with pytest.raises(ValueError, match=r"widths must be a non-empty selection .* got \[\]"):
+        mbwq_ops.quantize_linear(lin, bits=4.0, widths=[])
+    with pytest.raises(ValueError, match=r"unit_rows must be a positive multiple of 32, got 48"):
+        mbwq_ops.quantize_linear(lin, bits=4.0, unit_rows=48)
+    with pytest.raises(ValueError, match=r"bits must be one of .* got '4'"):
+        mbwq_ops.quantize_linear(lin, bits="4")
+
+
+@pytest.mark.parametrize("prop,msg", [
+    ([0.5, 0.25], r"bits_prop \[0\.5, 0\.25\] sums to 0\.75.*must sum to 1"),
+    ([1.5, -0.5], r"must lie in \[0, 1\], got \[1\.5, -0\.5\]"),
+    ([0.75], r"bits \[4, 2\] and bits_prop \[0\.75\] differ in length"),
+])
+def test_bits_prop_must_be_shares(prop, msg):
+    lin = _linear(256, 16)
+    with pytest.raises(ValueError, match=msg):
+        mbwq_ops.quantize_linear(lin, bits=[4, 2], bits_prop=prop, group_size=32)
+    strategy = {"measurement": {"0": {"bits": [4, 2], "bits_prop": prop, "group_size": 32}}}
+    with pytest.raises(ValueError, match="strategy entry for 0: .*" + msg):
+        mbwq_ops.quantize_model(nn.Sequential(lin), bits=4, strategy=strategy, verbose=False)
+    # rounded shares (as written in strategy files) are fine
+    layer = mbwq_ops.quantize_linear(lin, bits=[4, 2], bits_prop=[0.333, 0.666], group_size=32)
+    assert Q.layer_bits(layer)["rows_per_width"] == {4: 64, 2: 192}
+
+
+def test_strategy_entry_checks():
+    lin = _linear(256, 16)
+    for entry, msg in [({"bits": [4, 4], "bits_prop": [0.5, 0.5]}, r"name a width twice"),
+                       ({"bits": 4}, r"non-empty list of widths, got 4"),
+                       ({"bits": [4, 7], "bits_prop": [0.5, 0.5]}, r"strategy width must be one of .* got 7"),
+                       ({"bits": [4, 2], "bits_prop": [0.5, 0.5], "group_size": [32]},
+                        r"bits \[4, 2\] and group_size \[32\] differ in length")]:
+        with pytest.raises(ValueError, match=msg):
+            Q.plan_from_strategy(lin.weight.detach().t(), None, entry)
+
+
+def test_strategy_naming_unknown_layers_is_an_error():
+    from mbwq_ops.tiny_llama import LlamaConfig, TinyLlama
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1,
+                      num_heads=2, num_kv_heads=1, max_seq_len=16)
+    e = {"bits": [4], "bits_prop": [1.0], "group_size": 32}
+    typo = {"measurement": {"model.layers.0.self_attn.q_porj": e,
+                            "model.layers.0": {"mlp.up_proj": e, "mlp.dwn_proj": e},
+                            "model.layers.7": {"q_proj": e}}}
+    with pytest.raises(ValueError, match=r"names 3 layer\(s\) that are not nn.Linear layers of "
+                                         r"the model: 'model.layers.0.self_attn.q_porj', "
+                                         r"'model.layers.0.mlp.dwn_proj', 'model.layers.7.q_proj'"):
+        mbwq_ops.quantize_model(TinyLlama(cfg), bits=4, strategy=typo, verbose=False)
+    # entries for layers that exist but are skipped (lm_head) are fine
+    ok = {"measurement": {"model.layers.0.mlp.up_proj": e, "lm_head": e}}
+    mbwq_ops.quantize_model(TinyLlama(cfg), bits=4, strategy=ok, verbose=False)
+    # a malformed entry is named when the strategy is read
+    with pytest.raises(ValueError, match=r"strategy: model.layers.0.q_proj must be an entry with 'bits'"):
+        Q.load_strategy({"measurement": {"model.layers.0": {"q_proj": {"bit": [4]}}}})
+    with pytest.raises(ValueError, match="strategy must be a mapping"):
+        Q.load_strategy([e])
