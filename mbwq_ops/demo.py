@@ -75,6 +75,7 @@ def output_error(model, ref_logits: torch.Tensor, tokens: torch.Tensor) -> Dict[
 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    from .cli import device_arg, group_size_arg, modes_arg, positive_float, positive_int
     p = argparse.ArgumentParser(
         prog="mbwq demo",
         description="Quantize the built-in Llama-style model to ~3 bpw (mixed) and 4-bit, then "
@@ -82,41 +83,68 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                     "unquantized model.")
     p.add_argument("--preset", choices=sorted(TL.PRESETS), default=None,
                    help="model size (default: 'cuda' on a GPU, 'cpu' otherwise)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="activation dtype (default: float16 on CUDA, bfloat16 on CPU)")
-    p.add_argument("--bpw", type=float, default=3.0, help="budget of the mixed model (default 3.0)")
-    p.add_argument("--group-size", type=int, default=128, help="rows per group (default 128)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=None,
-                   help="tokens to generate (default 128 on CUDA, 24 on CPU)")
-    p.add_argument("--modes", default=None,
+    p.add_argument("--bpw", type=positive_float, default=3.0,
+                   help="budget of the mixed model (default 3.0)")
+    p.add_argument("--group-size", type=group_size_arg, default=128,
+                   help="rows per group, a multiple of 32 (default 128)")
+    p.add_argument("--batch", type=positive_int, default=1,
+                   help="sequences decoded together (default 1)")
+    p.add_argument("--prompt-len", type=positive_int, default=16,
+                   help="prompt tokens before decoding (default 16); prompt + new tokens must "
+                        "fit the preset's max_seq_len")
+    p.add_argument("--new-tokens", type=positive_int, default=None,
+                   help="tokens to generate, at least 1 (default 128 on CUDA, 24 on CPU)")
+    p.add_argument("--modes", type=modes_arg, default=None,
                    help="comma-separated subset of eager,compile,cudagraph,compile+cudagraph "
-                        "(default: all that the device supports)")
+                        "(default: all that the device supports; the CUDA-graph ones need CUDA)")
     p.add_argument("--calibrate", action="store_true",
                    help="use GPTQ with random-token calibration instead of round-to-nearest")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = _check(args)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def _check(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with ``args`` (None if nothing), found before the model is built."""
+    device = args.device or default_device()
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        return "--device cuda but CUDA is not available"
+    for m in args.modes.split(",") if args.modes else []:
+        if m not in TL.Generator.MODES:
+            return f"unknown mode {m!r} (choose from {TL.Generator.MODES})"
+        if "cudagraph" in m and not on_cuda:
+            return f"mode {m!r} needs CUDA"
+    # the KV cache holds max_seq_len positions; Generator would say so only after quantizing
+    preset = args.preset or ("cuda" if on_cuda else "cpu")
+    new_tokens = args.new_tokens or (128 if on_cuda else 24)
+    if args.prompt_len + new_tokens > TL.PRESETS[preset].max_seq_len:
+        return (f"--prompt-len {args.prompt_len} + --new-tokens {new_tokens} exceed the "
+                f"'{preset}' preset's max_seq_len {TL.PRESETS[preset].max_seq_len}")
+    return None
 
 
 def run(args: argparse.Namespace) -> Dict:
     """Run the demo; returns the results as a dict (what ``--json`` prints)."""
+    problem = _check(args)  # again, for callers that build args themselves
+    if problem:
+        raise SystemExit(f"mbwq demo: {problem}")
     device = args.device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("mbwq demo: --device cuda but CUDA is not available")
     on_cuda = device.startswith("cuda")
     preset = args.preset or ("cuda" if on_cuda else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.bfloat16)
     new_tokens = args.new_tokens or (128 if on_cuda else 24)
     modes = args.modes.split(",") if args.modes else default_modes(device)
-    for m in modes:
-        if m not in TL.Generator.MODES:
-            raise SystemExit(f"mbwq demo: unknown mode {m!r} (choose from {TL.Generator.MODES})")
-        if "cudagraph" in m and not on_cuda:
-            raise SystemExit(f"mbwq demo: mode {m!r} needs CUDA")
     if args.threads:
         torch.set_num_threads(args.threads)
     verbose = not args.quiet and not args.json
@@ -136,8 +164,12 @@ def run(args: argparse.Namespace) -> Dict:
     eval_tokens = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=gen)
     calib = None
     if args.calibrate:
-        calib = [torch.randint(0, cfg.vocab_size, (4, min(64, cfg.max_seq_len)), generator=gen)
-                 for _ in range(4)]
+        # at least as many tokens as the widest layer input (GPTQ's Hessian is rank-deficient
+        # with fewer): batches of 4 sequences
+        T = min(64, cfg.max_seq_len)
+        widest = max(cfg.hidden_size, cfg.intermediate_size)
+        calib = [torch.randint(0, cfg.vocab_size, (4, T), generator=gen)
+                 for _ in range(-(-widest // (4 * T)))]
 
     variants = [("unquantized", None), (f"mbwq mixed {args.bpw:g} bpw", "mixed"),
                 (f"mbwq uniform 4-bit g{args.group_size}", "uniform4")]

@@ -1,10 +1,13 @@
-"""The mbwq command: --help everywhere, quantize -> inspect -> bench, strategies, JSON output."""
+"""The mbwq command: --help everywhere, quantize -> inspect -> bench, strategies, JSON output,
+bad input ending in a one-line message and exit code 2."""
+import argparse
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from mbwq_ops import cli
 
@@ -55,6 +58,8 @@ def test_quantize_inspect_bench(tmp_path, capsys):
     assert cli.main(["bench", str(out), "--modes", "eager", "--new-tokens", "4", "--json"]) == 0
     b = json.loads(capsys.readouterr().out)
     assert b["runs"]["eager"]["tokens_per_s"] > 0
+    # options of the built-in model are not silently ignored with a checkpoint
+    assert "--bpw: only for the built-in model" in _fails(["bench", str(out), "--bpw", "3"], capsys)
 
 
 def test_uniform_and_subprocess(tmp_path):
@@ -72,12 +77,127 @@ def test_uniform_and_subprocess(tmp_path):
 
 
 def test_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="unknown model"):
-        cli.main(["quantize", "--model", "nope", "--out", str(tmp_path / "x")])
+    assert cli.main(["quantize", "--model", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "mbwq: unknown model 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["inspect"])  # missing path
-    with pytest.raises(FileNotFoundError):
-        cli.main(["inspect", str(tmp_path / "missing")])
+
+
+def _fails(argv, capsys):
+    """Run the CLI; it must stop with exit code 2 (argparse's, or main's for the library's
+    errors) and a message, not an exception (which would print a traceback). Returns stderr."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+BAD_INPUT = [  # argv, what the message must name, marks
+    (["quantize", "--bits", "7"], ["--bits", "7"], ()),
+    (["quantize", "--method", "gptq"], ["--method gptq", "--calibration"], ()),
+    (["quantize", "--device", "cuda"], ["--device", "'cuda'", "CUDA"], NO_CUDA),
+    (["quantize", "--device", "tpu"], ["--device", "'tpu'"], ()),
+    (["quantize", "--strategy", "{tmp}/quant_strategy.json"], ["--strategy", "quant_strategy.json"],
+     ()),
+    (["quantize", "--weights", "{tmp}/nofile.safetensors"], ["--weights", "nofile.safetensors"],
+     ()),
+    (["quantize", "--calibration", "-1"], ["--calibration", "'-1'"], ()),
+    (["quantize", "--bpw", "3", "--bits", "4"], ["--bits", "--bpw", "not allowed"], ()),
+    (["quantize", "--bpw", "0"], ["--bpw", "'0'"], ()),
+    (["quantize", "--group-size", "32,48"], ["--group-size", "'48'", "multiple of 32"], ()),
+    (["quantize", "--model", "minilm", "--preset", "tiny"], ["--preset"], ()),
+    (["inspect", "{tmp}/nosuchdir"], ["nosuchdir", "no such directory"], ()),
+    (["inspect", "{tmp}"], ["not an MBWQ checkpoint"], ()),
+    (["bench", "{tmp}/nosuchdir"], ["nosuchdir"], ()),
+    (["bench", "--dtype", "foo"], ["--dtype", "'foo'"], ()),
+    (["bench", "--modes", "cudagraph"], ["--modes cudagraph", "CUDA"], NO_CUDA),
+    (["bench", "--modes", "eager,nope"], ["--modes", "'nope'"], ()),
+    (["bench", "--quality", "--budgets", "abc"], ["--budgets", "'abc'"], ()),
+    (["bench", "--quality", "--budgets", "4.0,x"], ["--budgets", "'x'"], ()),
+    (["bench", "--new-tokens", "0"], ["--new-tokens", "'0'"], ()),
+    (["bench", "--bits", "4", "--unquantized"], ["--unquantized", "--bits"], ()),
+    (["bench", "--preset", "tiny", "--prompt-len", "60"], ["--prompt-len 60", "max_seq_len 64"],
+     ()),
+    (["demo", "--prompt-len", "0"], ["--prompt-len", "'0'"], ()),
+    (["demo", "--new-tokens", "0"], ["--new-tokens", "'0'"], ()),
+    (["demo", "--preset", "tiny", "--prompt-len", "60"], ["--prompt-len 60", "max_seq_len 64"], ()),
+]
+
+
+@pytest.mark.parametrize("argv, names", [pytest.param(a, n, marks=m, id=" ".join(a))
+                                         for a, n, m in BAD_INPUT])
+def test_bad_input_exits_2_naming_it(argv, names, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "quantize":
+        argv += ["--preset", "tiny"] * ("--preset" not in argv and "--model" not in argv)
+        argv += ["--out", str(tmp_path / "q"), "--quiet"]
+    err = _fails(argv, capsys)
+    for name in names:
+        assert name in err
+    assert not (tmp_path / "q").exists()  # stopped before any work
+
+
+def test_library_errors_are_one_line(tmp_path, capsys):
+    # raised by quantize_model, past what argparse can check: main prints them, exit code 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    err = _fails(["quantize", "--preset", "tiny", "--strategy", str(bad), "--out",
+                  str(tmp_path / "q"), "--quiet"], capsys)
+    assert err.startswith("mbwq: --strategy") and "bad.json" in err and err.count("\n") == 1
+    bad.write_text(json.dumps({"model.layers.0.self_attn.q_proj": {"bits": [7]}}))
+    err = _fails(["quantize", "--preset", "tiny", "--strategy", str(bad), "--out",
+                  str(tmp_path / "q"), "--quiet"], capsys)
+    assert err.startswith("mbwq: ") and "7" in err and err.count("\n") == 1
+
+
+def test_bad_input_subprocess(tmp_path):
+    # the real entry point: one line on stderr, exit code 2, no traceback
+    r = subprocess.run([sys.executable, "-m", "mbwq_ops.cli", "quantize", "--preset", "tiny",
+                        "--method", "gptq", "--out", str(tmp_path / "q")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("mbwq: --method gptq") and r.stderr.count("\n") == 1
+
+
+def test_model_factory_from_current_directory(tmp_path, monkeypatch, capsys):
+    # as the console script runs it: the current directory is not on sys.path
+    (tmp_path / "mbwq_cli_factory.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(64, 64))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        assert cli.main(["quantize", "--model", "mbwq_cli_factory:make", "--out", "q",
+                         "--json"]) == 0
+    finally:
+        sys.modules.pop("mbwq_cli_factory", None)
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"]["model"] == {"kind": "factory", "factory": "mbwq_cli_factory:make"}
+
+
+def test_every_option_has_help_with_its_default(capsys):
+    subparsers = next(a for a in cli.make_parser()._actions
+                      if isinstance(a, argparse._SubParsersAction))
+    for name in ("quantize", "inspect", "bench"):
+        for a in subparsers.choices[name]._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help, (name, a.dest)
+            if a.default not in (None, False):
+                assert "default" in a.help, (name, a.dest)
+    bits = {a.dest: a.help for a in subparsers.choices["quantize"]._actions}["bits"]
+    assert "4 or 2" in bits and "8, 6, 5 or 3" in bits
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--prompt-len PROMPT_LEN prompt tokens before decoding (default 16)" in out
+    assert "--new-tokens NEW_TOKENS tokens to generate, at least 1" in out
 
 
 def test_wordpiece_tokenizer(tmp_path):
