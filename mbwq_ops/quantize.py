@@ -41,10 +41,8 @@ order puts the features with the largest ``H_kk`` first (within each width).
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import operator
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -54,6 +52,7 @@ from torch import Tensor, nn
 
 from . import format as fmt
 from .layer import MBWQLinear
+from .strategy import load_strategy, strategy_entry, unmatched_entries
 
 __all__ = [
     "quantize_linear", "quantize_model", "bits_per_weight", "layer_bits", "collect_hessians",
@@ -572,6 +571,7 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
 
 
 # ============================================================================ strategies
+# (reading a strategy file and finding a layer's entry: strategy.py)
 def plan_from_strategy(W: Tensor, H: Optional[Tensor], entry: Dict) -> LayerPlan:
     """A layer plan from one green-bit-llm strategy entry
     ``{"bits": [4, 2], "bits_prop": [0.75, 0.25], "group_size": {"4": 32, "2": 32}}``.
@@ -632,85 +632,6 @@ def plan_from_strategy(W: Tensor, H: Optional[Tensor], entry: Dict) -> LayerPlan
     plan = LayerPlan(order, groups, True, groups[0][0], pairs[0][2])
     plan.check(K)
     return plan
-
-
-def load_strategy(path_or_dict: Union[str, Dict]) -> Dict[str, Dict]:
-    """Read a green-bit-llm ``quant_strategy.json`` (or its dict). Returns the ``measurement``
-    mapping: either flat (``{layer name: entry}``) or per block
-    (``{"model.layers.0": {"self_attn.q_proj" | "q_proj": entry}}``)."""
-    if isinstance(path_or_dict, dict):
-        d = path_or_dict
-    elif not isinstance(path_or_dict, (str, bytes, os.PathLike)):
-        raise ValueError(f"strategy must be a mapping ({{'measurement': {{...}}}}) or the path "
-                         f"of a JSON file, got {type(path_or_dict).__name__}")
-    else:
-        with open(path_or_dict) as f:
-            d = json.load(f)
-    if not isinstance(d, dict):
-        raise ValueError(f"strategy must be a mapping ({{'measurement': {{...}}}}), got "
-                         f"{type(d).__name__}")
-    m = d.get("measurement", d)
-    if not isinstance(m, dict):
-        raise ValueError("strategy: 'measurement' must be a mapping of layer names")
-    for key, v in m.items():
-        if _is_entry(v):
-            continue
-        if not isinstance(v, dict):
-            raise ValueError(f"strategy: {key!r} must be an entry {{'bits': [...], ...}} or a "
-                             f"mapping of sub-layer names to entries, got {v!r}")
-        for sub, e in v.items():
-            if not _is_entry(e):
-                raise ValueError(f"strategy: {key}.{sub} must be an entry with 'bits' "
-                                 f"({{'bits': [...], 'bits_prop': [...], ...}}), got {e!r}")
-    return m
-
-
-def _strategy_keys(strategy: Dict[str, Dict]) -> List[Tuple[str, ...]]:
-    """The key path of every entry of a strategy: ``(key,)`` flat, ``(block, sub)`` nested."""
-    out = []
-    for key, v in strategy.items():
-        if _is_entry(v):
-            out.append((key,))
-        elif isinstance(v, dict):
-            out += [(key, sub) for sub, e in v.items() if _is_entry(e)]
-    return out
-
-
-def _is_entry(v) -> bool:
-    return isinstance(v, dict) and "bits" in v
-
-
-def strategy_entry(strategy: Dict[str, Dict], name: str) -> Optional[Dict]:
-    """The strategy entry for the module ``name`` (exact flat key, or block prefix + sub-key
-    matched on the last components, as green-bit-llm does)."""
-    found = _strategy_lookup(strategy, name)
-    return None if found is None else found[1]
-
-
-def _strategy_lookup(strategy: Dict[str, Dict], name: str) -> Optional[Tuple[Tuple[str, ...], Dict]]:
-    """:func:`strategy_entry` with the key path it was found under: ``(key,)`` for a flat
-    entry, ``(block, sub)`` for a nested one."""
-    v = strategy.get(name)
-    if _is_entry(v):
-        return (name,), v
-    best = None
-    for block, sub in strategy.items():
-        if isinstance(sub, dict) and not _is_entry(sub) and name.startswith(block + "."):
-            if best is None or len(block) > len(best):
-                best = block
-    if best is None:
-        return None
-    rest = name[len(best) + 1:]
-    sub = strategy[best]
-    if _is_entry(sub.get(rest)):
-        return (best, rest), sub[rest]
-    last = rest.split(".")[-1]
-    if _is_entry(sub.get(last)):
-        return (best, last), sub[last]
-    for k, e in sub.items():
-        if _is_entry(e) and rest.endswith(k):
-            return (best, k), e
-    return None
 
 
 def strategy_from_model(model: nn.Module) -> Dict:
@@ -899,11 +820,9 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
         _weight_of(mods[name], name)
     strat = load_strategy(strategy) if strategy is not None else None
     if strat is not None:
-        linears = [n for n, m in mods.items() if isinstance(m, nn.Linear)]
-        used = {f[0] for f in (_strategy_lookup(strat, n) for n in linears) if f is not None}
-        unknown = [k for k in _strategy_keys(strat) if k not in used]
+        unknown = unmatched_entries(strat, [n for n, m in mods.items() if isinstance(m, nn.Linear)])
         if unknown:
-            shown = ", ".join(repr(".".join(k)) for k in unknown[:8])
+            shown = ", ".join(repr(k) for k in unknown[:8])
             more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
             raise ValueError(f"quantize_model: the strategy names {len(unknown)} layer(s) that "
                              f"are not nn.Linear layers of the model: {shown}{more}; check the "
