@@ -303,5 +303,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the mbwq command: bad input gets its one-line message
+    from .cli import main as mbwq_main
+    sys.exit(mbwq_main(["demo", *sys.argv[1:]]))

@@ -166,6 +166,15 @@ def test_bad_input_subprocess(tmp_path):
     assert r.stderr.startswith("mbwq: --method gptq") and r.stderr.count("\n") == 1
 
 
+def test_demo_module_bad_input_is_one_line():
+    # python -m mbwq_ops.demo goes through the mbwq command's error handling too
+    r = subprocess.run([sys.executable, "-m", "mbwq_ops.demo", "--preset", "tiny", "--bpw", "1.0",
+                        "--modes", "eager", "--new-tokens", "2", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("mbwq: bpw=1.0 is a bit budget below")
+
+
 def test_model_factory_from_current_directory(tmp_path, monkeypatch, capsys):
     # as the console script runs it: the current directory is not on sys.path
     (tmp_path / "mbwq_cli_factory.py").write_text(
