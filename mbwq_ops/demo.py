@@ -75,7 +75,7 @@ def output_error(model, ref_logits: torch.Tensor, tokens: torch.Tensor) -> Dict[
 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    from .cli import device_arg, group_size_arg, modes_arg, positive_float, positive_int
+    from .cli import add_generation_options, group_size_arg, positive_float, positive_int
     p = argparse.ArgumentParser(
         prog="mbwq demo",
         description="Quantize the built-in Llama-style model to ~3 bpw (mixed) and 4-bit, then "
@@ -83,24 +83,11 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                     "unquantized model.")
     p.add_argument("--preset", choices=sorted(TL.PRESETS), default=None,
                    help="model size (default: 'cuda' on a GPU, 'cpu' otherwise)")
-    p.add_argument("--device", type=device_arg, default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="activation dtype (default: float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--bpw", type=positive_float, default=3.0,
                    help="budget of the mixed model (default 3.0)")
     p.add_argument("--group-size", type=group_size_arg, default=128,
                    help="rows per group, a multiple of 32 (default 128)")
-    p.add_argument("--batch", type=positive_int, default=1,
-                   help="sequences decoded together (default 1)")
-    p.add_argument("--prompt-len", type=positive_int, default=16,
-                   help="prompt tokens before decoding (default 16); prompt + new tokens must "
-                        "fit the preset's max_seq_len")
-    p.add_argument("--new-tokens", type=positive_int, default=None,
-                   help="tokens to generate, at least 1 (default 128 on CUDA, 24 on CPU)")
-    p.add_argument("--modes", type=modes_arg, default=None,
-                   help="comma-separated subset of eager,compile,cudagraph,compile+cudagraph "
-                        "(default: all that the device supports; the CUDA-graph ones need CUDA)")
+    add_generation_options(p, cpu_new_tokens=24)
     p.add_argument("--calibrate", action="store_true",
                    help="use GPTQ with random-token calibration instead of round-to-nearest")
     p.add_argument("--threads", type=positive_int, default=None,

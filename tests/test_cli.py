@@ -206,7 +206,7 @@ def test_every_option_has_help_with_its_default(capsys):
         cli.main(["demo", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--prompt-len PROMPT_LEN prompt tokens before decoding (default 16)" in out
-    assert "--new-tokens NEW_TOKENS tokens to generate, at least 1" in out
+    assert "--new-tokens NEW_TOKENS tokens to generate per mode, at least 1" in out
 
 
 def test_wordpiece_tokenizer(tmp_path):
