@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -147,6 +148,8 @@ def cmd_quantize(args) -> int:
         raise UsageError("--method gptq needs calibration data: add --calibration N (N >= 1)")
     if args.preset is not None and args.model not in TINY_LLAMA:
         raise UsageError(f"--preset is a tiny-llama size; --model {args.model} has none")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; the checkpoint is a directory")
     strategy = _read_strategy(args.strategy) if args.strategy else None
     model, meta = build_model(args.model, args.preset, args.weights)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -294,6 +297,8 @@ def cmd_bench(args) -> int:
 
 
 def _check_bench(args, modes: List[str], on_cuda: bool) -> None:
+    if args.no_gptq and not args.quality:
+        raise UsageError("--no-gptq is an option of --quality")
     for m in modes:
         if "cudagraph" in m and not on_cuda:
             raise UsageError(f"--modes {m}: CUDA graphs need a CUDA device (add --device cuda)")
@@ -538,10 +543,17 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    # a warning is advice to the user, not a pointer into our source
+    return f"mbwq: warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The ``mbwq`` command. Bad usage exits with 2: argparse's errors as usual, the library's
-    errors about its input (USER_ERRORS) as one line ``mbwq: <message>``, without a traceback."""
+    errors about its input (USER_ERRORS) as one line ``mbwq: <message>``, without a traceback.
+    Warnings print as ``mbwq: warning: <message>``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _warning_line
     try:
         if argv and argv[0] == "demo":  # every demo option is the demo's own
             return cmd_demo(None, argv[1:])
@@ -552,6 +564,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as e:
         print(f"mbwq: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

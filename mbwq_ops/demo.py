@@ -89,7 +89,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="rows per group, a multiple of 32 (default 128)")
     add_generation_options(p, cpu_new_tokens=24)
     p.add_argument("--calibrate", action="store_true",
-                   help="use GPTQ with random-token calibration instead of round-to-nearest")
+                   help="use GPTQ with random-token calibration instead of round-to-nearest "
+                        "(the demo's model has random weights, so expect no gain: GPTQ pays "
+                        "off on trained models with real inputs)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")

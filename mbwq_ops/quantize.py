@@ -152,6 +152,9 @@ def _check_group_size(gs: int) -> None:
 
 def _group_sizes(group_size) -> List[int]:
     """Candidate group sizes (an int or a non-empty sequence of them), validated."""
+    if isinstance(group_size, (str, bytes, float)) or not (
+            isinstance(group_size, int) or hasattr(group_size, "__iter__")):
+        raise ValueError(f"group_size must be an int or a sequence of ints, got {group_size!r}")
     gss = [group_size] if isinstance(group_size, int) else list(group_size)
     if not gss:
         raise ValueError("group_size must be an int or a non-empty sequence of ints, got an "
@@ -338,6 +341,8 @@ def _weight_of(linear: nn.Linear, name: Optional[str] = None) -> Tensor:
 
 
 def _check_linear(linear: nn.Linear) -> Tuple[int, int]:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
     K, N = linear.in_features, linear.out_features
     fmt.check_in_features(K)
     return K, N
@@ -636,16 +641,29 @@ def plan_from_strategy(W: Tensor, H: Optional[Tensor], entry: Dict) -> LayerPlan
 
 def strategy_from_model(model: nn.Module) -> Dict:
     """A green-bit-llm style ``{"measurement": {name: {bits, bits_prop, group_size}}}`` that
-    describes the MBWQ layers of ``model`` (flat keys)."""
-    out = {}
+    describes the MBWQ layers of ``model`` (flat keys).
+
+    The format has one group size per width: a layer whose groups of one width are not that
+    size's even split (``group_size=(32, 64, 128)`` allocations) is written with the largest,
+    and a warning names it, since the strategy then gives a slightly different layout."""
+    out, lossy = {}, []
     for name, m in model.named_modules():
         if isinstance(m, MBWQLinear):
             info = layer_bits(m)
-            rows = info["rows_per_width"]
+            rows, gsz = info["rows_per_width"], info["group_size_per_width"]
             bits = [b for b in WIDTHS if rows.get(b)]
             out[name] = {"bits": bits,
                          "bits_prop": [rows[b] / m.in_channels for b in bits],
-                         "group_size": {str(b): info["group_size_per_width"][b] for b in bits}}
+                         "group_size": {str(b): gsz[b] for b in bits}}
+            if any([r for w, r in info["groups"] if w == b] != _split(rows[b], gsz[b])
+                   for b in bits):
+                lossy.append(name)
+    if lossy:
+        warnings.warn(f"strategy_from_model: a strategy file holds one group size per width, "
+                      f"so it reproduces the layout of {len(lossy)} layer(s) only approximately "
+                      f"(written with each width's largest group): "
+                      f"{', '.join(lossy[:8])}" + (" ..." if len(lossy) > 8 else ""),
+                      UserWarning, stacklevel=2)
     return {"measurement": out}
 
 
@@ -694,6 +712,19 @@ def bits_per_weight(model_or_layer: nn.Module, include_metadata: bool = False) -
 
 
 # ============================================================================ model level
+DEFAULT_SKIP = ("lm_head",)
+
+
+def _skip_patterns(skip) -> Tuple[str, ...]:
+    """``skip`` as a tuple of names/patterns: a string is one pattern, None skips nothing."""
+    if skip is None:
+        return ()
+    pats = (skip,) if isinstance(skip, str) else tuple(skip) if hasattr(skip, "__iter__") else None
+    if pats is None or not all(isinstance(p, str) for p in pats):
+        raise ValueError(f"skip must be a layer name/pattern or a sequence of them, got {skip!r}")
+    return pats
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     for p in patterns:
         if name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p):
@@ -770,7 +801,7 @@ def _progress(it, verbose: bool, desc: str, total: Optional[int] = None):
 
 
 def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=None,
-                   skip: Sequence[str] = ("lm_head",), group_size: Union[int, Sequence[int]] = 128,
+                   skip: Sequence[str] = DEFAULT_SKIP, group_size: Union[int, Sequence[int]] = 128,
                    *, bits: Optional[int] = None, strategy=None, widths: Sequence[int] = WIDTHS,
                    method: str = "auto", act_order: bool = True, damp: float = 0.01,
                    verbose: bool = True) -> nn.Module:
@@ -795,12 +826,13 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     if bpw is not None:
         bpw = _check_budget_value(bpw, "bpw")
     if bits is not None:
-        if isinstance(bits, float) and not bits.is_integer():
-            raise ValueError(f"bits must be one of {WIDTHS}, got {bits!r} (for a budget in bits "
-                             f"per weight use bpw={bits!r})")
-        bits = _as_width(int(bits) if isinstance(bits, float) else bits, "bits")
-    if isinstance(skip, str):
-        skip = (skip,)
+        if isinstance(bits, float):  # quantize_linear reads a float as a budget: never guess here
+            raise ValueError(f"bits takes an int width from {WIDTHS}, got {bits!r}; for a budget "
+                             f"in bits per weight use bpw={bits!r}")
+        bits = _as_width(bits, "bits")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model needs an nn.Module, got {type(model).__name__}")
+    skip = _skip_patterns(skip)
     targets = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and not isinstance(m, MBWQLinear):
@@ -815,6 +847,11 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
             targets.append(name)
     if not targets:
         raise ValueError("quantize_model: no nn.Linear layer to quantize")
+    names = [n for n, _ in model.named_modules()]
+    unused = [p for p in skip if not any(_matches(n, (p,)) for n in names)]
+    if unused and skip != DEFAULT_SKIP:  # the default is for models that have an lm_head
+        warnings.warn(f"quantize_model: skip pattern(s) {unused} match no module of the model; "
+                      "check the names", UserWarning, stacklevel=2)
     mods = dict(model.named_modules())
     for name in targets:  # fail before the (slow) calibration run
         _weight_of(mods[name], name)
@@ -831,6 +868,9 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     rows: Dict[str, int] = {}
     hessians = (collect_hessians(model, targets, calibration, rows)
                 if calibration is not None else {})
+    if calibration is not None and not any(rows.values()):
+        raise ValueError("quantize_model: the calibration ran no input rows through any layer to "
+                         "quantize (an empty list or tensor, or a callable that runs nothing?)")
     for name, H in hessians.items():
         if not bool(torch.isfinite(H).all()):
             raise ValueError(f"quantize_model: the calibration inputs of {name} contain NaN/inf "

@@ -125,6 +125,7 @@ BAD_INPUT = [  # argv, what the message must name, marks
     (["bench", "--bits", "4", "--unquantized"], ["--unquantized", "--bits"], ()),
     (["bench", "--preset", "tiny", "--prompt-len", "60"], ["--prompt-len 60", "max_seq_len 64"],
      ()),
+    (["bench", "--preset", "tiny", "--no-gptq"], ["--no-gptq", "--quality"], ()),
     (["demo", "--prompt-len", "0"], ["--prompt-len", "'0'"], ()),
     (["demo", "--new-tokens", "0"], ["--new-tokens", "'0'"], ()),
     (["demo", "--preset", "tiny", "--prompt-len", "60"], ["--prompt-len 60", "max_seq_len 64"], ()),
@@ -142,6 +143,23 @@ def test_bad_input_exits_2_naming_it(argv, names, tmp_path, capsys):
     for name in names:
         assert name in err
     assert not (tmp_path / "q").exists()  # stopped before any work
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    err = _fails(["quantize", "--preset", "tiny", "--out", str(tmp_path / "afile"), "--quiet"],
+                 capsys)
+    assert "afile is a file; the checkpoint is a directory" in err
+
+
+def test_warnings_are_one_line_advice(tmp_path):
+    # a subprocess: pytest would capture the warning before it is printed
+    r = subprocess.run([sys.executable, "-m", "mbwq_ops.cli", "quantize", "--preset", "tiny",
+                        "--skip", "lm_haed", "--out", str(tmp_path / "q"), "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == ["mbwq: warning: quantize_model: skip pattern(s) ['lm_haed'] "
+                                     "match no module of the model; check the names"]
 
 
 def test_library_errors_are_one_line(tmp_path, capsys):

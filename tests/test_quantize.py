@@ -401,8 +401,24 @@ def test_quantize_model_rejects_bad_arguments():
         return nn.Sequential(_linear(64, 32, seed=1), nn.ReLU(), _linear(32, 16, seed=2))
     with pytest.raises(ValueError, match=r"method must be 'auto', 'rtn' or 'gptq', got 'foo'"):
         mbwq_ops.quantize_model(model(), bits=4, method="foo", verbose=False)
-    with pytest.raises(ValueError, match=r"got 3\.5 \(for a budget in bits per weight use bpw=3\.5\)"):
-        mbwq_ops.quantize_model(model(), bits=3.5, verbose=False)
+    for b in (3.5, 3.0):  # a float is a budget in quantize_linear: never read as a width here
+        with pytest.raises(ValueError, match=rf"bits takes an int width .* got {b}; for a budget "
+                                             rf"in bits per weight use bpw={b}"):
+            mbwq_ops.quantize_model(model(), bits=b, verbose=False)
+    for gs in ("128", 128.0):
+        with pytest.raises(ValueError, match=f"group_size must be an int or a sequence of ints, "
+                                             f"got {gs!r}"):
+            mbwq_ops.quantize_model(model(), bpw=4.0, group_size=gs, verbose=False)
+    with pytest.raises(ValueError, match=r"skip must be a layer name/pattern .* got \['0', 3\]"):
+        mbwq_ops.quantize_model(model(), bits=4, skip=["0", 3], verbose=False)
+    with pytest.raises(TypeError, match="quantize_model needs an nn.Module, got Tensor"):
+        mbwq_ops.quantize_model(torch.ones(3), bits=4, verbose=False)
+    with pytest.raises(TypeError, match="expected an nn.Linear, got Conv2d"):
+        mbwq_ops.quantize_linear(nn.Conv2d(32, 32, 1), bits=4)
+    for empty in ([], torch.ones(0, 64), lambda m: None):
+        with pytest.raises(ValueError, match="the calibration ran no input rows"):
+            mbwq_ops.quantize_model(model(), bits=4, group_size=32, calibration=empty,
+                                    verbose=False)
     with pytest.raises(ValueError, match="bits must be one of .* got 7"):
         mbwq_ops.quantize_model(model(), bits=7, verbose=False)
     with pytest.raises(ValueError, match=r"widths must be a non-empty selection .* got \(4, 7\)"):
@@ -415,6 +431,12 @@ def test_quantize_model_rejects_bad_arguments():
     m = model()
     mbwq_ops.quantize_model(m, bits=4, group_size=32, skip="0", verbose=False)
     assert not isinstance(m[0], mbwq_ops.MBWQLinear) and isinstance(m[2], mbwq_ops.MBWQLinear)
+    m = model()  # None skips nothing
+    mbwq_ops.quantize_model(m, bits=4, group_size=32, skip=None, verbose=False)
+    assert isinstance(m[0], mbwq_ops.MBWQLinear) and isinstance(m[2], mbwq_ops.MBWQLinear)
+    with pytest.warns(UserWarning, match=r"skip pattern\(s\) \['lm_haed'\] match no module"):
+        mbwq_ops.quantize_model(model(), bits=4, group_size=32, skip=("lm_haed",), verbose=False)
+    _no_warnings(lambda: mbwq_ops.quantize_model(model(), bits=4, group_size=32, verbose=False))
     with pytest.raises(ValueError, match=r"'nope' is not an nn.Linear of the model"):
         Q.collect_hessians(model(), ["0", "nope"], torch.randn(4, 64))
 
@@ -481,3 +503,18 @@ def test_strategy_naming_unknown_layers_is_an_error():
         Q.load_strategy({"measurement": {"model.layers.0": {"q_proj": {"bit": [4]}}}})
     with pytest.raises(ValueError, match="strategy must be a mapping"):
         Q.load_strategy([e])
+
+
+def test_strategy_from_model_says_when_it_is_approximate():
+    def model():
+        return nn.Sequential(_linear(512, 64, seed=1, row_sigma=1.5))
+    # width 2 gets groups of 64 and of 128: one group size per width cannot say that
+    m = mbwq_ops.quantize_model(model(), bpw=3.0, group_size=(32, 64, 128), verbose=False)
+    assert [r for b, r in Q.layer_bits(m[0])["groups"] if b == 2] == [64, 64, 128, 128]
+    with pytest.warns(UserWarning, match=r"reproduces the layout of 1 layer\(s\) only approximately"):
+        Q.strategy_from_model(m)
+    # one group size: the strategy file reproduces the layout exactly, without a warning
+    one = mbwq_ops.quantize_model(model(), bpw=3.0, group_size=64, verbose=False)
+    strat = _no_warnings(lambda: Q.strategy_from_model(one))
+    again = mbwq_ops.quantize_model(model(), strategy=strat, verbose=False)
+    assert Q.layer_bits(again[0])["groups"] == Q.layer_bits(one[0])["groups"]
