@@ -95,10 +95,14 @@ def _load_weights(model: nn.Module, weights: str) -> None:
         state = load_file(weights)
     except SafetensorError as e:
         raise UsageError(f"--weights {weights}: not a safetensors file ({e})") from e
+    if any(k.endswith(".qweight") for k in state):
+        raise UsageError(f"--weights {weights} holds quantized layers: pass its folder to mbwq "
+                         "inspect / bench, or load it with mbwq_ops.load_quantized")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # missing / unexpected keys or shapes: the wrong file for the model
         msg = " ".join(str(e).split())
+        msg = msg if len(msg) <= 400 else msg[:400] + " ..."
         raise UsageError(f"--weights {weights} does not fit the model: {msg}") from e
 
 

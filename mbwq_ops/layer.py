@@ -288,12 +288,16 @@ MBWQLinearCuda = MBWQLinear
 def prepare_model(model: nn.Module) -> nn.Module:
     """``prepare_params()`` on every MBWQLinear in ``model`` (after ``model.load_state_dict``
     or any change of stored tensors); a malformed layer's ``ValueError`` names the layer."""
-    for name, m in model.named_modules():
-        if isinstance(m, MBWQLinear):
-            try:
-                m.prepare_params()
-            except ValueError as e:
-                raise ValueError(f"layer {name or '(the model itself)'}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_model needs an nn.Module, got {type(model).__name__}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)]
+    if not layers:
+        raise ValueError(f"prepare_model: {type(model).__name__} has no MBWQLinear layer")
+    for name, m in layers:
+        try:
+            m.prepare_params()
+        except ValueError as e:
+            raise ValueError(f"layer {name or '(the model itself)'}: {e}") from e
     return model
 
 

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["load_strategy", "strategy_entry", "unmatched_entries"]
+
+# What an entry may hold: its widths, their shares of the input features, their group sizes,
+# and scale_bits (the width of the scales in exllamav2-style formats; MBWQ stores fp16 scales,
+# so it is accepted and has no effect).
+ENTRY_KEYS = frozenset({"bits", "bits_prop", "group_size", "scale_bits"})
 
 
 def load_strategy(path_or_dict: Union[str, Dict]) -> Dict[str, Dict]:
@@ -43,7 +49,17 @@ def load_strategy(path_or_dict: Union[str, Dict]) -> Dict[str, Dict]:
             if not _is_entry(e):
                 raise ValueError(f"strategy: {key}.{sub} must be an entry with 'bits' "
                                  f"({{'bits': [...], 'bits_prop': [...], ...}}), got {e!r}")
+    odd = sorted({f"{'.'.join(path)}: {k!r}" for path in _entry_keys(m)
+                  for k in _entry(m, path) if k not in ENTRY_KEYS})
+    if odd:  # a misspelt key ("groupsize") would otherwise fall back to its default unseen
+        warnings.warn(f"strategy: keys that mean nothing here, ignored: {', '.join(odd[:8])}"
+                      + (" ..." if len(odd) > 8 else "") + f" (an entry's keys: "
+                      f"{', '.join(sorted(ENTRY_KEYS))})", UserWarning, stacklevel=2)
     return m
+
+
+def _entry(strategy: Dict[str, Dict], path: Tuple[str, ...]) -> Dict:
+    return strategy[path[0]] if len(path) == 1 else strategy[path[0]][path[1]]
 
 
 def _entry_keys(strategy: Dict[str, Dict]) -> List[Tuple[str, ...]]:

@@ -152,6 +152,15 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert "afile is a file; the checkpoint is a directory" in err
 
 
+def test_weights_of_a_quantized_checkpoint_are_named(tmp_path, capsys):
+    from mbwq_ops.checkpoint import WEIGHTS_NAME
+    assert cli.main(["quantize", "--preset", "tiny", "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    capsys.readouterr()
+    err = _fails(["quantize", "--preset", "tiny", "--weights", str(tmp_path / "q" / WEIGHTS_NAME),
+                  "--out", str(tmp_path / "q2"), "--quiet"], capsys)
+    assert "holds quantized layers" in err and err.count("\n") == 1
+
+
 def test_warnings_are_one_line_advice(tmp_path):
     # a subprocess: pytest would capture the warning before it is printed
     r = subprocess.run([sys.executable, "-m", "mbwq_ops.cli", "quantize", "--preset", "tiny",

@@ -293,6 +293,13 @@ def test_prepare_model_names_the_bad_layer():
         prepare_model(model)
 
 
+def test_prepare_model_needs_mbwq_layers():
+    with pytest.raises(ValueError, match="prepare_model: Sequential has no MBWQLinear layer"):
+        prepare_model(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="prepare_model needs an nn.Module, got str"):
+        prepare_model("model")
+
+
 def test_nested_load_rejects_wrong_dtype():
     t = build(MIXED)
     sd = {"proj.weight": torch.randn(256, 8).half(), "proj.bias": torch.randn(256).half()}

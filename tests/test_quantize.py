@@ -518,3 +518,11 @@ def test_strategy_from_model_says_when_it_is_approximate():
     strat = _no_warnings(lambda: Q.strategy_from_model(one))
     again = mbwq_ops.quantize_model(model(), strategy=strat, verbose=False)
     assert Q.layer_bits(again[0])["groups"] == Q.layer_bits(one[0])["groups"]
+
+
+def test_strategy_keys_that_mean_nothing_warn():
+    with pytest.warns(UserWarning, match=r"keys that mean nothing here, ignored: q: 'groupsize'"):
+        Q.load_strategy({"q": {"bits": [4], "groupsize": 32}})
+    _no_warnings(lambda: Q.load_strategy({"measurement": {"model.layers.0": {
+        "q_proj": {"bits": [4, 2], "bits_prop": [0.75, 0.25], "group_size": {"4": 32, "2": 32},
+                   "scale_bits": 4}}}}))
