@@ -241,11 +241,7 @@ void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K, 
   if (M >= min_rows && row_bytes <= size_t(kStagedMaxBytes)) {
     auto kernel = gather_staged_kernel<T, O>;
     static int ready[64] = {};
-    once_per_device(ready, [&](int) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          kStagedMaxBytes));
-      return 1;
-    });
+    allow_smem_once(ready, kernel, kStagedMaxBytes);
     // Several CTAs per row while there are fewer rows than SMs (each stages the whole row).
     const int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
     launch_chained(kernel, dim3(unsigned(xs_rows * parts)), dim3(kStagedThreads), row_bytes,

@@ -478,11 +478,7 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
   const int bias_kind = bias_t.defined() ? aux_kind(bias_t) : kAuxNone;
   auto kernel = tile_gemm_kernel<T, TOKENS, RS, CWG>;
   static int ready[64] = {};
-  once_per_device(ready, [&](int) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        S::kSmemBytes));
-    return 1;
-  });
+  allow_smem_once(ready, kernel, S::kSmemBytes);
   const int mtiles = int((M + TOKENS - 1) / TOKENS);
   const int ntiles = (N + S::kCols - 1) / S::kCols;
   // The small tiles' 384 or 512 columns leave few CTAs on narrow layers (4096 columns: 8 to

@@ -116,6 +116,22 @@ int once_per_device(int (&cache)[64], F compute) {
   return v;
 }
 
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` on the current device (above 48 KB
+// a launch fails without it).
+template <typename Kernel>
+void set_smem_limit(Kernel kernel, size_t bytes) {
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+// The same once per device (`cache`: one per kernel instantiation).
+template <typename Kernel>
+void allow_smem_once(int (&cache)[64], Kernel kernel, size_t bytes) {
+  once_per_device(cache, [&](int) {
+    set_smem_limit(kernel, bytes);
+    return 1;
+  });
+}
+
 // Multiprocessor count and compute-capability major of the current device (read once per
 // device).
 int sm_count();

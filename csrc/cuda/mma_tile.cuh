@@ -194,8 +194,7 @@ struct Call {
 template <typename Kernel>
 int resident_ctas(int (&cache)[64], Kernel kernel, size_t smem) {
   return sm_count() * once_per_device(cache, [&](int) {
-           C10_CUDA_CHECK(cudaFuncSetAttribute(
-               kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+           set_smem_limit(kernel, smem);
            int n = 0;
            C10_CUDA_CHECK(
                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, smem));
