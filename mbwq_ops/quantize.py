@@ -612,7 +612,10 @@ def plan_from_strategy(W: Tensor, H: Optional[Tensor], entry: Dict) -> LayerPlan
                          f"{bits} must sum to 1")
     gs_raw = entry.get("group_size", 128)
     if isinstance(gs_raw, dict):
-        gs = [int(gs_raw.get(str(b), gs_raw.get(b, 128))) for b in bits]
+        missing = [b for b in bits if str(b) not in gs_raw and b not in gs_raw]
+        if missing:
+            raise ValueError(f"group_size {gs_raw} has no entry for width(s) {missing}")
+        gs = [int(gs_raw.get(str(b), gs_raw.get(b))) for b in bits]
     elif isinstance(gs_raw, (list, tuple)):
         gs = [int(g) for g in gs_raw]
         if len(gs) != len(bits):

@@ -526,3 +526,13 @@ def test_strategy_keys_that_mean_nothing_warn():
     _no_warnings(lambda: Q.load_strategy({"measurement": {"model.layers.0": {
         "q_proj": {"bits": [4, 2], "bits_prop": [0.75, 0.25], "group_size": {"4": 32, "2": 32},
                    "scale_bits": 4}}}}))
+
+
+def test_strategy_group_size_must_cover_every_width():
+    lin = _linear(128, 32, seed=5)
+    entry = {"bits": [4, 2], "bits_prop": [0.5, 0.5], "group_size": {"4": 32}}
+    with pytest.raises(ValueError, match=r"group_size \{'4': 32\} has no entry for width\(s\) \[2\]"):
+        Q.plan_from_strategy(lin.weight.detach().t(), None, entry)
+    entry["group_size"]["2"] = 64
+    plan = Q.plan_from_strategy(lin.weight.detach().t(), None, entry)
+    assert plan.groups == [(4, 32), (4, 32), (2, 64)]
