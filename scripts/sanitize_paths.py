@@ -7,9 +7,7 @@ Paths: the tensor-core kernel (fp16/bf16: one, two, four and eight 8-token tiles
 per warp or once per CTA, row chunks of 64 tokens; one or two column quads per lane (two on
 the 8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token
 tiles at M = 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32
-and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M, and with three consumer
-warpgroups at M = 12 and 64 through MBWQ_TILE_WARPGROUPS; the direct kernel at M = 2, 3,
-7 and 12 through MBWQ_DIRECT_MAX_M, and the ring kernels at M = 1, 3 and 12 with it off), the x
+and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M), the x
 gather element by element and through shared memory (from 32 rows), one and several K
 splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale
 and bias in several dtypes or absent, identity and random perm; the large-M path (x gather +
@@ -57,19 +55,9 @@ def main():
     # M = 65 .. 192 as tensor-core row chunks (launch.h: large layers only; here on small ones)
     os.environ["MBWQ_MMA_MAX_M"] = "192"
     # Second calls under knobs: the tile kernel's K splits and reduction (M = 200), its tiles of
-    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there), with three consumer
-    # warpgroups (M = 12, 64)
+    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there)
     small = {"MBWQ_TILE_MIN_M": "1"}
-    three = {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_WARPGROUPS": "3"}
-    # ... and the direct kernel (gemm_direct.cu) at M = 2, 3, 7 and 12 through
-    # MBWQ_DIRECT_MAX_M, with forced K splits and both pipeline depths of one token tile, and
-    # with it off (gemm_mma.cu's own 1-16-token kernels) at M = 1, 3 and 12, whatever its default
-    direct = {"MBWQ_DIRECT_MAX_M": "16"}
-    ring = {"MBWQ_DIRECT_MAX_M": "0"}
-    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small, ring], 17: [small], 40: [small],
-            12: [three, direct, ring], 64: [three], 2: [direct],
-            3: [{**direct, "MBWQ_MMA_SPLITS": "3"}, ring],
-            7: [{**direct, "MBWQ_DIRECT_VARIANT": "1"}]}
+    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small], 17: [small], 40: [small]}
     checked = 0
     for spec in specs:
         layer_cpu, _ = make_layer(spec, "cpu")
@@ -121,11 +109,6 @@ def main():
         bad_perm = torch.full((specs[0].in_features,), 1 << 20, dtype=torch.int32, device="cuda")
         y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, layer._blocks, bad_perm)
         assert torch.isnan(y).all()
-    os.environ.update(direct)
-    x = torch.randn(2, specs[0].in_features, dtype=torch.float16, device="cuda")
-    y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, bad, layer._perm)
-    del os.environ["MBWQ_DIRECT_MAX_M"]
-    assert torch.isnan(y).all()
     W = mbwq_ops.dequant(layer.qweight, layer.scales, layer.zeros, bad, layer._perm)
     assert torch.isnan(W).any()
     torch.cuda.synchronize()

@@ -4,18 +4,14 @@
         --set MBWQ_MMA_WC=1,2,4 --set MBWQ_MMA_SPLITS=0,2,4
 
 Each --set names an environment variable that csrc/cuda/gemm_mma.cu reads at every call (0 or
-unset = the built-in choice, but for MBWQ_DIRECT_MAX_M): MBWQ_MMA_WC (column warps per CTA),
-MBWQ_MMA_SPLITS (K splits), MBWQ_MMA_NO_PDL (1: plain launches instead of programmatic
-dependent launch), MBWQ_MMA_MAX_M (largest M on the mma.sync path, csrc/cuda/ops_cuda.cpp),
-MBWQ_MMA_NO_WGMMA (1: no tile kernel on compute capability 9.0, the paths of other devices),
-MBWQ_GATHER_MIN_M (fewest rows for which the x gather stages rows in shared memory,
-csrc/cuda/gather.cu), MBWQ_TILE_MIN_M / MBWQ_TILE_MAX_M (the rows the many-token tile kernel
-takes on compute capability 9.0, csrc/cuda/ops_cuda.cpp; a large minimum turns it off),
-MBWQ_TILE_TOKENS (16, 32, 64, 128 or 256 tokens per CTA tile), MBWQ_TILE_WARPGROUPS (3: tiles
-of up to 64 tokens with three consumer warpgroups) and MBWQ_TILE_SPLITS (its K splits,
-csrc/cuda/gemm_tile.cu), MBWQ_DIRECT_MAX_M (up to 16: the rows the direct kernel takes,
-csrc/cuda/gemm_direct.cu, 0 = off; it shares MBWQ_MMA_WC and MBWQ_MMA_SPLITS) and
-MBWQ_DIRECT_VARIANT (1: four blocks in flight per warp instead of three, for M <= 8).
+unset = the built-in choice): MBWQ_MMA_WC (column warps per CTA), MBWQ_MMA_SPLITS (K splits),
+MBWQ_MMA_NO_PDL (1: plain launches instead of programmatic dependent launch), MBWQ_MMA_MAX_M
+(largest M on the mma.sync path, csrc/cuda/ops_cuda.cpp), MBWQ_MMA_NO_WGMMA (1: no tile kernel
+on compute capability 9.0, the paths of other devices), MBWQ_GATHER_MIN_M (fewest rows for
+which the x gather stages rows in shared memory, csrc/cuda/gather.cu), MBWQ_TILE_MIN_M /
+MBWQ_TILE_MAX_M (the rows the many-token tile kernel takes on compute capability 9.0,
+csrc/cuda/ops_cuda.cpp; a large minimum turns it off), MBWQ_TILE_TOKENS (16, 32, 64, 128 or
+256 tokens per CTA tile) and MBWQ_TILE_SPLITS (its K splits, csrc/cuda/gemm_tile.cu).
 --matmul adds torch.matmul in the activation dtype on the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).

@@ -152,11 +152,8 @@ def test_mma_row_chunks(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide"])
-def test_ring_kernel_fewest_tokens(name, monkeypatch):
-    # gemm_mma.cu's own kernels for 1-16 tokens, with the direct kernel off whatever its
-    # default (MBWQ_DIRECT_MAX_M=0), so that they stay tested once the direct kernel takes
-    # these M by default. Deterministic.
-    monkeypatch.setenv("MBWQ_DIRECT_MAX_M", "0")
+def test_mma_kernel_fewest_tokens(name):
+    # gemm_mma.cu's kernels for 1-16 tokens (one and two token tiles). Deterministic.
     layer, W = layer_and_weight(SPECS[name])
     for dtype in DTYPES:
         for M in (1, 4, 8, 9, 16):
@@ -166,39 +163,13 @@ def test_ring_kernel_fewest_tokens(name, monkeypatch):
             assert torch.equal(run_gemm(layer, x), y), (name, dtype, M)
 
 
-@pytest.mark.parametrize("name", ["q4g128", "q2g64", "mixed_all", "mixed_432", "splitk",
-                                  "onesplit", "wide", "two_quads"])
-def test_direct_kernel(name, monkeypatch):
-    # gemm_direct.cu (the fewest tokens, weights straight into registers), reached through
-    # MBWQ_DIRECT_MAX_M: every width (mixed_all, mixed_432: width changes inside a warp's
-    # range), partial column tiles (wide), K splits chosen (splitk) and forced (MBWQ_MMA_SPLITS),
-    # 1, 2 and 4 column warps per CTA (MBWQ_MMA_WC), both pipeline depths of one token tile
-    # (MBWQ_DIRECT_VARIANT), 1-8 tokens in one tile and 9-16 in two. Deterministic.
-    layer, W = layer_and_weight(SPECS[name])
-    K = layer.in_channels
-    monkeypatch.setenv("MBWQ_DIRECT_MAX_M", "16")
-    for dtype in DTYPES:
-        for M, splits, wc, variant in ((1, "0", "0", "0"), (2, "0", "0", "1"), (3, "3", "0", "0"),
-                                       (5, "0", "1", "0"), (8, "2", "4", "1"), (8, "0", "2", "0"),
-                                       (1, "5", "1", "1"), (9, "0", "0", "0"), (12, "3", "2", "0"),
-                                       (16, "0", "1", "0")):
-            monkeypatch.setenv("MBWQ_MMA_SPLITS", splits)
-            monkeypatch.setenv("MBWQ_MMA_WC", wc)
-            monkeypatch.setenv("MBWQ_DIRECT_VARIANT", variant)
-            x = rand_x(M, K, dtype, seed=M + 100 * int(splits))
-            y = run_gemm(layer, x)
-            assert_close_to_reference(y, x, W, layer)
-            assert torch.equal(run_gemm(layer, x), y), (M, splits, wc, variant)
-
-
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
 def test_tile_kernel(name, monkeypatch):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last
     # one part padding; partial column tiles (wide: 6152 columns); every width (mixed_all); K
     # splits chosen by the cost model (splitk) or forced (MBWQ_TILE_SPLITS); any M forced onto
     # it (MBWQ_TILE_MIN_M / MAX_M: one row, several tiles of each size, tiles of 16, 32 and 64
-    # tokens, also with three consumer warpgroups (MBWQ_TILE_WARPGROUPS), which only the knobs
-    # reach). Deterministic.
+    # tokens, which only the knobs reach). Deterministic.
     if tile_rows(1, 1) is None:
         pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
     layer, W = layer_and_weight(SPECS[name])
@@ -216,22 +187,14 @@ def test_tile_kernel(name, monkeypatch):
             monkeypatch.setenv("MBWQ_TILE_TOKENS", tokens)
             x = rand_x(M, K, dtype, seed=M)
             assert_close_to_reference(run_gemm(layer, x), x, W, layer)
-        monkeypatch.setenv("MBWQ_TILE_WARPGROUPS", "3")
-        for M, tokens in ((1, "0"), (20, "0"), (64, "0"), (100, "32")):
-            monkeypatch.setenv("MBWQ_TILE_TOKENS", tokens)
-            x = rand_x(M, K, dtype, seed=M)
-            assert_close_to_reference(run_gemm(layer, x), x, W, layer)
         monkeypatch.setenv("MBWQ_TILE_TOKENS", "0")
-        monkeypatch.delenv("MBWQ_TILE_WARPGROUPS")
         monkeypatch.setenv("MBWQ_TILE_SPLITS", "3")
-        for M, warpgroups in ((7, "0"), (20, "0"), (40, "0"), (300, "0"), (40, "3")):
-            monkeypatch.setenv("MBWQ_TILE_WARPGROUPS", warpgroups)
+        for M in (7, 20, 40, 300):
             x = rand_x(M, K, dtype, seed=M)
             y = run_gemm(layer, x)
             assert_close_to_reference(y, x, W, layer)
             assert torch.equal(run_gemm(layer, x), y)
-        for knob in ("MBWQ_TILE_MIN_M", "MBWQ_TILE_MAX_M", "MBWQ_TILE_TOKENS", "MBWQ_TILE_SPLITS",
-                     "MBWQ_TILE_WARPGROUPS"):
+        for knob in ("MBWQ_TILE_MIN_M", "MBWQ_TILE_MAX_M", "MBWQ_TILE_TOKENS", "MBWQ_TILE_SPLITS"):
             monkeypatch.delenv(knob)
 
 
@@ -314,20 +277,6 @@ def test_gemm_property_vs_reference(case):
     assert_close_to_reference(run_gemm(layer, x), x, W, layer)
 
 
-@given(cuda_cases(), st.integers(1, 16))
-def test_direct_kernel_property_vs_reference(case, M):
-    # the direct kernel (gemm_direct.cu, on through MBWQ_DIRECT_MAX_M) on the same random layers
-    spec, _, dtype = case
-    layer, W = layer_and_weight(spec)
-    x = rand_x(M, spec.in_features, dtype, seed=M)
-    os.environ["MBWQ_DIRECT_MAX_M"] = "16"
-    try:
-        y = run_gemm(layer, x)
-    finally:
-        del os.environ["MBWQ_DIRECT_MAX_M"]
-    assert_close_to_reference(y, x, W, layer)
-
-
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "n_odd", "splitk"])
 def test_dequant_bit_exact(name):
     spec = SPECS[name]
@@ -388,8 +337,6 @@ KERNEL_KNOBS = {
     "default": {},
     # every M on the tile kernel (wgmma devices): its 16-, 32- and 64-token tiles
     "tiles": {"MBWQ_TILE_MIN_M": "1"},
-    "tiles3": {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_WARPGROUPS": "3"},
-    "direct": {"MBWQ_DIRECT_MAX_M": "16"},
 }
 
 
@@ -397,7 +344,7 @@ KERNEL_KNOBS = {
 @pytest.mark.parametrize("M", [1, 5, 20, 64, 100, 200, 300])
 def test_invalid_tables_do_not_crash(M, knobs, monkeypatch):
     # invalid table entries and perm values on every path (KERNEL_KNOBS sends small M to the
-    # tile kernels and the direct kernel)
+    # tile kernel's small tiles)
     for k, v in KERNEL_KNOBS[knobs].items():
         monkeypatch.setenv(k, v)
     layer, _ = layer_and_weight(SPECS["mixed_432"])

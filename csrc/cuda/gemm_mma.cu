@@ -406,10 +406,6 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       bias_t.defined() ? bias_t.data_ptr() : nullptr,
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
-  // The fewest tokens: weights straight into registers (gemm_direct.cu), up to
-  // MBWQ_DIRECT_MAX_M rows (launch.h: kDirectDefaultMaxM).
-  if (M <= std::min<int64_t>(tuning_value("MBWQ_DIRECT_MAX_M", kDirectDefaultMaxM), kDirectMaxM))
-    return launch_direct(c);
   // Token tiles by M: one (M <= 8), two, four, eight, with two column quads per lane (one for
   // eight tiles of bf16 and on narrow layers, below). Up to 16 tokens each warp copies its own
   // x; beyond, x is as many bytes as the warp's weights or more, and one copy per CTA saves the
@@ -497,11 +493,9 @@ GridChoice choose_grid(int nblocks, int N, int warp_cols, int M, double weight_b
 
 // Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
 // a sweep can change it in-process), else 0. Results do not depend on it beyond rounding order.
-int tuning_override(const char* name) { return tuning_value(name, 0); }
-
-int tuning_value(const char* name, int fallback) {
+int tuning_override(const char* name) {
   const char* v = std::getenv(name);
-  return v && *v ? std::max(0, std::atoi(v)) : fallback;
+  return v ? std::max(0, std::atoi(v)) : 0;
 }
 
 bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

@@ -5,9 +5,7 @@
 // A CTA computes a tile of 128 * RS columns x TOKENS tokens (RS = min(4, 256 / TOKENS) row sets:
 // the accumulators of 256 tokens x 128 columns, or fewer with the most A registers) over
 // its range of 32-row blocks of K. Its warps have one role each (warp specialization) and hand
-// blocks over through a ring of shared-memory slots guarded by mbarriers (warp numbers for the
-// two consumer warpgroups drawn here; with MBWQ_TILE_WARPGROUPS=3 small tiles run three of
-// two row sets each, 192 RS columns, and the producers are warps 12-14):
+// blocks over through a ring of shared-memory slots guarded by mbarriers:
 //
 //   producers (warps 8-10)   for every block: wait until its slot is empty, then bulk-copy
 //                            (cp.async.bulk, the copy engine) the block's x (TOKENS tokens x
@@ -71,18 +69,15 @@ namespace mbwq {
 namespace cuda {
 namespace {
 
-// CWG consumer warpgroups (2, or 3 for small tiles) and one producer warpgroup, of which
-// kProducerWarps warps copy; setmaxnreg moves the producers' registers to the consumers:
-//   CWG = 2: 4 x 32 x 40 + 8 x 32 x 232 = 64512 of the 65536 (128 accumulators and two A
-//            register sets of 8 RS)
-//   CWG = 3: 4 x 32 x 40 + 12 x 32 x 152 = 63488 (up to 64 accumulators, RS = 2)
-template <int CWG>
-struct Roles {
-  static_assert(CWG == 2 || CWG == 3, "gemm_tile: 2 or 3 consumer warpgroups");
-  static constexpr int kConsumerWarps = 4 * CWG;
-  static constexpr int kThreads = 32 * kConsumerWarps + 128;
-  static constexpr int kConsumerRegs = CWG == 2 ? 232 : 152;
-};
+// Two consumer warpgroups and one producer warpgroup, of which kProducerWarps warps copy;
+// setmaxnreg moves the producers' registers to the consumers: 4 x 32 x 40 + 8 x 32 x 232 =
+// 64512 of the 65536 (128 accumulators and two A register sets of 8 RS). (Three consumer
+// warpgroups of two row sets for tiles of up to 64 tokens, 152 registers each, were measured
+// and dropped: H200, 8192 x 28672 4-bit with every M on this kernel, M = 1-64 took 78.6 /
+// 83.7 / 102.3 / 109.4 us against 62.1 / 68.7 / 75.7 / 92.4 with two.)
+constexpr int kConsumerWarps = 8;
+constexpr int kThreads = 32 * kConsumerWarps + 128;
+constexpr int kConsumerRegs = 232;
 constexpr int kProducerRegs = 40;
 constexpr int kMaxStages = 12;
 // Warps that issue copies (Nsight Compute, 8192 x 28672 4-bit M = 2048: with one warp issuing
@@ -91,12 +86,12 @@ constexpr int kMaxStages = 12;
 constexpr int kProducerWarps = 3;
 constexpr int kSmemLimit = 227 * 1024;
 
-// Geometry of a tile of TOKENS tokens x 64 RS CWG columns (RS row sets of 64 columns for each
-// of CWG consumer warpgroups).
-template <int TOKENS, int RS, int CWG>
+// Geometry of a tile of TOKENS tokens x 128 RS columns (RS row sets of 64 columns for each
+// of the two consumer warpgroups).
+template <int TOKENS, int RS>
 struct TileShape {
   static constexpr int kRowSets = RS;
-  static constexpr int kCols = 64 * CWG * kRowSets;                // columns per CTA
+  static constexpr int kCols = 128 * kRowSets;                     // columns per CTA
   static constexpr int kPiece = TOKENS * 16;                       // one x piece in a slot
   static constexpr int kXBytes = 4 * kPiece;  // = one block of xs (XOrder::kTile, H = TOKENS)
   static constexpr int kRowBytes = kCols * 4;                      // one qweight row
@@ -199,21 +194,20 @@ struct TableChunks {
 
 // ---- the kernel --------------------------------------------------------------------------
 
-// grid: (token tiles, column tiles, K splits); block: Roles<CWG>::kThreads.
+// grid: (token tiles, column tiles, K splits); block: kThreads.
 // xs: x gathered in XOrder::kTile with tiles of TOKENS rows;
 // out: y [M, N] (T) with bias when the grid has one split, else fp32 partials [splits, M, N].
 // RS: the row sets (a template parameter, not a local constant: cicc crashed on the lambdas'
-// array bounds of a local one); CWG: the consumer warpgroups.
-template <typename T, int TOKENS, int RS, int CWG>
-__global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
+// array bounds of a local one).
+template <typename T, int TOKENS, int RS>
+__global__ void __launch_bounds__(kThreads, 1)
     tile_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                      const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                      const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                      int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                      int blocks_per_split) {
 #if MBWQ_WGMMA
-  using S = TileShape<TOKENS, RS, CWG>;
-  constexpr int kConsumerWarps = Roles<CWG>::kConsumerWarps;
+  using S = TileShape<TOKENS, RS>;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t full0 = smem_s + S::kBarrierOffset, empty0 = full0 + 8 * S::kStages;
@@ -281,7 +275,7 @@ __global__ void __launch_bounds__(Roles<CWG>::kThreads, 1)
     }
   } else {
     // ---- consumers ----
-    set_max_regs_inc<Roles<CWG>::kConsumerRegs>();
+    set_max_regs_inc<kConsumerRegs>();
     const int g = lane / 4, t = lane % 4;
     int col = 64 * RS * (warp / 4) + 16 * RS * (warp % 4) + S::kRunCols * g;  // lane's first
     // Kept in a register (an empty asm that "changes" it), not recomputed from the thread index
@@ -466,17 +460,17 @@ int choose_splits(int64_t M, int64_t N, int nblocks, int tiles, int slots, int m
   return best_s;
 }
 
-template <typename T, int TOKENS, int RS, int CWG = 2>
+template <typename T, int TOKENS, int RS>
 void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const at::Tensor& blocks,
             const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  using S = TileShape<TOKENS, RS, CWG>;
+  using S = TileShape<TOKENS, RS>;
   const int K = xs.size(1), N = qweight.size(1);
   const int nblocks = K / kBlockRows;
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
   const void* bias_p = bias_t.defined() ? bias_t.data_ptr() : nullptr;
   const int bias_kind = bias_t.defined() ? aux_kind(bias_t) : kAuxNone;
-  auto kernel = tile_gemm_kernel<T, TOKENS, RS, CWG>;
+  auto kernel = tile_gemm_kernel<T, TOKENS, RS>;
   static int ready[64] = {};
   allow_smem_once(ready, kernel, S::kSmemBytes);
   const int mtiles = int((M + TOKENS - 1) / TOKENS);
@@ -491,7 +485,7 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor part;
   if (splits > 1) part = at::empty({splits, M, N}, xs.options().dtype(at::kFloat));
-  launch_chained(kernel, dim3(mtiles, ntiles, splits), dim3(Roles<CWG>::kThreads), S::kSmemBytes,
+  launch_chained(kernel, dim3(mtiles, ntiles, splits), dim3(kThreads), S::kSmemBytes,
                  stream,
                  reinterpret_cast<const T*>(xs.data_ptr()),
                  reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
@@ -508,17 +502,6 @@ template <typename T>
 void launch_tokens(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qweight,
                    const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
                    const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  // MBWQ_TILE_WARPGROUPS=3: tiles of up to 64 tokens with three consumer warpgroups of two row
-  // sets (384 columns): 12 decoding warps an SM instead of 8, each with half the weights a
-  // block (Nsight Compute found the two-warpgroup small tiles latency-bound). Not yet measured.
-  if (tuning_override("MBWQ_TILE_WARPGROUPS") == 3) {
-    switch (tokens) {
-      case 16: return launch<T, 16, 2, 3>(xs, M, qweight, scales, zeros, blocks, bias, y);
-      case 32: return launch<T, 32, 2, 3>(xs, M, qweight, scales, zeros, blocks, bias, y);
-      case 64: return launch<T, 64, 2, 3>(xs, M, qweight, scales, zeros, blocks, bias, y);
-      default: break;
-    }
-  }
   switch (tokens) {
     case 16: return launch<T, 16, 4>(xs, M, qweight, scales, zeros, blocks, bias, y);
     case 32: return launch<T, 32, 4>(xs, M, qweight, scales, zeros, blocks, bias, y);

@@ -67,15 +67,7 @@ void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor&
               const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y);
 
-// gemm_mma hands calls of 1 <= M <= min(kDirectMaxM, MBWQ_DIRECT_MAX_M) rows to the direct
-// kernel (gemm_direct.cu): mma.sync like gemm_mma's, but the weights go from global memory
-// straight into registers, several blocks ahead, with no shared-memory ring. Unset,
-// MBWQ_DIRECT_MAX_M is kDirectDefaultMaxM: 0 (off) until an A/B on the device shows the
-// direct kernel faster; MBWQ_DIRECT_MAX_M=0 keeps it off whatever the default.
-constexpr int64_t kDirectMaxM = 16;
-constexpr int kDirectDefaultMaxM = 0;
-
-// The grid of the mma.sync kernels (gemm_mma.cu, gemm_direct.cu): WC column warps of
+// The grid of the mma.sync kernels (gemm_mma.cu): WC column warps of
 // warp_cols columns per CTA (one of wc_options) and K splits of blocks_per_split 32-row blocks,
 // the cheapest under a cost model of waves x (blocks per warp + `ramp`) plus the partials'
 // traffic, for `slots` resident CTAs. MBWQ_MMA_SPLITS forces the splits, and MBWQ_MMA_WC the
@@ -101,9 +93,6 @@ void gemm_tile(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qw
 // Tuning hook for benchmarks (gemm_mma.cu): the positive integer in environment variable `name`,
 // read at each call, else 0.
 int tuning_override(const char* name);
-// The same for knobs whose 0 means something (off): the non-negative integer in `name`, or
-// `fallback` when it is unset or empty.
-int tuning_value(const char* name, int fallback);
 
 // compute(device) for the current device, computed once per device into `cache` (at least 1;
 // devices from 64 on share the last entry): for values constant for the process.

@@ -1,7 +1,7 @@
-// Pieces of the mma.sync GEMMs (gemm_mma.cu, gemm_direct.cu) around the decode: the warp's
-// range of blocks, the block table in shared memory, group changes, the deterministic
-// reduction of the k-warps' sums at the end, and the host side of a launch (the grid, the K
-// split partials and their reduction).
+// Pieces of the mma.sync GEMM (gemm_mma.cu) around the decode: the warp's range of blocks,
+// the block table in shared memory, group changes, the deterministic reduction of the k-warps'
+// sums at the end, and the host side of a launch (the grid, the K split partials and their
+// reduction).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -202,9 +202,9 @@ int resident_ctas(int (&cache)[64], Kernel kernel, size_t smem) {
          });
 }
 
-// Launch an mma.sync GEMM kernel (the argument list of gemm_mma.cu's and gemm_direct.cu's) on
-// grid gc: with one K split it writes y (+ bias) itself, with several it writes fp32 partials
-// that reduce_splits adds up in split order.
+// Launch an mma.sync GEMM kernel (gemm_mma.cu's argument list) on grid gc: with one K split
+// it writes y (+ bias) itself, with several it writes fp32 partials that reduce_splits adds
+// up in split order.
 template <typename T, typename Kernel>
 void launch_on_grid(Kernel kernel, const GridChoice& gc, size_t smem, const Call<T>& c) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
@@ -225,11 +225,6 @@ void launch_on_grid(Kernel kernel, const GridChoice& gc, size_t smem, const Call
                  __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split);
   if (part.defined()) reduce_splits<T>(part, c.bias, c.bias_kind, c.out, c.stream);
 }
-
-// The direct kernel (gemm_direct.cu) for 1 <= M <= kDirectMaxM; gemm_mma.cu's launcher hands it
-// the calls it takes. Instantiated for __half and __nv_bfloat16.
-template <typename T>
-void launch_direct(const Call<T>& c);
 
 }  // namespace cuda
 }  // namespace mbwq

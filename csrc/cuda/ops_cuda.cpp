@@ -7,9 +7,7 @@
 //   kTileMaxM on wgmma devices, fp16 / bf16 x,      weights decoded once per tile, exact fp16 W
 //   K, N % 8 == 0
 //   M <= kMmaMaxM (kMmaChunkedMaxM on large   ->  gemm_mma.cu: tensor cores, weights read
-//   layers), fp16 / bf16 x, K, N % 8 == 0         once per row chunk, exact fp16 W (up to
-//                                                  MBWQ_DIRECT_MAX_M <= 16 rows: gemm_direct.cu,
-//                                                  not on by default)
+//   layers), fp16 / bf16 x, K, N % 8 == 0         once per row chunk, exact fp16 W
 //   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
 //                                                  W in stored order into x's dtype + cuBLAS
 //
