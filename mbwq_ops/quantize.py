@@ -14,11 +14,6 @@ Pipeline of one layer::
       -> RTN or GPTQ over the stored rows, group by group -> codes, scales, zeros
       -> pack -> MBWQLinear
 
-Grid of a group (asymmetric min/max): ``zero = -min`` and ``scale = (max + zero) / (2^b - 1)``,
-both rounded *up* to fp16, so every weight of the group lies inside the representable range
-``[-zero, (2^b - 1) * scale - zero]`` and round-to-nearest errs by at most half a step (plus the
-fp16 rounding of the dequantized value).
-
 Bit budget (what :func:`bits_per_weight` counts): every stored bit of ``qweight``, ``scales``
 and ``zeros`` divided by ``K * N``. A group of ``r`` rows at width ``b`` therefore costs
 ``N * (r * b + 32)`` bits. ``q_perm``, ``q_groups``, ``channel_scale`` and ``bias`` are per-layer
@@ -31,12 +26,7 @@ energy ``tr(W^T H W)``. Choosing one candidate per unit to minimise the summed e
 total bit budget is a multiple-choice knapsack; it is solved by a Lagrangian search over the
 price of a bit followed by a greedy fill of the remaining budget.
 
-GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
-Pre-trained Transformers"): rows are quantized one at a time in stored order and the rounding
-error of each row is spread over the rows not yet quantized through the upper Cholesky factor
-of ``H^-1``; error propagation to later blocks is batched. Groups take their grid from the
-already-updated weights when their first row is reached. Act-order comes for free: the stored
-order puts the features with the largest ``H_kk`` first (within each width).
+The grids, RTN and GPTQ themselves: quantizers.py.
 """
 from __future__ import annotations
 
@@ -52,6 +42,7 @@ from torch import Tensor, nn
 
 from . import format as fmt
 from .layer import MBWQLinear
+from .quantizers import damped_hessian, gptq, quantize_rtn, quantize_to_grid, rtn_grid
 from .strategy import load_strategy, strategy_entry, unmatched_entries
 
 __all__ = [
@@ -60,44 +51,6 @@ __all__ = [
 ]
 
 WIDTHS = fmt.WIDTHS
-
-
-# ============================================================================ fp16 grid helpers
-def _fp16_up(v: Tensor) -> Tensor:
-    """Smallest fp16 value >= v (v float64); saturates at the fp16 maximum."""
-    h = v.clamp(max=65504.0).to(torch.float16)
-    low = h.to(torch.float64) < v
-    if bool(low.any()):
-        h = torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
-    return h
-
-
-def rtn_grid(w: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
-    """Asymmetric min/max grid of a group ``w [..., rows, N]``: fp16 ``scale``, ``zero``
-    ``[..., N]`` (min/max over the rows of each column).
-
-    ``zero`` and ``scale`` are rounded up so that ``[-zero, maxq*scale - zero]`` covers
-    ``[min, max]`` of every column exactly.
-    """
-    maxq = (1 << bits) - 1
-    w = w.to(torch.float64)
-    lo, hi = w.amin(-2), w.amax(-2)
-    zero = _fp16_up(-lo)
-    scale = _fp16_up((hi + zero.to(torch.float64)) / maxq)
-    tiny = torch.tensor(2.0 ** -24, dtype=torch.float16, device=w.device)
-    scale = torch.where(scale > 0, scale, tiny)
-    return scale, zero
-
-
-def quantize_to_grid(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
-    """Codes (int64) of ``w [..., N]`` on the grid, and their exact dequantized values (float64,
-    rounded once to fp16 like the kernels do)."""
-    s, z = scale.to(torch.float64), zero.to(torch.float64)
-    codes = torch.round((w.to(torch.float64) + z) / s).clamp_(0, (1 << bits) - 1)
-    deq = (codes * s - z).to(torch.float32).to(torch.float16).to(torch.float64)
-    # (float64 -> float32 -> fp16 could round twice; the error it adds is below one fp16 ulp
-    # and only matters for error feedback, never for the stored codes.)
-    return codes.to(torch.int64), deq
 
 
 # ============================================================================ plans
@@ -230,76 +183,6 @@ def _assemble(order: Tensor, unit_rows: List[int], choice: List[Tuple[int, int]]
     return LayerPlan(torch.cat(perm), groups, True, groups[0][0], choice[idx[0]][1])
 
 
-# ============================================================================ core quantizers
-def _quantize_rtn(Ws: Tensor, groups: Sequence[Tuple[int, int]]):
-    codes, scales, zeros, first = [], [], [], 0
-    for b, r in groups:
-        w = Ws[first:first + r]
-        s, z = rtn_grid(w, b)
-        c, _ = quantize_to_grid(w, s, z, b)
-        codes.append(c)
-        scales.append(s)
-        zeros.append(z)
-        first += r
-    return torch.cat(codes), torch.stack(scales), torch.stack(zeros)
-
-
-def _prepare_hessian(H: Tensor, damp: float) -> Tensor:
-    H = H.to(torch.float64).clone()
-    d = torch.diagonal(H)
-    dead = d <= 0
-    d[dead] = 1.0
-    d += damp * float(d.mean())
-    return H
-
-
-def _gptq(Ws: Tensor, Hs: Tensor, groups: Sequence[Tuple[int, int]], damp: float = 0.01,
-          block: int = 128):
-    """GPTQ over stored rows ``Ws [K, N]`` with Hessian ``Hs [K, K]`` in the same order."""
-    K, N = Ws.shape
-    H = _prepare_hessian(Hs, damp)
-    try:
-        L = torch.linalg.cholesky(H)
-    except RuntimeError:  # not positive definite even after damping: damp harder
-        H += torch.eye(K, dtype=H.dtype, device=H.device) * float(torch.diagonal(H).mean())
-        L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(Hinv, upper=True).to(torch.float32)
-    W = Ws.to(torch.float32).clone()
-    codes = torch.empty(K, N, dtype=torch.int64, device=W.device)
-    scales, zeros = [], []
-    group_of_row = []
-    bounds = set()
-    first = 0
-    for gi, (b, r) in enumerate(groups):
-        bounds.add(first)
-        group_of_row += [gi] * r
-        first += r
-    cuts = sorted(bounds | set(range(0, K, block)) | {K})
-    scale = zero = None
-    for i1, i2 in zip(cuts, cuts[1:]):
-        gi = group_of_row[i1]
-        b, r = groups[gi]
-        if i1 in bounds:  # a group starts: grid from the weights as updated so far
-            g0 = i1
-            scale, zero = rtn_grid(W[g0:g0 + r], b)
-            scales.append(scale)
-            zeros.append(zero)
-        W1 = W[i1:i2].clone()
-        E = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            w = W1[j]
-            c, q = quantize_to_grid(w, scale, zero, b)
-            codes[i1 + j] = c
-            err = (w - q.to(torch.float32)) / U1[j, j]
-            W1[j:] -= U1[j, j:, None] * err[None, :]
-            E[j] = err
-        if i2 < K:
-            W[i2:] -= U[i1:i2, i2:].t() @ E
-    return codes, torch.stack(scales), torch.stack(zeros)
-
-
 def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor, zeros: Tensor,
                  bias: Optional[Tensor], device) -> MBWQLinear:
     groups = fmt.mixed_groups([b for b, _ in plan.groups], [r for _, r in plan.groups])
@@ -360,9 +243,9 @@ def quantize_with_plan(linear: nn.Linear, plan: LayerPlan, H: Optional[Tensor] =
         if tuple(H.shape) != (K, K):
             raise ValueError(f"the Hessian must have shape [{K}, {K}], got {tuple(H.shape)}")
         H = H.to(W.device)
-        codes, scales, zeros = _gptq(Ws, H[order][:, order], plan.groups, damp)
+        codes, scales, zeros = gptq(Ws, H[order][:, order], plan.groups, damp)
     else:
-        codes, scales, zeros = _quantize_rtn(Ws, plan.groups)
+        codes, scales, zeros = quantize_rtn(Ws, plan.groups)
     return _build_layer(K, N, plan, codes, scales, zeros, linear.bias, linear.weight.device)
 
 
@@ -418,7 +301,7 @@ def _measure(W: Tensor, H: Optional[Tensor], unit_rows_size: int, widths: Sequen
              group_sizes: Sequence[int], damp: float = 0.01) -> _Measured:
     K, N = W.shape
     if H is not None:  # the same damping as GPTQ: a few calibration tokens must not mislead
-        H = _prepare_hessian(H, damp)
+        H = damped_hessian(H, damp)
     order = torch.argsort(_importance(W, H), descending=True, stable=True)
     unit_rows = _split(K, unit_rows_size)
     Ws = W[order]
