@@ -98,9 +98,9 @@ def _importance(W: Tensor, H: Optional[Tensor]) -> Tensor:
     return energy
 
 
-def _check_group_size(gs: int) -> None:
+def _check_group_size(gs: int, arg: str = "group_size") -> None:
     if not isinstance(gs, int) or gs <= 0 or gs % 32:
-        raise ValueError(f"group_size must be a positive multiple of 32, got {gs!r}")
+        raise ValueError(f"{arg} must be a positive multiple of 32, got {gs!r}")
 
 
 def _group_sizes(group_size) -> List[int]:
@@ -123,12 +123,19 @@ def _check_widths(widths: Sequence[int]) -> None:
         raise ValueError(f"widths must be a non-empty selection of {WIDTHS}, got {widths!r}")
 
 
-def _check_budget_value(value, arg: str) -> float:
+def _as_real(value) -> float:
+    """``value`` as a float; NaN for what is not a real number (strings and bools included)."""
+    if isinstance(value, (str, bool)):
+        return float("nan")
     try:
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        v = float("nan")
-    if isinstance(value, (str, bool)) or not math.isfinite(v) or v <= 0:
+        return float("nan")
+
+
+def _check_budget_value(value, arg: str) -> float:
+    v = _as_real(value)
+    if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{arg} must be a positive, finite number of bits per weight, got {value!r}")
     return v
 
@@ -145,11 +152,8 @@ def _as_width(bits, arg: str) -> int:
 
 
 def _check_damp(damp) -> None:
-    try:
-        d = float(damp)
-    except (TypeError, ValueError):
-        d = float("nan")
-    if isinstance(damp, (str, bool)) or not math.isfinite(d) or d < 0:
+    d = _as_real(damp)
+    if not math.isfinite(d) or d < 0:
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
 
 
@@ -206,10 +210,9 @@ def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor,
     return layer
 
 
-def _weight_of(linear: nn.Linear, name: Optional[str] = None) -> Tensor:
+def _check_weight_values(linear: nn.Linear, name: Optional[str] = None) -> Tensor:
+    """``linear.weight`` (detached), after checking it has values and all of them are finite."""
     where = f" of layer {name!r}" if name else ""
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"expected an nn.Linear{where}, got {type(linear).__name__}")
     W = linear.weight.detach()
     if W.device.type == "meta":
         raise ValueError(f"the linear layer's weight{where} is on the meta device (no values to "
@@ -220,7 +223,12 @@ def _weight_of(linear: nn.Linear, name: Optional[str] = None) -> Tensor:
         o, i = (int(v) for v in (~finite).nonzero()[0])
         raise ValueError(f"the weight{where} has non-finite values ({n_nan} NaN, {n_inf} inf; "
                          f"first at weight[{o}, {i}] = {float(W[o, i])}); it cannot be quantized")
-    return W.t().to(torch.float32)  # [K, N]
+    return W
+
+
+def _weight_of(linear: nn.Linear, name: Optional[str] = None) -> Tensor:
+    """The checked weight as ``W [K, N]`` in float32."""
+    return _check_weight_values(linear, name).t().to(torch.float32)
 
 
 def _check_linear(linear: nn.Linear) -> Tuple[int, int]:
@@ -279,11 +287,13 @@ def _hessian_from(calibration: Optional[Tensor], K: int,
     return (x.t() @ x) / max(1, x.shape[0]), x.shape[0]
 
 
-def _few_rows_message(rows: int, K: int) -> str:
-    return (f"{rows} calibration rows for in_features K={K}: with fewer rows than K the "
-            "Hessian is rank-deficient and GPTQ usually gives a worse layer than plain "
-            f"round-to-nearest. Use at least K={K} rows (tokens), better several times K "
-            f"(e.g. {4 * K}), or method='rtn'")
+def _few_rows_advice(K: Optional[int] = None) -> str:
+    """Why GPTQ wants at least as many calibration rows as input features (both warnings say
+    it), for one layer's K or for K in general."""
+    need, example = (f"K={K}", f" (e.g. {4 * K})") if K is not None else ("K", "")
+    return ("with fewer rows than K the Hessian is rank-deficient and GPTQ usually gives a worse "
+            f"layer than plain round-to-nearest. Use at least {need} rows (tokens), better "
+            f"several times K{example}, or method='rtn'")
 
 
 @dataclass
@@ -421,8 +431,8 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
         raise ValueError("method='gptq' needs calibration data (layer inputs or a Hessian)")
     use_h = H if method in ("auto", "gptq") else None
     if use_h is not None and rows is not None and rows < K:
-        warnings.warn("quantize_linear: GPTQ with " + _few_rows_message(rows, K), UserWarning,
-                      stacklevel=2)
+        warnings.warn(f"quantize_linear: GPTQ with {rows} calibration rows for in_features "
+                      f"K={K}: {_few_rows_advice(K)}", UserWarning, stacklevel=2)
 
     if is_list:
         plan = plan_from_strategy(W, H, {"bits": list(bits), "bits_prop": bits_prop,
@@ -432,8 +442,7 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
         gss = _group_sizes(group_size)
         _check_widths(widths)
         if unit_rows is not None:
-            if not isinstance(unit_rows, int) or unit_rows <= 0 or unit_rows % 32:
-                raise ValueError(f"unit_rows must be a positive multiple of 32, got {unit_rows!r}")
+            _check_group_size(unit_rows, "unit_rows")
         m = _measure(W, H, unit_rows or max(gss), widths, gss, damp)
         hint = ""
         if bpw == int(bpw) and int(bpw) in WIDTHS:
@@ -719,8 +728,9 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model needs an nn.Module, got {type(model).__name__}")
     skip = _skip_patterns(skip)
+    mods = dict(model.named_modules())
     targets = []
-    for name, m in model.named_modules():
+    for name, m in mods.items():
         if isinstance(m, nn.Linear) and not isinstance(m, MBWQLinear):
             if _matches(name, skip):
                 continue
@@ -733,14 +743,12 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
             targets.append(name)
     if not targets:
         raise ValueError("quantize_model: no nn.Linear layer to quantize")
-    names = [n for n, _ in model.named_modules()]
-    unused = [p for p in skip if not any(_matches(n, (p,)) for n in names)]
+    unused = [p for p in skip if not any(_matches(n, (p,)) for n in mods)]
     if unused and skip != DEFAULT_SKIP:  # the default is for models that have an lm_head
         warnings.warn(f"quantize_model: skip pattern(s) {unused} match no module of the model; "
                       "check the names", UserWarning, stacklevel=2)
-    mods = dict(model.named_modules())
     for name in targets:  # fail before the (slow) calibration run
-        _weight_of(mods[name], name)
+        _check_weight_values(mods[name], name)
     strat = load_strategy(strategy) if strategy is not None else None
     if strat is not None:
         unknown = unmatched_entries(strat, [n for n, m in mods.items() if isinstance(m, nn.Linear)])
@@ -776,10 +784,8 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
             listed = ", ".join(f"{n} ({r} rows, K={k})" for n, r, k in few[:8])
             warnings.warn(f"quantize_model: GPTQ calibration has fewer rows (tokens) than "
                           f"in_features K for {len(few)} layer(s): {listed}"
-                          + (" ..." if len(few) > 8 else "") + ". With fewer rows than K the "
-                          "Hessian is rank-deficient and GPTQ usually gives a worse layer than "
-                          "plain round-to-nearest. Use at least K rows, better several times "
-                          "K, or method='rtn'", UserWarning, stacklevel=2)
+                          + (" ..." if len(few) > 8 else "") + f"; {_few_rows_advice()}",
+                          UserWarning, stacklevel=2)
 
     plans: Dict[str, LayerPlan] = {}
     to_allocate = []
