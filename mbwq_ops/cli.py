@@ -303,9 +303,10 @@ def cmd_bench(args) -> int:
 def _check_bench(args, modes: List[str], on_cuda: bool) -> None:
     if args.no_gptq and not args.quality:
         raise UsageError("--no-gptq is an option of --quality")
-    for m in modes:
-        if "cudagraph" in m and not on_cuda:
-            raise UsageError(f"--modes {m}: CUDA graphs need a CUDA device (add --device cuda)")
+    from .demo import cuda_graph_problem
+    problem = cuda_graph_problem(modes, on_cuda)
+    if problem:
+        raise UsageError(problem)
     # a checkpoint is already built and quantized: these options would be silently ignored
     built_in = [o for o, v in (("--preset", args.preset), ("--bpw", args.bpw),
                                ("--bits", args.bits), ("--unquantized", args.unquantized)) if v]
@@ -315,10 +316,10 @@ def _check_bench(args, modes: List[str], on_cuda: bool) -> None:
 
 
 def _check_length(args, new: int, max_seq_len: int) -> None:
-    # the KV cache holds max_seq_len positions; Generator would say so only after compiling
-    if args.prompt_len + new > max_seq_len:
-        raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {new} exceed the "
-                         f"model's max_seq_len {max_seq_len}")
+    from .demo import length_problem
+    problem = length_problem(args.prompt_len, new, max_seq_len)
+    if problem:
+        raise UsageError(problem)
 
 
 # ============================================================================ demo

@@ -103,24 +103,37 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
+def cuda_graph_problem(modes: List[str], on_cuda: bool) -> Optional[str]:
+    """Why ``modes`` cannot run here (None if they can): CUDA graphs need a CUDA device."""
+    for m in modes:
+        if "cudagraph" in m and not on_cuda:
+            return f"--modes {m}: CUDA graphs need a CUDA device (add --device cuda)"
+    return None
+
+
+def length_problem(prompt_len: int, new_tokens: int, max_seq_len: int) -> Optional[str]:
+    """Why prompt + new tokens do not fit (None if they do): the KV cache holds max_seq_len
+    positions, and Generator would say so only after quantizing and compiling."""
+    if prompt_len + new_tokens > max_seq_len:
+        return (f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the model's "
+                f"max_seq_len {max_seq_len}")
+    return None
+
+
 def _check(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with ``args`` (None if nothing), found before the model is built."""
     device = args.device or default_device()
     on_cuda = device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
         return "--device cuda but CUDA is not available"
-    for m in args.modes.split(",") if args.modes else []:
+    modes = args.modes.split(",") if args.modes else []
+    for m in modes:
         if m not in TL.Generator.MODES:
             return f"unknown mode {m!r} (choose from {TL.Generator.MODES})"
-        if "cudagraph" in m and not on_cuda:
-            return f"mode {m!r} needs CUDA"
-    # the KV cache holds max_seq_len positions; Generator would say so only after quantizing
     preset = args.preset or ("cuda" if on_cuda else "cpu")
     new_tokens = args.new_tokens or (128 if on_cuda else 24)
-    if args.prompt_len + new_tokens > TL.PRESETS[preset].max_seq_len:
-        return (f"--prompt-len {args.prompt_len} + --new-tokens {new_tokens} exceed the "
-                f"'{preset}' preset's max_seq_len {TL.PRESETS[preset].max_seq_len}")
-    return None
+    return (cuda_graph_problem(modes, on_cuda)
+            or length_problem(args.prompt_len, new_tokens, TL.PRESETS[preset].max_seq_len))
 
 
 def run(args: argparse.Namespace) -> Dict:
