@@ -50,7 +50,7 @@ __device__ __forceinline__ float round_as(float v) {
 __device__ __forceinline__ float qnan() { return __int_as_float(0x7fc00000); }
 
 // 16 bytes of global memory through L2 only (ld.global.cg), for data an earlier kernel in the
-// stream writes (x as the previous layer left it, xs from the gather): a chained kernel
+// stream writes (x as the previous layer left it, read by the gather): a chained kernel
 // (pdl.cuh) starts before that kernel ends, and the read-only path (ld.global.nc, __ldg) is
 // only defined for data that stays unchanged for the reading kernel's whole lifetime. Weights
 // are never written by a kernel of the chain and keep the read-only path.

@@ -475,9 +475,9 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
   allow_smem_once(ready, kernel, S::kSmemBytes);
   const int mtiles = int((M + TOKENS - 1) / TOKENS);
   const int ntiles = (N + S::kCols - 1) / S::kCols;
-  // The small tiles' 384 or 512 columns leave few CTAs on narrow layers (4096 columns: 8 to
-  // 11), which more and shorter splits spread over the device.
-  const bool wide = S::kCols >= 384;
+  // The small tiles' 512 columns leave few CTAs on narrow layers (4096 columns: 8), which more
+  // and shorter splits spread over the device.
+  const bool wide = S::kCols >= 512;
   const int splits_wanted = choose_splits(M, N, nblocks, mtiles * ntiles, sm_count(),
                                           wide ? 32 : 16, wide ? 8 : 16);
   const int bps = (nblocks + splits_wanted - 1) / splits_wanted;
@@ -526,9 +526,10 @@ int tile_tokens(int64_t M) {
   // 128: 136.6 us against 250.9 us for one half-empty 256-token tile), 256 from there (M =
   // 256: 262.8 / 261.9 us, 2048: 1933.6 against 1988.3 us; 28672 x 8192 M = 1024 1018.1
   // against 1094.7 us); each CTA takes 128 x 256 / TOKENS columns. Tiles of 16, 32 and 64
-  // tokens take 512 columns (the most that two register sets of A leave room for) where
-  // M <= 64 reaches the kernel, which only MBWQ_TILE_MIN_M does so far: not yet measured
-  // against the mma.sync kernel. MBWQ_TILE_TOKENS = 16, 32, 64, 128 or 256 forces a tile.
+  // tokens take 512 columns (the most that two register sets of A leave room for). The 64-token
+  // tile takes M = 33-64 on large layers (ops_cuda.cpp); the 16- and 32-token ones only run
+  // under MBWQ_TILE_MIN_M (H200, 8192 x 28672 4-bit, M = 1 / 16: 62.1 / 68.7 us against the
+  // mma.sync kernel's 46.6 / 56.3). MBWQ_TILE_TOKENS = 16, 32, 64, 128 or 256 forces a tile.
   const int knob = tuning_override("MBWQ_TILE_TOKENS");
   if (is_tile_tokens(knob)) return knob;
   int tokens = 256;
