@@ -107,14 +107,14 @@ void linear(torch::Tensor buf, torch::Tensor out, int64_t blocks, int64_t thread
   auto s = c10::cuda::getCurrentCUDAStream();
   const auto* p = reinterpret_cast<const uint4*>(buf.data_ptr());
   auto* o = reinterpret_cast<unsigned*>(out.data_ptr());
-  DISPATCH(unroll, read_linear<kU><<<blocks, threads, 0, s>>>(p, buf.numel() / 16, o));
+  DISPATCH(unroll, read_linear<kU><<<blocks, threads, 0, s>>>(p, buf.nbytes() / 16, o));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void strips(torch::Tensor buf, torch::Tensor out, int64_t rows, int64_t wc, int64_t splits,
             int64_t unroll) {
   auto s = c10::cuda::getCurrentCUDAStream();
-  const int row_chunks = buf.numel() / 16 / rows;
+  const int row_chunks = buf.nbytes() / 16 / rows;
   TORCH_CHECK(row_chunks % (16 * wc) == 0, "row bytes must be a multiple of 256 * wc");
   const dim3 grid(row_chunks / (16 * wc), splits);
   const int per = (rows + splits - 1) / splits;
