@@ -1,12 +1,13 @@
 """Benchmark mbwq::gemm against the card's read bandwidth and torch's own matmuls.
 
 One run measures, on the current CUDA device:
-  * read bandwidth: a large device reduction and a large device-to-device copy (bytes read
-    [+ written] / time); the larger of the two is `read_bw_tbs`;
-  * per layer, the fastest of three torch reductions over exactly the layer's weight bytes
-    (`read_same_bytes_us`): what a single read kernel achieves at that size, fixed per-call
-    costs included (`%rd` = that time / ours: above 100 means faster than reading the bytes
-    with torch's reductions);
+  * read bandwidth: a 2 GiB device reduction, the same 2 GiB through the read probe of
+    scripts/read_ceiling.py, and a 1 GiB device-to-device copy (bytes read [+ written] /
+    time); the largest is `read_bw_tbs`;
+  * per layer, the fastest plain read of exactly the layer's weight bytes
+    (`read_same_bytes_us`: the read probe, or torch's reductions if faster): what a single
+    read kernel achieves at that size, fixed per-call costs included (`%rd` = that time /
+    ours: 100 would be as fast as only reading the bytes);
   * torch.matmul in fp16 and bf16 on the same [M, K] x [K, N] problem;
   * torch.ops.aten._weight_int4pack_mm (4-bit, group 128, bf16) where it runs, else null;
   * our gemm through torch.ops.mbwq.gemm (CUDA-graph replays) and through MBWQLinear (eager
@@ -38,7 +39,6 @@ import json
 import math
 import os
 import random
-import statistics
 import subprocess
 import sys
 from typing import Dict, List, Optional
@@ -51,7 +51,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import mbwq_ops  # noqa: E402
 from mbwq_ops import format as fmt  # noqa: E402
 
-RotateBytes = 200 << 20  # > 4x the H100's 50 MB L2
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import read_ceiling  # noqa: E402
+from timing import RotateBytes, copies_for, time_eager, time_graph  # noqa: E402,F401
+
 ALL_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 ALL_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K, N)
 ALL_FORMATS = ["q4_g128", "q2_g64", "mixed_2.5", "mixed_3.0"]
@@ -63,89 +66,38 @@ RECORD_KEYS = ["device", "torch", "commit", "shape", "format", "bpw", "M", "us",
                "speedup_fp16"]
 
 
-# ----------------------------------------------------------------------------- timing
-def time_graph(fn_list, min_replays=10, target_ms=200.0) -> float:
-    """Median microseconds per call of fn_list[i]() over CUDA-graph replays of all of them."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fn_list[:3] if len(fn_list) > 3 else fn_list:
-            fn()
-        for fn in fn_list:
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fn_list:
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    g.replay()
-    end.record()
-    end.synchronize()
-    one = max(start.elapsed_time(end), 1e-3)
-    replays = int(min(max(min_replays, target_ms / one), 200))
-    times = []
-    for _ in range(replays):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fn_list))
-    del g
-    return statistics.median(times)
-
-
-def time_eager(fn_list, reps=5) -> float:
-    for fn in fn_list:
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        for fn in fn_list:
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fn_list))
-    return statistics.median(times)
-
-
-def copies_for(nbytes: int) -> int:
-    return max(2, math.ceil(RotateBytes / max(nbytes, 1)))
-
-
 def read_bandwidth() -> Dict[str, float]:
-    """TB/s of a 2 GiB reduction (bytes read) and of a 1 GiB copy (bytes read + written)."""
+    """TB/s of a 2 GiB read: torch.sum and the read probe (bytes read), and of a 1 GiB copy
+    (bytes read + written)."""
     n = (2 << 30) // 4
     buf = torch.rand(n, device="cuda")
     out = torch.empty((), device="cuda")
     t_sum = time_graph([lambda: torch.sum(buf, 0, out=out)], min_replays=20, target_ms=300)
+    probe = read_ceiling.fastest_read_us([buf])
     a = buf[: n // 2]
     b = torch.empty_like(a)
     t_copy = time_graph([lambda: b.copy_(a)], min_replays=20, target_ms=300)
-    res = {"sum_tbs": n * 4 / t_sum / 1e6, "copy_tbs": 2 * a.numel() * 4 / t_copy / 1e6}
+    res = {"sum_tbs": n * 4 / t_sum / 1e6, "copy_tbs": 2 * a.numel() * 4 / t_copy / 1e6,
+           "probe_tbs": n * 4 / probe[0] / 1e6 if probe else 0.0}
     del buf, a, b
     torch.cuda.empty_cache()
     return res
 
 
 def read_same_bytes_us(nbytes: int) -> float:
-    """Microseconds the fastest of torch's reductions takes to read `nbytes` (buffers rotated
-    past L2 like the layers): torch.sum of fp16 into fp32, torch.sum of the bytes as fp32 and
-    torch.amax of them as int32. What a single well-tuned read kernel achieves at this size,
-    launch, ramp-up and tail included: the practical ceiling for a kernel that must read the
-    same bytes."""
+    """Microseconds the fastest plain read of `nbytes` takes (buffers rotated past L2 like the
+    layers): the read probe of scripts/read_ceiling.py at its best configuration, or torch's
+    reductions if that is faster or cannot be built (torch.sum of fp16 into fp32, torch.sum
+    of the bytes as fp32, torch.amax of them as int32). Launch, ramp-up and tail included: the
+    ceiling for a kernel that must read the same bytes."""
     n = copies_for(nbytes)
     bufs = [torch.rand(nbytes // 2, device="cuda").half() for _ in range(n)]
     words = [b[: b.numel() // 2 * 2].view(torch.float32) for b in bufs]
     out = torch.empty((), device="cuda", dtype=torch.float32)
     out_i = torch.empty((), device="cuda", dtype=torch.int32)
+    probe = read_ceiling.fastest_read_us(bufs)
     us = min(
+        probe[0] if probe else math.inf,
         time_graph([lambda b=b: torch.sum(b, 0, dtype=torch.float32, out=out) for b in bufs]),
         time_graph([lambda w=w: torch.sum(w, 0, out=out) for w in words]),
         time_graph([lambda w=w: torch.amax(w.view(torch.int32), 0, out=out_i) for w in words]))
@@ -326,9 +278,10 @@ def main():
 
     device = torch.cuda.get_device_name()
     bw = read_bandwidth()
-    read_bw = max(bw["sum_tbs"], bw["copy_tbs"])
+    read_bw = max(bw.values())
     print(f"device: {device}, torch {torch.__version__}, read bandwidth: reduction "
-          f"{bw['sum_tbs']:.2f} TB/s, copy {bw['copy_tbs']:.2f} TB/s -> {read_bw:.2f} TB/s")
+          f"{bw['sum_tbs']:.2f} TB/s, read probe {bw['probe_tbs']:.2f} TB/s, copy "
+          f"{bw['copy_tbs']:.2f} TB/s -> {read_bw:.2f} TB/s")
     common = {"device": device, "torch": torch.__version__, "commit": commit_id()}
 
     records = []

@@ -17,7 +17,8 @@ Two access patterns:
     ncu -k regex:read_ python scripts/read_ceiling.py --profile read_ceiling.json
                                                         # each best configuration, once
 
-Needs nvcc and ninja (the kernels are compiled at start, ~30 s).
+Needs nvcc and ninja (the kernels are compiled at start, ~30 s). scripts/bench.py takes its
+size-matched read ceiling from fastest_read_us.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 from torch.utils.cpp_extension import load_inline
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import copies_for, time_graph  # noqa: E402
+from timing import copies_for, time_graph  # noqa: E402
 
 CUDA_SRC = r"""
 #include <torch/extension.h>
@@ -137,10 +138,16 @@ LAYERS = [("4096x4096 q4", 512, 4096 * 4), ("8192x28672 mixed 2.5", 640, 28672 *
 FIT_MB = [8, 16, 32, 64, 128, 256, 512, 2048]
 
 
+_module = None
+
+
 def build():
-    return load_inline("mbwq_read_probe", CPP_SRC, cuda_sources=CUDA_SRC,
-                       functions=["linear", "strips"], verbose=False,
-                       extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
+    global _module
+    if _module is None:
+        _module = load_inline("mbwq_read_probe", CPP_SRC, cuda_sources=CUDA_SRC,
+                              functions=["linear", "strips"], verbose=False,
+                              extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
+    return _module
 
 
 def buffers(nbytes, n=None):
@@ -150,18 +157,29 @@ def buffers(nbytes, n=None):
                           device="cuda") for _ in range(n)]
 
 
-def best_linear(mod, bufs, out, sms, quick=False):
+# Linear configurations (threads a CTA, CTAs an SM, loads in flight a thread): the full sweep,
+# and the few that won at every size in it (H200) for callers that only need the ceiling.
+ALL_LINEAR = [(t, c, u) for t in (256, 512, 1024) for c in (1, 2, 4, 8) for u in (4, 8, 16)
+              if t * c <= 2048]
+FEW_LINEAR = [(256, 8, 4), (256, 4, 8), (512, 4, 8), (512, 2, 8), (1024, 2, 8)]
+
+
+def fastest_read_us(bufs, configs=FEW_LINEAR):
+    """(us, config) of the fastest linear read of one of `bufs` (16-byte multiples, rotated
+    per call), or None where the probe cannot be built (no nvcc / ninja)."""
+    try:
+        mod = build()
+    except Exception as e:  # noqa: BLE001 - any build failure leaves torch's reductions
+        print(f"read probe unavailable ({type(e).__name__}: {str(e)[:160]})")
+        return None
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.zeros(1, dtype=torch.int32, device="cuda")
     best = None
-    for threads in (256, 512, 1024):
-        for per_sm in ((2, 4) if quick else (1, 2, 4, 8)):
-            if threads * per_sm > 2048:
-                continue
-            for unroll in ((8,) if quick else (4, 8, 16)):
-                us = time_graph([lambda b=b: mod.linear(b, out, sms * per_sm, threads, unroll)
-                                 for b in bufs])
-                cfg = {"threads": threads, "ctas": sms * per_sm, "unroll": unroll}
-                if best is None or us < best[0]:
-                    best = (us, cfg)
+    for threads, per_sm, unroll in configs:
+        us = time_graph([lambda b=b: mod.linear(b, out, sms * per_sm, threads, unroll)
+                         for b in bufs])
+        if best is None or us < best[0]:
+            best = (us, {"threads": threads, "ctas": sms * per_sm, "unroll": unroll})
     return best
 
 
@@ -202,7 +220,7 @@ def main():
     for name, rows, row_bytes in LAYERS + [(f"{mb} MiB", 0, 0) for mb in FIT_MB]:
         nbytes = rows * row_bytes if rows else mb_bytes(name)
         bufs = buffers(nbytes)
-        runs = [("linear", best_linear(mod, bufs, out, sms, quick=not rows))]
+        runs = [("linear", fastest_read_us(bufs, ALL_LINEAR if rows else FEW_LINEAR))]
         if rows:
             runs.append(("strips", best_strips(mod, bufs, out, rows, row_bytes, sms)))
         for pattern, (us, cfg) in runs:

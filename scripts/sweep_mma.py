@@ -27,8 +27,8 @@ import os
 
 import torch
 
-from bench import (bench_matmul, clone_layer_args, copies_for, make_layer, read_bandwidth,
-                   time_graph)
+from bench import bench_matmul, clone_layer_args, make_layer, read_bandwidth
+from timing import copies_for, time_graph
 
 WRONG = 2.0 ** -6  # err above this is a wrong result, not rounding
 
