@@ -1,0 +1,102 @@
+"""BENCHMARKS.md tables from bench.py's records: one table per layer shape (µs of the op, its
+speed-up over fp16 torch.matmul, and the baselines), a line of M = 1 bandwidth figures under
+each, the roofline rows of the two large layers, and the decode-stack line.
+
+    python scripts/bench_tables.py BENCHMARKS.json --commit 0611e75 > tables.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+FORMATS = ["q4_g128", "q2_g64", "mixed_2.5", "mixed_3.0"]
+TENSOR_TFLOPS = 989.0  # dense fp16 / bf16 tensor-core rate of the H100 / H200 SXM
+
+
+def shape_table(recs, K, N):
+    rows = defaultdict(dict)
+    for r in recs:
+        rows[r["M"]][r["format"]] = r
+    fmts = [f for f in FORMATS if any(f in v for v in rows.values())]
+    out = [f"#### {K} × {N} (K × N)", "",
+           "| M | " + " | ".join(fmts) + " | fp16 | bf16 | int4pk |",
+           "|---:|" + "---|" * len(fmts) + "---:|---:|---:|"]
+    for M in sorted(rows):
+        cells = []
+        for f in fmts:
+            r = rows[M].get(f)
+            cells.append(f"{r['us']:.1f} ({r['speedup_fp16']:.2f}×)" if r else "")
+        any_r = next(iter(rows[M].values()))
+        i4 = any_r["int4pack_us"]
+        out.append(f"| {M} | " + " | ".join(cells) + f" | {any_r['matmul_fp16_us']:.1f} | "
+                   f"{any_r['matmul_bf16_us']:.1f} | {'-' if i4 is None else f'{i4:.1f}'} |")
+    m1 = rows.get(1, {})
+    if m1:
+        any_r = next(iter(m1.values()))
+        out += ["", "bpw: " + ", ".join(f"{f} {m1[f]['bpw']}" for f in fmts if f in m1)
+                + f"; read bandwidth {any_r['read_bw_tbs']} TB/s; at M = 1, % of it: "
+                + ", ".join(f"{f} {m1[f]['pct_bw']} %" for f in fmts if f in m1)
+                + "; fastest plain read of the same bytes / our time: "
+                + ", ".join(f"{f} {m1[f]['pct_read_same']} % ({m1[f]['read_same_bytes_us']} µs)"
+                            for f in fmts if f in m1)]
+    return out + [""]
+
+
+def roofline(recs):
+    """Rows M: byte floor (bytes / read bandwidth; in brackets the fastest plain read of the
+    same bytes, fixed costs included) and flop floor, and each large layer's time with the
+    larger floor / time in brackets."""
+    big = [(8192, 28672), (28672, 8192)]
+    by = {(tuple(r["shape"]), r["format"], r["M"]): r for r in recs}
+    Ms = sorted({r["M"] for r in recs if tuple(r["shape"]) in big})
+    head = ("| M | byte floor q4 / mixed 2.5 (plain read of the bytes) | flop floor | "
+            "8192 × 28672 q4 | mixed 2.5 | "
+            "28672 × 8192 q4 | mixed 2.5 | fp16 matmul (8192 × 28672) |")
+    out = [head, "|---:|---|---:|---|---|---|---|---|"]
+    for M in Ms:
+        q4, mx = by.get((big[0], "q4_g128", M)), by.get((big[0], "mixed_2.5", M))
+        if not q4 or not mx:
+            continue
+        bw = q4["read_bw_tbs"]
+        floors = {f: r["weight_bytes"] / bw / 1e6 for f, r in (("q4_g128", q4), ("mixed_2.5", mx))}
+        flop = 2 * M * big[0][0] * big[0][1] / TENSOR_TFLOPS / 1e6
+        cells = []
+        for shape in big:
+            for f in ("q4_g128", "mixed_2.5"):
+                r = by.get((shape, f, M))
+                floor = max(floors[f], flop)
+                cells.append(f"{r['us']:.1f} µs ({100 * floor / r['us']:.0f} %)" if r else "")
+        fp16 = q4["matmul_fp16_us"]
+        fp16_floor = max(big[0][0] * big[0][1] * 2 / bw / 1e6, flop)
+        out.append(f"| {M} | {floors['q4_g128']:.1f} / {floors['mixed_2.5']:.1f} µs "
+                   f"({q4['read_same_bytes_us']:.1f} / {mx['read_same_bytes_us']:.1f}) | "
+                   f"{flop:.1f} µs | " + " | ".join(cells)
+                   + f" | {fp16:.1f} µs ({100 * fp16_floor / fp16:.0f} %) |")
+    return out + [""]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("json")
+    ap.add_argument("--commit", required=True, help="render this commit's records")
+    args = ap.parse_args()
+    with open(args.json) as f:
+        recs = [r for r in json.load(f) if r.get("commit") == args.commit]
+    layers = [r for r in recs if "shape" in r and r.get("shape")]
+    shapes = sorted({tuple(r["shape"]) for r in layers}, key=lambda s: (s[0] * s[1], s[0]))
+    lines = []
+    for K, N in shapes:
+        lines += shape_table([r for r in layers if tuple(r["shape"]) == (K, N)], K, N)
+    lines += roofline(layers)
+    for r in recs:
+        if r.get("kind") == "decode_stack":
+            lines.append(f"Decode stack ({r['blocks']} blocks), {r['format']}: "
+                         f"{r['us_per_token']} µs/token ({r['tokens_per_s']} tokens/s), fp16 "
+                         f"{r['fp16_us_per_token']} µs ({r['fp16_tokens_per_s']} tokens/s): "
+                         f"{r['speedup_fp16']}×")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
