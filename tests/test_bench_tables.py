@@ -1,0 +1,85 @@
+"""scripts/bench_tables.py: BENCHMARKS.md's tables are rendered from bench.py's records as
+recorded (random times, so that no value can come out right by accident)."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import bench_tables  # noqa: E402
+
+SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096)]
+
+
+def make_records(rng, commit="abc1234"):
+    recs = []
+    for K, N in SHAPES:
+        for M in (1, 16, 2048):
+            # baselines are per layer and M, like bench.py's
+            fp16, bf16 = rng.uniform(10, 2000), rng.uniform(10, 2000)
+            int4 = None if M == 2048 else rng.uniform(5, 100)
+            for fmt in ("q4_g128", "mixed_2.5"):
+                us = rng.uniform(5, 3000)
+                wbytes = rng.randrange(10 ** 6, 10 ** 8)
+                recs.append({"commit": commit, "shape": [K, N], "format": fmt, "bpw": 4.25,
+                             "M": M, "us": us, "matmul_fp16_us": fp16, "matmul_bf16_us": bf16,
+                             "int4pack_us": int4,
+                             "weight_bytes": wbytes, "read_bw_tbs": 4.5,
+                             "pct_bw": round(rng.uniform(1, 99), 1),
+                             "read_same_bytes_us": rng.uniform(3, 40),
+                             "pct_read_same": round(rng.uniform(1, 99), 1),
+                             "speedup_fp16": fp16 / us})
+    recs.append({"commit": commit, "kind": "decode_stack", "blocks": 8, "format": "q4_g128",
+                 "us_per_token": 659.7, "tokens_per_s": 1515.8, "fp16_us_per_token": 1162.6,
+                 "fp16_tokens_per_s": 860.1, "speedup_fp16": 1.76})
+    return recs
+
+
+def test_shape_table_cells_match_records():
+    rng = random.Random()
+    recs = [r for r in make_records(rng) if r.get("shape") == [4096, 4096]]
+    lines = bench_tables.shape_table(recs, 4096, 4096)
+    assert lines[0] == "#### 4096 × 4096 (K × N)"
+    assert lines[2] == "| M | q4_g128 | mixed_2.5 | fp16 | bf16 | int4pk |"
+    for r in recs:
+        row = next(line for line in lines if line.startswith(f"| {r['M']} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        col = 1 if r["format"] == "q4_g128" else 2
+        assert cells[col] == f"{r['us']:.1f} ({r['speedup_fp16']:.2f}×)"
+        assert cells[3] == f"{r['matmul_fp16_us']:.1f}"
+        assert cells[5] == ("-" if r["int4pack_us"] is None else f"{r['int4pack_us']:.1f}")
+    m1 = {r["format"]: r for r in recs if r["M"] == 1}
+    bpw_line = next(line for line in lines if line.startswith("bpw:"))
+    assert f"q4_g128 {m1['q4_g128']['pct_bw']} %" in bpw_line
+    assert f"mixed_2.5 {m1['mixed_2.5']['pct_read_same']} %" in bpw_line
+
+
+def test_roofline_floors():
+    rng = random.Random()
+    recs = [r for r in make_records(rng) if "shape" in r]
+    lines = bench_tables.roofline(recs)
+    by = {(tuple(r["shape"]), r["format"], r["M"]): r for r in recs}
+    for M in (1, 16, 2048):
+        row = next(line for line in lines if line.startswith(f"| {M} |"))
+        q4 = by[((8192, 28672), "q4_g128", M)]
+        floor = max(q4["weight_bytes"] / 4.5 / 1e6, 2 * M * 8192 * 28672 / 989.0 / 1e6)
+        assert f"{q4['us']:.1f} µs ({100 * floor / q4['us']:.0f} %)" in row
+        assert f"({q4['read_same_bytes_us']:.1f} / " in row
+
+
+def test_cli_renders_one_commit_only(tmp_path):
+    rng = random.Random()
+    recs = make_records(rng, "abc1234") + make_records(rng, "def5678")
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(recs))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_tables.py"),
+                          str(path), "--commit", "def5678"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.count("#### ") == len(SHAPES)
+    assert out.count("Decode stack (8 blocks), q4_g128: 659.7 µs/token") == 1
+    first = next(r for r in recs[len(recs) // 2:] if r.get("M") == 16
+                 and r.get("shape") == [28672, 8192] and r["format"] == "q4_g128")
+    assert f"{first['us']:.1f} ({first['speedup_fp16']:.2f}×)" in out
