@@ -373,9 +373,12 @@ def float_list(s: str) -> List[float]:
 
 
 def group_size_arg(s: str) -> int:
+    from . import format as fmt  # the rule of quantize._check_group_size: whole blocks
+
     v = _int(s, 1)
-    if v % 32:  # the rule of quantize._check_group_size: groups are whole 32-row blocks
-        raise argparse.ArgumentTypeError(f"{s!r}: a group size must be a multiple of 32")
+    if v % fmt.BLOCK_ROWS:
+        raise argparse.ArgumentTypeError(
+            f"{s!r}: a group size must be a multiple of {fmt.BLOCK_ROWS}")
     return v
 
 

@@ -78,8 +78,8 @@ class LayerPlan:
         ws = [b for b, _ in self.groups]
         if any(WIDTHS.index(a) > WIDTHS.index(b) for a, b in zip(ws, ws[1:])):
             raise ValueError(f"groups must be sorted by width 8..2, got {ws}")
-        if any(r <= 0 or r % 32 for _, r in self.groups):
-            raise ValueError(f"every group needs a positive multiple of 32 rows, got "
+        if any(r <= 0 or r % fmt.BLOCK_ROWS for _, r in self.groups):
+            raise ValueError(f"every group needs a positive multiple of {fmt.BLOCK_ROWS} rows, got "
                              f"{[r for _, r in self.groups]}")
 
 
@@ -99,8 +99,9 @@ def _importance(W: Tensor, H: Optional[Tensor]) -> Tensor:
 
 
 def _check_group_size(gs: int, arg: str = "group_size") -> None:
-    if not isinstance(gs, int) or gs <= 0 or gs % 32:
-        raise ValueError(f"{arg} must be a positive multiple of 32, got {gs!r}")
+    """Groups are whole blocks of fmt.BLOCK_ROWS rows (the kernels' unit)."""
+    if not isinstance(gs, int) or gs <= 0 or gs % fmt.BLOCK_ROWS:
+        raise ValueError(f"{arg} must be a positive multiple of {fmt.BLOCK_ROWS}, got {gs!r}")
 
 
 def _group_sizes(group_size) -> List[int]:
@@ -521,10 +522,10 @@ def plan_from_strategy(W: Tensor, H: Optional[Tensor], entry: Dict) -> LayerPlan
     for i, (b, p, g) in enumerate(pairs):
         n = K - used if i == len(pairs) - 1 else max(1, int(K * p) // g) * g
         n = max(0, min(n, K - used))
-        n -= n % 32
+        n -= n % fmt.BLOCK_ROWS
         counts.append(n)
         used += n
-    counts[-1] += K - used  # any remainder (multiple of 32) goes to the last width
+    counts[-1] += K - used  # any remainder (whole blocks) goes to the last width
     order = torch.argsort(_importance(W, H), descending=True, stable=True).cpu()
     groups = []
     for (b, _, g), n in zip(pairs, counts):
@@ -734,10 +735,10 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
         if isinstance(m, nn.Linear) and not isinstance(m, MBWQLinear):
             if _matches(name, skip):
                 continue
-            if m.in_features % 32 or m.in_features > fmt.MAX_IN_FEATURES:
+            if m.in_features % fmt.BLOCK_ROWS or m.in_features > fmt.MAX_IN_FEATURES:
                 warnings.warn(f"quantize_model: keeping {name} unquantized (in_features="
-                              f"{m.in_features} is not a multiple of 32"
-                              + (")" if m.in_features % 32 else
+                              f"{m.in_features} is not a multiple of {fmt.BLOCK_ROWS}"
+                              + (")" if m.in_features % fmt.BLOCK_ROWS else
                                  f", or is above {fmt.MAX_IN_FEATURES})"))
                 continue
             targets.append(name)
