@@ -139,14 +139,22 @@ FIT_MB = [8, 16, 32, 64, 128, 256, 512, 2048]
 
 
 _module = None
+_build_error = None  # a failed build is not retried (bench.py asks once per layer)
 
 
 def build():
-    global _module
+    global _module, _build_error
+    if _build_error is not None:
+        raise _build_error
     if _module is None:
-        _module = load_inline("mbwq_read_probe", CPP_SRC, cuda_sources=CUDA_SRC,
-                              functions=["linear", "strips"], verbose=False,
-                              extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
+        try:
+            _module = load_inline(
+                "mbwq_read_probe", CPP_SRC, cuda_sources=CUDA_SRC,
+                functions=["linear", "strips"], verbose=False,
+                extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
+        except Exception as e:  # noqa: BLE001 - kept for the next call
+            _build_error = e
+            raise
     return _module
 
 
