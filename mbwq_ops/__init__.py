@@ -3,8 +3,14 @@
 ``torch.ops.mbwq.gemm`` / ``torch.ops.mbwq.dequant`` are dispatcher ops with CPU and CUDA
 kernels, fake kernels and autograd, so models compile with ``fullgraph=True`` and capture in
 CUDA graphs. :class:`MBWQLinear` (alias ``MBWQLinearCuda``) is a drop-in for bitorch-engine's
-layer and reads its checkpoints unchanged (see FORMAT.md for the stored format).
+layer and reads its checkpoints unchanged (docs/FORMAT.md describes the stored format).
+
+The package is the library (ops, format, layer, reference, checkpoint, accounting); the
+quantizers live in :mod:`mbwq_ops.quant` and the ``mbwq`` command, the demo and its models in
+:mod:`mbwq_ops.apps`. Both load on first use, so ``import mbwq_ops`` stays light.
 """
+import importlib
+
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 try:
@@ -17,13 +23,23 @@ except ImportError as e:  # pragma: no cover - depends on the install
     ) from e
 
 from . import format, ops, reference  # noqa: E402,F401
+from .accounting import bits_per_weight, layer_bits  # noqa: E402,F401
+from .checkpoint import load_quantized, save_quantized  # noqa: E402,F401
 from .layer import MBWQLinear, MBWQLinearCuda, prepare_model  # noqa: E402,F401
 from .ops import dequant, gemm  # noqa: E402,F401
-from .quantize import (  # noqa: E402,F401
-    bits_per_weight, collect_hessians, load_strategy, quantize_linear, quantize_model,
-    strategy_from_model)
-from .checkpoint import load_quantized, save_quantized  # noqa: E402,F401
+
+# Public names served by the quantizer package, imported when first asked for.
+_LAZY = {name: "mbwq_ops.quant" for name in (
+    "quantize_linear", "quantize_model", "collect_hessians", "load_strategy",
+    "strategy_from_model")}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mbwq_ops' has no attribute {name!r}")
+
 
 __all__ = ["MBWQLinear", "MBWQLinearCuda", "prepare_model", "dequant", "gemm", "format", "ops",
-           "reference", "quantize_linear", "quantize_model", "bits_per_weight", "collect_hessians",
-           "load_strategy", "strategy_from_model", "save_quantized", "load_quantized"]
+           "reference", "bits_per_weight", "layer_bits", "save_quantized", "load_quantized",
+           *_LAZY]

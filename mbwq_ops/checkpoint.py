@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional, Union
 from torch import nn
 
 from .layer import MBWQLinear, prepare_model
-from .quantize import _set_module, bits_per_weight, layer_bits
+from .accounting import bits_per_weight, layer_bits, set_module
 
 __all__ = ["save_quantized", "load_quantized", "read_config", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -124,7 +124,7 @@ def load_quantized(model_skeleton_or_factory: Union[nn.Module, Callable[[], nn.M
         if isinstance(old, nn.Linear) and (old.in_features, old.out_features) != (K, N):
             raise ValueError(f"load_quantized: {name} is {old.in_features}->{old.out_features} in "
                              f"the skeleton but {K}->{N} in the checkpoint")
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
     sd = load_file(os.path.join(path, WEIGHTS_NAME))
     for alias, target in cfg.get("aliases", {}).items():
         sd[alias] = sd[target]

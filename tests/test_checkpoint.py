@@ -8,7 +8,7 @@ from torch import nn
 
 import mbwq_ops
 from mbwq_ops import checkpoint as C
-from mbwq_ops.tiny_llama import LlamaConfig, TinyLlama
+from mbwq_ops.apps.tiny_llama import LlamaConfig, TinyLlama
 
 CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2,
                   num_heads=2, num_kv_heads=1, max_seq_len=32, seed=3)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mbwq_ops import cli
+from mbwq_ops.apps import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ def test_console_script_declared():
     import tomllib
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert scripts["mbwq"] == "mbwq_ops.cli:main"
+    assert scripts["mbwq"] == "mbwq_ops.apps.cli:main"
 
 
 @pytest.mark.parametrize("sub", [[], ["quantize"], ["inspect"], ["bench"], ["demo"]])
@@ -64,12 +64,12 @@ def test_quantize_inspect_bench(tmp_path, capsys):
 
 def test_uniform_and_subprocess(tmp_path):
     out = tmp_path / "u4"
-    r = subprocess.run([sys.executable, "-m", "mbwq_ops.cli", "quantize", "--preset", "tiny",
+    r = subprocess.run([sys.executable, "-m", "mbwq_ops", "quantize", "--preset", "tiny",
                         "--bits", "4", "--out", str(out), "--quiet"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "saved" in r.stdout and r.stderr == ""
-    r = subprocess.run([sys.executable, "-m", "mbwq_ops.cli", "inspect", str(out), "--json"],
+    r = subprocess.run([sys.executable, "-m", "mbwq_ops", "inspect", str(out), "--json"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     info = json.loads(r.stdout)
     assert {l["mode"] for l in info["layers"]} == {"uniform"}
@@ -163,7 +163,7 @@ def test_weights_of_a_quantized_checkpoint_are_named(tmp_path, capsys):
 
 def test_warnings_are_one_line_advice(tmp_path):
     # a subprocess: pytest would capture the warning before it is printed
-    r = subprocess.run([sys.executable, "-m", "mbwq_ops.cli", "quantize", "--preset", "tiny",
+    r = subprocess.run([sys.executable, "-m", "mbwq_ops", "quantize", "--preset", "tiny",
                         "--skip", "lm_haed", "--out", str(tmp_path / "q"), "--quiet"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -186,7 +186,7 @@ def test_library_errors_are_one_line(tmp_path, capsys):
 
 def test_bad_input_subprocess(tmp_path):
     # the real entry point: one line on stderr, exit code 2, no traceback
-    r = subprocess.run([sys.executable, "-m", "mbwq_ops.cli", "quantize", "--preset", "tiny",
+    r = subprocess.run([sys.executable, "-m", "mbwq_ops", "quantize", "--preset", "tiny",
                         "--method", "gptq", "--out", str(tmp_path / "q")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and r.stdout == ""
@@ -194,8 +194,8 @@ def test_bad_input_subprocess(tmp_path):
 
 
 def test_demo_module_bad_input_is_one_line():
-    # python -m mbwq_ops.demo goes through the mbwq command's error handling too
-    r = subprocess.run([sys.executable, "-m", "mbwq_ops.demo", "--preset", "tiny", "--bpw", "1.0",
+    # python -m mbwq_ops demo goes through the mbwq command's error handling too
+    r = subprocess.run([sys.executable, "-m", "mbwq_ops", "demo", "--preset", "tiny", "--bpw", "1.0",
                         "--modes", "eager", "--new-tokens", "2", "--json"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -237,7 +237,7 @@ def test_every_option_has_help_with_its_default(capsys):
 
 
 def test_wordpiece_tokenizer(tmp_path):
-    from mbwq_ops.minilm import WordPiece
+    from mbwq_ops.apps.minilm import WordPiece
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "world", "play", "##ing", "##s", "!",
              ",", "cafe"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")

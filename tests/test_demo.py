@@ -3,9 +3,9 @@ import json
 
 import torch
 
-from mbwq_ops import demo
-from mbwq_ops import quantize as Q
-from mbwq_ops import tiny_llama as TL
+from mbwq_ops.apps import demo
+from mbwq_ops.quant import quantize as Q
+from mbwq_ops.apps import tiny_llama as TL
 
 
 def test_demo_runs_on_cpu(capsys):

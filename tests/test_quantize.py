@@ -8,7 +8,7 @@ from torch import nn
 
 import mbwq_ops
 from mbwq_ops import format as fmt
-from mbwq_ops import quantize as Q
+from mbwq_ops.quant import quantize as Q
 from mbwq_ops.reference import dequant_reference
 
 
@@ -248,7 +248,7 @@ def test_hessians_from_hooks():
 
 # ----------------------------------------------------------------------------- strategies
 def test_green_bit_strategy_nested_and_flat():
-    from mbwq_ops.tiny_llama import LlamaConfig, TinyLlama
+    from mbwq_ops.apps.tiny_llama import LlamaConfig, TinyLlama
     cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=2,
                       num_heads=4, num_kv_heads=2, max_seq_len=16)
     strategy = {"measurement": {
@@ -289,7 +289,7 @@ def test_strategy_file(tmp_path):
 
 # ----------------------------------------------------------------------------- model API
 def test_quantize_model_swaps_linears_and_is_quiet(capsys):
-    from mbwq_ops.tiny_llama import LlamaConfig, TinyLlama
+    from mbwq_ops.apps.tiny_llama import LlamaConfig, TinyLlama
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1,
                       num_heads=2, num_kv_heads=1, max_seq_len=16)
     model = TinyLlama(cfg)
@@ -484,7 +484,7 @@ def test_strategy_entry_checks():
 
 
 def test_strategy_naming_unknown_layers_is_an_error():
-    from mbwq_ops.tiny_llama import LlamaConfig, TinyLlama
+    from mbwq_ops.apps.tiny_llama import LlamaConfig, TinyLlama
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1,
                       num_heads=2, num_kv_heads=1, max_seq_len=16)
     e = {"bits": [4], "bits_prop": [1.0], "group_size": 32}

@@ -6,7 +6,7 @@
     mbwq inspect ./q3                    # layers, widths, bpw, bytes
     mbwq bench                           # eager vs torch.compile vs CUDA graphs, tokens/s
     mbwq bench --quality                 # MiniLM embedding quality at 4.0 / 3.0 / 2.5 bpw
-    mbwq demo                            # same as python -m mbwq_ops.demo
+    mbwq demo                            # same as python -m mbwq_ops demo
 
 Every subcommand takes ``--help`` and ``--json`` (one JSON document on stdout; progress bars and
 log lines go to stderr and are silenced by ``--json``/``--quiet``).
@@ -24,6 +24,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from safetensors import SafetensorError
 from torch import nn
+
+from .args import (DTYPES, SHORT, add_generation_options, checkpoint_dir, cuda_graph_problem,
+                   default_modes, device_arg, existing_file, float_list, group_sizes_arg,
+                   length_problem, nonnegative_int, positive_float, positive_int)
 
 __all__ = ["main", "build_model", "UsageError"]
 
@@ -145,8 +149,8 @@ def _emit(args, obj: Dict, text: str) -> None:
 
 # ============================================================================ quantize
 def cmd_quantize(args) -> int:
-    from . import checkpoint as C
-    from . import quantize as Q
+    from .. import checkpoint as C
+    from .. import quant as Q
     # before the model is built: on a big model these would fail only after minutes of work
     if args.method == "gptq" and not args.calibration:
         raise UsageError("--method gptq needs calibration data: add --calibration N (N >= 1)")
@@ -194,7 +198,7 @@ def _read_strategy(path: str) -> Dict:
 # ============================================================================ inspect
 def _inspect(path: str) -> Dict:
     from safetensors import safe_open
-    from . import checkpoint as C
+    from .. import checkpoint as C
     cfg = C.read_config(path)
     total = 0
     with safe_open(os.path.join(path, C.WEIGHTS_NAME), "pt") as f:
@@ -252,7 +256,6 @@ def cmd_bench(args) -> int:
         _emit(args, res, ML.format_quality(res))
         return 0
     from . import tiny_llama as TL
-    from .demo import default_modes, DTYPES, SHORT
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.bfloat16)
@@ -260,7 +263,7 @@ def cmd_bench(args) -> int:
     new = args.new_tokens or (128 if on_cuda else 16)
     _check_bench(args, modes, on_cuda)
     if args.path:
-        from . import checkpoint as C
+        from .. import checkpoint as C
         cfg = C.read_config(args.path)
         meta = cfg.get("metadata", {}).get("model", {})
         if meta.get("kind") != "tiny-llama":
@@ -270,7 +273,7 @@ def cmd_bench(args) -> int:
         model = C.load_quantized(skeleton_from_metadata(meta), args.path)
         label = f"{args.path} ({cfg['bpw']:.2f} bpw)"
     else:
-        from . import quantize as Q
+        from .. import quant as Q
         model, _ = build_model("tiny-llama", args.preset)
         _check_length(args, new, model.config.max_seq_len)
         model.to(device)  # quantize where it will run
@@ -303,7 +306,6 @@ def cmd_bench(args) -> int:
 def _check_bench(args, modes: List[str], on_cuda: bool) -> None:
     if args.no_gptq and not args.quality:
         raise UsageError("--no-gptq is an option of --quality")
-    from .demo import cuda_graph_problem
     problem = cuda_graph_problem(modes, on_cuda)
     if problem:
         raise UsageError(problem)
@@ -316,7 +318,6 @@ def _check_bench(args, modes: List[str], on_cuda: bool) -> None:
 
 
 def _check_length(args, new: int, max_seq_len: int) -> None:
-    from .demo import length_problem
     problem = length_problem(args.prompt_len, new, max_seq_len)
     if problem:
         raise UsageError(problem)
@@ -328,132 +329,9 @@ def cmd_demo(args, rest: List[str]) -> int:
     return demo.main(rest)
 
 
-# ============================================================================ argument types
-# argparse calls these on an option's text and turns ArgumentTypeError into
-# "argument --x: <message>" and exit code 2, so mistakes stop before any model is built.
-# (argparse also runs them on string defaults: --group-size's "128" becomes [128].)
-def _int(s: str, low: int) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < low:
-        raise argparse.ArgumentTypeError(f"{s!r}: must be at least {low}")
-    return v
-
-
-def positive_int(s: str) -> int:
-    return _int(s, 1)
-
-
-def nonnegative_int(s: str) -> int:
-    return _int(s, 0)
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not v > 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"{s!r}: must be positive")
-    return v
-
-
-def _list_of(parse: Callable, s: str) -> List:
-    items = s.split(",")
-    try:
-        return [parse(item) for item in items]
-    except argparse.ArgumentTypeError as e:  # name the list too when the item is one of several
-        raise argparse.ArgumentTypeError(f"{e} (in {s!r})" if len(items) > 1 else str(e)) from None
-
-
-def float_list(s: str) -> List[float]:
-    return _list_of(positive_float, s)
-
-
-def group_size_arg(s: str) -> int:
-    from . import format as fmt  # the rule of quantize._check_group_size: whole blocks
-
-    v = _int(s, 1)
-    if v % fmt.BLOCK_ROWS:
-        raise argparse.ArgumentTypeError(
-            f"{s!r}: a group size must be a multiple of {fmt.BLOCK_ROWS}")
-    return v
-
-
-def group_sizes_arg(s: str) -> List[int]:
-    return _list_of(group_size_arg, s)
-
-
-def device_arg(s: str) -> str:
-    """A device this machine has: cpu, cuda or cuda:N (kept as text, as the commands use it)."""
-    try:
-        d = torch.device(s)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a device (use cpu, cuda or cuda:N)"
-                                         ) from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{s!r}: CUDA is not available on this machine "
-                                             f"(torch {torch.__version__})")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{s!r}: there are {torch.cuda.device_count()} "
-                                             f"CUDA devices")
-    elif d.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{s!r}: mbwq has CPU and CUDA kernels only")
-    return s
-
-
-def modes_arg(s: str) -> str:
-    from .tiny_llama import Generator
-    for m in s.split(","):
-        if m not in Generator.MODES:
-            raise argparse.ArgumentTypeError(f"unknown mode {m!r} (choose from "
-                                             f"{', '.join(Generator.MODES)})")
-    return s
-
-
-def add_generation_options(p: argparse.ArgumentParser, cpu_new_tokens: int) -> None:
-    """The options of token generation that `mbwq bench` and `mbwq demo` share."""
-    from .demo import DTYPES
-    p.add_argument("--device", type=device_arg, default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="activation dtype (default: float16 on CUDA, bfloat16 on CPU)")
-    p.add_argument("--batch", type=positive_int, default=1,
-                   help="sequences decoded together (default 1)")
-    p.add_argument("--prompt-len", type=positive_int, default=16,
-                   help="prompt tokens before decoding (default 16); prompt + new tokens must "
-                        "fit the model's max_seq_len")
-    p.add_argument("--new-tokens", type=positive_int, default=None,
-                   help=f"tokens to generate per mode, at least 1 (default 128 on CUDA, "
-                        f"{cpu_new_tokens} on CPU)")
-    p.add_argument("--modes", type=modes_arg, default=None,
-                   help="comma-separated subset of eager,compile,cudagraph,compile+cudagraph "
-                        "(default: all that the device supports; the CUDA-graph ones need CUDA)")
-
-
-def existing_file(s: str) -> str:
-    if not os.path.isfile(s):
-        raise argparse.ArgumentTypeError(f"{s!r}: " + ("is a directory, not a file"
-                                                       if os.path.isdir(s) else "no such file"))
-    return s
-
-
-def checkpoint_dir(s: str) -> str:
-    from .checkpoint import CONFIG_NAME
-    if not os.path.isdir(s):
-        raise argparse.ArgumentTypeError(f"{s!r}: no such directory")
-    if not os.path.isfile(os.path.join(s, CONFIG_NAME)):
-        raise argparse.ArgumentTypeError(f"{s!r} is not an MBWQ checkpoint (no {CONFIG_NAME}; "
-                                         f"mbwq quantize writes one)")
-    return s
-
-
 # ============================================================================ parser
 def make_parser() -> argparse.ArgumentParser:
-    from .format import WIDTHS
+    from ..format import WIDTHS
     from .tiny_llama import PRESETS
     p = argparse.ArgumentParser(prog="mbwq", description="Mixed-bit-width quantized (MBWQ) "
                                 "models: quantize, inspect, benchmark, demo.")
@@ -545,7 +423,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="the end-to-end demo (python -m mbwq_ops.demo); "
+    d = sub.add_parser("demo", help="the end-to-end demo (python -m mbwq_ops demo); "
                                     "'mbwq demo --help' lists its options", add_help=False)
     d.set_defaults(func=None)
     return p

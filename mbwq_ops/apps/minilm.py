@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import quantize as Q
+from .. import quant as Q
+from ..accounting import bits_per_weight
 
 __all__ = ["available", "model_dir", "load_minilm", "WordPiece", "MiniLM", "quality_table",
            "EVAL_SENTENCES", "CALIBRATION_SENTENCES"]
@@ -309,7 +310,7 @@ def quality_table(budgets: Sequence[float] = (4.0, 3.0, 2.5), device: Optional[s
         e = _embed(model.to(dtype), tok, EVAL_SENTENCES, dtype, device)
         cos = (e * ref).sum(-1)  # both normalised
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                "bpw": Q.bits_per_weight(model)}
+                "bpw": bits_per_weight(model)}
 
     rows = []
     # uniform RTN layouts: (bits, group size) -> bpw = bits + 32 / gs

@@ -1,9 +1,9 @@
 """End-to-end demo: quantize the built-in Llama-style model and generate with it.
 
-    python -m mbwq_ops.demo            # or: mbwq demo
-    python -m mbwq_ops.demo --help
+    python -m mbwq_ops demo            # or: mbwq demo
+    python -m mbwq_ops demo --help
 
-Builds a seeded :class:`~mbwq_ops.tiny_llama.TinyLlama` (no download; ``--preset cuda`` is a
+Builds a seeded :class:`~mbwq_ops.apps.tiny_llama.TinyLlama` (no download; ``--preset cuda`` is a
 ~0.9 B-parameter model, ``cpu`` ~16 M, ``tiny`` a CI-sized one), quantizes copies of it to
 ~3 bits per weight (mixed widths, allocated to minimise the measured error) and to uniform
 4-bit, and greedily generates tokens with each in every mode that the device supports
@@ -21,23 +21,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import quantize as Q
+from .. import quant as Q
+from ..accounting import bits_per_weight, layer_bits
 from . import tiny_llama as TL
-
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_modes(device: str) -> List[str]:
-    if device.startswith("cuda"):
-        return ["eager", "compile", "cudagraph", "compile+cudagraph"]
-    return ["eager", "compile"]
-
+from .args import (DTYPES, SHORT, add_generation_options, cuda_graph_problem, default_device,
+                   default_modes, group_size_arg, length_problem, positive_float, positive_int)
 
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of every persistent tensor (parameters and buffers, tied ones once)."""
@@ -53,11 +41,11 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def linear_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights that quantization replaces (nn.Linear weights / MBWQ stored tensors)."""
-    from .layer import MBWQLinear
+    from ..layer import MBWQLinear
     total = 0
     for name, m in model.named_modules():
         if isinstance(m, MBWQLinear):
-            total += Q.layer_bits(m)["bytes"]
+            total += layer_bits(m)["bytes"]
         elif isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"):
             total += m.weight.numel() * m.weight.element_size()
     return total
@@ -75,7 +63,6 @@ def output_error(model, ref_logits: torch.Tensor, tokens: torch.Tensor) -> Dict[
 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    from .cli import add_generation_options, group_size_arg, positive_float, positive_int
     p = argparse.ArgumentParser(
         prog="mbwq demo",
         description="Quantize the built-in Llama-style model to ~3 bpw (mixed) and 4-bit, then "
@@ -101,23 +88,6 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     if problem:
         p.error(problem)
     return args
-
-
-def cuda_graph_problem(modes: List[str], on_cuda: bool) -> Optional[str]:
-    """Why ``modes`` cannot run here (None if they can): CUDA graphs need a CUDA device."""
-    for m in modes:
-        if "cudagraph" in m and not on_cuda:
-            return f"--modes {m}: CUDA graphs need a CUDA device (add --device cuda)"
-    return None
-
-
-def length_problem(prompt_len: int, new_tokens: int, max_seq_len: int) -> Optional[str]:
-    """Why prompt + new tokens do not fit (None if they do): the KV cache holds max_seq_len
-    positions, and Generator would say so only after quantizing and compiling."""
-    if prompt_len + new_tokens > max_seq_len:
-        return (f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the model's "
-                f"max_seq_len {max_seq_len}")
-    return None
 
 
 def _check(args: argparse.Namespace) -> Optional[str]:
@@ -200,7 +170,7 @@ def run(args: argparse.Namespace) -> Dict:
         with torch.no_grad():
             logits = model(eval_tokens.to(device)).float().cpu()
         entry = {"name": label, "quantize_seconds": qtime,
-                 "bpw": Q.bits_per_weight(model) if kind else 16.0 if dtype != torch.float32 else 32.0,
+                 "bpw": bits_per_weight(model) if kind else 16.0 if dtype != torch.float32 else 32.0,
                  "model_bytes": model_bytes(model), "linear_bytes": linear_weight_bytes(model),
                  "runs": {}}
         if kind is None:
@@ -303,8 +273,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         print(format_results(res))
     return 0
-
-
-if __name__ == "__main__":  # through the mbwq command: bad input gets its one-line message
-    from .cli import main as mbwq_main
-    sys.exit(mbwq_main(["demo", *sys.argv[1:]]))
