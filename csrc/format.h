@@ -36,10 +36,20 @@
 namespace mbwq {
 
 constexpr int kBlockRows = 32;   // stored rows per block; every group is a multiple of this
-constexpr int kBlockCols = 3;    // columns of the blocks table
-constexpr int kColBits = 0;
-constexpr int kColWord = 1;
-constexpr int kColGroup = 2;
+constexpr int kBlockCols = 3;    // columns of the blocks table: bits, word, group
+
+// One row of the blocks table. The table is int32 [K/32, 3] in memory; code reads entries
+// only through block_entry, so the column order is stated here once.
+struct BlockEntry {
+  int32_t bits;   // code width of the block's 32 stored rows
+  int32_t word;   // qweight row holding the block's first code
+  int32_t group;  // row of scales / zeros
+};
+
+MBWQ_HD BlockEntry block_entry(const int32_t* table, int64_t j) {
+  return BlockEntry{table[kBlockCols * j + 0], table[kBlockCols * j + 1],
+                    table[kBlockCols * j + 2]};
+}
 
 // Widths the format allows.
 MBWQ_HD bool valid_bits(int b) {

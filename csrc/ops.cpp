@@ -22,8 +22,8 @@ TORCH_LIBRARY(mbwq, m) {
   // y = round(x * channel_scale) @ W + bias for x [M, K] (M >= 0), y [M, N] in x's dtype.
   // x * channel_scale is rounded to x's dtype first (as the original layer did); the product
   // is accumulated in fp32 and rounded once. channel_scale [K] and bias [N] are optional.
-  // Small-M kernels may use the unrounded code*scale - zero instead of dequant's fp16 value
-  // (at most half an fp16 ulp per weight).
+  // Every kernel multiplies by dequant's fp16 weights (bf16 activations: those weights
+  // rounded to bf16), so no intermediate can overflow where the plain dot product would not.
   m.def("gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor blocks, Tensor perm, "
         "Tensor? channel_scale, Tensor? bias) -> Tensor");
 }

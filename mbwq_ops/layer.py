@@ -28,6 +28,10 @@ LEGACY_KEYS = ("g_idx", "wf", "qstatistic", "qzeros_zeros", "qzeros_scales", "qs
                "qscales_scales", "privileged_grad")
 # Stored tensors whose checkpoint shape replaces the buffer's, as the original does.
 RESHAPEABLE_KEYS = ("qweight", "scales", "zeros", "q_perm", "q_groups")
+# Stored tensors the kernel tables are derived from or validated against: an in-place change
+# after prepare_params() (seen through the tensors' version counters) makes forward refuse to
+# run until the layer is prepared again.
+TABLE_SOURCES = ("qweight", "scales", "zeros", "q_perm", "q_groups")
 STORED_DTYPES = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.float16,
                  "q_perm": torch.int16, "q_groups": torch.int16, "channel_scale": torch.float16,
                  "bias": torch.float16}
@@ -102,6 +106,7 @@ class MBWQLinear(nn.Module):
         self.rows: List[int] = [0] * 7
         self.q_group_map: Optional[Tensor] = None
         self._prepared = False
+        self._versions: tuple = ()
 
     # ------------------------------------------------------------------ stored tensors
     def __setattr__(self, name, value):
@@ -158,9 +163,12 @@ class MBWQLinear(nn.Module):
         """Validate the layer and build the kernel tables (host work, once per layer).
 
         Assigning a stored tensor (``layer.q_perm = ...``, the setters, ``load_state_dict``)
-        marks the layer unprepared; after changing ``q_perm`` or ``q_groups`` *in place*, call
-        this again yourself, since the tables are derived from them."""
+        marks the layer unprepared. Changing ``qweight``, ``scales``, ``zeros``, ``q_perm`` or
+        ``q_groups`` *in place* afterwards makes ``forward`` raise until this runs again (the
+        tensors' version counters tell; writes through ``.data`` bypass them)."""
         groups = self.stored_groups()
+        _check_finite("scales", self.scales)
+        _check_finite("zeros", self.zeros)
         perm = fmt.perm_index(self.q_perm, self.in_channels, self.use_mbw)
         device = self.qweight.device
         self._blocks = fmt.make_blocks(groups).to(device)
@@ -171,13 +179,33 @@ class MBWQLinear(nn.Module):
         else:
             self.rows = [0] * 7
         self._prepared = True
+        self._versions = self._table_source_versions()
 
-    # ------------------------------------------------------------------ compute
-    def forward(self, x: Tensor) -> Tensor:
+    def _table_source_versions(self) -> tuple:
+        return tuple((n, getattr(self, n)._version) for n in TABLE_SOURCES
+                     if getattr(self, n, None) is not None)
+
+    def _check_prepared(self) -> None:
         if not self._prepared:
             raise RuntimeError("MBWQLinear: call prepare_params() after loading weights and "
                                "before forward() (mbwq_ops.prepare_model(model) prepares every "
                                "layer of a model)")
+        # Version counters are host-side integers (no device sync), but dynamo traces them as
+        # data-dependent values: the check runs in eager mode (and so before any CUDA-graph
+        # capture), not inside a compiled graph.
+        if torch.compiler.is_compiling():
+            return
+        now = self._table_source_versions()
+        if now != self._versions:
+            changed = [n for n, v in now if dict(self._versions).get(n) != v]
+            raise RuntimeError(f"MBWQLinear: {', '.join(changed)} changed in place after "
+                               f"prepare_params(); the kernel tables may be stale. Call "
+                               f"prepare_params() again (mbwq_ops.prepare_model(model) for a "
+                               f"whole model)")
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_prepared()
         if x.dim() == 0:
             raise ValueError(f"MBWQLinear: input must have a feature dimension of "
                              f"{self.in_channels}, got a 0-D tensor")
@@ -190,8 +218,7 @@ class MBWQLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float16) -> Tensor:
         """``W [in, out]`` with ``forward(x) == (x * channel_scale) @ W + bias``."""
-        if not self._prepared:
-            raise RuntimeError("MBWQLinear: call prepare_params() first")
+        self._check_prepared()
         return ops.dequant(self.qweight, self.scales, self.zeros, self._blocks, self._perm, dtype)
 
     @staticmethod
@@ -269,11 +296,16 @@ class MBWQLinear(nn.Module):
         # Keep stored tensors in their format dtypes when the model is cast (model.bfloat16()):
         # move them to the new device only.
         before = {k: b for k, b in self._buffers.items() if b is not None and k in STORED_DTYPES}
+        fresh = self._prepared and self._table_source_versions() == self._versions
         super()._apply(fn, recurse)
         for k, old in before.items():
             new = self._buffers[k]
             if new.dtype != old.dtype:
                 self._buffers[k] = old.to(device=new.device)
+        # the tables moved along with the tensors: still valid if they were before the move
+        # (a move makes new tensors, with version counters of their own)
+        self._versions = self._table_source_versions()
+        self._prepared = fresh
         return self
 
     def extra_repr(self) -> str:
@@ -304,6 +336,13 @@ def prepare_model(model: nn.Module) -> nn.Module:
 def _check_int(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{name} must be an int, got {v!r}")
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):  # host read: prepare_params is host work, never on the hot path
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite, got {float(t[idx])} at {name}[{', '.join(map(str, idx))}]")
 
 
 def _check_dequant_args(qweight: Tensor, scales: Tensor, zeros: Tensor) -> None:

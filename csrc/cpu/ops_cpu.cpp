@@ -31,17 +31,23 @@ at::Half round_to_half(double d) {
   return at::Half(f);
 }
 
+// The stored weight of row r of a block (format.h): exact in double (code < 256 times an fp16
+// scale, minus an fp16 zero), then one rounding to fp16, as the original computes it.
+at::Half dequant_value(const uint32_t* words, int bits, int r, double scale, double zero) {
+  return round_to_half(block_code(words, bits, r) * scale - zero);
+}
+
 void check_block_values(const at::Tensor& blocks, int64_t R, int64_t G) {
   const int32_t* b = blocks.data_ptr<int32_t>();
   for (int64_t j = 0; j < blocks.size(0); ++j) {
-    const int32_t bits = b[j * kBlockCols + kColBits];
-    const int32_t word = b[j * kBlockCols + kColWord];
-    const int32_t group = b[j * kBlockCols + kColGroup];
-    TORCH_CHECK(valid_bits(bits), "mbwq: blocks[", j, "] has bits=", bits,
+    const BlockEntry e = block_entry(b, j);
+    TORCH_CHECK(valid_bits(e.bits), "mbwq: blocks[", j, "] has bits=", e.bits,
                 "; allowed: 2, 3, 4, 5, 6, 8");
-    TORCH_CHECK(word >= 0 && word + bits <= R, "mbwq: blocks[", j, "] reads qweight rows ", word,
-                "..", word + bits - 1, " but qweight has ", R, " rows");
-    TORCH_CHECK(group >= 0 && group < G, "mbwq: blocks[", j, "] has group=", group,
+    // int64: a word near 2^31 must not wrap around and pass
+    TORCH_CHECK(e.word >= 0 && int64_t(e.word) + e.bits <= R, "mbwq: blocks[", j,
+                "] reads qweight rows ", e.word, "..", int64_t(e.word) + e.bits - 1,
+                " but qweight has ", R, " rows");
+    TORCH_CHECK(e.group >= 0 && e.group < G, "mbwq: blocks[", j, "] has group=", e.group,
                 " but scales has ", G, " groups");
   }
 }
@@ -70,28 +76,27 @@ at::Tensor dequant_stored(const at::Tensor& qweight, const at::Tensor& scales,
   at::parallel_for(0, nblocks, 1, [&](int64_t j0, int64_t j1) {
     uint32_t words[8];
     for (int64_t j = j0; j < j1; ++j) {
-      const int bits = b[j * kBlockCols + kColBits];
-      const int64_t word = b[j * kBlockCols + kColWord];
-      const int64_t group = b[j * kBlockCols + kColGroup];
+      const BlockEntry e = block_entry(b, j);
+      const int bits = e.bits;
+      const int64_t word = e.word, group = e.group;
       for (int64_t n = 0; n < N; ++n) {
         for (int i = 0; i < bits; ++i) words[i] = q[(word + i) * N + n];
         const double sc = static_cast<float>(s[group * N + n]);
         const double ze = static_cast<float>(z[group * N + n]);
-        for (int r = 0; r < kBlockRows; ++r) {
-          // exact in double: code < 256 and fp16 operands; then one rounding to fp16
-          const double exact = block_code(words, bits, r) * sc - ze;
-          w[(j * kBlockRows + r) * N + n] = round_to_half(exact);
-        }
+        for (int r = 0; r < kBlockRows; ++r)
+          w[(j * kBlockRows + r) * N + n] = dequant_value(words, bits, r, sc, ze);
       }
     }
   });
   return W;
 }
 
-// Small M: y = xs @ W without materialising W. The 32 rows of a block share one scale and
-// zero per column, so  sum_r x_r (c_r s - z) = s * sum_r x_r c_r - z * sum_r x_r : the inner
-// loop is one multiply-add per code and row of x, over contiguous columns (vectorisable).
-// Threads own disjoint column ranges and sum in a fixed order: deterministic.
+// Small M: y = xs @ W without materialising all of W. Each 32-row block is dequantized to
+// the exact fp16 weights dequant returns (kCols columns at a time) and multiplied into the
+// fp32 accumulators right away, so the sums are those of dequantize-then-matmul: no factored
+// form such as s * sum(x c) - z * sum(x), whose partial terms overflow (x ~ 1e37) or turn one
+// infinite x into NaN where the true product is finite or infinite.
+// Threads own disjoint column ranges and add in stored-row order: deterministic.
 constexpr int64_t kDirectMaxM = 16;
 
 at::Tensor gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
@@ -106,36 +111,26 @@ at::Tensor gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at
   float* out = y.data_ptr<float>();
   constexpr int64_t kCols = 256;
   at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> code(kCols), part(M * kCols);
+    std::vector<float> w(kBlockRows * kCols);  // one block's weights, [row][column]
+    uint32_t words[8];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * kCols, nc = std::min(kCols, N - n0);
       for (int64_t j = 0; j < K / kBlockRows; ++j) {
-        const int bits = b[j * kBlockCols + kColBits];
-        const int64_t word = b[j * kBlockCols + kColWord], group = b[j * kBlockCols + kColGroup];
-        const uint32_t mask = (1u << bits) - 1u;
-        std::fill(part.begin(), part.end(), 0.f);
-        for (int r = 0; r < kBlockRows; ++r) {  // the code rule of format.h, for nc columns
-          const int bit = r * bits, s = bit & 31;
-          const uint32_t* w0 = q + (word + (bit >> 5)) * N + n0;
-          if (s + bits > 32) {
-            for (int64_t n = 0; n < nc; ++n)
-              code[n] = float(((w0[n] >> s) | (w0[n + N] << (32 - s))) & mask);
-          } else {
-            for (int64_t n = 0; n < nc; ++n) code[n] = float((w0[n] >> s) & mask);
-          }
-          for (int64_t m = 0; m < M; ++m) {
-            const float xv = x[m * K + j * kBlockRows + r];
-            float* p = &part[m * kCols];
-            for (int64_t n = 0; n < nc; ++n) p[n] += xv * code[n];
-          }
+        const BlockEntry e = block_entry(b, j);
+        for (int64_t n = 0; n < nc; ++n) {
+          for (int i = 0; i < e.bits; ++i) words[i] = q[(int64_t(e.word) + i) * N + n0 + n];
+          const double s_ = static_cast<float>(sc[int64_t(e.group) * N + n0 + n]);
+          const double z_ = static_cast<float>(ze[int64_t(e.group) * N + n0 + n]);
+          for (int r = 0; r < kBlockRows; ++r)
+            w[r * kCols + n] = static_cast<float>(dequant_value(words, e.bits, r, s_, z_));
         }
         for (int64_t m = 0; m < M; ++m) {
-          float xsum = 0.f;
-          for (int r = 0; r < kBlockRows; ++r) xsum += x[m * K + j * kBlockRows + r];
-          for (int64_t n = 0; n < nc; ++n) {
-            const float s_ = static_cast<float>(sc[group * N + n0 + n]);
-            const float z_ = static_cast<float>(ze[group * N + n0 + n]);
-            out[m * N + n0 + n] += s_ * part[m * kCols + n] - z_ * xsum;
+          float* o = out + m * N + n0;
+          const float* xr = x + m * K + j * kBlockRows;
+          for (int r = 0; r < kBlockRows; ++r) {
+            const float xv = xr[r];
+            const float* wr = &w[r * kCols];
+            for (int64_t n = 0; n < nc; ++n) o[n] += xv * wr[n];
           }
         }
       }
@@ -182,6 +177,9 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight_, const at::T
     check_perm_values(perm);
     xs = xs.index_select(1, perm.to(at::kLong));  // stored row k multiplies x[:, perm[k]]
   }
+  // gemm_direct indexes rows of K floats: a transposed, sliced or expanded (stride 0) x that
+  // is already fp32 arrives here as the caller's view
+  xs = xs.contiguous();
   at::Tensor y = x.size(0) <= kDirectMaxM
                      ? gemm_direct(xs, qweight, scales, zeros, blocks)
                      : at::mm(xs, dequant_stored(qweight, scales, zeros, blocks).to(at::kFloat));
