@@ -1,6 +1,12 @@
-// Every schema of the mbwq library, in one place. Kernels live in cpu/ and cuda/.
+// Every schema of the mbwq library, in one place. Kernels live in cpu/ and cuda/; the
+// dispatch plan and its tuning knobs (plan.h) are device-independent and registered here.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "plan.h"
 
 // An empty Python module so that `import mbwq_ops._C` loads this library (and with it the
 // registrations below) without pybind11.
@@ -10,6 +16,41 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+namespace mbwq {
+namespace {
+
+// The plan for a gemm of these shapes on a device of `sm_count` multiprocessors (wgmma: the
+// tile kernel can run there), as [path, tile_tokens, mma_config, chunk_rows, wc, tiles,
+// splits, blocks_per_split]; mbwq_ops.plan names the fields.
+std::vector<int64_t> plan_op(int64_t M, int64_t K, int64_t N, int64_t R, at::ScalarType dtype,
+                             int64_t sm_count, bool wgmma, bool aligned) {
+  TORCH_CHECK_VALUE(M >= 0 && K >= 0 && N >= 0 && R >= 0 && sm_count >= 1,
+                    "mbwq.plan: shapes must be >= 0 and sm_count >= 1, got M=", M, " K=", K,
+                    " N=", N, " R=", R, " sm_count=", sm_count);
+  DeviceFacts dev;
+  dev.sm_count = int(sm_count);
+  dev.wgmma = wgmma && knobs().no_wgmma == 0;
+  const bool half = dtype == at::kHalf;
+  const GemmPlan p = plan_gemm(M, K, N, R, half || dtype == at::kBFloat16, half, aligned, dev,
+                               knobs());
+  return {int64_t(p.path), p.tile_tokens, p.mma_config, p.chunk_rows, p.grid.wc, p.grid.tiles,
+          p.grid.splits, p.grid.blocks_per_split};
+}
+
+// Sets one tuning knob (plan.h: Knobs) and returns its previous value.
+int64_t set_knob_op(std::string name, int64_t value) {
+  try {
+    return set_knob(name, value);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+void reset_knobs_op() { reset_knobs(); }
+
+}  // namespace
+}  // namespace mbwq
 
 TORCH_LIBRARY(mbwq, m) {
   // The full weight W [K, N] in ORIGINAL input order (y = x @ W), K = 32 * blocks.size(0).
@@ -26,4 +67,14 @@ TORCH_LIBRARY(mbwq, m) {
   // rounded to bf16), so no intermediate can overflow where the plain dot product would not.
   m.def("gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor blocks, Tensor perm, "
         "Tensor? channel_scale, Tensor? bias) -> Tensor");
+
+  // The kernel choice for a gemm of these shapes (plan.h: plan_gemm) on a device with
+  // `sm_count` multiprocessors, wgmma = the tile kernel can run there. R: qweight's rows.
+  // Host-only, device-independent: answers on a CPU-only build as on a GPU one.
+  m.def("plan(int M, int K, int N, int R, ScalarType dtype, int sm_count, bool wgmma, "
+        "bool aligned=True) -> int[]", &mbwq::plan_op);
+  // Tuning knobs for benchmarks and tests (plan.h: Knobs): set one by its environment name and
+  // get its previous value back; reset_knobs() returns to the environment's values.
+  m.def("set_knob(str name, int value) -> int", &mbwq::set_knob_op);
+  m.def("reset_knobs() -> ()", &mbwq::reset_knobs_op);
 }

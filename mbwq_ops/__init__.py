@@ -26,7 +26,7 @@ from . import format, ops, reference  # noqa: E402,F401
 from .accounting import bits_per_weight, layer_bits  # noqa: E402,F401
 from .checkpoint import load_quantized, save_quantized  # noqa: E402,F401
 from .layer import MBWQLinear, MBWQLinearCuda, prepare_model  # noqa: E402,F401
-from .ops import dequant, gemm  # noqa: E402,F401
+from .ops import dequant, gemm, plan  # noqa: E402,F401
 
 # Public names served by the quantizer package, imported when first asked for.
 _LAZY = {name: "mbwq_ops.quant" for name in (
@@ -40,6 +40,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'mbwq_ops' has no attribute {name!r}")
 
 
-__all__ = ["MBWQLinear", "MBWQLinearCuda", "prepare_model", "dequant", "gemm", "format", "ops",
+__all__ = ["MBWQLinear", "MBWQLinearCuda", "prepare_model", "dequant", "gemm", "plan", "format", "ops",
            "reference", "bits_per_weight", "layer_bits", "save_quantized", "load_quantized",
            *_LAZY]

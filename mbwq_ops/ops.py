@@ -7,7 +7,8 @@ the same way under ``torch.compile``; output shapes never depend on tensor value
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +31,53 @@ def gemm(
 ) -> Tensor:
     """``round(x * channel_scale) @ W + bias`` for 2-D ``x [M, K]``; output ``[M, N]`` in x's dtype."""
     return torch.ops.mbwq.gemm.default(x, qweight, scales, zeros, blocks, perm, channel_scale, bias)
+
+
+PATHS = ("empty", "tile", "mma", "dequant_matmul")  # csrc/plan.h: GemmPath, in order
+
+
+def plan(M: int, K: int, N: int, dtype: torch.dtype = torch.float16, *, bits: float = 4,
+         qweight_rows: Optional[int] = None, device=None, sm_count: Optional[int] = None,
+         wgmma: Optional[bool] = None, aligned: bool = True) -> Dict:
+    """Which CUDA kernel ``gemm`` runs for ``x [M, K] @ W [K, N]``, and on what grid: the
+    answer of csrc/plan.h (``torch.ops.mbwq.plan``), the one place that decides.
+
+    The device is the current CUDA device (or ``device``); on a machine without one, name it
+    with ``sm_count`` and ``wgmma`` (e.g. 132 and True for an H100 / H200). ``qweight_rows``
+    (default ``K * bits / 32``) only changes the mma.sync grid's cost model. Returns ``path``
+    (one of ``PATHS``), ``tile_tokens``, ``mma_config`` (index into plan.h's kMmaConfigs),
+    ``chunk_rows`` and the first kernel's ``grid`` (``wc``, ``tiles``, ``splits``,
+    ``blocks_per_split``; the mma.sync grid is priced for the CTAs per SM its configuration is
+    sized for)."""
+    if sm_count is None or wgmma is None:
+        dev = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else None)
+        if dev is None or dev.type != "cuda":
+            raise ValueError("mbwq.plan: no CUDA device here; pass sm_count= and wgmma= for the "
+                             "device to plan for (e.g. sm_count=132, wgmma=True: H100 / H200)")
+        props = torch.cuda.get_device_properties(dev)
+        sm_count = props.multi_processor_count if sm_count is None else sm_count
+        wgmma = props.major == 9 if wgmma is None else wgmma
+    R = int(K * bits) // 32 if qweight_rows is None else qweight_rows
+    v = torch.ops.mbwq.plan.default(M, K, N, R, dtype, sm_count, bool(wgmma), aligned)
+    return {"path": PATHS[v[0]], "tile_tokens": v[1], "mma_config": v[2], "chunk_rows": v[3],
+            "grid": {"wc": v[4], "tiles": v[5], "splits": v[6], "blocks_per_split": v[7]}}
+
+
+@contextlib.contextmanager
+def tuning(**knobs: int) -> Iterator[None]:
+    """Set kernel-choice knobs for the duration of a ``with`` block (benchmarks, tests):
+    ``with mbwq_ops.ops.tuning(MBWQ_TILE_MIN_M=1): ...``. Names and meanings: csrc/plan.h
+    (``Knobs``); their start values come from the same-named environment variables, read
+    once. Results never depend on knobs beyond the order of fp32 additions."""
+    previous = {}
+    try:
+        for name, value in knobs.items():
+            previous[name] = torch.ops.mbwq.set_knob.default(name, int(value))
+        yield
+    finally:
+        for name, value in previous.items():
+            torch.ops.mbwq.set_knob.default(name, value)
 
 
 def _check_weight_args(qweight, scales, zeros, blocks, perm):

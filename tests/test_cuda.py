@@ -1,7 +1,8 @@
 """CUDA-specific tests: every kernel path against mbwq_ops.reference, determinism, CUDA graphs,
 torch.compile(mode="reduce-overhead"), device moves and the guards against bad tables.
 
-Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
+Paths of mbwq::gemm on CUDA, chosen by csrc/plan.h from shapes only (the tests ask it through
+mbwq_ops.plan; the summary below is for the reader):
   * 65 <= M <= 256 (33 <= M on layers of >= 2^25 weights) on compute capability 9.0,
     fp16/bf16, N a multiple of 8: the tile kernel (gemm_tile.cu, CTA tiles of 512 columns x 64
     tokens up to M = 64, 256 x 128 up to 128, else 128 x 256; K splits + reduction where tiles
@@ -14,7 +15,6 @@ Paths of mbwq::gemm on CUDA (csrc/cuda/ops_cuda.cpp), chosen from shapes only:
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -32,24 +32,9 @@ pytestmark = [pytest.mark.cuda,
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def mma_max_m(K, N):
-    """The largest M the tensor-core path takes on a K x N layer (csrc/cuda/ops_cuda.cpp with
-    launch.h's boundaries; MBWQ_MMA_MAX_M, when set, overrides them as it does there)."""
-    knob = int(os.environ.get("MBWQ_MMA_MAX_M", "0") or 0)
-    return knob if knob > 0 else 192 if K * N >= 2**25 else 64
-
-
-def tile_rows(K, N):
-    """The range of M the tile kernel takes on a K x N layer (csrc/cuda/launch.h: kTileMinM or,
-    from 2^25 weights, kTileMinMLarge .. kTileMaxM on compute capability 9.0; MBWQ_TILE_MIN_M /
-    MBWQ_TILE_MAX_M override them as in ops_cuda.cpp), or None where it never runs."""
-    if (torch.cuda.get_device_capability()[0] != 9
-            or int(os.environ.get("MBWQ_MMA_NO_WGMMA", "0") or 0) != 0):
-        return None
-    lo = int(os.environ.get("MBWQ_TILE_MIN_M", "0") or 0)
-    hi = int(os.environ.get("MBWQ_TILE_MAX_M", "0") or 0)
-    default_lo = 33 if K * N >= 2**25 else 65
-    return range(lo if lo > 0 else default_lo, (hi if hi > 0 else 256) + 1)
+def planned_path(M, K, N, dtype, aligned=True):
+    """The path csrc/plan.h chooses for this call on the current device (mbwq_ops.plan)."""
+    return mbwq_ops.plan(M, K, N, dtype, aligned=aligned)["path"]
 
 
 def gemm_args(layer):
@@ -72,10 +57,7 @@ def assert_close_to_reference(y, x, W, layer, dtype=None):
     # kernels
     M, K = x.reshape(-1, x.shape[-1]).shape
     N = y.shape[-1]
-    tensor_cores = K % 8 == 0 and N % 8 == 0 and x.data_ptr() % 16 == 0
-    rows = tile_rows(K, N)
-    tile = rows is not None and M in rows and tensor_cores
-    via_cublas = not tile and (M > mma_max_m(K, N) or not tensor_cores)
+    via_cublas = planned_path(M, K, N, x.dtype, aligned=x.data_ptr() % 16 == 0) == "dequant_matmul"
     bound = error_bound(dtype, ref, S, cublas_bf16=via_cublas)
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert torch.isfinite(y).all(), "non-finite output where the reference is finite"
@@ -130,11 +112,11 @@ def test_gemm_every_path_vs_reference(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk"])
-def test_mma_row_chunks(name, monkeypatch):
+def test_mma_row_chunks(name, knobs):
     # M beyond one call as row chunks of 64 (the path of large layers up to 192 rows where the
     # tile kernel does not run; forced here on small ones, 300 = 4 x 64 + 44)
-    monkeypatch.setenv("MBWQ_MMA_MAX_M", "300")
-    monkeypatch.setenv("MBWQ_TILE_MIN_M", "100000")  # not the tile kernel
+    knobs.set("MBWQ_MMA_MAX_M", "300")
+    knobs.set("MBWQ_TILE_MIN_M", "100000")  # not the tile kernel
     layer, W = layer_and_weight(SPECS[name])
     for dtype in DTYPES:
         for M in (65, 100, 128, 130, 192, 300):
@@ -164,13 +146,13 @@ def test_mma_kernel_fewest_tokens(name):
 
 
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
-def test_tile_kernel(name, monkeypatch):
+def test_tile_kernel(name, knobs):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last
     # one part padding; partial column tiles (wide: 6152 columns); every width (mixed_all); K
     # splits chosen by the cost model (splitk) or forced (MBWQ_TILE_SPLITS); any M forced onto
     # it (MBWQ_TILE_MIN_M / MAX_M: one row, several tiles of each size, tiles of 16, 32 and 64
     # tokens, which only the knobs reach). Deterministic.
-    if tile_rows(1, 1) is None:
+    if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
     layer, W = layer_and_weight(SPECS[name])
     K = layer.in_channels
@@ -180,29 +162,29 @@ def test_tile_kernel(name, monkeypatch):
             y = run_gemm(layer, x)
             assert_close_to_reference(y, x, W, layer)
             assert torch.equal(run_gemm(layer, x), y)
-        monkeypatch.setenv("MBWQ_TILE_MIN_M", "1")
-        monkeypatch.setenv("MBWQ_TILE_MAX_M", "100000")
+        knobs.set("MBWQ_TILE_MIN_M", "1")
+        knobs.set("MBWQ_TILE_MAX_M", "100000")
         for M, tokens in ((1, "0"), (20, "0"), (40, "0"), (64, "0"), (5, "256"), (300, "128"),
                           (600, "0"), (70, "16"), (100, "32"), (300, "64")):
-            monkeypatch.setenv("MBWQ_TILE_TOKENS", tokens)
+            knobs.set("MBWQ_TILE_TOKENS", tokens)
             x = rand_x(M, K, dtype, seed=M)
             assert_close_to_reference(run_gemm(layer, x), x, W, layer)
-        monkeypatch.setenv("MBWQ_TILE_TOKENS", "0")
-        monkeypatch.setenv("MBWQ_TILE_SPLITS", "3")
+        knobs.set("MBWQ_TILE_TOKENS", "0")
+        knobs.set("MBWQ_TILE_SPLITS", "3")
         for M in (7, 20, 40, 300):
             x = rand_x(M, K, dtype, seed=M)
             y = run_gemm(layer, x)
             assert_close_to_reference(y, x, W, layer)
             assert torch.equal(run_gemm(layer, x), y)
         for knob in ("MBWQ_TILE_MIN_M", "MBWQ_TILE_MAX_M", "MBWQ_TILE_TOKENS", "MBWQ_TILE_SPLITS"):
-            monkeypatch.delenv(knob)
+            knobs.set(knob, 0)
 
 
-def test_tile_kernel_from_33_rows_on_large_layers(monkeypatch):
-    # launch.h: on layers of >= 2^25 weights the tile kernel takes M = 33-64 (64-token tiles);
+def test_tile_kernel_from_33_rows_on_large_layers(knobs):
+    # plan.h: on layers of >= 2^25 weights the tile kernel takes M = 33-64 (64-token tiles);
     # below 33 rows the mma.sync kernel does. The default call of a 2048 x 16384 layer is
     # bitwise the call forced onto the path it should take, and right.
-    if tile_rows(1, 1) is None:
+    if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
     spec = LayerSpec(2048, 16384, False, w_bit=4, group_size=128, bias=True, seed=7)
     layer, W = layer_and_weight(spec)
@@ -210,13 +192,13 @@ def test_tile_kernel_from_33_rows_on_large_layers(monkeypatch):
         x = rand_x(M, spec.in_features, torch.float16, seed=M)
         y = run_gemm(layer, x)
         assert_close_to_reference(y, x, W, layer)
-        monkeypatch.setenv("MBWQ_TILE_MIN_M", path)
+        knobs.set("MBWQ_TILE_MIN_M", path)
         assert torch.equal(run_gemm(layer, x), y), (M, path)
-        monkeypatch.delenv("MBWQ_TILE_MIN_M")
+        knobs.set("MBWQ_TILE_MIN_M", 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_staged_and_direct_x_gather_agree(dtype, monkeypatch):
+def test_staged_and_direct_x_gather_agree(dtype, knobs):
     # csrc/cuda/gather.cu copies rows of x through shared memory from MBWQ_GATHER_MIN_M rows on
     # (32 unless set) and reads each element from global memory below that: the same bits,
     # for every path's order (M = 1 and 40: mma.sync kernel for 16-bit x; 130: the tile kernel
@@ -226,14 +208,14 @@ def test_staged_and_direct_x_gather_agree(dtype, monkeypatch):
     layer, W = layer_and_weight(SPECS["mixed_all"])
     K = layer.in_channels
     for M, tile_min_m in ((1, "0"), (40, "0"), (130, "0"), (20, "1"), (40, "1")):
-        monkeypatch.setenv("MBWQ_TILE_MIN_M", tile_min_m)
+        knobs.set("MBWQ_TILE_MIN_M", tile_min_m)
         x = rand_x(M, K, dtype, seed=M)
         x_off = torch.empty(M * K + 1, dtype=dtype, device="cuda")[1:].view(M, K)
         x_off.copy_(x)
         for xx in (x, x_off):
             ys = []
             for rows in ("1", "100000000"):
-                monkeypatch.setenv("MBWQ_GATHER_MIN_M", rows)
+                knobs.set("MBWQ_GATHER_MIN_M", rows)
                 ys.append(run_gemm(layer, xx))
             assert torch.equal(ys[0], ys[1]), (M, xx.data_ptr() % 16)
             if dtype != torch.float32:
@@ -340,13 +322,13 @@ KERNEL_KNOBS = {
 }
 
 
-@pytest.mark.parametrize("knobs", list(KERNEL_KNOBS))
+@pytest.mark.parametrize("setting", list(KERNEL_KNOBS))
 @pytest.mark.parametrize("M", [1, 5, 20, 64, 100, 200, 300])
-def test_invalid_tables_do_not_crash(M, knobs, monkeypatch):
+def test_invalid_tables_do_not_crash(M, setting, knobs):
     # invalid table entries and perm values on every path (KERNEL_KNOBS sends small M to the
     # tile kernel's small tiles)
-    for k, v in KERNEL_KNOBS[knobs].items():
-        monkeypatch.setenv(k, v)
+    for k, v in KERNEL_KNOBS[setting].items():
+        knobs.set(k, v)
     layer, _ = layer_and_weight(SPECS["mixed_432"])
     q, s, z, blocks, perm, cs, bias = gemm_args(layer)
     x = rand_x(M, layer.in_channels, torch.float16)
@@ -419,8 +401,7 @@ def test_cuda_graph_capture_replay(M):
         with torch.no_grad():
             eager = model(x)
         torch.cuda.synchronize()
-        rows = tile_rows(512, 512)
-        if M <= mma_max_m(512, 512) or (rows is not None and M in rows):
+        if planned_path(M, 512, 512, torch.float16) in ("mma", "tile"):
             # our kernels: bitwise the same under capture
             assert torch.equal(static_y, eager)
         else:  # cuBLAS may pick another algorithm under capture

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../plan.h"
 
 namespace mbwq {
 namespace {
@@ -97,7 +98,6 @@ at::Tensor dequant_stored(const at::Tensor& qweight, const at::Tensor& scales,
 // form such as s * sum(x c) - z * sum(x), whose partial terms overflow (x ~ 1e37) or turn one
 // infinite x into NaN where the true product is finite or infinite.
 // Threads own disjoint column ranges and add in stored-row order: deterministic.
-constexpr int64_t kDirectMaxM = 16;
 
 at::Tensor gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& zeros, const at::Tensor& blocks) {
@@ -180,7 +180,7 @@ at::Tensor gemm_cpu(const at::Tensor& x, const at::Tensor& qweight_, const at::T
   // gemm_direct indexes rows of K floats: a transposed, sliced or expanded (stride 0) x that
   // is already fp32 arrives here as the caller's view
   xs = xs.contiguous();
-  at::Tensor y = x.size(0) <= kDirectMaxM
+  at::Tensor y = x.size(0) <= kCpuDirectMaxM
                      ? gemm_direct(xs, qweight, scales, zeros, blocks)
                      : at::mm(xs, dequant_stored(qweight, scales, zeros, blocks).to(at::kFloat));
   if (bias.has_value()) y.add_(bias->to(at::kFloat));

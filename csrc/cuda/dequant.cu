@@ -1,5 +1,5 @@
-// Dequantization (mbwq::dequant, and the weight half of the large-M gemm path) and the host
-// helpers every launcher uses (SM count, aux tensors).
+// Dequantization (mbwq::dequant, and the weight half of the large-M gemm path), and the
+// conversion of optional channel_scale / bias tensors every launcher uses (aux_tensor).
 //
 // Dequant: one thread = one 32-row block x CW adjacent columns (CW = 4 when N % 4 == 0, so
 // that a warp reads 512 contiguous bytes of each qweight row and writes whole rows of W).
@@ -156,29 +156,7 @@ void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tens
   }
 }
 
-// ---- host helpers shared by the launchers (launch.h) ----
-
-namespace {
-// One attribute of the current device, read once per device into `cache`.
-int cached_device_attribute(cudaDeviceAttr attr, int (&cache)[64]) {
-  return once_per_device(cache, [attr](int dev) {
-    int v = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, dev));
-    return v;
-  });
-}
-}  // namespace
-
-// Multiprocessor count of the current device (a shape input of the split heuristic).
-int sm_count() {
-  static int cache[64] = {};
-  return cached_device_attribute(cudaDevAttrMultiProcessorCount, cache);
-}
-
-int compute_capability_major() {
-  static int cache[64] = {};
-  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, cache);
-}
+// ---- channel_scale / bias as the kernels read them (launch.h) ----
 
 at::Tensor aux_tensor(const at::Tensor& t) {
   const auto dt = t.scalar_type();

@@ -12,11 +12,8 @@
 //    tokens and the most parallel start for one.
 //  * staged: a CTA copies whole rows of x (scaled) into shared memory with coalesced 16-byte
 //    loads, then writes its chunks from there. The row's bytes cross L2 once per CTA. Taken
-//    from kStagedMinRows rows on (MBWQ_GATHER_MIN_M moves that, for comparison). H100, 28672 x
-//    8192 4-bit, direct -> staged in one run: M = 64 130.7 -> 116.0 us, M = 128 229.8 -> 193.0
-//    us, M = 512 671 -> 576 us, M = 2048 2095 -> 1788 us; on layers of K = 4096 and 8192 the
-//    two are within run-to-run noise. Below the threshold rows are few, and the direct gather
-//    spreads each over many CTAs.
+//    where plan.h's gather_staged says (from kGatherStagedMinM rows); below that rows are few,
+//    and the direct gather spreads each over many CTAs.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,9 +31,8 @@ namespace {
 
 constexpr int kGatherThreads = 256;
 constexpr int kStagedThreads = 512;
-constexpr int64_t kStagedMinRows = 32;
 // Largest staged row (one CTA's shared memory): fp16 rows up to K = 49152, fp32 up to 24576.
-constexpr int kStagedMaxBytes = 96 * 1024;
+constexpr int kStagedMaxBytes = int(kGatherStagedMaxBytes);
 
 // The raw activations and how to bring them into stored row order.
 template <typename T>
@@ -235,10 +231,8 @@ __global__ void __launch_bounds__(kStagedThreads)
 template <typename T, XOrder O>
 void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K, int shift,
                    cudaStream_t stream) {
-  const int knob = tuning_override("MBWQ_GATHER_MIN_M");
-  const int64_t min_rows = knob > 0 ? knob : kStagedMinRows;
   const size_t row_bytes = size_t(K) * sizeof(T);
-  if (M >= min_rows && row_bytes <= size_t(kStagedMaxBytes)) {
+  if (gather_staged(M, int64_t(row_bytes), knobs())) {
     auto kernel = gather_staged_kernel<T, O>;
     static int ready[64] = {};
     allow_smem_once(ready, kernel, kStagedMaxBytes);

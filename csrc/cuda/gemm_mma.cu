@@ -44,8 +44,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <initializer_list>
 #include <type_traits>
 
 #include "../format.h"
@@ -359,40 +357,40 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   finish_tile<T, MT, QN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
 }
 
-// Fewest columns for which the 17-64-token kernels take two column quads per lane (launch).
-constexpr int64_t kTwoQuadMinN = 8192;
-
-// One launch of a kernel configuration: MT token tiles, QN quads per lane, STAGES ring slots per
-// warp, the CTAs per SM its registers are sized for and where x goes (CTA_X: a ring per XG
-// warps).
-// Shared memory per CTA: the rings and the block table (8 KB), two CTAs per SM unless noted:
+// One launch of configuration I of kMmaConfigs (plan.h): MT token tiles, QN quads per lane,
+// STAGES ring slots per warp, the CTAs per SM its registers are sized for and where x goes
+// (CTA_X: a ring per XG warps). Shared memory per CTA: the rings and the block table (8 KB),
+// or the k-warps' partial sums where those are larger:
 //   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
 //   MT = 4: QN 2, 3 stages, x per warpgroup (8 x 3 x 2560 + 2 x 3 x 2 KB + 8 KB = 80 KB)
 //   MT = 8, fp16 (one CTA per SM: 233 registers): QN 2, 3 stages, x per CTA
 //           (8 x 3 x 2560 + 3 x 4 KB + 8 KB = 80 KB)
-//   MT = 4 and 8 with one quad (bf16 MT = 8, and layers narrower than kTwoQuadMinN): QN 1,
-//           5 stages, x per warpgroup / CTA (8 x 5 x 1408 + 2 x 5 x 2 KB / 5 x 4 KB + 8 KB
-//           = 83 KB)
-// WC: column warps per CTA, the one of wc_options that choose_grid's cost model ranks cheapest
-// (wc_knob: or MBWQ_MMA_WC).
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG = 1>
-void run_kernel(const Call<T>& c, std::initializer_list<int> wc_options, bool wc_knob) {
+//   MT = 4 and 8 with one quad: QN 1, 5 stages, x per warpgroup / CTA
+//           (8 x 5 x 1408 + 2 x 5 x 2 KB / 5 x 4 KB + 8 KB = 83 KB)
+// The grid (column warps, K splits) is mma_grid's choice for the CTAs the device holds.
+template <typename T, int I>
+void run_config(const Call<T>& c) {
+  constexpr MmaConfig cfg = kMmaConfigs[I];
+  constexpr int MT = cfg.mt, QN = cfg.qn, STAGES = cfg.stages, MIN_CTAS = cfg.min_ctas,
+                XG = cfg.xg;
+  constexpr bool CTA_X = cfg.cta_x;
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
-  // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0 (at most, whatever
-  // MBWQ_MMA_WC forces: every wc_knob list holds 1)
-  const size_t red = size_t(kWarps - std::min(wc_options)) * 2 * QN * MT * 4 * 32 * sizeof(float);
+  // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
+  // warps the grid may take (1 where MBWQ_MMA_WC may force any count)
+  int min_wc = cfg.wc_knob ? 1 : kWarps;
+  for (const int wc : cfg.wc_options)
+    if (wc > 0) min_wc = std::min(min_wc, wc);
+  const size_t red = size_t(kWarps - min_wc) * 2 * QN * MT * 4 * 32 * sizeof(float);
   const size_t smem = std::max(rings + table, red);
   static int ctas_per_sm[64] = {};
   const int slots = resident_ctas(ctas_per_sm, kernel, smem);
-  const GridChoice gc = choose_grid(nblocks, N, Slot<QN>::kCols, M,
-                                    double(c.qweight.numel()) * 4, slots, STAGES, wc_options,
-                                    wc_knob);
-  launch_on_grid(kernel, gc, smem, c);
+  const Grid grid = mma_grid(cfg, nblocks, N, M, double(c.qweight.numel()) * 4, slots, knobs());
+  launch_on_grid(kernel, grid, smem, c);
 }
 
 template <typename T>
@@ -406,97 +404,25 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       bias_t.defined() ? bias_t.data_ptr() : nullptr,
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
-  // Token tiles by M: one (M <= 8), two, four, eight, with two column quads per lane (one for
-  // eight tiles of bf16 and on narrow layers, below). Up to 16 tokens each warp copies its own
-  // x; beyond, x is as many bytes as the warp's weights or more, and one copy per CTA saves the
-  // L2 traffic (H100, 8192 x 28672 q4: M = 32 111 ->
-  // 91 us; at M = 16 the CTA barrier costs more than it saves, 60.5 -> 62.1 us; the 17-32
-  // kernel below run at M = 9-16 took 67-72 us against 57-60 us). For 17-32 tokens one copy
-  // per warpgroup, whose barrier spans 4 warps, is faster still (M = 17 92.4 -> 82.5 us, M = 32
-  // 90.2 -> 87.0 us); for 33-64 it was not (-1.5 .. +3.4 %).
-  // Two quads per lane halve the ring bookkeeping and the x fragment loads per weight. Against
-  // one quad per lane (A/B in one run, H100, 4-bit): 17-32 tokens, 3 stages, 2 CTAs per SM
-  // (128 registers; one 4-byte local reload per block): 8192 x 28672 M = 17 82.4 -> 70.6 us,
-  // M = 32 86.4 -> 76.4 us; 28672 x 8192 77.8 -> 69.2, 80.1 -> 73.3 us; 4096 x 14336 25.7 ->
-  // 24.0, 28.5 -> 27.1 us (4 stages at one CTA per SM: 80.1, 84.7 us on 8192 x 28672; x per
-  // CTA: 74.1, 79.6 us). 33-64 tokens (128 accumulators a lane: one CTA per SM, 3 stages):
-  // 8192 x 28672 M = 33 119.0 -> 110.5 us, M = 64 123.9 -> 119.7 us; 28672 x 8192 106.2 ->
-  // 103.3, 113.6 -> 109.7 us; 4096 x 14336 36.6 -> 35.1, 40.3 -> 39.9 us (4 or 5 stages:
-  // 1-3 % slower than 3); mixed and 2-bit layers 2-7 %. With bf16 x, whose decode needs more
-  // registers, 33-64 tokens were no faster (8192 x 28672 M = 64 143.8 -> 144.1 us, 4096 x 14336
-  // 45.2 -> 46.4 us, mixed 2.5 M = 48 142.2 -> 145.6 us) and keep one quad per lane; 17-32
-  // tokens gained there too (M = 17 102.3 -> 91.9 us, 4096 x 14336 M = 32 39.9 -> 33.5 us).
-  // With two quads a CTA of these kernels spans 512 columns: a narrow layer then has few column
-  // tiles, and the K splits that fill the device cost more than the quads save (4096 x 4096
-  // 4-bit M = 32: 13.9 -> 19.5 us, mixed 2.5 M = 64 22.7 -> 23.8 us; 8192 x 8192 still gained,
-  // M = 32 29.3 -> 28.8 us). So two quads from kTwoQuadMinN columns on.
-  const bool two_quads = c.qweight.size(1) >= kTwoQuadMinN;
-  // (The x-per-warp kernels take any column-warp count, so MBWQ_MMA_WC may force one; the
-  // shared-x kernels need all eight.)
-  if (M <= 8) {
-    run_kernel<T, 1, 2, 4, 2, false>(c, {1, 2}, true);
-  } else if (M <= 16) {
-    run_kernel<T, 2, 2, 3, 2, false>(c, {2, 1}, true);
-  } else if (M <= 32) {
-    if (two_quads) {
-      run_kernel<T, 4, 2, 3, 2, true, 2>(c, {kWarps}, false);
-    } else {
-      run_kernel<T, 4, 1, 5, 2, true, 2>(c, {kWarps}, false);
-    }
-  } else {
-    if constexpr (std::is_same_v<T, __half>) {
-      if (two_quads) return run_kernel<T, 8, 2, 3, 1, true>(c, {kWarps}, false);
-    }
-    run_kernel<T, 8, 1, 5, 2, true>(c, {kWarps}, false);
+  // Token tiles and quads per lane by M, N and dtype: the table in plan.h. bf16 never takes
+  // the fp16-only configuration (its wider decode does not fit that kernel's registers).
+  static_assert(kNumMmaConfigs == 6, "one case per configuration of kMmaConfigs");
+  const bool half = std::is_same_v<T, __half>;
+  switch (select_mma_config(M, c.qweight.size(1), half)) {
+    case 0: return run_config<T, 0>(c);
+    case 1: return run_config<T, 1>(c);
+    case 2: return run_config<T, 2>(c);
+    case 3: return run_config<T, 3>(c);
+    case 4:
+      if constexpr (!kMmaConfigs[4].fp16_only || std::is_same_v<T, __half>)
+        return run_config<T, 4>(c);
+      break;
+    case 5: return run_config<T, 5>(c);
   }
+  TORCH_CHECK(false, "mbwq: internal: no mma.sync configuration for M = ", M);
 }
 
 }  // namespace
-
-// Column warps and K splits (launch.h): model the time as waves x (blocks per warp + a
-// pipeline ramp), plus the fp32 partials' traffic, and take the cheapest. (H100, 8192 x 28672
-// q4 at M = 1 on gemm_mma: 448 CTAs of one column warp = 1.7 waves, 56.7 us; 224 CTAs of
-// two, one wave, 52.9 us. The model ranks them 72 : 68.)
-GridChoice choose_grid(int nblocks, int N, int warp_cols, int M, double weight_bytes, int slots,
-                       int ramp, std::initializer_list<int> wc_options, bool wc_knob) {
-  const int forced = tuning_override("MBWQ_MMA_SPLITS");
-  // MBWQ_MMA_WC = 1, 2, 4 or 8 replaces wc_options where the kernel allows (wc_knob)
-  const int knob = wc_knob ? tuning_override("MBWQ_MMA_WC") : 0;
-  const std::initializer_list<int> forced_wc = {knob};
-  const std::initializer_list<int>& options =
-      knob == 1 || knob == 2 || knob == 4 || knob == 8 ? forced_wc : wc_options;
-  const int s_min = (nblocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta;
-  int WC = *options.begin(), best_s = 1;
-  double best = 1e300;
-  for (const int wc : options) {
-    const int tiles = (N + wc * warp_cols - 1) / (wc * warp_cols);
-    const int WK = kWarps / wc;
-    for (int s = s_min; s <= std::max(s_min, std::min(64, nblocks / (2 * WK))); ++s) {
-      if (forced > 0 && s != std::max(forced, s_min)) continue;
-      const int bps = (nblocks + s - 1) / s;
-      const int ss = (nblocks + bps - 1) / bps;
-      const double waves = std::ceil(double(tiles) * ss / slots);
-      const double per_warp = std::ceil(double(bps) / WK) + ramp;
-      const double partial = ss > 1 ? 2.0 * ss * M * N * 4 / weight_bytes : 0.0;
-      const double cost = waves * per_warp * (1.0 + partial);
-      if (cost < best * 0.999) best = cost, best_s = ss, WC = wc;
-    }
-  }
-  if (forced > 0) best_s = std::max(forced, s_min);
-  GridChoice gc;
-  gc.wc = WC;
-  gc.tiles = (N + WC * warp_cols - 1) / (WC * warp_cols);
-  gc.blocks_per_split = (nblocks + best_s - 1) / best_s;
-  gc.splits = (nblocks + gc.blocks_per_split - 1) / gc.blocks_per_split;
-  return gc;
-}
-
-// Tuning hook for benchmarks: a positive integer from the environment (read at each call, so
-// a sweep can change it in-process), else 0. Results do not depend on it beyond rounding order.
-int tuning_override(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::max(0, std::atoi(v)) : 0;
-}
 
 bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros) {

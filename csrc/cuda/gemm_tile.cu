@@ -439,27 +439,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// K splits for a grid of `tiles` CTAs: model the time as waves x (blocks per CTA + a ramp) at
-// ~0.3 us a block, plus the partials' round trip through DRAM and the reduction kernel, and
-// take the cheapest of up to max_splits splits of at least min_blocks blocks.
-int choose_splits(int64_t M, int64_t N, int nblocks, int tiles, int slots, int max_splits,
-                  int min_blocks) {
-  const int forced = tuning_override("MBWQ_TILE_SPLITS");
-  if (forced > 0) return std::min(forced, nblocks);
-  constexpr double kBlockUs = 0.3, kBytesPerUs = 2.5e6, kReduceUs = 4.0;
-  int best_s = 1;
-  double best = 1e300;
-  for (int s = 1; s <= std::min(max_splits, std::max(1, nblocks / min_blocks)); ++s) {
-    const int bps = (nblocks + s - 1) / s;
-    const int ss = (nblocks + bps - 1) / bps;
-    const double waves = std::ceil(double(tiles) * ss / slots);
-    double cost = waves * (bps + 4) * kBlockUs;
-    if (ss > 1) cost += 2.0 * ss * M * N * 4 / kBytesPerUs + kReduceUs;
-    if (cost < best * 0.999) best = cost, best_s = ss;
-  }
-  return best_s;
-}
-
 template <typename T, int TOKENS, int RS>
 void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const at::Tensor& blocks,
@@ -473,15 +452,11 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
   auto kernel = tile_gemm_kernel<T, TOKENS, RS>;
   static int ready[64] = {};
   allow_smem_once(ready, kernel, S::kSmemBytes);
+  static_assert(S::kCols == tile_columns(TOKENS), "plan.h prices this tile's columns");
   const int mtiles = int((M + TOKENS - 1) / TOKENS);
   const int ntiles = (N + S::kCols - 1) / S::kCols;
-  // The small tiles' 512 columns leave few CTAs on narrow layers (4096 columns: 8), which more
-  // and shorter splits spread over the device.
-  const bool wide = S::kCols >= 512;
-  const int splits_wanted = choose_splits(M, N, nblocks, mtiles * ntiles, sm_count(),
-                                          wide ? 32 : 16, wide ? 8 : 16);
-  const int bps = (nblocks + splits_wanted - 1) / splits_wanted;
-  const int splits = (nblocks + bps - 1) / bps;
+  const Grid grid = tile_grid(M, N, nblocks, TOKENS, sm_count(), knobs());
+  const int bps = grid.blocks_per_split, splits = grid.splits;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor part;
   if (splits > 1) part = at::empty({splits, M, N}, xs.options().dtype(at::kFloat));
@@ -511,32 +486,7 @@ void launch_tokens(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor
   }
 }
 
-constexpr bool is_tile_tokens(int t) {
-  return t == 16 || t == 32 || t == 64 || t == 128 || t == 256;
-}
-
 }  // namespace
-
-bool wgmma_available() {
-  return compute_capability_major() == 9 && tuning_override("MBWQ_MMA_NO_WGMMA") == 0;
-}
-
-int tile_tokens(int64_t M) {
-  // The fewest that cover M. 128-token tiles up to 128 rows (H200, 8192 x 28672 4-bit, M =
-  // 128: 136.6 us against 250.9 us for one half-empty 256-token tile), 256 from there (M =
-  // 256: 262.8 / 261.9 us, 2048: 1933.6 against 1988.3 us; 28672 x 8192 M = 1024 1018.1
-  // against 1094.7 us); each CTA takes 128 x 256 / TOKENS columns. Tiles of 16, 32 and 64
-  // tokens take 512 columns (the most that two register sets of A leave room for). The 64-token
-  // tile takes M = 33-64 on large layers (ops_cuda.cpp); the 16- and 32-token ones only run
-  // under MBWQ_TILE_MIN_M (H200, 8192 x 28672 4-bit, M = 1 / 16: 62.1 / 68.7 us against the
-  // mma.sync kernel's 46.6 / 56.3). MBWQ_TILE_TOKENS = 16, 32, 64, 128 or 256 forces a tile.
-  const int knob = tuning_override("MBWQ_TILE_TOKENS");
-  if (is_tile_tokens(knob)) return knob;
-  int tokens = 256;
-  for (const int t : {128, 64, 32, 16})
-    if (M <= t) tokens = t;
-  return tokens;
-}
 
 void gemm_tile(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qweight,
                const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,

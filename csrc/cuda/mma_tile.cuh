@@ -21,8 +21,9 @@ namespace cuda {
 
 constexpr int kLog2Warps = 3;
 constexpr int kWarps = 1 << kLog2Warps;  // warps per CTA
+static_assert(kWarps == kMmaWarps, "plan.h's split search counts these warps");
 // Most 32-row blocks one CTA takes (its block table lives in shared memory); longer K is split.
-constexpr int kMaxBlocksPerCta = 1024;
+constexpr int kMaxBlocksPerCta = kMmaMaxBlocksPerCta;
 // A block width as a type, for the lambdas that specialise on it (0: not known).
 template <int B>
 using Width = std::integral_constant<int, B>;
@@ -206,7 +207,7 @@ int resident_ctas(int (&cache)[64], Kernel kernel, size_t smem) {
 // it writes y (+ bias) itself, with several it writes fp32 partials that reduce_splits adds
 // up in split order.
 template <typename T, typename Kernel>
-void launch_on_grid(Kernel kernel, const GridChoice& gc, size_t smem, const Call<T>& c) {
+void launch_on_grid(Kernel kernel, const Grid& gc, size_t smem, const Call<T>& c) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   at::Tensor part;

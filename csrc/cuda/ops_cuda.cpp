@@ -1,15 +1,14 @@
 // CUDA implementations of the mbwq ops: argument checks (checks.h, shared with the CPU kernels
-// and mirrored by the fake kernels), device guard, current stream, and the shape-based choice
-// of a gemm path. Host-only code, so it is a .cpp built by the C++ compiler like the CPU
-// wrappers; the kernels and their launchers are in the .cu files (launch.h).
+// and mirrored by the fake kernels), device guard, current stream, and the execution of the
+// plan that ../plan.h makes from shapes, dtypes, alignment and the device:
 //
-//   kTileMinM (33 on large layers) <= M <=      ->  gemm_tile.cu: tiles of 64 .. 256 tokens,
-//   kTileMaxM on wgmma devices, fp16 / bf16 x,      weights decoded once per tile, exact fp16 W
-//   K, N % 8 == 0
-//   M <= kMmaMaxM (kMmaChunkedMaxM on large   ->  gemm_mma.cu: tensor cores, weights read
-//   layers), fp16 / bf16 x, K, N % 8 == 0         once per row chunk, exact fp16 W
-//   otherwise (larger M, fp32 x, odd N)         ->  gather x (perm, channel_scale) + dequantize
-//                                                  W in stored order into x's dtype + cuBLAS
+//   GemmPath::kTile           gather x in tile order, gemm_tile.cu (wgmma, Hopper)
+//   GemmPath::kMma            gather x in mma order, gemm_mma.cu per row chunk (mma.sync)
+//   GemmPath::kDequantMatmul  gather x (perm, channel_scale) + dequantize W in stored order
+//                             into x's dtype + cuBLAS
+//
+// Host-only code, so it is a .cpp built by the C++ compiler like the CPU wrappers; the kernels
+// and their launchers are in the .cu files (launch.h).
 //
 // Nothing here reads tensor values on the host or synchronises; every temporary comes from
 // the caching allocator (at::empty), so both paths can be captured in a CUDA graph. Bad values
@@ -58,51 +57,44 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
                    blocks = blocks_.contiguous(), perm = perm_.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  if (K == 0) {  // empty sum: y = bias (or 0), rounded once
-    at::Tensor acc = at::zeros({M, N}, x.options().dtype(at::kFloat));
-    if (bias.has_value()) acc.add_(bias->to(at::kFloat));
-    y.copy_(acc);
-    return y;
-  }
+  const auto aligned16 = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  const bool half = x.scalar_type() == at::kHalf;
+  const GemmPlan plan =
+      plan_gemm(M, K, N, qweight.size(0), half || x.scalar_type() == at::kBFloat16, half,
+                aligned16(x) && aligned16(qweight) && aligned16(scales) && aligned16(zeros),
+                cuda::device_facts(), knobs());
 
-  // Many tokens on wgmma devices: the tile kernel, every weight decoded once per tile of 16 to
-  // 256 tokens. (On these devices the row chunks below then serve 65+ rows only when the
-  // MBWQ_TILE_* knobs move the tile kernel's range.)
-  const bool wgmma = cuda::wgmma_available();
-  const int min_knob = cuda::tuning_override("MBWQ_TILE_MIN_M");
-  const int max_knob = cuda::tuning_override("MBWQ_TILE_MAX_M");
-  const int64_t tile_min_m = min_knob > 0                                  ? min_knob
-                             : K * N >= cuda::kTileLargeMinWeights ? cuda::kTileMinMLarge
-                                                                    : cuda::kTileMinM;
-  const int64_t tile_max_m = max_knob > 0 ? max_knob : cuda::kTileMaxM;
-  if (wgmma && M >= tile_min_m && M <= tile_max_m &&
-      cuda::mma_supported(x, qweight, scales, zeros)) {
-    const int tokens = cuda::tile_tokens(M);
-    const int64_t rows = (M + tokens - 1) / tokens * tokens;
-    at::Tensor xs = at::empty({rows, K}, x.options());
-    cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kTile, tokens);
-    cuda::gemm_tile(xs, M, tokens, qweight, scales, zeros, blocks, bias, y);
-    return y;
-  }
-
-  // Up to kMmaMaxM rows per kernel call; more as row chunks on large layers (each chunk reads
-  // the weights once: a few reads still beat dequantizing all of W there; on small layers
-  // dequant + cuBLAS wins from M = 65 on, launch.h). One x gather serves every chunk: the
-  // mma.sync order keeps each row on its own. MBWQ_MMA_MAX_M moves the boundary.
-  const int max_m_knob = cuda::tuning_override("MBWQ_MMA_MAX_M");
-  const int64_t mma_max_m = max_m_knob > 0                           ? max_m_knob
-                            : K * N >= cuda::kMmaChunkedMinWeights ? cuda::kMmaChunkedMaxM
-                                                                    : cuda::kMmaMaxM;
-  if (M <= mma_max_m && cuda::mma_supported(x, qweight, scales, zeros)) {
-    at::Tensor xs = at::empty_like(x);
-    cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kMma);
-    for (int64_t m0 = 0; m0 < M; m0 += cuda::kMmaMaxM) {
-      const int64_t rows = std::min(cuda::kMmaMaxM, M - m0);
-      at::Tensor y_rows = y.narrow(0, m0, rows);
-      cuda::gemm_mma(xs.narrow(0, m0, rows), qweight, scales, zeros, blocks, bias, y_rows);
+  switch (plan.path) {
+    case GemmPath::kEmpty: {
+      if (M == 0 || N == 0) return y;
+      at::Tensor acc = at::zeros({M, N}, x.options().dtype(at::kFloat));  // empty sum (K = 0)
+      if (bias.has_value()) acc.add_(bias->to(at::kFloat));
+      y.copy_(acc);
+      return y;
     }
-    return y;
+    case GemmPath::kTile: {
+      const int tokens = plan.tile_tokens;
+      const int64_t rows = (M + tokens - 1) / tokens * tokens;
+      at::Tensor xs = at::empty({rows, K}, x.options());
+      cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kTile, tokens);
+      cuda::gemm_tile(xs, M, tokens, qweight, scales, zeros, blocks, bias, y);
+      return y;
+    }
+    case GemmPath::kMma: {
+      // One gather serves every row chunk: the mma.sync order keeps each row on its own.
+      at::Tensor xs = at::empty_like(x);
+      cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kMma);
+      for (int64_t m0 = 0; m0 < M; m0 += plan.chunk_rows) {
+        const int64_t rows = std::min(plan.chunk_rows, M - m0);
+        at::Tensor y_rows = y.narrow(0, m0, rows);
+        cuda::gemm_mma(xs.narrow(0, m0, rows), qweight, scales, zeros, blocks, bias, y_rows);
+      }
+      return y;
+    }
+    case GemmPath::kDequantMatmul:
+      break;
   }
 
   // Large M (or a layer the tensor-core kernel cannot take): x in stored row order, W in stored row

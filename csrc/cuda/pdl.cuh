@@ -40,7 +40,7 @@ void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   // per device: a process may hold GPUs of several kinds
-  const bool use = compute_capability_major() >= 9 && tuning_override("MBWQ_MMA_NO_PDL") == 0;
+  const bool use = pdl_enabled();
   cfg.attrs = attr;
   cfg.numAttrs = use ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...));

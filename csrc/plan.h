@@ -1,0 +1,140 @@
+// Every dispatch decision of mbwq::gemm, as data: the path boundaries, the mma.sync kernel's
+// configuration table with its validity predicate, the tile kernel's token tiles, and the one
+// split search both tensor-core kernels use. Pure host C++ with no CUDA in it, so it is built
+// into the CPU-only library too: torch.ops.mbwq.plan (mbwq_ops.plan) answers from this code on
+// any machine, and the tests, the benchmark and the docs ask it instead of restating rules.
+//
+// Inputs are shapes, dtypes, pointer alignment and two device facts (multiprocessor count,
+// whether the wgmma tile kernel can run); never tensor values. Measurements behind the
+// numbers: benchmarks/ (csrc/cuda/README.md says which section).
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace mbwq {
+
+// ---- tuning overrides -------------------------------------------------------------------
+// 0 = no override. Initial values come from the MBWQ_* environment variables named beside
+// each field, read once (the first time any is needed); set_knob changes one at run time
+// (mbwq_ops.ops.tuning for benchmarks and tests). Results never depend on them beyond the
+// order of fp32 additions.
+struct Knobs {
+  int tile_min_m = 0;    // MBWQ_TILE_MIN_M: fewest rows on the tile kernel
+  int tile_max_m = 0;    // MBWQ_TILE_MAX_M: most rows on the tile kernel
+  int tile_tokens = 0;   // MBWQ_TILE_TOKENS: force a token tile (16, 32, 64, 128, 256)
+  int tile_splits = 0;   // MBWQ_TILE_SPLITS: force the tile kernel's K splits
+  int mma_max_m = 0;     // MBWQ_MMA_MAX_M: most rows on the mma.sync path
+  int mma_splits = 0;    // MBWQ_MMA_SPLITS: force the mma.sync kernel's K splits
+  int mma_wc = 0;        // MBWQ_MMA_WC: force its column warps (1, 2, 4, 8) where allowed
+  int gather_min_m = 0;  // MBWQ_GATHER_MIN_M: fewest rows for the staged x gather
+  int no_wgmma = 0;      // MBWQ_MMA_NO_WGMMA: 1 = no tile kernel (other devices' paths)
+  int no_pdl = 0;        // MBWQ_MMA_NO_PDL: 1 = plain launches, no programmatic chaining
+};
+const Knobs& knobs();
+// name: the environment variable's name (MBWQ_TILE_MIN_M, ...); value >= 0. Returns the
+// previous value; throws std::invalid_argument on an unknown name or a bad value.
+// reset_knobs() goes back to the environment's values.
+int set_knob(const std::string& name, int64_t value);
+void reset_knobs();
+
+// ---- paths ------------------------------------------------------------------------------
+enum class GemmPath : int {
+  kEmpty = 0,          // M, N or K is 0: no kernel (y = bias, or zeros)
+  kTile = 1,           // csrc/cuda/gemm_tile.cu: wgmma, weights decoded once per token tile
+  kMma = 2,            // csrc/cuda/gemm_mma.cu: mma.sync, weights read once per row chunk
+  kDequantMatmul = 3,  // gather x + dequantize W + cuBLAS (or the CPU's matmul)
+};
+
+// A layer of at least this many weights (K * N) is "large": the tile kernel starts at
+// kTileMinMLarge rows, and the mma.sync path runs row chunks up to kMmaChunkedMaxM rows.
+constexpr int64_t kLargeLayerWeights = int64_t(1) << 25;  // e.g. 4096 x 8192
+constexpr int64_t kMmaMaxM = 64;          // rows of one mma.sync call (a row chunk)
+constexpr int64_t kMmaChunkedMaxM = 192;  // large layers: up to 3 chunks of kMmaMaxM rows
+constexpr int64_t kTileMinM = 65;
+constexpr int64_t kTileMinMLarge = 33;
+constexpr int64_t kTileMaxM = 256;
+// The staged x gather (rows through shared memory) from this many rows, for rows of at most
+// kGatherStagedMaxBytes bytes; element-wise below.
+constexpr int64_t kGatherStagedMinM = 32;
+constexpr int64_t kGatherStagedMaxBytes = 96 * 1024;
+bool gather_staged(int64_t M, int64_t row_bytes, const Knobs& k);
+
+// The CPU kernel (cpu/ops_cpu.cpp) multiplies block by block without materialising W up to
+// this many rows, and dequantizes W for one matmul above.
+constexpr int64_t kCpuDirectMaxM = 16;
+
+// ---- mma.sync kernel (gemm_mma.cu) ---------------------------------------------------------
+constexpr int kMmaWarps = 8;                // warps per CTA: WC column warps x 8 / WC k-warps
+constexpr int kMmaMaxBlocksPerCta = 1024;   // 32-row blocks one CTA's table holds
+constexpr int64_t kTwoQuadMinN = 8192;      // columns from which 17-64 tokens take 2 quads/lane
+
+// One instantiation of the mma.sync kernel. MT token tiles of 8 (so 8 * MT tokens), QN quads of
+// 4 columns per lane, STAGES ring slots per warp, MIN_CTAS resident CTAs per SM its registers
+// are sized for; CTA_X: x copied once per XG-warp group instead of once per warp.
+struct MmaConfig {
+  int max_m;             // the most rows it takes
+  int mt, qn, stages, min_ctas;
+  bool cta_x;
+  int xg;
+  bool needs_wide_n;     // only for N >= kTwoQuadMinN (two quads leave narrow layers few CTAs)
+  bool fp16_only;        // bf16's wider decode does not fit its registers
+  int wc_options[2];     // column warps per CTA the split search may take (0 = unused slot)
+  bool wc_knob;          // MBWQ_MMA_WC may force any column-warp count (x per warp only)
+};
+
+// In order of preference: the first valid configuration is taken.
+constexpr MmaConfig kMmaConfigs[] = {
+    // max_m mt qn st ctas cta_x xg  wide   fp16   wc       knob
+    {8,      1, 2, 4, 2,   false, 1, false, false, {1, 2}, true},
+    {16,     2, 2, 3, 2,   false, 1, false, false, {2, 1}, true},
+    {32,     4, 2, 3, 2,   true,  2, true,  false, {8, 0}, false},
+    {32,     4, 1, 5, 2,   true,  2, false, false, {8, 0}, false},
+    {64,     8, 2, 3, 1,   true,  1, true,  true,  {8, 0}, false},
+    {64,     8, 1, 5, 2,   true,  1, false, false, {8, 0}, false},
+};
+constexpr int kNumMmaConfigs = int(sizeof(kMmaConfigs) / sizeof(kMmaConfigs[0]));
+
+bool mma_config_valid(const MmaConfig& c, int64_t M, int64_t N, bool fp16);
+// Index into kMmaConfigs for 1 <= M <= kMmaMaxM rows.
+int select_mma_config(int64_t M, int64_t N, bool fp16);
+
+// A grid of CTAs over (column tiles, K splits).
+struct Grid {
+  int wc = 0;                // column warps per CTA (mma.sync; 0 for the tile kernel)
+  int tiles = 0;             // CTAs along N (times token tiles for the tile kernel)
+  int splits = 1;            // K splits (fp32 partials + an in-order reduction when > 1)
+  int blocks_per_split = 0;  // 32-row blocks per split
+};
+// `slots`: CTAs resident on the whole device (SM count x CTAs per SM).
+Grid mma_grid(const MmaConfig& c, int nblocks, int64_t N, int64_t M, double weight_bytes,
+              int slots, const Knobs& k);
+
+// ---- tile kernel (gemm_tile.cu) ------------------------------------------------------------
+// Token tiles: the fewest of 16, 32, 64, 128, 256 that cover M (or MBWQ_TILE_TOKENS). A CTA
+// takes 128 * min(4, 256 / tokens) columns (the accumulators fit 256 tokens x 128 columns).
+bool is_tile_tokens(int t);
+int tile_tokens(int64_t M, const Knobs& k);
+constexpr int tile_columns(int tokens) { return 128 * (256 / tokens < 4 ? 256 / tokens : 4); }
+Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, const Knobs& k);
+
+// ---- the plan ----------------------------------------------------------------------------
+struct DeviceFacts {
+  int sm_count = 0;
+  bool wgmma = false;  // compute capability 9.0 with the sm_90a build (and no MBWQ_MMA_NO_WGMMA)
+};
+
+struct GemmPlan {
+  GemmPath path = GemmPath::kEmpty;
+  int tile_tokens = 0;      // kTile
+  int mma_config = -1;      // kMma: kMmaConfigs index of the first row chunk
+  int64_t chunk_rows = 0;   // kMma: rows per call (kMmaMaxM; the last chunk may be shorter)
+  Grid grid;                // the first kernel's grid (kMma: for slots = SMs x min_ctas)
+};
+
+// R: qweight's rows (packed bytes = 4 R N). tensor_core_dtype: x is fp16 or bf16 (fp16: x is
+// fp16). aligned: x, qweight, scales and zeros start on 16-byte boundaries (the kernels'
+// 16-byte copies).
+GemmPlan plan_gemm(int64_t M, int64_t K, int64_t N, int64_t R, bool tensor_core_dtype,
+                   bool fp16, bool aligned, const DeviceFacts& dev, const Knobs& k);
+
+}  // namespace mbwq

@@ -1,0 +1,96 @@
+"""The dispatch plan (csrc/plan.h through mbwq_ops.plan) answers on any machine, and its
+answers hang together: the properties every change of a threshold must keep. (That the CUDA
+kernels follow the plan is tests/test_cuda.py's job, on a GPU.)"""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import mbwq_ops
+
+H100 = dict(sm_count=132, wgmma=True)
+AMPERE = dict(sm_count=108, wgmma=False)
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192), (512, 520)]
+
+
+def paths(K, N, dtype=torch.float16, Ms=range(1, 1100), **dev):
+    return [mbwq_ops.plan(M, K, N, dtype, **dev)["path"] for M in Ms]
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paths_run_mma_then_tile_then_dequant_as_m_grows(K, N, dtype):
+    for dev in (H100, AMPERE):
+        seq = paths(K, N, dtype, **dev)
+        order = {"mma": 0, "tile": 1, "dequant_matmul": 2}
+        ranks = [order[p] for p in seq]
+        assert ranks == sorted(ranks), f"{K}x{N} {dtype}: paths go back and forth"
+        assert seq[0] == "mma" and seq[-1] == "dequant_matmul"
+        assert ("tile" in seq) == dev["wgmma"]
+
+
+def test_empty_and_non_tensor_core_calls():
+    assert mbwq_ops.plan(0, 4096, 4096, **H100)["path"] == "empty"
+    assert mbwq_ops.plan(5, 4096, 0, **H100)["path"] == "empty"
+    assert mbwq_ops.plan(5, 0, 4096, **H100)["path"] == "empty"
+    for M in (1, 40, 100, 500):
+        assert mbwq_ops.plan(M, 4096, 4096, torch.float32, **H100)["path"] == "dequant_matmul"
+        assert mbwq_ops.plan(M, 4096, 4100, **H100)["path"] == "dequant_matmul"  # N % 8
+        assert mbwq_ops.plan(M, 4096, 4096, aligned=False, **H100)["path"] == "dequant_matmul"
+
+
+@given(M=st.integers(1, 4096), K=st.sampled_from([256, 4096, 8192, 28672]),
+       N=st.sampled_from([8, 1024, 4096, 8192, 28672]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), wgmma=st.booleans(),
+       sm=st.sampled_from([1, 16, 108, 132]))
+def test_each_plan_is_well_formed(M, K, N, dtype, wgmma, sm):
+    p = mbwq_ops.plan(M, K, N, dtype, sm_count=sm, wgmma=wgmma)
+    nblocks = K // 32
+    g = p["grid"]
+    if p["path"] == "tile":
+        t = p["tile_tokens"]
+        assert t in (16, 32, 64, 128, 256) and (t >= M or t == 256)
+        assert t == 16 or t // 2 < M  # the fewest tokens that cover M
+    if p["path"] == "mma":
+        assert 1 <= p["chunk_rows"] <= 64 and p["chunk_rows"] == min(M, 64)
+        assert p["mma_config"] >= 0 and g["wc"] in (1, 2, 4, 8)
+    if p["path"] in ("tile", "mma"):
+        assert g["splits"] >= 1 and g["blocks_per_split"] >= 1
+        assert (g["splits"] - 1) * g["blocks_per_split"] < nblocks <= g["splits"] * g["blocks_per_split"]
+        assert g["tiles"] >= 1
+
+
+def test_knobs_move_the_boundaries_and_come_back():
+    K, N = 4096, 4096
+    before = paths(K, N, Ms=range(1, 300), **H100)
+    with mbwq_ops.ops.tuning(MBWQ_TILE_MIN_M=1):
+        assert set(paths(K, N, Ms=range(1, 257), **H100)) == {"tile"}
+    with mbwq_ops.ops.tuning(MBWQ_MMA_NO_WGMMA=1):
+        assert "tile" not in paths(K, N, Ms=range(1, 300), **H100)
+    with mbwq_ops.ops.tuning(MBWQ_TILE_TOKENS=32, MBWQ_TILE_SPLITS=3):
+        p = mbwq_ops.plan(100, K, N, **H100)
+        assert p["tile_tokens"] == 32 and p["grid"]["splits"] == 3
+    with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=4, MBWQ_MMA_WC=1):
+        p = mbwq_ops.plan(3, K, N, **H100)
+        assert p["grid"]["splits"] == 4 and p["grid"]["wc"] == 1
+    assert paths(K, N, Ms=range(1, 300), **H100) == before
+
+
+def test_bad_knobs_and_devices_are_named():
+    with pytest.raises(ValueError, match="unknown knob MBWQ_TILE_MINM"):
+        with mbwq_ops.ops.tuning(MBWQ_TILE_MINM=1):
+            pass
+    with pytest.raises(ValueError, match="must lie in"):
+        torch.ops.mbwq.set_knob("MBWQ_TILE_MIN_M", -1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pass sm_count= and wgmma="):
+            mbwq_ops.plan(1, 4096, 4096)
+
+
+def test_larger_layers_keep_tensor_cores_for_more_rows():
+    """A large layer reads its weights once per row chunk: up to more rows than a small one
+    before W is dequantized for cuBLAS (the point of kLargeLayerWeights)."""
+    def last(path, K, N, dev):
+        return max((M for M, p in zip(range(1, 1100), paths(K, N, **dev)) if p == path), default=0)
+    assert last("mma", 8192, 28672, AMPERE) > last("mma", 4096, 4096, AMPERE)
+    assert min(M for M, p in zip(range(1, 1100), paths(8192, 28672, **H100)) if p == "tile") < \
+        min(M for M, p in zip(range(1, 1100), paths(4096, 4096, **H100)) if p == "tile")
