@@ -52,8 +52,8 @@ def main():
         LayerSpec(64, 8192, True, widths=(4, 2), group_rows=(32, 32), perm="random", bias=True,
                   seed=5),
     ]
-    # M = 65 .. 192 as tensor-core row chunks (launch.h: large layers only; here on small ones)
-    os.environ["MBWQ_MMA_MAX_M"] = "192"
+    # M = 65 .. 192 as tensor-core row chunks (plan.h: large layers only; here on small ones)
+    torch.ops.mbwq.set_knob("MBWQ_MMA_MAX_M", 192)
     # Second calls under knobs: the tile kernel's K splits and reduction (M = 200), its tiles of
     # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there)
     small = {"MBWQ_TILE_MIN_M": "1"}
@@ -81,10 +81,8 @@ def main():
                     assert close(y, y_ref, dtype), (spec, dtype, M)
                     checked += 1
                     for env in knob.get(M, []):
-                        os.environ.update(env)
-                        y = mbwq_ops.gemm(x.cuda(), *args, cs_v, bias_v)
-                        for k in env:
-                            del os.environ[k]
+                        with mbwq_ops.ops.tuning(**env):
+                            y = mbwq_ops.gemm(x.cuda(), *args, cs_v, bias_v)
                         assert close(y, y_ref, dtype), (spec, dtype, M, env)
                         checked += 1
     # misaligned qweight (4-byte offset): the scalar paths

@@ -3,7 +3,7 @@
     python scripts/sweep_mma.py --shapes 8192x28672,4096x4096 --Ms 1,16,32 \
         --set MBWQ_MMA_WC=1,2,4 --set MBWQ_MMA_SPLITS=0,2,4
 
-Each --set names an environment variable that csrc/cuda/gemm_mma.cu reads at every call (0 or
+Each --set names a knob of csrc/plan.h (Knobs; set with torch.ops.mbwq.set_knob) (0 or
 unset = the built-in choice): MBWQ_MMA_WC (column warps per CTA), MBWQ_MMA_SPLITS (K splits),
 MBWQ_MMA_NO_PDL (1: plain launches instead of programmatic dependent launch), MBWQ_MMA_MAX_M
 (largest M on the mma.sync path, csrc/cuda/ops_cuda.cpp), MBWQ_MMA_NO_WGMMA (1: no tile kernel
@@ -79,7 +79,8 @@ def main():
                       for _ in arg_sets]
                 rows = []
                 for values in itertools.product(*(v for _, v in knobs)):
-                    os.environ.update(zip(names, values))
+                    for name, value in zip(names, values):
+                        torch.ops.mbwq.set_knob(name, int(value))
                     err = ref.error(xs[0], torch.ops.mbwq.gemm(xs[0], *arg_sets[0]))
                     us = time_graph([lambda x=x, a=a: torch.ops.mbwq.gemm(x, *a)
                                      for x, a in zip(xs, arg_sets)])
@@ -94,8 +95,7 @@ def main():
                           f"{pct:5.1f}% bw err={err:.1e} {mark}", flush=True)
             del ref, arg_sets, layer
             torch.cuda.empty_cache()
-    for k in names:
-        os.environ.pop(k, None)
+    torch.ops.mbwq.reset_knobs()
 
 
 if __name__ == "__main__":
