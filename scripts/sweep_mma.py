@@ -23,7 +23,6 @@ Prints one line per point; the fastest correct one per (shape, format, M) is mar
 """
 import argparse
 import itertools
-import os
 
 import torch
 
