@@ -31,9 +31,8 @@
 //
 // Activations: gather_x (gather.cu, called by ops_cuda.cpp once for all the row chunks that read
 // x in one order) writes x in stored row order, scaled and interleaved (xs), and the rings copy
-// it block by block. (Gathering each CTA's K range inside the GEMM kernel instead saved a launch
-// but delayed the weight stream: H100, 14336 x 4096 q4 M = 1, 22 us -> 40 us; 4096 x 4096
-// gained 0.1 us.)
+// it block by block. (Gathering each CTA's K range inside this kernel instead saves a launch
+// but delays the weight stream; benchmarks/ has the numbers.)
 //
 // ---------------------------------------------------------------------------------------
 // The decode (which codes a lane takes, how they become fp16) is described in mma_decode.cuh.

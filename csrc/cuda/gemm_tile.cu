@@ -71,10 +71,8 @@ namespace {
 
 // Two consumer warpgroups and one producer warpgroup, of which kProducerWarps warps copy;
 // setmaxnreg moves the producers' registers to the consumers: 4 x 32 x 40 + 8 x 32 x 232 =
-// 64512 of the 65536 (128 accumulators and two A register sets of 8 RS). (Three consumer
-// warpgroups of two row sets for tiles of up to 64 tokens, 152 registers each, were measured
-// and dropped: H200, 8192 x 28672 4-bit with every M on this kernel, M = 1-64 took 78.6 /
-// 83.7 / 102.3 / 109.4 us against 62.1 / 68.7 / 75.7 / 92.4 with two.)
+// 64512 of the 65536 (128 accumulators and two A register sets of 8 RS). Three consumer
+// warpgroups of two row sets were slower on every shape measured (benchmarks/).
 constexpr int kConsumerWarps = 8;
 constexpr int kThreads = 32 * kConsumerWarps + 128;
 constexpr int kConsumerRegs = 232;
