@@ -444,6 +444,8 @@ BENCH_CASES = [  # change of the config, what the message names
     (_model_config(lambda m: _set(m, "vocab_size", 2 ** 40)),
      [WEIGHTS, "model.embed_tokens.weight: shape [512, 128], but the model's is [1099511627776, "
                "128]"]),
+    (_model_config(lambda m: _set(m, "hidden_size", 2 ** 62)),
+     ["metadata.model.config: no model can be built from it (RuntimeError: Storage size"]),
     (_model_config(lambda m: _set(m, "num_layers", 2 ** 20)),
      ["metadata.model.config.num_layers: 1048576 layers, but model.safetensors holds only"]),
 ]

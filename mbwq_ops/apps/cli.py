@@ -267,6 +267,7 @@ def _check_out(args) -> None:
                              "the layout made, or copy it elsewhere first")
         if not os.access(out, os.W_OK | os.X_OK):
             raise UsageError(f"--out {out}: the directory is not writable")
+        return
     parent = _existing_ancestor(os.path.dirname(os.path.abspath(out)))
     if not os.path.isdir(parent):
         raise UsageError(f"--out {out}: {parent} is a file, not a directory")
@@ -293,17 +294,19 @@ def _write_checkpoint(model: nn.Module, out: str, metadata: Dict,
     ``layout`` is given and otherwise removed (it would describe the old checkpoint)."""
     from .. import checkpoint as C
     out_abs = os.path.abspath(out)
-    parent = os.path.dirname(out_abs)
+    existing = os.path.isdir(out_abs)
+    # the temporary folder goes inside an existing --out, else beside it (one file system)
+    where = out_abs if existing else os.path.dirname(out_abs)
     created = []  # missing ancestors, outermost first: removed again on failure
-    p = parent
+    p = where
     while not os.path.exists(p):
         created.insert(0, p)
         p = os.path.dirname(p)
     tmp = None
     try:
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(where, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", suffix=".partial",
-                               dir=parent)
+                               dir=where)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
@@ -311,7 +314,7 @@ def _write_checkpoint(model: nn.Module, out: str, metadata: Dict,
         if layout is not None:
             with open(os.path.join(tmp, STRATEGY_NAME), "w") as f:
                 json.dump(layout, f, indent=1)
-        if not os.path.isdir(out_abs):
+        if not existing:
             os.rename(tmp, out_abs)
             tmp = None
             return
@@ -337,10 +340,10 @@ def _read_strategy(path: str) -> Dict:
     # read here rather than in quantize_model so that a malformed file is named in the message
     # (json's own error says only where in the file it stopped)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             strategy = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--strategy {path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise UsageError(f"--strategy {path}: not valid JSON ({_one_line(e)})") from None
     if not isinstance(strategy, dict):
         raise UsageError(f"--strategy {path}: expected a JSON object of layer entries, "
                          f"got a {type(strategy).__name__}")
@@ -420,8 +423,12 @@ def cmd_bench(args) -> int:
         if layers > len(index):  # each decoder layer stores norm weights: a cheap bound
             raise UsageError(f"{where}.config.num_layers: {layers} layers, but "
                              f"{C.WEIGHTS_NAME} holds only {len(index)} tensors")
-        with torch.device("meta"):  # shapes only: check them before allocating the model
-            probe = factory()
+        try:
+            with torch.device("meta"):  # shapes only: check them before allocating the model
+                probe = factory()
+        except RuntimeError as e:  # sizes whose product overflows
+            raise UsageError(f"{where}.config: no model can be built from it ({_one_line(e)})"
+                             ) from None
         C.check_skeleton(probe, args.path, cfg, index)
         _check_length(args, new, probe.config.max_seq_len)
         model = C.load_quantized(factory, args.path)
