@@ -250,8 +250,8 @@ def _check_layer(name: str, lc, at: str) -> None:
             raise _Bad(f"{at}.groups", str(e).removeprefix("q_groups: ")) from None
     widths = lc["widths"]
     if widths != _widths(groups):
-        raise _Bad(f"{at}.widths", f"{widths!r} does not match the groups, which give "
-                   f"{_widths(groups)}")
+        raise _Bad(f"{at}.widths", f"{_short(widths)} does not match the groups, which give "
+                   f"{_short(_widths(groups))}")
     _number(lc["bpw"], f"{at}.bpw")
     _int(lc["bytes"], f"{at}.bytes", 0)
 

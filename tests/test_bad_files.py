@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -399,6 +400,32 @@ def test_load_quantized_argument_types(good):
         mbwq_ops.load_quantized(42, good)
     with pytest.raises(TypeError, match="the factory returned a dict"):
         mbwq_ops.load_quantized(dict, good)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_corruption_is_a_checkpoint_error_or_a_model(good, tmp_path_factory, data):
+    # any bytes of either file overwritten (mostly in the safetensors header and the JSON,
+    # where the structure lives), or the file cut short: a model or one CheckpointError
+    path = tmp_path_factory.mktemp("fuzz") / "q"
+    shutil.copytree(good, path)
+    name = data.draw(st.sampled_from([CONFIG, WEIGHTS]))
+    raw = bytearray((path / name).read_bytes())
+    header = len(raw) if name == CONFIG else 8 + int.from_bytes(raw[:8], "little")
+    if data.draw(st.booleans(), label="cut"):
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="length")]
+    else:
+        for _ in range(data.draw(st.integers(1, 4), label="edits")):
+            at = data.draw(st.integers(0, header - 1) if data.draw(st.booleans()) else
+                           st.integers(0, len(raw) - 1), label="at")
+            raw[at] = data.draw(st.integers(0, 255), label="byte")
+    (path / name).write_bytes(bytes(raw))
+    try:
+        model = mbwq_ops.load_quantized(Net, path)
+    except C.CheckpointError as e:
+        assert str(e).startswith(str(path)), e
+    else:
+        assert isinstance(model.block.mixed, MBWQLinear)
 
 
 # ----------------------------------------------------------------------------- mbwq bench DIR
