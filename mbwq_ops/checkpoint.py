@@ -35,7 +35,8 @@ from .accounting import bits_per_weight, layer_bits, set_module
 from .layer import LEGACY_KEYS, STORED_DTYPES, MBWQLinear, prepare_model
 
 __all__ = ["save_quantized", "load_quantized", "read_config", "read_tensor_index",
-           "check_skeleton", "CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "check_skeleton", "CheckpointError", "MissingCheckpointFile", "CONFIG_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME = "mbwq_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,6 +57,11 @@ TensorIndex = Dict[str, Tuple[Shape, torch.dtype]]
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read or does not fit the model. The message starts
     with the file, then the field or tensor, then what is wrong with which value."""
+
+
+class MissingCheckpointFile(CheckpointError, FileNotFoundError):
+    """A checkpoint file that is not there: a CheckpointError that code catching
+    FileNotFoundError (what loading raised before these checks) still catches."""
 
 
 class _Bad(Exception):
@@ -155,8 +161,8 @@ def read_config(path: Union[str, os.PathLike]) -> Dict:
 def _read_text(file: str) -> str:
     if not os.path.isfile(file):
         why = "is not a file" if os.path.exists(file) else "no such file"
-        raise CheckpointError(f"{file}: {why} (not an MBWQ checkpoint; mbwq quantize and "
-                              "save_quantized write one)")
+        raise MissingCheckpointFile(f"{file}: {why} (not an MBWQ checkpoint; mbwq quantize "
+                                    "and save_quantized write one)")
     try:
         if os.path.getsize(file) > MAX_CONFIG_BYTES:
             raise CheckpointError(f"{file}: {os.path.getsize(file)} bytes, too large for a "
@@ -303,7 +309,7 @@ def read_tensor_index(path: Union[str, os.PathLike], cfg: Optional[Dict] = None)
     file = os.path.join(os.fspath(path), WEIGHTS_NAME)
     if not os.path.isfile(file):
         why = "is not a file" if os.path.exists(file) else "no such file"
-        raise CheckpointError(f"{file}: {why}")
+        raise MissingCheckpointFile(f"{file}: {why}")
     index: TensorIndex = {}
     try:
         with safe_open(file, "pt") as f:
@@ -423,8 +429,8 @@ def load_quantized(model_skeleton_or_factory: Union[nn.Module, Callable[[], nn.M
 
     ``strict=False`` tolerates tensors that only the file or only the model has (the MBWQ
     layers' own tensors are always required). A bad checkpoint raises :class:`CheckpointError`
-    naming the file and the field; every check but those of the tensors' values runs before
-    the skeleton is changed."""
+    naming the file and the field; every check, the layers' tensor values included, runs
+    before the skeleton is changed."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -461,6 +467,9 @@ def load_quantized(model_skeleton_or_factory: Union[nn.Module, Callable[[], nn.M
             layer.prepare_params()
         except ValueError as e:
             raise CheckpointError(f"{file}: layer {name}: {e}") from None
+        except KeyError as e:  # the file was replaced after its header was read
+            raise CheckpointError(f"{file}: {e.args[0]} is missing (the file changed while "
+                                  "it was loaded)") from None
         layers[name] = layer
     if any(p.device.type == "meta" for p in model.parameters()):
         model = model.to_empty(device="cpu")

@@ -226,8 +226,9 @@ def test_config_not_text(ckpt, capsys):
 
 def test_config_missing_or_a_directory(ckpt):
     (ckpt / CONFIG).unlink()
-    with pytest.raises(C.CheckpointError, match=rf"{CONFIG}: no such file"):
+    with pytest.raises(C.CheckpointError, match=rf"{CONFIG}: no such file") as e:
         mbwq_ops.load_quantized(Net, ckpt)
+    assert isinstance(e.value, FileNotFoundError)  # as before the checks
     (ckpt / CONFIG).mkdir()
     with pytest.raises(C.CheckpointError, match=rf"{CONFIG}: is not a file"):
         C.read_config(ckpt)

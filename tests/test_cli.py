@@ -409,6 +409,8 @@ FACTORIES = {  # module text, spec, what the message names
                       "cannot import it: ValueError: bad at import"),
     "syntax_error": ("def make(:\n", "make", "cannot import it: SyntaxError"),
     "exits": ("import sys\nsys.exit(3)\n", "make", "cannot import it: SystemExit: 3"),
+    "factory_exits": ("import sys\n\ndef make():\n    sys.exit('no')\n", "make",
+                      "the factory raised SystemExit: no"),
 }
 
 

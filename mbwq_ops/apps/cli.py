@@ -75,7 +75,7 @@ def build_model(spec: str, preset: Optional[str] = None, weights: Optional[str] 
         factory = _import_factory(spec)
         try:
             model = factory()
-        except Exception as e:  # the user's code: whatever it raises, name the spec
+        except (Exception, SystemExit) as e:  # the user's code: whatever it raises, name it
             raise UsageError(f"--model {spec}: the factory raised {_one_line(e)}") from e
         if not isinstance(model, nn.Module):
             raise UsageError(f"--model {spec} returned a {type(model).__name__}, not an "
