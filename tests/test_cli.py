@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from mbwq_ops.apps import cli
 
@@ -184,6 +185,17 @@ def test_library_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("mbwq: ") and "7" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("content", [b"[" * 100000, b"\xff\xfe{}", b""],
+                         ids=["deep", "not-utf8", "empty"])
+def test_strategy_file_that_is_not_json(content, tmp_path, capsys):
+    bad = tmp_path / "s.json"
+    bad.write_bytes(content)
+    err = _fails(["quantize", "--preset", "tiny", "--strategy", str(bad), "--out",
+                  str(tmp_path / "q"), "--quiet"], capsys)
+    assert err.startswith(f"mbwq: --strategy {bad}: not valid JSON")
+    assert not (tmp_path / "q").exists()
+
+
 def test_bad_input_subprocess(tmp_path):
     # the real entry point: one line on stderr, exit code 2, no traceback
     r = subprocess.run([sys.executable, "-m", "mbwq_ops", "quantize", "--preset", "tiny",
@@ -247,3 +259,180 @@ def test_wordpiece_tokenizer(tmp_path):
                                        "##ing", "cafe", "[UNK]", "[SEP]"]
     batch, mask = tok.batch(["hello", "hello world"])
     assert batch.tolist() == [[2, 4, 3, 0], [2, 4, 5, 3]] and mask.tolist() == [[1, 1, 1, 0], [1] * 4]
+
+
+# ----------------------------------------------------------------------------- --out safety
+def _quantize(out, *extra):
+    return ["quantize", "--preset", "tiny", "--bits", "4", "--out", str(out), "--quiet", *extra]
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_out_holding_anything_needs_overwrite(tmp_path, capsys):
+    from mbwq_ops.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    out = tmp_path / "q"
+    assert cli.main(_quantize(out, "--write-strategy")) == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    before = _files(out)
+    err = _fails(_quantize(out, "--bits", "2"), capsys)
+    assert f"--out {out} holds a checkpoint; pass --overwrite" in err
+    assert _files(out) == before  # refused before any work: nothing changed
+
+    # --overwrite: the new checkpoint, the user's file kept, the old strategy not left behind
+    assert cli.main(_quantize(out, "--bits", "2", "--overwrite", "--json")) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert all(list(l["widths"]) == ["2"] for l in info["layers"])  # --bits 2 this time
+    assert sorted(os.listdir(out)) == [CONFIG_NAME, WEIGHTS_NAME, "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / WEIGHTS_NAME).read_bytes() != before[WEIGHTS_NAME]
+    assert os.listdir(tmp_path) == ["q"]  # no temporary folder beside it
+    # --write-strategy with --overwrite writes the strategy of the new layout
+    assert cli.main(_quantize(out, "--overwrite", "--write-strategy")) == 0
+    assert "quant_strategy.json" in os.listdir(out) and (out / "notes.txt").exists()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("a")
+    capsys.readouterr()
+    err = _fails(_quantize(other), capsys)
+    assert f"--out {other} is not empty (a.txt); pass --overwrite" in err
+    assert _files(other) == {"a.txt": b"a"}
+
+
+def test_empty_out_folder_is_used_and_empty_name_refused(tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert cli.main(_quantize(out)) == 0
+    assert (out / "mbwq_config.json").exists() and os.listdir(tmp_path) == ["empty"]
+    capsys.readouterr()
+    assert "--out is empty" in _fails(_quantize(""), capsys)
+
+
+def test_input_strategy_is_not_removed_as_stale(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli.main(_quantize(out, "--write-strategy")) == 0
+    capsys.readouterr()
+    before = _files(out)
+    strategy = out / "quant_strategy.json"
+    err = _fails(["quantize", "--preset", "tiny", "--strategy", str(strategy), "--out", str(out),
+                  "--overwrite", "--quiet"], capsys)
+    assert "is the quant_strategy.json that --out would remove" in err
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_save_leaves_nothing_it_made(tmp_path, monkeypatch, capsys, existing):
+    from mbwq_ops import checkpoint as C
+    real = C.save_quantized
+
+    def half_then_fail(model, path, metadata=None):
+        real(model, path, metadata)
+        os.remove(os.path.join(path, C.CONFIG_NAME))
+        raise OSError(28, "No space left on device")
+    if existing:
+        out = tmp_path / "q"
+        assert cli.main(_quantize(out)) == 0
+        before = _files(out)
+    else:
+        out = tmp_path / "a" / "b" / "q"  # its parents are made for it, and removed again
+    monkeypatch.setattr(C, "save_quantized", half_then_fail)
+    capsys.readouterr()
+    err = _fails(_quantize(out, "--overwrite"), capsys)
+    assert "No space left on device" in err
+    if existing:
+        assert _files(out) == before and os.listdir(tmp_path) == ["q"]
+    else:
+        assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- impossible budgets
+def test_impossible_bpw_is_refused_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(cli, "build_model", no_model)
+    err = _fails(["quantize", "--bpw", "0.5", "--out", str(tmp_path / "q")], capsys)
+    assert err == ("mbwq: --bpw 0.5 is below the cheapest layout possible, 2.25 bits per weight "
+                   "(2-bit codes plus an fp16 scale and zero per group of 128 rows)\n")
+    err = _fails(["quantize", "--bpw", "2.9", "--group-size", "32", "--out",
+                  str(tmp_path / "q")], capsys)
+    assert "--bpw 2.9 is below the cheapest layout possible, 3 bits per weight" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_bpw_below_this_models_floor_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    from mbwq_ops.apps import tiny_llama as TL
+    from mbwq_ops.quant import quantize as QZ
+    model = TL.build("tiny")
+    shapes = [(m.in_features, m.out_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    floor = QZ.cheapest_bpw(shapes)
+    assert 2.25 < floor  # tiny's 352-row layers end in a 96-row group
+    bpw = (2.25 + floor) / 2
+
+    def never(*a, **k):
+        raise AssertionError("measured or calibrated")
+    monkeypatch.setattr(QZ, "_measure", never)
+    monkeypatch.setattr(QZ, "collect_hessians", never)
+    err = _fails(["quantize", "--preset", "tiny", "--bpw", str(bpw), "--calibration", "1",
+                  "--out", str(tmp_path / "q"), "--quiet"], capsys)
+    assert f"bpw={bpw!r} is a bit budget below the cheapest layout possible: {floor:.4g}" in err
+    assert not (tmp_path / "q").exists()
+
+
+@settings(deadline=None)
+@given(K=st.integers(1, 40).map(lambda k: 32 * k), N=st.integers(1, 24),
+       gss=st.lists(st.sampled_from([32, 64, 96, 128, 256]), min_size=1, max_size=3, unique=True),
+       widths=st.lists(st.sampled_from([8, 6, 5, 4, 3, 2]), min_size=1, max_size=6, unique=True),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_cheapest_bpw_is_the_measured_minimum(K, N, gss, widths, seed):
+    # the up-front arithmetic and the allocation's own cost table agree
+    from mbwq_ops.quant import quantize as QZ
+    W = torch.randn(K, N, generator=torch.Generator().manual_seed(seed))
+    m = QZ._measure(W, None, max(gss), widths, gss)
+    assert QZ.cheapest_bpw([(K, N)], gss, widths) == float(m.cost.min(1).values.sum()) / (K * N)
+    assert QZ.cheapest_bpw([(K, N)], gss, widths) >= QZ.cheapest_bpw(group_size=gss,
+                                                                       widths=widths)
+
+
+# ----------------------------------------------------------------------------- --model factories
+FACTORIES = {  # module text, spec, what the message names
+    "raises": ("def make():\n    raise RuntimeError('boom\\n  second line')\n", "make",
+               "the factory raised RuntimeError: boom second line"),
+    "needs_args": ("def make(size):\n    pass\n", "make", "the factory raised TypeError"),
+    "not_a_module": ("def make():\n    return 3\n", "make", "returned a int, not an nn.Module"),
+    "not_callable": ("CONST = 3\n", "CONST", "is a int, not a callable"),
+    "no_such_name": ("X = 1\n", "make", "cannot import it: AttributeError"),
+    "import_raises": ("raise ValueError('bad at import')\n", "make",
+                      "cannot import it: ValueError: bad at import"),
+    "syntax_error": ("def make(:\n", "make", "cannot import it: SyntaxError"),
+    "exits": ("import sys\nsys.exit(3)\n", "make", "cannot import it: SystemExit: 3"),
+    "factory_exits": ("import sys\n\ndef make():\n    sys.exit('no')\n", "make",
+                      "the factory raised SystemExit: no"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FACTORIES))
+def test_bad_model_factory_is_one_line_naming_the_spec(case, tmp_path, monkeypatch, capsys):
+    text, fn, needle = FACTORIES[case]
+    mod = f"mbwq_bad_factory_{case}"
+    (tmp_path / f"{mod}.py").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
+    try:
+        err = _fails(["quantize", "--model", f"{mod}:{fn}", "--out", "q", "--quiet"], capsys)
+    finally:
+        sys.modules.pop(mod, None)
+    assert err.startswith(f"mbwq: --model {mod}:{fn}") and needle in err, err
+    assert not (tmp_path / "q").exists()
+
+
+def test_model_that_cannot_be_found(tmp_path, capsys):
+    err = _fails(["quantize", "--model", "mbwq_no_such_module_here:make", "--out",
+                  str(tmp_path / "q")], capsys)
+    assert err.startswith("mbwq: --model mbwq_no_such_module_here:make: cannot import it: "
+                          "ModuleNotFoundError")
+    err = _fails(["quantize", "--model", ":make", "--out", str(tmp_path / "q")], capsys)
+    assert err.startswith("mbwq: --model :make: cannot import it")

@@ -14,10 +14,14 @@ log lines go to stderr and are silenced by ``--json``/``--quiet``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -68,9 +72,14 @@ def build_model(spec: str, preset: Optional[str] = None, weights: Optional[str] 
         model, _ = ML.load_minilm()
         meta = {"kind": "minilm"}
     elif ":" in spec:
-        model = _import_factory(spec)()
+        factory = _import_factory(spec)
+        try:
+            model = factory()
+        except (Exception, SystemExit) as e:  # the user's code: whatever it raises, name it
+            raise UsageError(f"--model {spec}: the factory raised {_one_line(e)}") from e
         if not isinstance(model, nn.Module):
-            raise UsageError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
+            raise UsageError(f"--model {spec} returned a {type(model).__name__}, not an "
+                             "nn.Module")
         meta = {"kind": "factory", "factory": spec}
     else:
         raise UsageError(f"unknown model {spec!r}: use tiny-llama, minilm or module:callable")
@@ -88,9 +97,19 @@ def _import_factory(spec: str) -> Callable[[], nn.Module]:
         importlib.invalidate_caches()
     mod, _, fn = spec.partition(":")
     try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"cannot import {spec!r}: {e}") from e
+        factory = getattr(importlib.import_module(mod), fn)
+    except (Exception, SystemExit) as e:  # importing runs the module: it may raise anything
+        raise UsageError(f"--model {spec}: cannot import it: {_one_line(e)}") from e
+    if not callable(factory):
+        raise UsageError(f"--model {spec} is a {type(factory).__name__}, not a callable "
+                         "returning an nn.Module")
+    return factory
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    msg = msg if len(msg) <= 400 else msg[:400] + " ..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def _load_weights(model: nn.Module, weights: str) -> None:
@@ -110,17 +129,54 @@ def _load_weights(model: nn.Module, weights: str) -> None:
         raise UsageError(f"--weights {weights} does not fit the model: {msg}") from e
 
 
-def skeleton_from_metadata(meta: Dict) -> Callable[[], nn.Module]:
+def skeleton_from_metadata(meta: Dict, where: str = "metadata.model"
+                           ) -> Callable[[], nn.Module]:
+    """A factory of the model that ``meta`` (a checkpoint's ``metadata.model``, found at
+    ``where``) describes; a malformed entry raises UsageError naming ``where``."""
     kind = meta.get("kind")
     if kind == "tiny-llama":
         from . import tiny_llama as TL
-        return lambda: TL.TinyLlama(TL.LlamaConfig(**meta["config"]))
+        config = _llama_config(meta.get("config"), f"{where}.config")
+        return lambda: TL.TinyLlama(config)
     if kind == "minilm":
         from . import minilm as ML
         return lambda: ML.load_minilm()[0]
-    if kind == "factory":
+    if kind == "factory" and isinstance(meta.get("factory"), str):
         return _import_factory(meta["factory"])
-    raise UsageError(f"the checkpoint does not say how to rebuild its model (kind={kind!r})")
+    raise UsageError(f"{where}: does not say how to rebuild the model (kind={kind!r})")
+
+
+# rope tables and KV caches hold max_seq_len positions: a bound on what a config may ask for
+MAX_SEQ_LEN = 1 << 16
+
+
+def _llama_config(d, where: str):
+    """The LlamaConfig of a tiny-llama checkpoint's metadata, checked: every field known and
+    of its default's type, sizes positive, heads that divide the hidden size."""
+    from . import tiny_llama as TL
+    if not isinstance(d, dict):
+        raise UsageError(f"{where}: must be an object of LlamaConfig fields, got "
+                         f"{type(d).__name__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TL.LlamaConfig)}
+    for k, v in d.items():
+        if k not in defaults:
+            raise UsageError(f"{where}: unknown field {k!r} (LlamaConfig has "
+                             f"{', '.join(defaults)})")
+        if isinstance(defaults[k], int):
+            low = 0 if k == "seed" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v < 1 << 63:
+                raise UsageError(f"{where}.{k}: must be an integer >= {low}, got {v!r}")
+        elif (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+              or v < 0 or (v == 0 and k != "outlier_sigma")):
+            raise UsageError(f"{where}.{k}: must be a finite number > 0, got {v!r}")
+    c = TL.LlamaConfig(**d)
+    if c.max_seq_len > MAX_SEQ_LEN:
+        raise UsageError(f"{where}.max_seq_len: at most {MAX_SEQ_LEN}, got {c.max_seq_len}")
+    if c.hidden_size % c.num_heads or c.head_dim % 2 or c.num_heads % c.num_kv_heads:
+        raise UsageError(f"{where}: num_heads {c.num_heads} must divide hidden_size "
+                         f"{c.hidden_size} into an even head_dim, and num_kv_heads "
+                         f"{c.num_kv_heads} must divide num_heads")
+    return c
 
 
 def _calibration_for(model: nn.Module, meta: Dict, n: int):
@@ -149,20 +205,25 @@ def _emit(args, obj: Dict, text: str) -> None:
 
 # ============================================================================ quantize
 def cmd_quantize(args) -> int:
-    from .. import checkpoint as C
     from .. import quant as Q
+    from ..quant.quantize import cheapest_bpw
     # before the model is built: on a big model these would fail only after minutes of work
     if args.method == "gptq" and not args.calibration:
         raise UsageError("--method gptq needs calibration data: add --calibration N (N >= 1)")
     if args.preset is not None and args.model not in TINY_LLAMA:
         raise UsageError(f"--preset is a tiny-llama size; --model {args.model} has none")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a file; the checkpoint is a directory")
+    _check_out(args)
+    gs = args.group_size
+    if args.bits is None:  # arithmetic: no model's layout is cheaper than this floor
+        floor = cheapest_bpw(group_size=gs)
+        if args.bpw < floor:
+            raise UsageError(f"--bpw {args.bpw:g} is below the cheapest layout possible, "
+                             f"{floor:g} bits per weight (2-bit codes plus an fp16 scale and "
+                             f"zero per group of {max(gs)} rows)")
     strategy = _read_strategy(args.strategy) if args.strategy else None
     model, meta = build_model(args.model, args.preset, args.weights)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     verbose = not (args.json or args.quiet)
-    gs = args.group_size
     group_size = gs[0] if len(gs) == 1 else tuple(gs)
     skip = tuple(s for s in args.skip.split(",") if s) if args.skip is not None else ("lm_head",)
     calibration = _calibration_for(model, meta, args.calibration)
@@ -170,10 +231,8 @@ def cmd_quantize(args) -> int:
                      group_size=group_size, strategy=strategy, verbose=verbose,
                      method=args.method)
     model.to("cpu")
-    C.save_quantized(model, args.out, metadata={"model": meta})
-    if args.write_strategy:
-        with open(os.path.join(args.out, "quant_strategy.json"), "w") as f:
-            json.dump(Q.strategy_from_model(model), f, indent=1)
+    layout = Q.strategy_from_model(model) if args.write_strategy else None
+    _write_checkpoint(model, args.out, {"model": meta}, layout)
     info = _inspect(args.out)
     _emit(args, info, f"saved {args.out}: {len(info['layers'])} MBWQ layers, "
                       f"{info['bpw']:.3f} bpw, {info['quantized_bytes'] / 1e6:.2f} MB quantized "
@@ -181,14 +240,110 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+STRATEGY_NAME = "quant_strategy.json"  # what --write-strategy writes beside the checkpoint
+
+
+def _check_out(args) -> None:
+    """Refuse an --out that the checkpoint cannot go to, before any work: a file, a folder
+    that holds anything (unless --overwrite), a place that cannot be written."""
+    out = args.out
+    if not out:
+        raise UsageError("--out is empty; give the checkpoint's directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; the checkpoint is a directory")
+    if os.path.isdir(out):
+        entries = sorted(os.listdir(out))
+        if entries and not args.overwrite:
+            from ..checkpoint import CONFIG_NAME
+            what = ("holds a checkpoint" if CONFIG_NAME in entries else
+                    f"is not empty ({_short_list(entries)})")
+            raise UsageError(f"--out {out} {what}; pass --overwrite to replace the checkpoint "
+                             "files there (other files are kept)")
+        stale = os.path.join(out, STRATEGY_NAME)
+        if (args.strategy and not args.write_strategy and os.path.exists(stale)
+                and os.path.samefile(args.strategy, stale)):
+            raise UsageError(f"--strategy {args.strategy} is the {STRATEGY_NAME} that --out "
+                             "would remove as stale; add --write-strategy to replace it with "
+                             "the layout made, or copy it elsewhere first")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {out}: the directory is not writable")
+        return
+    parent = _existing_ancestor(os.path.dirname(os.path.abspath(out)))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create it, {parent} is not writable")
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _short_list(names: List[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more"
+                                       if len(names) > limit else "")
+
+
+def _write_checkpoint(model: nn.Module, out: str, metadata: Dict,
+                      layout: Optional[Dict]) -> None:
+    """Save into a new folder beside ``out``, then move it into place: a failure leaves
+    neither a partial checkpoint nor a folder this command created. Into an existing folder
+    only the checkpoint's own files are replaced; a quant_strategy.json is written when
+    ``layout`` is given and otherwise removed (it would describe the old checkpoint)."""
+    from .. import checkpoint as C
+    out_abs = os.path.abspath(out)
+    existing = os.path.isdir(out_abs)
+    # the temporary folder goes inside an existing --out, else beside it (one file system)
+    where = out_abs if existing else os.path.dirname(out_abs)
+    created = []  # missing ancestors, outermost first: removed again on failure
+    p = where
+    while not os.path.exists(p):
+        created.insert(0, p)
+        p = os.path.dirname(p)
+    tmp = None
+    try:
+        os.makedirs(where, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.", suffix=".partial",
+                               dir=where)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the checkpoint's mode
+        C.save_quantized(model, tmp, metadata=metadata)
+        if layout is not None:
+            with open(os.path.join(tmp, STRATEGY_NAME), "w") as f:
+                json.dump(layout, f, indent=1)
+        if not existing:
+            os.rename(tmp, out_abs)
+            tmp = None
+            return
+        # the config last: until it is replaced, the folder is not a checkpoint of mixed files
+        for name in (C.WEIGHTS_NAME, STRATEGY_NAME, C.CONFIG_NAME):
+            src, dst = os.path.join(tmp, name), os.path.join(out_abs, name)
+            if os.path.exists(src):
+                os.replace(src, dst)
+            elif name == STRATEGY_NAME and os.path.lexists(dst):
+                os.remove(dst)
+    finally:
+        if tmp is not None:  # ours alone: its name is new
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(out_abs):  # failed: the folders made for it go again, if empty
+            for p in reversed(created):
+                try:
+                    os.rmdir(p)
+                except OSError:
+                    break
+
+
 def _read_strategy(path: str) -> Dict:
     # read here rather than in quantize_model so that a malformed file is named in the message
     # (json's own error says only where in the file it stopped)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             strategy = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--strategy {path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise UsageError(f"--strategy {path}: not valid JSON ({_one_line(e)})") from None
     if not isinstance(strategy, dict):
         raise UsageError(f"--strategy {path}: expected a JSON object of layer entries, "
                          f"got a {type(strategy).__name__}")
@@ -197,17 +352,10 @@ def _read_strategy(path: str) -> Dict:
 
 # ============================================================================ inspect
 def _inspect(path: str) -> Dict:
-    from safetensors import safe_open
     from .. import checkpoint as C
     cfg = C.read_config(path)
-    total = 0
-    with safe_open(os.path.join(path, C.WEIGHTS_NAME), "pt") as f:
-        for k in f.keys():
-            sl = f.get_slice(k)
-            n = 1
-            for d in sl.get_shape():
-                n *= d
-            total += n * torch.empty(0, dtype=_st_dtype(sl.get_dtype())).element_size()
+    index = C.read_tensor_index(path, cfg)  # checks the tensors against the config
+    total = C.tensor_bytes({k: v for k, v in index.items() if k not in cfg["aliases"]})
     layers = []
     for name, lc in cfg["layers"].items():
         layers.append({"name": name, "mode": lc["mode"], "in": lc["in_features"],
@@ -221,12 +369,6 @@ def _inspect(path: str) -> Dict:
             "layers": layers, "metadata": cfg.get("metadata", {})}
 
 
-def _st_dtype(s: str) -> torch.dtype:
-    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-            "F64": torch.float64, "I32": torch.int32, "I16": torch.int16, "I64": torch.int64,
-            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}[s]
-
-
 def cmd_inspect(args) -> int:
     info = _inspect(args.path)
     rows = [("layer", "mode", "in x out", "widths (bits:rows)", "groups", "bpw", "bytes")]
@@ -236,9 +378,12 @@ def cmd_inspect(args) -> int:
                      f"{l['bpw']:.3f}", str(l["bytes"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    with_meta = info["bpw_with_metadata"]
     text += (f"\n\n{len(info['layers'])} MBWQ layers, {info['bpw']:.3f} bits per weight "
-             f"(codes + scales + zeros; {info['bpw_with_metadata']:.3f} with q_perm, q_groups, "
-             f"channel_scale, bias), {info['quantized_bytes'] / 1e6:.3f} MB quantized, "
+             f"(codes + scales + zeros"
+             + (f"; {with_meta:.3f} with q_perm, q_groups, channel_scale, bias"
+                if with_meta is not None else "")
+             + f"), {info['quantized_bytes'] / 1e6:.3f} MB quantized, "
              f"{info['file_bytes'] / 1e6:.3f} MB in the checkpoint")
     _emit(args, info, text)
     return 0
@@ -265,12 +410,28 @@ def cmd_bench(args) -> int:
     if args.path:
         from .. import checkpoint as C
         cfg = C.read_config(args.path)
-        meta = cfg.get("metadata", {}).get("model", {})
+        where = f"{os.path.join(args.path, C.CONFIG_NAME)}: metadata.model"
+        meta = cfg["metadata"].get("model", {})
+        if not isinstance(meta, dict):
+            raise UsageError(f"{where}: must be an object, got {type(meta).__name__}")
         if meta.get("kind") != "tiny-llama":
             raise UsageError(f"bench: token generation needs a tiny-llama checkpoint; {args.path} "
                              f"holds a {meta.get('kind') or 'model of unknown kind'}")
-        _check_length(args, new, meta["config"]["max_seq_len"])
-        model = C.load_quantized(skeleton_from_metadata(meta), args.path)
+        factory = skeleton_from_metadata(meta, where)
+        index = C.read_tensor_index(args.path, cfg)
+        layers = meta["config"].get("num_layers", 0)
+        if layers > len(index):  # each decoder layer stores norm weights: a cheap bound
+            raise UsageError(f"{where}.config.num_layers: {layers} layers, but "
+                             f"{C.WEIGHTS_NAME} holds only {len(index)} tensors")
+        try:
+            with torch.device("meta"):  # shapes only: check them before allocating the model
+                probe = factory()
+        except RuntimeError as e:  # sizes whose product overflows
+            raise UsageError(f"{where}.config: no model can be built from it ({_one_line(e)})"
+                             ) from None
+        C.check_skeleton(probe, args.path, cfg, index)
+        _check_length(args, new, probe.config.max_seq_len)
+        model = C.load_quantized(factory, args.path)
         label = f"{args.path} ({cfg['bpw']:.2f} bpw)"
     else:
         from .. import quant as Q
@@ -352,7 +513,12 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", type=existing_file, default=None,
                    help="safetensors state_dict to load into the model before quantizing "
                         "(default: none, the model's own weights)")
-    q.add_argument("--out", required=True, help="output directory (created if missing)")
+    q.add_argument("--out", required=True,
+                   help="output directory (created if missing; an existing one must be empty "
+                        "unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint files in an existing --out (other files are "
+                        "kept; a quant_strategy.json is removed unless --write-strategy)")
     width = q.add_mutually_exclusive_group()
     width.add_argument("--bpw", type=positive_float, default=3.0,
                        help="bits-per-weight budget (codes + scales + zeros); widths are chosen "
@@ -448,7 +614,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # stdout closed early (| head): not a usage error
         raise
     except USER_ERRORS as e:
-        print(f"mbwq: {e}", file=sys.stderr)
+        print("mbwq: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
         return 2
     finally:
         warnings.formatwarning = formatwarning

@@ -48,7 +48,7 @@ from .strategy import load_strategy, strategy_entry, unmatched_entries
 
 __all__ = [
     "quantize_linear", "quantize_model", "bits_per_weight", "layer_bits", "collect_hessians",
-    "load_strategy", "strategy_from_model", "LayerPlan",
+    "load_strategy", "strategy_from_model", "LayerPlan", "cheapest_bpw", "candidate_bits",
 ]
 
 WIDTHS = fmt.WIDTHS
@@ -164,11 +164,40 @@ def _check_method(method) -> None:
         raise ValueError(f"method must be 'auto', 'rtn' or 'gptq', got {method!r}")
 
 
-def _check_min_budget(m_cost: Tensor, bpw: float, weights: int, arg: str, hint: str = "") -> None:
-    """Raise when ``bpw`` bits per weight is below the cheapest layout of the candidates."""
-    min_cost = float(m_cost.min(1).values.sum())
-    min_bpw = min_cost / weights
-    if bpw * weights < min_cost - 1e-6:
+def candidate_bits(rows: int, N: int, bits: int, group_size: int) -> int:
+    """Stored bits of ``rows`` stored rows x ``N`` columns at width ``bits`` in groups of
+    ``group_size`` rows: the codes plus one fp16 scale and one fp16 zero per group and column."""
+    return N * (rows * bits + 32 * -(-rows // group_size))
+
+
+def cheapest_bpw(shapes: Optional[Iterable[Tuple[int, int]]] = None,
+                 group_size: Union[int, Sequence[int]] = 128,
+                 widths: Sequence[int] = WIDTHS) -> float:
+    """The smallest ``bpw`` that ``quantize_model(bpw=...)`` can meet for layers of these
+    ``(in_features, out_features)`` shapes: every unit of ``max(group_size)`` rows at its
+    cheapest ``(width, group size)``. Arithmetic only, so a budget can be checked before any
+    measuring.
+
+    Without ``shapes``: the floor over all shapes, that of one unit of ``max(group_size)``
+    rows (``min(widths) + 32 / max(group_size)``); a shorter unit needs at least as many
+    groups per row."""
+    gss = _group_sizes(group_size)
+    _check_widths(widths)
+    if shapes is None:
+        shapes = [(max(gss), 1)]
+    total = weights = 0
+    for K, N in shapes:
+        total += sum(min(candidate_bits(r, N, b, gs) for b in widths for gs in gss)
+                     for r in _split(K, max(gss)))
+        weights += K * N
+    if not weights:
+        raise ValueError("cheapest_bpw: no layer shapes given")
+    return total / weights
+
+
+def _check_min_budget(min_bpw: float, bpw: float, arg: str, hint: str = "") -> None:
+    """Raise when ``bpw`` bits per weight is below ``min_bpw``, the cheapest layout."""
+    if bpw < min_bpw * (1 - 1e-12):
         raise ValueError(f"{arg}={bpw!r} is a bit budget below the cheapest layout possible: "
                          f"{min_bpw:.4g} bits per weight (codes + scales + zeros) with these "
                          f"widths and group sizes; ask for at least {min_bpw:.4g}{hint}")
@@ -341,7 +370,7 @@ def _measure(W: Tensor, H: Optional[Tensor], unit_rows_size: int, widths: Sequen
             dW = (deq - wg.to(torch.float64)).to(torch.float32).reshape(len(items), -1, N)[:, :r]
             e = (dW * (Hu @ dW)).sum((1, 2)) if Hu is not None else dW.pow(2).sum((1, 2))
             err[idx, c] = e.to("cpu", torch.float64)
-            cost[idx, c] = float(N * (r * b + 32 * n_groups))
+            cost[idx, c] = float(candidate_bits(r, N, b, gs))
     energy = float((W * (H.to(torch.float32) @ W)).sum()) if H is not None else float(W.pow(2).sum())
     return _Measured(K, N, order.cpu(), unit_rows, cands, err / max(energy, 1e-30), cost)
 
@@ -450,7 +479,7 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
         if bpw == int(bpw) and int(bpw) in WIDTHS:
             hint = (f" (a float bits={bits!r} is a budget in bits per weight including scales "
                     f"and zeros; an int bits={int(bpw)} means uniform {int(bpw)}-bit)")
-        _check_min_budget(m.cost, bpw, K * N, "bits", hint)
+        _check_min_budget(float(m.cost.min(1).values.sum()) / (K * N), bpw, "bits", hint)
         choice = _allocate(m.err, m.cost, bpw * K * N)
         plan = _assemble(m.order, m.unit_rows, [m.cands[int(c)] for c in choice])
     else:
@@ -711,6 +740,13 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
                              f"are not nn.Linear layers of the model: {shown}{more}; check the "
                              "names (the layers they were meant for would silently get the "
                              "defaults)")
+    if bits is None and bpw is not None:  # arithmetic: fail before calibrating and measuring
+        alloc = [n for n in targets if strat is None or strategy_entry(strat, n) is None]
+        if alloc:
+            shapes = [(mods[n].in_features, mods[n].out_features) for n in alloc]
+            _check_min_budget(cheapest_bpw(shapes, gss, widths), bpw, "bpw",
+                              " (bpw counts codes + scales + zeros per weight; bits=2 gives "
+                              "uniform 2-bit layers)")
     rows: Dict[str, int] = {}
     hessians = (collect_hessians(model, targets, calibration, rows)
                 if calibration is not None else {})
@@ -771,9 +807,6 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
         err = torch.cat([measured[n].err for n in to_allocate])
         cost = torch.cat([measured[n].cost for n in to_allocate])
         weights = sum(measured[n].K * measured[n].N for n in to_allocate)
-        _check_min_budget(cost, bpw, weights, "bpw",
-                          " (bpw counts codes + scales + zeros per weight; bits=2 gives uniform "
-                          "2-bit layers)")
         budget = float(bpw) * weights
         choice = _allocate(err, cost, budget)
         at = 0
