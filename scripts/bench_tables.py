@@ -136,6 +136,20 @@ def render(recs: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def select_run(recs: List[dict], commit: str, device: str = None) -> List[dict]:
+    """The records of one commit on one card; ValueError when there are none, or when the
+    commit ran on several cards and `device` (a substring of the name) does not pick one."""
+    recs = [r for r in recs if same_commit(r.get("commit", ""), commit)]
+    if device:
+        recs = [r for r in recs if device in r.get("device", "")]
+    if not recs:
+        raise ValueError(f"no records for commit {commit}" + (f" on {device!r}" if device else ""))
+    devices = sorted({r.get("device", "?") for r in recs})
+    if len(devices) > 1:
+        raise ValueError(f"commit {commit} was measured on {devices}; choose one with --device")
+    return recs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="*", default=[RUNS_DIR],
@@ -145,16 +159,10 @@ def main(argv=None):
                     help="only records whose device contains this (needed when the commit "
                          "was measured on several cards)")
     args = ap.parse_args(argv)
-    recs = [r for r in load_runs(args.runs) if same_commit(r.get("commit", ""), args.commit)]
-    if args.device:
-        recs = [r for r in recs if args.device in r.get("device", "")]
-    devices = sorted({r.get("device", "?") for r in recs})
-    if not recs:
-        sys.exit(f"bench_tables: no records for commit {args.commit}"
-                 + (f" on {args.device!r}" if args.device else "") + f" in {args.runs}")
-    if len(devices) > 1:
-        sys.exit(f"bench_tables: commit {args.commit} was measured on {devices}; "
-                 "choose one with --device")
+    try:
+        recs = select_run(load_runs(args.runs), args.commit, args.device)
+    except ValueError as e:
+        sys.exit(f"bench_tables: {e} (in {', '.join(args.runs)})")
     print(render(recs))
 
 
