@@ -1,10 +1,12 @@
 """scripts/bench_tables.py: the benchmark tables are rendered from bench.py's records as
 recorded (random times, so that no value can come out right by accident), read from a folder
 of run files; and the committed runs in benchmarks/runs/ are what their names say."""
+import argparse
 import glob
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -140,3 +142,22 @@ def test_committed_runs_match_their_names():
         assert {bench_tables.card_name(r["device"]) for r in recs} == {card}, path
         assert {r.get("date", date) for r in recs} == {date}, path
         assert len({r["torch"] for r in recs}) == 1, path
+
+
+def test_readme_tables_are_the_rendered_runs():
+    """benchmarks/README.md's tables between `<!-- bench_tables: ARGS -->` and
+    `<!-- end bench_tables -->` are exactly what the script renders from benchmarks/runs."""
+    path = os.path.join(ROOT, "benchmarks", "README.md")
+    with open(path) as f:
+        text = f.read()
+    sections = re.findall(r"<!-- bench_tables: (.*?) -->\n(.*?)<!-- end bench_tables -->",
+                          text, re.S)
+    assert sections, f"{path} has no rendered tables"
+    for args, body in sections:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--commit", required=True)
+        ap.add_argument("--device")
+        a = ap.parse_args(args.split())
+        recs = bench_tables.select_run(bench_tables.load_runs([bench_tables.RUNS_DIR]),
+                                       a.commit, a.device)
+        assert body.strip() == bench_tables.render(recs).strip(), args
