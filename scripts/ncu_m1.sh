@@ -26,7 +26,8 @@ for f in q4_g128 mixed_2.5 q2_g64; do
     "$OUT/ncu_gemm_$f.log" | grep -vE "stalled.* 0(\.0[0-9])?$" | head -40
 done
 if [ -f "$OUT/read_ceiling.json" ]; then
-  "${NCU[@]}" -k regex:read_ $PY scripts/experiments/read_ceiling.py --profile "$OUT/read_ceiling.json" \
+  "${NCU[@]}" -k regex:read_ $PY scripts/experiments/read_ceiling.py \
+    --profile "$OUT/read_ceiling.json" \
     >"$OUT/ncu_read.log" 2>&1 || rc=1
   grep -E "read_(linear|strips)|gpu__time|dram__bytes_read.sum |dram__throughput" \
     "$OUT/ncu_read.log" | head -80
