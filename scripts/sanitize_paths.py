@@ -67,7 +67,7 @@ def main():
         spec = (K, N, [g.bits for g in groups], opts)  # for assertion messages
         layer_cpu, _ = random_layer(groups, K, N, use_mbw=use_mbw, device="cpu", **opts)
         layer = copy.deepcopy(layer_cpu).to("cuda")  # the same stored tensors, on the GPU
-        layer.prepare_params()  # tables built from the GPU copy, as a user's move would need
+        layer.prepare_params()  # the kernel tables rebuilt from the GPU copy
         args = (layer.qweight, layer.scales, layer.zeros, layer._blocks, layer._perm)
         cargs = (layer_cpu.qweight, layer_cpu.scales, layer_cpu.zeros, layer_cpu._blocks,
                  layer_cpu._perm)
