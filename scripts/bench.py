@@ -28,6 +28,7 @@ Output: a table on stdout and one JSON file for the run (a list of records; see 
 and benchmarks/README.md), named <date>_<commit>_<card>.json, in --out if that is a folder
 (default: $OUT if set, else benchmarks/runs/); --out ending in .json names the file itself.
 Render tables from a folder of runs with scripts/bench_tables.py.
+
     python scripts/bench.py            # full run (a few minutes on an H100)
     python scripts/bench.py --quick    # 8192x28672, 4-bit + mixed 2.5, M in {1, 16, 256}
 
@@ -53,9 +54,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mbwq_ops  # noqa: E402,F401 - registers torch.ops.mbwq
 import read_probe  # noqa: E402
+from bench_tables import run_file_name  # noqa: E402
 from random_layers import FORMATS as ALL_FORMATS  # noqa: E402
 from random_layers import make_layer, op_args  # noqa: E402
-from bench_tables import run_file_name  # noqa: E402
 from timing import copies_for, time_eager, time_graph  # noqa: E402
 
 ALL_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
