@@ -2,7 +2,7 @@
 
 One run measures, on the current CUDA device:
   * read bandwidth: a 2 GiB device reduction, the same 2 GiB through the read probe of
-    scripts/read_ceiling.py, and a 1 GiB device-to-device copy (bytes read [+ written] /
+    scripts/read_probe.py, and a 1 GiB device-to-device copy (bytes read [+ written] /
     time); the largest is `read_bw_tbs`;
   * per layer, the fastest plain read of exactly the layer's weight bytes
     (`read_same_bytes_us`: the read probe, or torch's reductions if faster): what a single
@@ -20,12 +20,15 @@ events; the median per call over the replays is reported. Every call of a graph 
 copy of the weights and x, and the copies together are larger than L2 (timing.RotateBytes), so the
 numbers are DRAM numbers, not L2 hits.
 
-Layers are random like tests/layers.py (codes uniform over all 2^b values: uniformly random
-qweight words ARE uniform random codes for every width; random fp16 scales/zeros, random
-channel scales and q_perm), generated on the GPU so that big shapes build in milliseconds.
+Layers come from scripts/random_layers.py (codes uniform over all 2^b values, random fp16
+scales/zeros, channel scales and q_perm), generated on the GPU so that big shapes build in
+milliseconds.
 
-Output: a table on stdout and BENCHMARKS.json (list of records; see RECORD_KEYS), written to
---out (default: $OUT/BENCHMARKS.json if $OUT is set, else ./BENCHMARKS.json).
+Output: a table on stdout and one JSON file for the run (a list of records; see RECORD_KEYS
+and benchmarks/README.md), named <date>_<commit>_<card>.json, in --out if that is a folder
+(default: $OUT if set, else benchmarks/runs/); --out ending in .json names the file itself.
+Render tables from a folder of runs with scripts/bench_tables.py.
+
     python scripts/bench.py            # full run (a few minutes on an H100)
     python scripts/bench.py --quick    # 8192x28672, 4-bit + mixed 2.5, M in {1, 16, 256}
 
@@ -35,10 +38,10 @@ with "kind": "decode_stack"; --stack-blocks 0 skips it).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from typing import Dict, List, Optional
@@ -46,21 +49,19 @@ from typing import Dict, List, Optional
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import mbwq_ops  # noqa: E402
-from mbwq_ops import format as fmt  # noqa: E402
-
+RUNS_DIR = os.path.join(ROOT, "benchmarks", "runs")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import read_ceiling  # noqa: E402
+
+import mbwq_ops  # noqa: E402,F401 - registers torch.ops.mbwq
+import read_probe  # noqa: E402
+from bench_tables import run_file_name  # noqa: E402
+from random_layers import FORMATS as ALL_FORMATS  # noqa: E402
+from random_layers import make_layer, op_args  # noqa: E402
 from timing import copies_for, time_eager, time_graph  # noqa: E402
 
 ALL_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 ALL_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K, N)
-ALL_FORMATS = ["q4_g128", "q2_g64", "mixed_2.5", "mixed_3.0"]
-# mixed formats: probability of each width per group (4/3/2-bit), groups of 32..128 rows
-MIXES = {"mixed_2.5": {4: 0.1, 3: 0.3, 2: 0.6}, "mixed_3.0": {4: 0.3, 3: 0.4, 2: 0.3}}
-RECORD_KEYS = ["device", "torch", "commit", "shape", "format", "bpw", "M", "us", "layer_us",
+RECORD_KEYS = ["device", "torch", "commit", "date", "shape", "format", "bpw", "M", "us", "layer_us",
                "matmul_fp16_us", "matmul_bf16_us", "int4pack_us", "weight_bytes",
                "read_bw_tbs", "eff_tbs", "pct_bw", "read_same_bytes_us", "pct_read_same",
                "speedup_fp16"]
@@ -78,7 +79,7 @@ def read_bandwidth(probe: bool = True) -> Dict[str, float]:
     t_copy = time_graph([lambda: b.copy_(a)], min_replays=20, target_ms=300)
     res = {"sum_tbs": n * 4 / t_sum / 1e6, "copy_tbs": 2 * a.numel() * 4 / t_copy / 1e6}
     if probe:
-        fastest = read_ceiling.fastest_read_us([buf])
+        fastest = read_probe.fastest_read_us([buf])
         res["probe_tbs"] = n * 4 / fastest[0] / 1e6 if fastest else 0.0
     del buf, a, b
     torch.cuda.empty_cache()
@@ -87,7 +88,7 @@ def read_bandwidth(probe: bool = True) -> Dict[str, float]:
 
 def read_same_bytes_us(nbytes: int) -> float:
     """Microseconds the fastest plain read of `nbytes` takes (buffers rotated past L2 like the
-    layers): the read probe of scripts/read_ceiling.py at its best configuration, or torch's
+    layers): the read probe of scripts/read_probe.py at its best configuration, or torch's
     reductions if that is faster or cannot be built (torch.sum of fp16 into fp32, torch.sum
     of the bytes as fp32, torch.amax of them as int32). Launch, ramp-up and tail included: the
     ceiling for a kernel that must read the same bytes."""
@@ -96,7 +97,7 @@ def read_same_bytes_us(nbytes: int) -> float:
     words = [b[: b.numel() // 2 * 2].view(torch.float32) for b in bufs]
     out = torch.empty((), device="cuda", dtype=torch.float32)
     out_i = torch.empty((), device="cuda", dtype=torch.int32)
-    probe = read_ceiling.fastest_read_us(bufs)
+    probe = read_probe.fastest_read_us(bufs)
     us = min(
         probe[0] if probe else math.inf,
         time_graph([lambda b=b: torch.sum(b, 0, dtype=torch.float32, out=out) for b in bufs]),
@@ -108,56 +109,6 @@ def read_same_bytes_us(nbytes: int) -> float:
 
 
 # ----------------------------------------------------------------------------- layers
-def make_groups(fmt_name: str, K: int, rng: random.Random) -> List[fmt.Group]:
-    if fmt_name == "q4_g128":
-        return fmt.uniform_groups(K, 4, 128)
-    if fmt_name == "q2_g64":
-        return fmt.uniform_groups(K, 2, 64)
-    mix = MIXES[fmt_name]
-    rows, widths, left = [], [], K
-    while left:
-        r = min(left, 32 * rng.randint(1, 4))
-        rows.append(r)
-        widths.append(rng.choices(list(mix), weights=list(mix.values()))[0])
-        left -= r
-    order = sorted(range(len(rows)), key=lambda i: fmt.WIDTHS.index(widths[i]))
-    return fmt.mixed_groups([widths[i] for i in order], [rows[i] for i in order])
-
-
-def make_layer(fmt_name: str, K: int, N: int, seed: int = 0):
-    """A prepared MBWQLinear on the GPU with random (never all-zero) weights."""
-    rng = random.Random(seed)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    groups = make_groups(fmt_name, K, rng)
-    R = groups[-1].start + groups[-1].packed_rows
-    G = len(groups)
-    use_mbw = fmt_name.startswith("mixed")
-    layer = mbwq_ops.MBWQLinear(K, N, w_bit=groups[0].bits,
-                                group_size=128 if fmt_name == "q4_g128" else 64,
-                                use_mbw=use_mbw, groups=G, rows_packed=R).cuda()
-    qweight = torch.randint(-(2 ** 31), 2 ** 31 - 1, (R, N), dtype=torch.int32, device="cuda",
-                            generator=gen)
-    scales = (torch.rand(G, N, device="cuda", generator=gen) * 0.02 + 0.001).half()
-    max_code = torch.tensor([float((1 << g.bits) - 1) for g in groups], device="cuda").view(G, 1)
-    zeros = (scales.float() * max_code * (0.3 + 0.4 * torch.rand(G, N, device="cuda",
-                                                                  generator=gen))).half()
-    perm = torch.randperm(K, device="cuda", generator=gen)
-    sd = {"qweight": qweight, "scales": scales, "zeros": zeros,
-          "q_perm": torch.where(perm >= 32768, perm - 65536, perm).to(torch.int16),
-          "channel_scale": (0.5 + torch.rand(1, 1, K, device="cuda", generator=gen)).half()}
-    if use_mbw:
-        sd["q_groups"] = fmt.q_groups_tensor(groups).cuda()
-    layer.load_state_dict(sd)
-    layer.prepare_params()
-    wbytes = qweight.numel() * 4 + scales.numel() * 2 + zeros.numel() * 2
-    return layer, wbytes
-
-
-def op_args(layer):
-    return (layer.qweight, layer.scales, layer.zeros, layer._blocks, layer._perm,
-            layer.channel_scale.reshape(-1), layer.bias)
-
-
 def clone_layer_args(layer, n):
     base = op_args(layer)
     out = [base]
@@ -250,10 +201,20 @@ def commit_id() -> str:
         return "unknown"
 
 
+def output_path(out: Optional[str], common: dict) -> str:
+    """--out as given when it ends in .json, else <folder>/<date>_<commit>_<card>.json."""
+    if out and out.endswith(".json"):
+        return out
+    folder = out or os.environ.get("OUT") or RUNS_DIR
+    return os.path.join(folder, run_file_name(common))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small subset (well under a minute)")
-    ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--out", default=None,
+                    help="folder for the run's JSON (default: $OUT if set, else "
+                         "benchmarks/runs/), or a path ending in .json")
     ap.add_argument("--Ms", default=None, help="comma-separated M list (overrides the preset)")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN list, e.g. 4096x4096")
     ap.add_argument("--formats", default=None, help="comma-separated formats, e.g. q4_g128")
@@ -275,7 +236,6 @@ def main():
         unknown = sorted(set(formats) - set(ALL_FORMATS))
         if unknown:
             ap.error(f"unknown format(s) {unknown}; choose from {ALL_FORMATS}")
-    out_path = args.out or os.path.join(os.environ.get("OUT", "."), "BENCHMARKS.json")
 
     device = torch.cuda.get_device_name()
     bw = read_bandwidth()
@@ -283,7 +243,9 @@ def main():
     print(f"device: {device}, torch {torch.__version__}, read bandwidth: reduction "
           f"{bw['sum_tbs']:.2f} TB/s, read probe {bw['probe_tbs']:.2f} TB/s, copy "
           f"{bw['copy_tbs']:.2f} TB/s -> {read_bw:.2f} TB/s")
-    common = {"device": device, "torch": torch.__version__, "commit": commit_id()}
+    common = {"device": device, "torch": torch.__version__, "commit": commit_id(),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    out_path = output_path(args.out, common)
 
     records = []
 

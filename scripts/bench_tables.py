@@ -1,17 +1,60 @@
-"""BENCHMARKS.md tables from bench.py's records: one table per layer shape (µs of the op, its
+"""Markdown tables from bench.py's records: one table per layer shape (µs of the op, its
 speed-up over fp16 torch.matmul, and the baselines), a line of M = 1 bandwidth figures under
 each, the roofline rows of the two large layers, and the decode-stack line.
 
-    python scripts/bench_tables.py BENCHMARKS.json --commit 0611e75 > tables.md
+Records live one file per run in benchmarks/runs/ (<date>_<commit>_<card>.json, each a JSON
+list of records; see benchmarks/README.md). Pass folders of runs or run files:
+
+    python scripts/bench_tables.py benchmarks/runs --commit 0611e75 > tables.md
+    python scripts/bench_tables.py benchmarks/runs/2026-12-05_0611e75_H200.json --commit 0611e75
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import re
+import sys
 from collections import defaultdict
+from typing import Iterable, List
+
+RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "runs")
 
 FORMATS = ["q4_g128", "q2_g64", "mixed_2.5", "mixed_3.0"]
 TENSOR_TFLOPS = 989.0  # dense fp16 / bf16 tensor-core rate of the H100 / H200 SXM
+
+
+def card_name(device: str) -> str:
+    """A file-name-safe card name: "NVIDIA H100 80GB HBM3" -> "H100-80GB-HBM3"."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", device.replace("NVIDIA", "")).strip("-") or "unknown"
+
+
+def run_file_name(rec: dict) -> str:
+    """<date>_<commit>_<card>.json of a run, from any of its records (date YYYY-MM-DD,
+    commit shortened to 7 characters)."""
+    return f"{rec['date']}_{rec['commit'][:7]}_{card_name(rec['device'])}.json"
+
+
+def load_runs(paths: Iterable[str]) -> List[dict]:
+    """Every record of the given run files and folders of run files (*.json, by name)."""
+    recs = []
+    for path in paths:
+        files = sorted(glob.glob(os.path.join(path, "*.json"))) if os.path.isdir(path) else [path]
+        for name in files:
+            with open(name) as f:
+                run = json.load(f)
+            if not isinstance(run, list):
+                raise ValueError(f"{name}: a run file holds a JSON list of records, "
+                                 f"got {type(run).__name__}")
+            recs += run
+    return recs
+
+
+def same_commit(rec_commit: str, commit: str) -> bool:
+    """Short and full commit ids name the same commit when one starts with the other."""
+    return bool(rec_commit) and (rec_commit.startswith(commit) or commit.startswith(rec_commit))
 
 
 def shape_table(recs, K, N):
@@ -76,13 +119,8 @@ def roofline(recs):
     return out + [""]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("json")
-    ap.add_argument("--commit", required=True, help="render this commit's records")
-    args = ap.parse_args()
-    with open(args.json) as f:
-        recs = [r for r in json.load(f) if r.get("commit") == args.commit]
+def render(recs: List[dict]) -> str:
+    """The tables of one run's records (one commit, one card)."""
     layers = [r for r in recs if "shape" in r and r.get("shape")]
     shapes = sorted({tuple(r["shape"]) for r in layers}, key=lambda s: (s[0] * s[1], s[0]))
     lines = []
@@ -95,7 +133,37 @@ def main():
                          f"{r['us_per_token']} µs/token ({r['tokens_per_s']} tokens/s), fp16 "
                          f"{r['fp16_us_per_token']} µs ({r['fp16_tokens_per_s']} tokens/s): "
                          f"{r['speedup_fp16']}×")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def select_run(recs: List[dict], commit: str, device: str = None) -> List[dict]:
+    """The records of one commit on one card; ValueError when there are none, or when the
+    commit ran on several cards and `device` (a substring of the name) does not pick one."""
+    recs = [r for r in recs if same_commit(r.get("commit", ""), commit)]
+    if device:
+        recs = [r for r in recs if device in r.get("device", "")]
+    if not recs:
+        raise ValueError(f"no records for commit {commit}" + (f" on {device!r}" if device else ""))
+    devices = sorted({r.get("device", "?") for r in recs})
+    if len(devices) > 1:
+        raise ValueError(f"commit {commit} was measured on {devices}; choose one with --device")
+    return recs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="*", default=[RUNS_DIR],
+                    help="run files or folders of them (default: benchmarks/runs)")
+    ap.add_argument("--commit", required=True, help="render this commit's records")
+    ap.add_argument("--device", default=None,
+                    help="only records whose device contains this (needed when the commit "
+                         "was measured on several cards)")
+    args = ap.parse_args(argv)
+    try:
+        recs = select_run(load_runs(args.runs), args.commit, args.device)
+    except ValueError as e:
+        sys.exit(f"bench_tables: {e} (in {', '.join(args.runs)})")
+    print(render(recs))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 # extra command, the compute-sanitizer script (memcheck + racecheck), the quick benchmark and
 # the demo, in that order.
 #
-#   scripts/gpu_check.sh             # logs under $OUT if set, else ./.device_out
+#   scripts/gpu_check.sh             # logs under $OUT if set, else ./.device_out; the benchmark's
+#                                    # run file (<date>_<commit>_<card>.json) there too: copy it
+#                                    # into benchmarks/runs/ to keep it
 #   BENCH=full scripts/gpu_check.sh  # full benchmark instead of --quick
 #   DEMO=0 scripts/gpu_check.sh      # skip the demo
 #   SANITIZE=0 scripts/gpu_check.sh  # skip compute-sanitizer
@@ -11,7 +13,7 @@
 #   TESTS="tests/test_cuda.py" scripts/gpu_check.sh   # other pytest selection (default: every
 #                                                      # test marked cuda, one process per file)
 #   TESTS=0 BENCH=0 scripts/gpu_check.sh               # skip the tests / the benchmark
-#   EXTRA="ncu ... python3 scripts/profile_gemm.py" scripts/gpu_check.sh   # one more command
+#   EXTRA="ncu ... python3 scripts/experiments/profile_gemm.py" scripts/gpu_check.sh   # one more command
 #                                                      # after the tests (log: extra.log)
 #
 # Python wheels missing on the machine (e.g. expecttest for opcheck) are taken from ./.whl if
@@ -98,11 +100,11 @@ fi
 if [ "${BENCH:-}" = 0 ]; then
   :
 elif [ -n "${BENCH_ARGS:-}" ]; then
-  step bench bench.log $PY scripts/bench.py $BENCH_ARGS --out "$OUT/BENCHMARKS.json"
+  step bench bench.log $PY scripts/bench.py $BENCH_ARGS --out "$OUT"
 elif [ "${BENCH:-quick}" = full ]; then
-  step bench bench.log $PY scripts/bench.py --out "$OUT/BENCHMARKS.json"
+  step bench bench.log $PY scripts/bench.py --out "$OUT"
 else
-  step bench bench.log $PY scripts/bench.py --quick --out "$OUT/BENCHMARKS.json"
+  step bench bench.log $PY scripts/bench.py --quick --out "$OUT"
 fi
 
 # The main job, as the README runs it (CUDA preset: ~0.9 B parameters, CUDA graphs);

@@ -17,16 +17,18 @@ Each result is compared with the CPU kernel, so the script also fails on wrong n
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mbwq_ops  # noqa: E402
-from layers import LayerSpec, make_layer, random_mixed_spec  # noqa: E402
+from mbwq_ops import format as fmt  # noqa: E402
+from random_layers import random_layer, random_mixed_groups  # noqa: E402
 
 
 def close(a, b, dtype):
@@ -41,16 +43,18 @@ def close(a, b, dtype):
 def main():
     assert torch.cuda.is_available(), "needs a CUDA device"
     rng = random.Random(0)
+    # (K, N, groups, use_mbw, random_layer options)
     specs = [
         # one K split (2 blocks), every width
-        LayerSpec(192, 256, True, widths=(8, 6, 5, 4, 3, 2), group_rows=(32,) * 6, bias=True, seed=1),
+        (192, 256, fmt.mixed_groups((8, 6, 5, 4, 3, 2), (32,) * 6), True,
+         dict(bias=True, seed=1)),
         # many K blocks on one column tile: several K splits + reduction
-        random_mixed_spec(rng, 2048, 132, (8, 5, 4, 3, 2), bias=True, seed=2),
-        LayerSpec(512, 200, False, w_bit=4, group_size=128, perm="zeros", seed=3),
-        LayerSpec(256, 130, False, w_bit=2, group_size=64, perm="random", bias=True, seed=4),  # N % 4
+        (2048, 132, random_mixed_groups(rng, 2048, (8, 5, 4, 3, 2)), True,
+         dict(bias=True, seed=2)),
+        (512, 200, fmt.uniform_groups(512, 4, 128), False, dict(perm="zeros", seed=3)),
+        (256, 130, fmt.uniform_groups(256, 2, 64), False, dict(bias=True, seed=4)),  # N % 4
         # >= 8192 columns: the 17-64-token kernels with two column quads per lane
-        LayerSpec(64, 8192, True, widths=(4, 2), group_rows=(32, 32), perm="random", bias=True,
-                  seed=5),
+        (64, 8192, fmt.mixed_groups((4, 2), (32, 32)), True, dict(bias=True, seed=5)),
     ]
     # M = 65 .. 192 as tensor-core row chunks (plan.h: large layers only; here on small ones)
     torch.ops.mbwq.set_knob("MBWQ_MMA_MAX_M", 192)
@@ -59,9 +63,11 @@ def main():
     small = {"MBWQ_TILE_MIN_M": "1"}
     knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small], 17: [small], 40: [small]}
     checked = 0
-    for spec in specs:
-        layer_cpu, _ = make_layer(spec, "cpu")
-        layer, _ = make_layer(spec, "cuda")
+    for K, N, groups, use_mbw, opts in specs:
+        spec = (K, N, [g.bits for g in groups], opts)  # for assertion messages
+        layer_cpu, _ = random_layer(groups, K, N, use_mbw=use_mbw, device="cpu", **opts)
+        layer = copy.deepcopy(layer_cpu).to("cuda")  # the same stored tensors, on the GPU
+        layer.prepare_params()  # the kernel tables rebuilt from the GPU copy
         args = (layer.qweight, layer.scales, layer.zeros, layer._blocks, layer._perm)
         cargs = (layer_cpu.qweight, layer_cpu.scales, layer_cpu.zeros, layer_cpu._blocks,
                  layer_cpu._perm)
@@ -70,7 +76,7 @@ def main():
             W = mbwq_ops.dequant(*args, dtype)
             assert torch.equal(W.cpu(), mbwq_ops.dequant(*cargs, dtype)), (spec, dtype)
             for M in (1, 2, 3, 7, 12, 17, 40, 64, 100, 200, 300):
-                x = torch.randn(M, spec.in_features, dtype=dtype)
+                x = torch.randn(M, K, dtype=dtype)
                 variants = ((cs, layer.bias), (cs.float(), None), (None, layer.bias),
                             (cs.to(torch.bfloat16), None))
                 for cs_v, bias_v in variants if dtype == torch.float16 else variants[:1]:
@@ -86,13 +92,14 @@ def main():
                         assert close(y, y_ref, dtype), (spec, dtype, M, env)
                         checked += 1
     # misaligned qweight (4-byte offset): the scalar paths
-    layer, _ = make_layer(specs[0], "cuda")
+    K0, N0, groups0, _, opts0 = specs[0]
+    layer, _ = random_layer(groups0, K0, N0, use_mbw=True, device="cuda", **opts0)
     q = layer.qweight
     buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
     q_off = buf[1:].view_as(q)
     q_off.copy_(q)
     args = (q_off, layer.scales, layer.zeros, layer._blocks, layer._perm)
-    x = torch.randn(3, specs[0].in_features, dtype=torch.float16, device="cuda")
+    x = torch.randn(3, K0, dtype=torch.float16, device="cuda")
     y = mbwq_ops.gemm(x, *args, layer.channel_scale.reshape(-1), layer.bias)
     W = mbwq_ops.dequant(*args)
     # invalid tables: NaN, never an out-of-bounds access
@@ -101,10 +108,10 @@ def main():
     bad[1, 1] = 1 << 20
     bad[2, 2] = -3
     for M in (2, 40, 100, 200):
-        x = torch.randn(M, specs[0].in_features, dtype=torch.float16, device="cuda")
+        x = torch.randn(M, K0, dtype=torch.float16, device="cuda")
         y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, bad, layer._perm)
         assert torch.isnan(y).all()
-        bad_perm = torch.full((specs[0].in_features,), 1 << 20, dtype=torch.int32, device="cuda")
+        bad_perm = torch.full((K0,), 1 << 20, dtype=torch.int32, device="cuda")
         y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, layer._blocks, bad_perm)
         assert torch.isnan(y).all()
     W = mbwq_ops.dequant(layer.qweight, layer.scales, layer.zeros, bad, layer._perm)

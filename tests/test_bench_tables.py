@@ -1,10 +1,16 @@
-"""scripts/bench_tables.py: BENCHMARKS.md's tables are rendered from bench.py's records as
-recorded (random times, so that no value can come out right by accident)."""
+"""scripts/bench_tables.py: the benchmark tables are rendered from bench.py's records as
+recorded (random times, so that no value can come out right by accident), read from a folder
+of run files; and the committed runs in benchmarks/runs/ are what their names say."""
+import argparse
+import glob
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -70,16 +76,88 @@ def test_roofline_floors():
         assert f"({q4['read_same_bytes_us']:.1f} / " in row
 
 
-def test_cli_renders_one_commit_only(tmp_path):
-    rng = random.Random()
-    recs = make_records(rng, "abc1234") + make_records(rng, "def5678")
-    path = tmp_path / "b.json"
+def write_run(folder, recs, date="2026-12-05"):
+    path = folder / bench_tables.run_file_name(dict(recs[0], date=date))
     path.write_text(json.dumps(recs))
+    return path
+
+
+def test_cli_renders_one_commit_only_from_a_folder(tmp_path):
+    rng = random.Random()
+    a = [dict(r, device="NVIDIA H200") for r in make_records(rng, "abc1234")]
+    b = [dict(r, device="NVIDIA H200") for r in make_records(rng, "def5678")]
+    write_run(tmp_path, a, "2026-12-04")
+    write_run(tmp_path, b)
+    # a full commit id selects the run recorded under its short form
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_tables.py"),
-                          str(path), "--commit", "def5678"], capture_output=True, text=True,
-                         check=True).stdout
+                          str(tmp_path), "--commit", "def5678" + "0" * 33],
+                         capture_output=True, text=True, check=True).stdout
     assert out.count("#### ") == len(SHAPES)
     assert out.count("Decode stack (8 blocks), q4_g128: 659.7 µs/token") == 1
-    first = next(r for r in recs[len(recs) // 2:] if r.get("M") == 16
+    first = next(r for r in b if r.get("M") == 16
                  and r.get("shape") == [28672, 8192] and r["format"] == "q4_g128")
     assert f"{first['us']:.1f} ({first['speedup_fp16']:.2f}×)" in out
+    other = next(r for r in a if r.get("M") == 16
+                 and r.get("shape") == [28672, 8192] and r["format"] == "q4_g128")
+    assert f"{other['us']:.1f} ({other['speedup_fp16']:.2f}×)" not in out
+
+
+def test_run_file_name_and_loading(tmp_path):
+    rec = {"device": "NVIDIA H100 80GB HBM3", "commit": "0123456789abcdef", "date": "2026-11-25"}
+    assert bench_tables.run_file_name(rec) == "2026-11-25_0123456_H100-80GB-HBM3.json"
+    rng = random.Random()
+    recs = [dict(r, device="NVIDIA H100 80GB HBM3") for r in make_records(rng)]
+    path = write_run(tmp_path, recs)
+    assert bench_tables.load_runs([str(tmp_path)]) == recs
+    assert bench_tables.load_runs([str(path), str(path)]) == recs + recs
+    (tmp_path / "bad.json").write_text(json.dumps({"records": recs}))
+    with pytest.raises(ValueError, match="bad.json.*list of records"):
+        bench_tables.load_runs([str(tmp_path)])
+
+
+def test_cli_asks_for_a_device_when_a_commit_ran_on_two_cards(tmp_path):
+    rng = random.Random()
+    write_run(tmp_path, [dict(r, device="NVIDIA H200") for r in make_records(rng)])
+    write_run(tmp_path, [dict(r, device="NVIDIA H100 80GB HBM3") for r in make_records(rng)])
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_tables.py"), str(tmp_path),
+           "--commit", "abc1234"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0 and "--device" in res.stderr
+    out = subprocess.run(cmd + ["--device", "H100"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.count("#### ") == len(SHAPES)
+
+
+def test_committed_runs_match_their_names():
+    """Each file of benchmarks/runs holds one run: one commit, one card, named after them
+    (the date is the run's where records carry one; older runs are named by the measured
+    commit's date)."""
+    files = sorted(glob.glob(os.path.join(bench_tables.RUNS_DIR, "*.json")))
+    assert files, "benchmarks/runs holds no run files"
+    for path in files:
+        recs = bench_tables.load_runs([path])
+        assert recs, path
+        date, commit, card = os.path.basename(path)[:-len(".json")].split("_")
+        assert {r["commit"][:7] for r in recs} == {commit}, path
+        assert {bench_tables.card_name(r["device"]) for r in recs} == {card}, path
+        assert {r.get("date", date) for r in recs} == {date}, path
+        assert len({r["torch"] for r in recs}) == 1, path
+
+
+def test_readme_tables_are_the_rendered_runs():
+    """benchmarks/README.md's tables between `<!-- bench_tables: ARGS -->` and
+    `<!-- end bench_tables -->` are exactly what the script renders from benchmarks/runs."""
+    path = os.path.join(ROOT, "benchmarks", "README.md")
+    with open(path) as f:
+        text = f.read()
+    sections = re.findall(r"<!-- bench_tables: (.*?) -->\n(.*?)<!-- end bench_tables -->",
+                          text, re.S)
+    assert sections, f"{path} has no rendered tables"
+    for args, body in sections:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--commit", required=True)
+        ap.add_argument("--device")
+        a = ap.parse_args(args.split())
+        recs = bench_tables.select_run(bench_tables.load_runs([bench_tables.RUNS_DIR]),
+                                       a.commit, a.device)
+        assert body.strip() == bench_tables.render(recs).strip(), args

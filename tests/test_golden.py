@@ -1,6 +1,10 @@
 """Golden layers produced by the original implementation (../shared/golden, see its README):
 they load through MBWQLinear.load_state_dict, dequantize to the stored W exactly, run forward
-within the README's tolerance, and survive a prepare_params() -> state_dict() round trip."""
+within the README's tolerance, and survive a prepare_params() -> state_dict() round trip.
+
+These tests are how the specification of the stored format, docs/FORMAT.md, is checked bit for
+bit against the original: every layout the golden files hold must decode to the original's own
+fp16 W."""
 import glob
 import io
 import json

@@ -4,21 +4,22 @@ The bench's `read_bw_tbs` is a 2 GiB reduction: launch, ramp-up and tail are sma
 A decode-sized layer is 9-125 MB, where they are not. This script times plain read kernels
 (16-byte loads, several in flight per thread, an XOR of the words so that the loads stay) at
 each size, with buffers rotated past L2 like the benchmark's layers, and reports the fastest
-configuration per size: the ceiling for any kernel that must read those bytes once.
+configuration per size: the ceiling for any kernel that must read those bytes once. A
+least-squares fit over sizes splits the time into a fixed cost per kernel and a streaming rate.
 
 Two access patterns:
-  linear  grid-stride over the buffer, UNROLL loads in flight per thread;
+  linear  grid-stride over the buffer, UNROLL loads in flight per thread (scripts/read_probe.py,
+          the probe bench.py uses; swept here over all launch configurations);
   strips  the buffer as [rows, row_bytes] (a qweight), read the way gemm_mma reads it at M = 1:
           a warp owns a 256-byte column strip (16 lanes x 16 bytes, two rows per load) and a
           contiguous range of rows; a CTA is WC column warps x 8 / WC row warps; grid =
           column tiles x row splits.
 
-    python scripts/read_ceiling.py                      # table + $OUT/read_ceiling.json
-    ncu -k regex:read_ python scripts/read_ceiling.py --profile read_ceiling.json
+    python scripts/experiments/read_ceiling.py          # table + $OUT/read_ceiling.json
+    ncu -k regex:read_ python scripts/experiments/read_ceiling.py --profile read_ceiling.json
                                                         # each best configuration, once
 
-Needs nvcc and ninja (the kernels are compiled at start, ~30 s). scripts/bench.py takes its
-size-matched read ceiling from fastest_read_us.
+Needs nvcc and ninja (the kernels are compiled at start, ~30 s each).
 """
 from __future__ import annotations
 
@@ -31,49 +32,12 @@ import sys
 import torch
 from torch.utils.cpp_extension import load_inline
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import copies_for, time_graph  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import read_probe  # noqa: E402
+from read_probe import ALL_LINEAR, FEW_LINEAR, buffers, fastest_read_us  # noqa: E402
+from timing import time_graph  # noqa: E402
 
-CUDA_SRC = r"""
-#include <torch/extension.h>
-#include <c10/cuda/CUDAStream.h>
-
-// Rarely true: keeps the XOR (and so the loads) without a store per thread.
-__device__ __forceinline__ void keep(unsigned acc, unsigned* out) {
-  if (acc == 0x9e3779b9u) out[0] = acc;
-}
-__device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.cs.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-// The step's values folded last load first, in a chain the compiler cannot reorder (a
-// multiply-add, unlike XOR, is not reassociated), so that more loads are in flight before the
-// first wait: 8 of 16 in the SASS (an XOR in load order: 4 or 5 whatever UNROLL).
-template <int UNROLL>
-__device__ __forceinline__ unsigned fold_all(unsigned acc, const uint4 (&v)[UNROLL]) {
-#pragma unroll
-  for (int u = UNROLL - 1; u >= 0; --u) acc = acc * 0x9e3779b1u + fold(v[u]);
-  return acc;
-}
-
-template <int UNROLL>
-__global__ void read_linear(const uint4* __restrict__ p, long long n, unsigned* out) {
-  const long long stride = (long long)gridDim.x * blockDim.x;
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  unsigned acc = 0;
-  for (; i + (UNROLL - 1) * stride < n; i += UNROLL * stride) {
-    uint4 v[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) v[u] = ld_stream(p + i + u * stride);
-    acc = fold_all(acc, v);
-  }
-  for (; i < n; i += stride) acc ^= fold(ld_stream(p + i));
-  keep(acc, out);
-}
-
+STRIPS_SRC = read_probe.HELPERS_SRC + r"""
 // p: [rows, row_chunks] 16-byte chunks. Warp (wc, kw) of CTA (x, y): columns chunks
 // 16 * (x * WC + wc) + [0, 16), rows of split y, k-warp kw's contiguous share of them.
 template <int UNROLL>
@@ -97,21 +61,6 @@ __global__ void read_strips(const uint4* __restrict__ p, int row_chunks, int row
   keep(acc, out);
 }
 
-#define DISPATCH(U, ...) \
-  switch (U) { case 4: { constexpr int kU = 4; __VA_ARGS__; break; } \
-               case 8: { constexpr int kU = 8; __VA_ARGS__; break; } \
-               case 16: { constexpr int kU = 16; __VA_ARGS__; break; } \
-               default: TORCH_CHECK(false, "unroll must be 4, 8 or 16, got ", U); }
-
-void linear(torch::Tensor buf, torch::Tensor out, int64_t blocks, int64_t threads,
-            int64_t unroll) {
-  auto s = c10::cuda::getCurrentCUDAStream();
-  const auto* p = reinterpret_cast<const uint4*>(buf.data_ptr());
-  auto* o = reinterpret_cast<unsigned*>(out.data_ptr());
-  DISPATCH(unroll, read_linear<kU><<<blocks, threads, 0, s>>>(p, buf.nbytes() / 16, o));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 void strips(torch::Tensor buf, torch::Tensor out, int64_t rows, int64_t wc, int64_t splits,
             int64_t unroll) {
   auto s = c10::cuda::getCurrentCUDAStream();
@@ -125,8 +74,7 @@ void strips(torch::Tensor buf, torch::Tensor out, int64_t rows, int64_t wc, int6
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 """
-CPP_SRC = """
-void linear(torch::Tensor buf, torch::Tensor out, int64_t blocks, int64_t threads, int64_t unroll);
+STRIPS_DECL = """
 void strips(torch::Tensor buf, torch::Tensor out, int64_t rows, int64_t wc, int64_t splits,
             int64_t unroll);
 """
@@ -138,60 +86,14 @@ LAYERS = [("4096x4096 q4", 512, 4096 * 4), ("8192x28672 mixed 2.5", 640, 28672 *
 FIT_MB = [8, 16, 32, 64, 128, 256, 512, 2048]
 
 
-_module = None
-_build_error = None  # a failed build is not retried (bench.py asks once per layer)
+def build_strips():
+    """The strip-order probe (`strips(buf, out, rows, wc, splits, unroll)`)."""
+    return load_inline("mbwq_read_strips", STRIPS_DECL, cuda_sources=STRIPS_SRC,
+                       functions=["strips"], verbose=False,
+                       extra_cuda_cflags=read_probe.CUDA_FLAGS)
 
 
-def build():
-    global _module, _build_error
-    if _build_error is not None:
-        raise _build_error
-    if _module is None:
-        try:
-            _module = load_inline(
-                "mbwq_read_probe", CPP_SRC, cuda_sources=CUDA_SRC,
-                functions=["linear", "strips"], verbose=False,
-                extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
-        except Exception as e:  # noqa: BLE001 - kept for the next call
-            _build_error = e
-            raise
-    return _module
-
-
-def buffers(nbytes, n=None):
-    """n (default: enough to rotate past L2) random int32 buffers of nbytes."""
-    n = n or copies_for(nbytes)
-    return [torch.randint(-2 ** 31, 2 ** 31 - 1, (nbytes // 4,), dtype=torch.int32,
-                          device="cuda") for _ in range(n)]
-
-
-# Linear configurations (threads a CTA, CTAs an SM, loads in flight a thread): the full sweep,
-# and the few that won at every size in it (H200) for callers that only need the ceiling.
-ALL_LINEAR = [(t, c, u) for t in (256, 512, 1024) for c in (1, 2, 4, 8) for u in (4, 8, 16)
-              if t * c <= 2048]
-FEW_LINEAR = [(256, 8, 4), (256, 4, 8), (512, 4, 8), (512, 2, 8), (1024, 2, 8)]
-
-
-def fastest_read_us(bufs, configs=FEW_LINEAR):
-    """(us, config) of the fastest linear read of one of `bufs` (16-byte multiples, rotated
-    per call), or None where the probe cannot be built (no nvcc / ninja)."""
-    try:
-        mod = build()
-    except Exception as e:  # noqa: BLE001 - any build failure leaves torch's reductions
-        print(f"read probe unavailable ({type(e).__name__}: {str(e)[:160]})")
-        return None
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    out = torch.zeros(1, dtype=torch.int32, device="cuda")
-    best = None
-    for threads, per_sm, unroll in configs:
-        us = time_graph([lambda b=b: mod.linear(b, out, sms * per_sm, threads, unroll)
-                         for b in bufs])
-        if best is None or us < best[0]:
-            best = (us, {"threads": threads, "ctas": sms * per_sm, "unroll": unroll})
-    return best
-
-
-def best_strips(mod, bufs, out, rows, row_bytes, sms):
+def best_strips(strips, bufs, out, rows, row_bytes, sms):
     best = None
     for wc in (1, 2, 4, 8):
         if (row_bytes // 16) % (16 * wc):
@@ -217,11 +119,11 @@ def main():
                     help="no timing: run each configuration of an earlier run's JSON once "
                          "(for ncu)")
     args = ap.parse_args()
-    mod = build()
+    linear, strips = read_probe.build(), build_strips()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = torch.zeros(1, dtype=torch.int32, device="cuda")
     if args.profile:
-        return profile(mod, out, args.profile)
+        return profile(linear, strips, out, args.profile)
     records = []
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {sms} SMs")
     print(f"{'buffer':<24}{'MB':>8}{'pattern':>9}{'us':>9}{'TB/s':>7}  best configuration")
@@ -230,7 +132,7 @@ def main():
         bufs = buffers(nbytes)
         runs = [("linear", fastest_read_us(bufs, ALL_LINEAR if rows else FEW_LINEAR))]
         if rows:
-            runs.append(("strips", best_strips(mod, bufs, out, rows, row_bytes, sms)))
+            runs.append(("strips", best_strips(strips, bufs, out, rows, row_bytes, sms)))
         for pattern, (us, cfg) in runs:
             tbs = nbytes / us / 1e6
             print(f"{name:<24}{nbytes / 1e6:>8.1f}{pattern:>9}{us:>9.2f}{tbs:>7.2f}  {cfg}")
@@ -253,16 +155,16 @@ def main():
     print(f"wrote {args.out}")
 
 
-def profile(mod, out, path):
+def profile(linear, strips, out, path):
     """Each timed configuration of `path` once, on a fresh buffer (launch order = file order)."""
     with open(path) as f:
         records = [r for r in json.load(f)["records"] if "pattern" in r]
     for r in records:
         buf = buffers(r["bytes"], 1)[0]
         if r["pattern"] == "linear":
-            mod.linear(buf, out, r["ctas"], r["threads"], r["unroll"])
+            linear.linear(buf, out, r["ctas"], r["threads"], r["unroll"])
         else:
-            mod.strips(buf, out, r["rows"], r["wc"], r["splits"], r["unroll"])
+            strips.strips(buf, out, r["rows"], r["wc"], r["splits"], r["unroll"])
         torch.cuda.synchronize()
         print(f"profiled {r['buffer']} {r['pattern']}")
 

@@ -1,6 +1,6 @@
 """Sweep the tensor-core kernel's tuning knobs on the device:
 
-    python scripts/sweep_mma.py --shapes 8192x28672,4096x4096 --Ms 1,16,32 \
+    python scripts/experiments/sweep_mma.py --shapes 8192x28672,4096x4096 --Ms 1,16,32 \
         --set MBWQ_MMA_WC=1,2,4 --set MBWQ_MMA_SPLITS=0,2,4
 
 Each --set names a knob of csrc/plan.h (Knobs; set with torch.ops.mbwq.set_knob) (0 or
@@ -23,17 +23,21 @@ Prints one line per point; the fastest correct one per (shape, format, M) is mar
 """
 import argparse
 import itertools
+import os
+import sys
 
 import torch
 
-from bench import bench_matmul, clone_layer_args, make_layer, read_bandwidth
-from timing import copies_for, time_graph
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import bench_matmul, clone_layer_args, read_bandwidth  # noqa: E402
+from random_layers import make_layer  # noqa: E402
+from timing import copies_for, time_graph  # noqa: E402
 
 WRONG = 2.0 ** -6  # err above this is a wrong result, not rounding
 
 
 class Reference:
-    """fp32 reference for one layer's op arguments (FORMAT.md section 7)."""
+    """fp32 reference for one layer's op arguments (docs/FORMAT.md §7)."""
 
     def __init__(self, args):
         qweight, scales, zeros, blocks, perm, self.cs, self.bias = args
