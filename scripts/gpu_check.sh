@@ -96,6 +96,9 @@ SAN="compute-sanitizer --error-exitcode 1 --print-limit 20"
 if [ "${SANITIZE:-1}" = 1 ]; then
   step memcheck memcheck.log $SAN --tool memcheck $PY scripts/sanitize_paths.py
   step racecheck racecheck.log $SAN --tool racecheck $PY scripts/sanitize_paths.py
+  # the hostile-input fuzz cases that reach CUDA kernels (tests/test_fuzz.py), under memcheck
+  step fuzz_memcheck fuzz_memcheck.log $SAN --tool memcheck $PY -m pytest -q -p no:cacheprovider \
+    -m cuda tests/test_fuzz.py
 fi
 if [ "${BENCH:-}" = 0 ]; then
   :
@@ -112,5 +115,5 @@ fi
 if [ "${DEMO:-1}" = 1 ]; then step demo demo.log $PY -m mbwq_ops.demo; fi
 
 echo "=== summary"
-for k in build tests extra memcheck racecheck bench demo; do echo "$k: ${RESULT[$k]:-not run}"; done
+for k in build tests extra memcheck racecheck fuzz_memcheck bench demo; do echo "$k: ${RESULT[$k]:-not run}"; done
 exit $fail
