@@ -23,9 +23,10 @@ Two cases, chosen per layer from ``q_perm`` and the groups:
 
       x_r [M, K/W] --> MBWQLinear(K/W, N) --> all_reduce(sum) --> + bias --> y [M, N]
 
-* otherwise: rank ``r`` keeps a contiguous run of groups (balanced by packed bytes), gathers the
-  full input (small at decode), selects the features its rows read, in its stored order, and
-  runs them through a layer with the identity order::
+* otherwise: rank ``r`` keeps a contiguous run of groups (balanced by packed bytes; with fewer
+  groups than ranks, of 32-row blocks), gathers the full input (small at decode), selects the
+  features its rows read, in its stored order, and runs them through a layer with the identity
+  order::
 
       x_r --> all_gather --> x [M, K] --> x[:, features_r] --> MBWQLinear(K_r, N)
           --> all_reduce(sum) --> + bias --> y [M, N]
@@ -35,9 +36,13 @@ activation dtype, so outputs equal the unsharded layer's up to summation order (
 activations: fp32 rounding; fp16/bf16: one extra rounding of each partial sum), and they are
 bitwise repeatable on the same world size (fixed partition, fixed collective order).
 
+A rank's rows that are only part of a group become a group of their own with the parent
+group's scales and zeros (the same weights); a uniform layer whose ranks keep whole groups stays
+uniform, otherwise its slice is a mixed-mode layer of the same width.
+
 Uneven shapes are errors naming the layer and the numbers: ``N`` of a column-parallel layer and
 ``K`` of a row-parallel layer must divide by the world size, attention head counts too, and a
-row-parallel layer needs at least one group per rank. Nothing is padded.
+row-parallel layer needs a 32-row block per rank. Nothing is padded.
 
 Loading (:func:`load_sharded`) reads each rank's slices straight from a :func:`save_quantized`
 folder with ``safe_open(...).get_slice``: no rank ever holds another rank's weights.
