@@ -54,7 +54,7 @@ import dataclasses
 import fnmatch
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -340,7 +340,7 @@ def _row_blocks(groups: List[fmt.Group], features: Tensor, S: int, rank: int, wo
     if bool((owner == owner[:, :1]).all()):
         return [b for b in range(len(block_group)) if int(owner[b, 0]) == rank], True
     if len(block_group) < world:
-        raise ValueError(f"tensor parallel: {name}: {len(block_group)} blocks of "
+        raise ValueError(f"tensor parallel: {name}: {len(block_group)} block(s) of "
                          f"{fmt.BLOCK_ROWS} stored rows cannot be shared by {world} ranks")
     if len(groups) >= world:
         bounds = _balanced([g.packed_rows for g in groups], world)
