@@ -172,6 +172,14 @@ def _worker(rank, port, tmp):
     for name in LAYERS:
         attempt(("layer", name), lambda: layer_case(name))
 
+    def linear_case():  # float nn.Linear layers (unquantized ones) split the same way
+        torch.manual_seed(8)
+        lin = nn.Linear(64, 48)
+        m = parallel.shard_model(Pair(lin), PAIR_PLAN)
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+        return {"col": m.col(x), "row": m.row(x[:, rank * 32:(rank + 1) * 32]) + 0}
+    attempt("linear", linear_case)
+
     def compiled_layer():
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -186,7 +194,18 @@ def _worker(rank, port, tmp):
         path = os.path.join(tmp, kind)
 
         def model_case():
-            model = parallel.load_sharded(skeleton, path)
+            read = []  # (key, elements) of every tensor read for a planned layer
+            real = parallel._FileSource.read
+
+            def recording(src, key, index=None):
+                t = real(src, key, index)
+                read.append((src.prefix + key, t.numel()))
+                return t
+            parallel._FileSource.read = recording
+            try:
+                model = parallel.load_sharded(skeleton, path)
+            finally:
+                parallel._FileSource.read = real
             with torch.no_grad():
                 logits = model(PROMPT)
                 again = model(PROMPT)
@@ -194,7 +213,7 @@ def _worker(rank, port, tmp):
             with torch.no_grad():
                 mem_logits = mem(PROMPT)
             return {"logits": logits, "again": again, "in_memory": mem_logits,
-                    "paths": row_paths(model), "tokens": greedy(model)}
+                    "paths": row_paths(model), "tokens": greedy(model), "read": read}
         attempt(("model", kind), model_case)
 
     def compiled_decode():
@@ -317,6 +336,34 @@ def test_decoder_from_checkpoint(ranks, tmp, kind):
     paths = set(result(ranks, 0, ("model", kind))["paths"].values())
     # identity order and shard-aware quantization never gather; permuted layers do
     assert paths == ({"gather"} if kind == "mixed" else {"own shard"})
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_each_rank_reads_its_share_of_the_weights(ranks, tmp, kind):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(tmp, kind, "model.safetensors"), "pt") as f:
+        size = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    planned = [k for k in size if parallel.LLAMA_PLAN.role(k.rsplit(".", 1)[0])]
+    for key in ("qweight", "scales"):
+        total = sum(torch.Size(size[k]).numel() for k in planned if k.endswith("." + key))
+        for rank in range(WORLD):
+            got = sum(n for k, n in result(ranks, rank, ("model", kind))["read"]
+                      if k.endswith("." + key))
+            assert 0 < got <= 0.6 * total, (key, rank, got, total)
+
+
+def test_linear_layers(ranks):
+    torch.manual_seed(8)
+    lin = nn.Linear(64, 48)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = lin(x)
+    scale = x.abs() @ lin.weight.abs().t() + lin.bias.abs()
+    for rank in range(WORLD):
+        r = result(ranks, rank, "linear")
+        torch.testing.assert_close(r["col"], ref[:, rank * 24:(rank + 1) * 24], rtol=0, atol=0)
+        assert_close_fp32(r["row"], ref, scale)
 
 
 def test_compiled_decode_matches_eager(ranks, tmp):
