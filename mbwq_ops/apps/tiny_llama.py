@@ -197,7 +197,8 @@ class TinyLlama(nn.Module):
         dtype = dtype or ref.dtype
         device = device or ref.device
         for layer in self.model.layers:
-            shape = (batch_size, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
+            a = layer.self_attn.cfg  # its own heads (a tensor-parallel rank holds a share)
+            shape = (batch_size, a.num_kv_heads, cfg.max_seq_len, a.head_dim)
             layer.self_attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self._cached = True

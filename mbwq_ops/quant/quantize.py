@@ -680,7 +680,8 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
                    skip: Sequence[str] = DEFAULT_SKIP, group_size: Union[int, Sequence[int]] = 128,
                    *, bits: Optional[int] = None, strategy=None, widths: Sequence[int] = WIDTHS,
                    method: str = "auto", act_order: bool = True, damp: float = 0.01,
-                   verbose: bool = True) -> nn.Module:
+                   verbose: bool = True, input_shards: Optional[Dict[str, int]] = None
+                   ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except names matching ``skip``; layers whose
     ``in_features`` is not a multiple of 32 are kept too, with a warning) by an
     :class:`MBWQLinear`, in place; returns ``model``.
@@ -694,6 +695,9 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
       widths and proportions, the others fall back to ``bits``/``bpw``.
     * ``calibration``: model inputs (see :func:`collect_hessians`); with it the error is measured
       under the inputs' Hessian and layers are quantized with GPTQ (``method="auto"``).
+    * ``input_shards``: ``{name pattern: S}``; every group of those layers reads features of one
+      of S equal input shards, so a tensor-parallel rank needs only its own input
+      (:func:`mbwq_ops.parallel.keep_rows_in_shards`, :func:`mbwq_ops.parallel.input_shards`).
     """
     _check_method(method)
     _check_damp(damp)
@@ -816,6 +820,12 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
             plans[n] = _assemble(m.order, m.unit_rows,
                                  [m.cands[int(c)] for c in choice[at:at + U]])
             at += U
+
+    for pattern, shards in (input_shards or {}).items():
+        from ..parallel import keep_rows_in_shards
+        for name in targets:
+            if shards > 1 and _matches(name, (pattern,)):
+                plans[name] = keep_rows_in_shards(plans[name], shards, name)
 
     for name in _progress(targets, verbose, "quantizing"):
         lin = mods[name]
