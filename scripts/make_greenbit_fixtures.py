@@ -9,8 +9,9 @@ q_groups, bias, plus the unused buffers of FORMAT.md §2.2) and a small word-lev
 
 * ``llama-channel-mix``: Llama, channel-mix (every layer mixed, q_groups stored, one layer of a
   single width too), one ``model.safetensors``, separate ``lm_head``.
-* ``qwen2-layer-mix``: Qwen2, layer-mix (uniform 4-bit and 2-bit layers), q/k/v_proj with bias,
-  tied embeddings (no ``lm_head.weight``), two shards with ``model.safetensors.index.json``.
+* ``qwen2-layer-mix``: Qwen2, layer-mix (uniform 4-bit and 2-bit layers, all-zero q_perm, one
+  layer without q_perm and channel_scale), q/k/v_proj with bias, tied embeddings (no
+  ``lm_head.weight``), two shards with ``model.safetensors.index.json``.
 
 The layers are quantized by this library (``mbwq_ops.quantize_linear``) with the strategy
 entries' widths and shares; the stored format is the one green-bit-llm loads.
@@ -119,6 +120,11 @@ def write_model(folder: str, model_type: str, entries, channel_mix: bool, tie: b
             bias = model_type == "qwen2" and short in ("q_proj", "k_proj", "v_proj")
             layer = quantized(K, N, e, bias, gen, channel_mix)
             sd = {k: v for k, v in layer.state_dict().items()}
+            if not channel_mix:  # layer-mix files store the default all-zero q_perm (identity)
+                assert torch.equal(sd["q_perm"].long(), torch.arange(K))
+                sd["q_perm"] = torch.zeros(K, dtype=torch.int16)
+                if (i, short) == (1, "o_proj"):  # and a layer without q_perm / channel_scale
+                    del sd["q_perm"], sd["channel_scale"]
             if legacy:
                 sd.update(legacy_buffers(layer))
             for k, v in sd.items():
