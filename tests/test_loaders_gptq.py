@@ -276,3 +276,19 @@ def test_irregular_groups_are_refused_or_mixed():
                                          r"checkpoint, expected \[12, 32\]"):
         gptq.convert_layer("m", dict(base, g_idx=torch.arange(128, dtype=torch.int32) // 64),
                            dict(settings, bits=3))
+
+
+@given(bits=st.sampled_from([2, 3, 4, 5, 6, 8]), blocks=st.integers(1, 4),
+       N=st.integers(1, 40), seed=st.integers(0, 2 ** 31 - 1))
+def test_fast_row_repacking_equals_the_format(bits, blocks, N, seed):
+    """The converter's byte-wise unpack / pack against format.py's, on a random row order and
+    a non-contiguous column slice."""
+    from mbwq_ops import format as fmt
+    from mbwq_ops.loaders import common
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (32 * blocks, N + 3), generator=gen)
+    words = fmt.pack_codes(codes, bits)[:, 2:N + 2]  # a strided view
+    assert torch.equal(common.unpack_rows(words, bits).long(), codes[:, 2:N + 2])
+    order = torch.randperm(32 * blocks, generator=gen)
+    assert torch.equal(common.pack_rows(codes[order][:, 2:N + 2], bits),
+                       fmt.pack_codes(codes[order][:, 2:N + 2], bits))

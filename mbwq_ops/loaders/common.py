@@ -190,3 +190,36 @@ def mixed_ctor(K: int, N: int, groups: Sequence[fmt.Group], bias: bool) -> dict:
 def uniform_ctor(K: int, N: int, w_bit: int, group_size: int, bias: bool) -> dict:
     return {"in_channels": K, "out_channels": N, "w_bit": w_bit, "use_mbw": False,
             "group_size": group_size, "disable_bias": not bias, "dq_group_size": 32, "dq_mode": 2}
+
+
+# ----------------------------------------------------------------------------- fast repacking
+# Reordering the rows of a packed matrix (GPTQ act-order) means unpacking and packing it again.
+# At 2, 4 and 8 bits every byte of a word holds 8/b whole codes (FORMAT.md §4: code t of a word
+# at bits [t*b, t*b + b)), so uint8 shifts do it without the per-row / per-block loops of
+# format.unpack_codes / pack_codes. Measured on a busy 2-core machine, 4-bit 4096 x 11008,
+# unpack + reorder + pack: 0.28 s CPU time against 1.16 s; 3-bit codes take format.py's path.
+def unpack_rows(words: Tensor, bits: int) -> Tensor:
+    """All codes ``[32P/bits, N]`` (uint8) of int32 words ``[P, N]`` packed along dim 0."""
+    P, N = words.shape
+    if bits not in (2, 4, 8):
+        return fmt.unpack_codes(words, bits).to(torch.uint8)
+    per = 8 // bits
+    x = words.contiguous().view(torch.uint8).reshape(P, N, 4)  # little-endian bytes
+    c = torch.stack([(x >> (bits * h)) & ((1 << bits) - 1) for h in range(per)], -1)
+    return c.permute(0, 2, 3, 1).reshape(P * 4 * per, N)  # row = 4*per*p + per*byte + h
+
+
+def pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`unpack_rows` (R a multiple of 32): the words of ``format.pack_codes``."""
+    R, N = codes.shape
+    if bits not in (2, 4, 8):
+        return fmt.pack_codes(codes, bits)
+    if R % 32:
+        raise ValueError(f"{R} rows are not whole 32-row blocks")
+    per = 8 // bits
+    P = R * bits // 32
+    c = codes.to(torch.uint8).reshape(P, 4, per, N).permute(0, 3, 1, 2)  # [P, N, byte, h]
+    x = c[..., 0].clone()
+    for h in range(1, per):
+        x |= c[..., h] << (bits * h)
+    return x.contiguous().reshape(P, 4 * N).view(torch.int32)

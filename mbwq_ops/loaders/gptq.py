@@ -169,7 +169,6 @@ def convert_layer(name: str, stored: Dict[str, Tensor], settings: dict) -> dict:
     z = fmt.unpack_codes(qzeros.t().contiguous(), bits, rows=N).t()  # [G, N]
     if settings["checkpoint_format"] == "gptq":  # v1 stores z - 1
         z = (z + 1) & ((1 << bits) - 1)
-    codes = fmt.unpack_codes(qweight, bits, rows=K)  # [K, N], original input order
 
     order = torch.argsort(g_idx, stable=True)  # stored row k = input feature order[k]
     counts = torch.bincount(g_idx, minlength=G)
@@ -177,9 +176,12 @@ def convert_layer(name: str, stored: Dict[str, Tensor], settings: dict) -> dict:
     rows = counts[used].tolist()
     scales_u = scales[used].contiguous()
     zeros = round_to_fp16(scales_u.double() * z[used].double())
-    stored_codes = codes[order]
+    if torch.equal(order, torch.arange(K)):  # no act-order: the words are MBWQ's already
+        qweight_mbwq = qweight
+    else:  # the same bit string, rows in group order
+        qweight_mbwq = common.pack_rows(common.unpack_rows(qweight, bits)[order], bits)
     bias = stored.get("bias")
-    state = {"qweight": fmt.pack_codes(stored_codes, bits), "scales": scales_u, "zeros": zeros,
+    state = {"qweight": qweight_mbwq, "scales": scales_u, "zeros": zeros,
              "q_perm": fmt.as_int16(order), "channel_scale": torch.ones(1, 1, K, dtype=torch.float16)}
     if bias is not None:
         if not bias.is_floating_point():
