@@ -23,7 +23,8 @@ from torch import nn
 from .layer import MBWQLinear, prepare_model
 from .accounting import bits_per_weight, layer_bits, set_module
 
-__all__ = ["save_quantized", "load_quantized", "read_config", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_quantized", "load_quantized", "read_config", "layer_ctor", "CONFIG_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME = "mbwq_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,6 +45,18 @@ def _layer_config(layer: MBWQLinear) -> Dict:
         "bpw": info["bpw"],
         "bytes": info["bytes"],
     }
+
+
+def layer_ctor(lc: Dict) -> Dict:
+    """``MBWQLinear`` keyword arguments for a layer record of :func:`_layer_config`: buffers of
+    the recorded shapes, so that the stored tensors load into them unchanged."""
+    mixed = lc["mode"] == "mixed"
+    G = len(lc["groups"])
+    R = sum(r * b // 32 for b, r in lc["groups"])
+    return dict(in_channels=lc["in_features"], out_channels=lc["out_features"],
+                w_bit=lc["w_bit"], group_size=lc["group_size"], use_mbw=mixed,
+                disable_bias=not lc["bias"], groups=G if mixed else 64,
+                rows_packed=R if mixed else 64)
 
 
 def save_quantized(model: nn.Module, path: Union[str, os.PathLike],
@@ -110,13 +123,8 @@ def load_quantized(model_skeleton_or_factory: Union[nn.Module, Callable[[], nn.M
     if any(p.device.type == "meta" for p in model.parameters()):
         model = model.to_empty(device="cpu")
     for name, lc in cfg["layers"].items():
-        mixed = lc["mode"] == "mixed"
-        K, N = lc["in_features"], lc["out_features"]
-        G = len(lc["groups"])
-        R = sum(r * b // 32 for b, r in lc["groups"])
-        layer = MBWQLinear(K, N, w_bit=lc["w_bit"], group_size=lc["group_size"], use_mbw=mixed,
-                           disable_bias=not lc["bias"], groups=G if mixed else 64,
-                           rows_packed=R if mixed else 64)
+        layer = MBWQLinear(**layer_ctor(lc))
+        K, N = layer.in_channels, layer.out_channels
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
