@@ -45,7 +45,7 @@ from .. import format as fmt
 from ..accounting import bits_per_weight, layer_bits, set_module  # noqa: F401 (re-exported)
 from ..layer import MBWQLinear
 from .quantizers import damped_hessian, gptq, quantize_rtn, quantize_to_grid, rtn_grid
-from .strategy import load_strategy, strategy_entry, unmatched_entries
+from .strategy import check_entry, load_strategy, strategy_entry, unmatched_entries
 
 __all__ = [
     "quantize_linear", "quantize_model", "bits_per_weight", "layer_bits", "collect_hessians",
@@ -489,6 +489,7 @@ def plan_from_strategy(W: Tensor, H: Optional[Tensor], entry: Dict) -> LayerPlan
     bits = [_as_width(b, "strategy width") for b in raw_bits]
     if len(set(bits)) != len(bits):
         raise ValueError(f"strategy bits {bits} name a width twice")
+    check_entry(entry)  # bits_prop / group_size values: real numbers and integers, not truncated
     prop = entry.get("bits_prop")
     if prop is None:
         if len(bits) != 1:
