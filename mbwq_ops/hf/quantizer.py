@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
@@ -26,7 +27,7 @@ from ..accounting import bits_per_weight, set_module
 from ..checkpoint import FORMAT_VERSION, _layer_config, layer_ctor
 from ..layer import STORED_DTYPES, MBWQLinear, prepare_model
 
-__all__ = ["QUANT_METHOD", "MbwqConfig", "MbwqHfQuantizer", "attach", "layer_records"]
+__all__ = ["QUANT_METHOD", "MbwqConfig", "MbwqHfQuantizer", "attach", "dense_linear", "layer_records"]
 
 QUANT_METHOD = "mbwq"
 WHERE = "config.json quantization_config"  # how errors name the field
@@ -101,6 +102,12 @@ class MbwqHfQuantizer(HfQuantizer):
         check_loaded(model)
         return prepare_model(model)
 
+    def _dequantize(self, model, dtype=None):
+        # model.dequantize(): every MBWQ layer becomes the nn.Linear it stands for
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)]:
+            set_module(model, name, dense_linear(layer, dtype or torch.float16))
+        return model
+
     def get_state_dict_and_metadata(self, model):
         # save_pretrained asks this before it writes config.json: record the layers as they are
         # now (they may have been requantized or replaced since loading).
@@ -119,6 +126,19 @@ class MbwqHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def dense_linear(layer: MBWQLinear, dtype: torch.dtype) -> nn.Linear:
+    """The ``nn.Linear`` (weights in ``dtype``) that computes what ``layer`` does:
+    ``weight = (channel_scale * W)^T`` with the dequantized ``W [K, N]``."""
+    W = layer.dequantized_weight(torch.float32) * layer.channel_scale.float().reshape(-1, 1)
+    lin = nn.Linear(layer.in_channels, layer.out_channels, bias=layer.bias is not None,
+                    device=W.device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(W.t())
+        if layer.bias is not None:
+            lin.bias.copy_(layer.bias)
+    return lin
 
 
 def check_replaces(name: str, old: nn.Module, layer: MBWQLinear) -> None:
