@@ -36,12 +36,12 @@ def detect(folder: Union[str, os.PathLike]) -> Optional[str]:
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return None
+    if os.path.isfile(os.path.join(folder, C.CONFIG_NAME)):  # save_pretrained never writes it
+        return SAVE_QUANTIZED
     config = _read_json(os.path.join(folder, "config.json"))
     qc = (config or {}).get("quantization_config") or {}
     if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
         return QUANT_METHOD
-    if os.path.isfile(os.path.join(folder, C.CONFIG_NAME)):
-        return SAVE_QUANTIZED
     return loaders.detect(folder)
 
 

@@ -59,6 +59,9 @@ def build_model(ckpt, *, dtype=None, device=None, progress: bool = True):
     if getattr(ckpt, "tie_word_embeddings", None) is not None:
         cfg["tie_word_embeddings"] = bool(ckpt.tie_word_embeddings)
     config = AutoConfig.for_model(model_type, **cfg)
+    if dtype is None and getattr(config, "dtype", None) is None:
+        # transformers' "auto" would take the first floating tensor, maybe an fp16 scale
+        dtype = next((t.dtype for t in ckpt.tensors.values() if t.is_floating_point()), None)
     config.quantization_config = MbwqConfig(layers=records).to_dict()
     try:
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
