@@ -29,8 +29,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import mbwq_ops
-
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB, LAYERS = 128, 256, 4, 2, 96, 2
 PROJ = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN // 2),
         "self_attn.v_proj": (HIDDEN, HIDDEN // 2), "self_attn.o_proj": (HIDDEN, HIDDEN),
@@ -68,7 +66,7 @@ def tokenizer_files(folder: str) -> None:
                    "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 128}, f)
 
 
-def legacy_buffers(layer: mbwq_ops.MBWQLinear) -> dict:
+def legacy_buffers(layer) -> dict:
     """The buffers bitorch-engine's layer also saves (FORMAT.md §2.2), with their shapes."""
     K, N = layer.in_channels, layer.out_channels
     gs = layer.group_size
@@ -84,7 +82,9 @@ def legacy_buffers(layer: mbwq_ops.MBWQLinear) -> dict:
 
 
 def quantized(K: int, N: int, entry: dict, bias: bool, gen: torch.Generator,
-              channel_mix: bool) -> mbwq_ops.MBWQLinear:
+              channel_mix: bool):
+    import mbwq_ops  # here, so that the GPTQ script can share tokenizer_files without it
+
     lin = nn.Linear(K, N, bias=bias)
     with torch.no_grad():
         # per-input-feature magnitudes spread out, as in trained models
