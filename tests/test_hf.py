@@ -219,6 +219,38 @@ def test_greenbit_folder_end_to_end(tmp_path, name):
     assert_same_model(model, load(tmp_path), model.config.vocab_size)
 
 
+@pytest.mark.parametrize("name", ["llama-4bit-sym-actorder", "llama-4bit-asym",
+                                  "llama-3bit-sym-actorder", "llama-2bit-asym-actorder"])
+def test_gptq_folder_gives_gptqmodels_logits(tmp_path, name):
+    """GPTQModel's own fp16 logits (stored beside each fixture by the script that made it)."""
+    folder = FIXTURES / "gptq" / name
+    ref = load_file(FIXTURES / "gptq" / f"{name}.reference.safetensors")
+    assert mbwq_ops.hf.detect(folder) == "gptq"
+    model = mbwq_ops.from_pretrained(folder, dtype=torch.float16, progress=False)
+    assert len(mbwq_layers(model)) == 14
+    with torch.no_grad():
+        y = model(ref["input_ids"]).logits.float()
+    assert (y - ref["logits"]).abs().max() < 1e-2 * ref["logits"].abs().max()
+    model.save_pretrained(tmp_path)
+    assert_same_model(model, load(tmp_path), model.config.vocab_size)
+
+
+def test_exl2_folder_end_to_end(tmp_path):
+    folder = FIXTURES / "exl2" / "llama-exl2"
+    assert mbwq_ops.hf.detect(folder) == "exl2"
+    model = mbwq_ops.from_pretrained(folder, dtype=torch.float32, progress=False)
+    assert isinstance(model.lm_head, MBWQLinear) and len(mbwq_layers(model)) == 15
+    dense = mbwq_ops.from_pretrained(folder, dtype=torch.float32, progress=False)
+    dense.dequantize(dtype=torch.float32)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 7),
+                           generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a, b = model(tokens).logits, dense(tokens).logits
+    assert a.abs().max() > 0 and (a - b).abs().max() < 1e-3 * b.abs().max()
+    model.save_pretrained(tmp_path)
+    assert_same_model(model, load(tmp_path), model.config.vocab_size)
+
+
 def test_not_a_checkpoint_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match=r"not a quantized checkpoint this library reads"):
