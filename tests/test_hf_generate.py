@@ -2,6 +2,7 @@
 static cache (graphs counted, MBWQ ops inside them), CUDA graphs on CUDA; the mbwq generate /
 mbwq bench commands on transformers folders."""
 import json
+import pathlib
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from transformers import CompileConfig  # noqa: E402
 from mbwq_ops.apps import cli  # noqa: E402
 from mbwq_ops.hf import tiny  # noqa: E402
 
-GREENBIT = "tests/fixtures/greenbit/llama-channel-mix"
+GREENBIT = str(pathlib.Path(__file__).parent / "fixtures" / "greenbit" / "llama-channel-mix")
 
 
 @pytest.fixture(scope="module")
