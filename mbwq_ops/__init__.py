@@ -32,6 +32,7 @@ from .ops import dequant, gemm, plan  # noqa: E402,F401
 _LAZY = {name: "mbwq_ops.quant" for name in (
     "quantize_linear", "quantize_model", "collect_hessians", "load_strategy",
     "strategy_from_model")}
+_LAZY["from_pretrained"] = "mbwq_ops.hf"  # needs transformers (the [hf] extra)
 
 
 def __getattr__(name):

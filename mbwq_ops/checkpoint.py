@@ -35,7 +35,8 @@ from .accounting import bits_per_weight, layer_bits, set_module
 from .layer import LEGACY_KEYS, STORED_DTYPES, MBWQLinear, prepare_model
 
 __all__ = ["save_quantized", "load_quantized", "read_config", "read_tensor_index",
-           "check_skeleton", "CheckpointError", "MissingCheckpointFile", "CONFIG_NAME",
+           "check_skeleton", "layer_ctor", "CheckpointError", "MissingCheckpointFile",
+           "CONFIG_NAME",
            "WEIGHTS_NAME"]
 
 CONFIG_NAME = "mbwq_config.json"
@@ -95,6 +96,18 @@ def _widths(groups) -> Dict[str, int]:
     for b, r in groups:
         rows[b] = rows.get(b, 0) + r
     return {str(b): r for b, r in sorted(rows.items(), reverse=True)}
+
+
+def layer_ctor(lc: Dict) -> Dict:
+    """``MBWQLinear`` keyword arguments for a layer record of :func:`_layer_config`: buffers of
+    the recorded shapes, so that the stored tensors load into them unchanged."""
+    mixed = lc["mode"] == "mixed"
+    G = len(lc["groups"])
+    R = sum(r * b // 32 for b, r in lc["groups"])
+    return dict(in_channels=lc["in_features"], out_channels=lc["out_features"],
+                w_bit=lc["w_bit"], group_size=lc["group_size"], use_mbw=mixed,
+                disable_bias=not lc["bias"], groups=G if mixed else 64,
+                rows_packed=R if mixed else 64)
 
 
 def save_quantized(model: nn.Module, path: Union[str, os.PathLike],
@@ -456,12 +469,7 @@ def load_quantized(model_skeleton_or_factory: Union[nn.Module, Callable[[], nn.M
         sd[alias] = sd[target]
     layers = {}
     for name, lc in cfg["layers"].items():  # each layer built and checked on its own first
-        mixed = lc["mode"] == "mixed"
-        groups = lc["groups"]
-        layer = MBWQLinear(lc["in_features"], lc["out_features"], w_bit=lc["w_bit"],
-                           group_size=lc["group_size"], use_mbw=mixed,
-                           disable_bias=not lc["bias"], groups=len(groups) if mixed else 64,
-                           rows_packed=sum(r * b // 32 for b, r in groups) if mixed else 64)
+        layer = MBWQLinear(**layer_ctor(lc))
         try:  # the layer checks its tensors' values (q_perm, q_groups, scales...)
             layer.load_state_dict({k: sd.pop(f"{name}.{k}") for k in _layer_tensors(lc)})
             layer.prepare_params()

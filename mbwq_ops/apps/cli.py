@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from . import generate
 from .args import (DTYPES, SHORT, add_generation_options, checkpoint_dir, cuda_graph_problem,
                    default_modes, device_arg, existing_file, float_list, group_sizes_arg,
                    length_problem, nonnegative_int, positive_float, positive_int)
@@ -407,6 +408,8 @@ def cmd_bench(args) -> int:
     modes = args.modes.split(",") if args.modes else default_modes(device)
     new = args.new_tokens or (128 if on_cuda else 16)
     _check_bench(args, modes, on_cuda)
+    if args.path and generate.is_transformers_dir(args.path):
+        return generate.cmd_bench(args)
     if args.path:
         from .. import checkpoint as C
         cfg = C.read_config(args.path)
@@ -496,7 +499,7 @@ def make_parser() -> argparse.ArgumentParser:
     from .tiny_llama import PRESETS
     p = argparse.ArgumentParser(prog="mbwq", description="Mixed-bit-width quantized (MBWQ) "
                                 "models: quantize, inspect, benchmark, demo.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{quantize,inspect,bench,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{quantize,inspect,bench,generate,demo}")
     bits_help = ("4 or 2 give uniform layers ({} rows per group); 8, 6, 5 or 3 give mixed-mode "
                  "layers whose groups all have that width")
 
@@ -566,8 +569,9 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Decode speed of the built-in model (or a tiny-llama checkpoint) "
                                    "per execution mode; with --quality, MiniLM embedding cosine "
                                    "similarity at several budgets.")
-    b.add_argument("path", nargs="?", type=checkpoint_dir, default=None,
-                   help="tiny-llama checkpoint (default: quantize the built-in model now)")
+    b.add_argument("path", nargs="?", type=generate.model_dir, default=None,
+                   help="tiny-llama checkpoint, or any folder mbwq generate reads (default: "
+                        "quantize the built-in model now)")
     b.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="built-in model size when no path is given (default: cuda when a GPU is "
                         "available, else cpu)")
@@ -587,7 +591,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true",
                    help="print one JSON document instead of a table (and no progress bars)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    generate.add_bench_options(b)
     b.set_defaults(func=cmd_bench)
+    generate.add_generate_parser(sub)
 
     d = sub.add_parser("demo", help="the end-to-end demo (python -m mbwq_ops demo); "
                                     "'mbwq demo --help' lists its options", add_help=False)

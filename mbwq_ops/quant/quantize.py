@@ -33,6 +33,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -833,4 +834,15 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
         H = hessians.pop(name, None) if use_h else None
         q = quantize_with_plan(lin, plans[name], H, damp)
         set_module(model, name, q)
+    _record_for_transformers(model)
     return model
+
+
+def _record_for_transformers(model: nn.Module) -> None:
+    # A transformers model records its layout in model.config (quantization_config), so that
+    # save_pretrained writes a folder from_pretrained restores. transformers is looked up, never
+    # imported: a model of it means it is loaded already.
+    tf = sys.modules.get("transformers")
+    if tf is not None and isinstance(model, tf.PreTrainedModel):
+        from ..hf import attach
+        attach(model)
