@@ -292,6 +292,13 @@ class MBWQLinear(nn.Module):
             else:  # a checkpoint with other group/row counts replaces the buffer, as the original
                 setattr(self, name, value.to(self.qweight.device).clone())
 
+    def __setstate__(self, state):
+        # copy.deepcopy / pickle: the tensors are new objects with version counters of their
+        # own, holding the values the tables were built from
+        super().__setstate__(state)
+        if self.__dict__.get("_prepared"):
+            self._versions = self._table_source_versions()
+
     def _apply(self, fn, recurse=True):
         # Keep stored tensors in their format dtypes when the model is cast (model.bfloat16()):
         # move them to the new device only.

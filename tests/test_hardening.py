@@ -140,3 +140,21 @@ def test_non_finite_scales_or_zeros_rejected_at_prepare(name, bad):
     model = torch.nn.Sequential(q)
     with pytest.raises(ValueError, match=rf"layer 0: {name} must be finite"):
         mbwq_ops.prepare_model(model)
+
+
+def test_deep_copies_and_pickles_of_a_prepared_layer_stay_prepared():
+    import copy
+    import io
+    q = mbwq_ops.quantize_linear(torch.nn.Linear(128, 32), bits=3.0, group_size=32)
+    x = torch.randn(2, 128)
+    twin = copy.deepcopy(q)
+    assert torch.equal(twin(x), q(x))
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), q(x))
+    with torch.no_grad():
+        twin.q_perm.add_(0)  # the copy's own counters are still watched
+    with pytest.raises(RuntimeError, match="q_perm changed in place"):
+        twin(x)

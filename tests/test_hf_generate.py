@@ -134,3 +134,15 @@ def test_bench_command_reports_speed_and_speedup(folder, capsys):
     code, out, _ = run(["bench", folder, "--modes", "eager", "--new-tokens", "3",
                         "--prompt-len", "4", "--no-reference", "--quiet"], capsys)
     assert code == 0 and "tok/s" in out and "speed-up" not in out
+
+
+def test_bench_default_length_fits_a_short_model(folder, capsys):
+    # the tiny fixture holds 128 positions: with a 124-token prompt the default (16 on CPU,
+    # 128 on CUDA) is cut to the 4 positions left instead of refusing to run
+    code, out, err = run(["bench", folder, "--modes", "eager", "--prompt-len", "124",
+                          "--no-reference", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["new_tokens"] == 4
+    code, _, err = run(["bench", folder, "--modes", "eager", "--prompt-len", "124",
+                        "--new-tokens", "5", "--no-reference"], capsys)
+    assert code == 2 and "exceed the model's max_position_embeddings 128" in err

@@ -147,7 +147,7 @@ def add_generation_options(p: argparse.ArgumentParser, cpu_new_tokens: int) -> N
                         "fit the model's max_seq_len")
     p.add_argument("--new-tokens", type=positive_int, default=None,
                    help=f"tokens to generate per mode, at least 1 (default 128 on CUDA, "
-                        f"{cpu_new_tokens} on CPU)")
+                        f"{cpu_new_tokens} on CPU, fewer where the model's positions end)")
     p.add_argument("--modes", type=modes_arg, default=None,
                    help="comma-separated subset of eager,compile,cudagraph,compile+cudagraph "
                         "(default: all that the device supports; the CUDA-graph ones need CUDA)")

@@ -196,9 +196,11 @@ def cmd_bench(args) -> int:
     if "cudagraph" in modes:
         raise UsageError("--modes cudagraph: a transformers model captures CUDA graphs "
                          "through torch.compile; use compile+cudagraph")
-    new = args.new_tokens or (128 if on_cuda else 16)
     model = _load(args, device, dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
+    new = args.new_tokens or (128 if on_cuda else 16)
+    if not args.new_tokens and limit is not None:  # the default fits whatever model it meets
+        new = max(1, min(new, limit - args.prompt_len))
     if limit is not None and args.prompt_len + new > limit:
         raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {new} exceed the "
                          f"model's max_position_embeddings {limit}")
