@@ -10,6 +10,10 @@ quantizers live in :mod:`mbwq_ops.quant` and the ``mbwq`` command, the demo and 
 :mod:`mbwq_ops.apps`. Both load on first use, so ``import mbwq_ops`` stays light.
 """
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
@@ -39,6 +43,41 @@ def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mbwq_ops' has no attribute {name!r}")
+
+
+# transformers learns quant_method "mbwq" only when mbwq_ops.hf runs register(); without it a
+# saved MBWQ model would load as a plain one with random Linear weights (transformers merely
+# warns about an unknown quantization type). So once mbwq_ops is imported, importing
+# transformers (before or after) registers it too; mbwq_ops itself never imports transformers.
+class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)  # once; and find the real spec without us
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _register_hf()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _register_hf():
+    try:
+        importlib.import_module("mbwq_ops.hf")
+    except Exception as e:  # an old or broken transformers must not break its own import
+        warnings.warn(f"mbwq_ops: could not register quant_method 'mbwq' with transformers: {e}")
+
+
+if "transformers" in sys.modules:
+    _register_hf()
+elif not any(isinstance(f, _RegisterWithTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithTransformers())
 
 
 __all__ = ["MBWQLinear", "MBWQLinearCuda", "prepare_model", "dequant", "gemm", "plan", "format", "ops",

@@ -275,3 +275,27 @@ def test_import_mbwq_ops_does_not_import_transformers():
     code = "import sys, mbwq_ops; print('transformers' in sys.modules, 'mbwq_ops.hf' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out
+
+
+@pytest.mark.parametrize("order", ["mbwq_ops first", "transformers first"])
+def test_plain_transformers_load_never_gives_random_weights(tmp_path, order):
+    """A folder written by save_pretrained loads through AutoModelForCausalLM with nothing but
+    ``import mbwq_ops`` in the process, in either import order: the quantizer registers itself
+    when transformers is imported, so the MBWQ layers come back, not random Linear weights."""
+    folder = str(tmp_path / "ckpt")
+    mbwq_ops.hf.tiny.save_tiny_checkpoint(folder, bpw=3.0)
+    first, second = ("mbwq_ops", "transformers") if order == "mbwq_ops first" else (
+        "transformers", "mbwq_ops")
+    code = (f"import {first}, {second}, torch, sys\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({folder!r})\n"
+            "n = sum(isinstance(x, mbwq_ops.MBWQLinear) for x in m.modules())\n"
+            "ids = torch.arange(10).reshape(1, 10)\n"
+            "torch.save(m(ids).logits, sys.argv[1]); print(n)\n")
+    out = tmp_path / "logits.pt"
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) > 0
+    expect = mbwq_ops.from_pretrained(folder)(torch.arange(10).reshape(1, 10)).logits
+    assert torch.equal(torch.load(out), expect)
