@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "../format.h"
+
 namespace mbwq {
 namespace cuda {
 
@@ -58,23 +60,21 @@ __device__ __forceinline__ uint4 load16_l2(const void* p) {
   return __ldcg(static_cast<const uint4*>(p));
 }
 
-// Validated block metadata (format.h): bits == 0 marks a block whose table entry is out of
-// range; kernels turn it into NaN instead of reading outside qweight / scales.
-struct BlockMeta {
-  int bits, word, group;
-};
+// A block-table entry as the kernels use it: format.h's BlockEntry, validated. bits == 0
+// marks an entry that is out of range; kernels turn its outputs into NaN instead of reading
+// outside qweight / scales.
+using BlockMeta = BlockEntry;
 
 // b as read from the table, or {0, 0, 0} where it points outside qweight (R rows) / scales
-// (G groups) or has no valid width.
+// (G groups) or has no valid width (format.h: valid_bits).
 __device__ __forceinline__ BlockMeta check_block(BlockMeta b, int R, int G) {
-  const bool ok = (b.bits == 2 || b.bits == 3 || b.bits == 4 || b.bits == 5 || b.bits == 6 ||
-                   b.bits == 8) &&
-                  b.word >= 0 && b.word <= R - b.bits && b.group >= 0 && b.group < G;
+  const bool ok = valid_bits(b.bits) && b.word >= 0 && b.word <= R - b.bits && b.group >= 0 &&
+                  b.group < G;
   return ok ? b : BlockMeta{0, 0, 0};
 }
 
 __device__ __forceinline__ BlockMeta load_block(const int* blocks, int j, int R, int G) {
-  return check_block(BlockMeta{blocks[3 * j + 0], blocks[3 * j + 1], blocks[3 * j + 2]}, R, G);
+  return check_block(block_entry(blocks, j), R, G);
 }
 
 }  // namespace cuda

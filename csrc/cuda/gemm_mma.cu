@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   auto issue_weights = [&](auto width, int i, int slot) {
     constexpr int B = decltype(width)::value;
     const int2 e = my_meta[i];
-    const int bits = B > 0 ? B : e.x & 15, group = e.x >> 4;
+    const int bits = B > 0 ? B : packed_bits(e), group = packed_group(e);
     const bool new_group = starts_group(bits, group, issue_group);
     copies.template issue<B>(slot * Rx::kSlotBytes, bits, e.y, group, new_group, N);
   };
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       const int x_off = Rx::x_offset(warp, slot_c);
       slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
       if constexpr (B > 0) {
-        if (starts_group(B, my_meta[i].x >> 4, cur_group)) {
+        if (starts_group(B, packed_group(my_meta[i]), cur_group)) {
 #pragma unroll
           for (int q = 0; q < QN; ++q) {
             sc[q] = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 64 * q + 8 * g);
@@ -333,11 +333,11 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   };
   for (int i = 0; i < nb;) {
     // the run of blocks of i's width: it ends at the first differing entry, 32 at a time
-    const int bits = my_meta[i].x & 15;
+    const int bits = packed_bits(my_meta[i]);
     int j = i + 1;
     for (;;) {
       const int k = j + lane;
-      const unsigned m = __ballot_sync(~0u, k >= nb || (my_meta[k].x & 15) != bits);
+      const unsigned m = __ballot_sync(~0u, k >= nb || packed_bits(my_meta[k]) != bits);
       if (m) {
         j += __ffs(m) - 1;
         break;
@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // An invalid table entry in the warp's range makes its tile NaN; found again here rather
   // than flagged in the loop, so that no register is held for it there.
   bool poisoned = false;
-  for (int k = lane; k < nb; k += 32) poisoned |= (my_meta[k].x & 15) == 0;
+  for (int k = lane; k < nb; k += 32) poisoned |= packed_bits(my_meta[k]) == 0;
   poisoned = __any_sync(~0u, poisoned);
   finish_tile<T, MT, QN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
 }

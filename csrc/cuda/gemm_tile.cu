@@ -175,8 +175,7 @@ struct TableChunks {
   }
   __device__ __forceinline__ BlockMeta fetch(int c) const {
     const int k = c + int(threadIdx.x % 32);
-    const int* e = blocks + 3 * (jb0 + k);
-    return k < nb ? BlockMeta{e[0], e[1], e[2]} : BlockMeta{0, 0, 0};
+    return k < nb ? block_entry(blocks, jb0 + k) : BlockMeta{0, 0, 0};
   }
   // Entry i (0 <= i < nb); every lane calls this for i = 0, 1, 2, ... in turn.
   __device__ __forceinline__ BlockMeta get(int i) {

@@ -93,13 +93,21 @@ struct WarpRange {
   }
 };
 
+// A validated entry as the CTA's shared table holds it: one int2 {bits | group << 4, word},
+// so that a block's width and group arrive in one 4-byte load (widths fit 4 bits).
+__device__ __forceinline__ int2 pack_block(BlockMeta b) {
+  return make_int2(b.bits | (b.group << 4), b.word);
+}
+__device__ __forceinline__ int packed_bits(int2 e) { return e.x & 15; }
+__device__ __forceinline__ int packed_group(int2 e) { return e.x >> 4; }
+
 // The CTA's block table, validated, into shared memory: (bits | group << 4, word) per block,
 // bits == 0 for an entry that points outside qweight / scales (its output becomes NaN).
 __device__ __forceinline__ void stage_table(int2* meta, const int32_t* __restrict__ blocks,
                                             const WarpRange& r, int R, int G) {
   for (int j = threadIdx.x; j < r.len; j += blockDim.x) {
     const BlockMeta b = load_block(blocks, r.jb0 + j, R, G);
-    meta[j] = make_int2(b.bits | (b.group << 4), b.word);
+    meta[j] = pack_block(b);
   }
   __syncthreads();
 }
