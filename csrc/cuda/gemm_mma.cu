@@ -50,6 +50,7 @@
 #include "launch.h"
 #include "mma_decode.cuh"
 #include "mma_tile.cuh"
+#include "ptx.cuh"
 #include "split_reduce.cuh"
 
 namespace mbwq {
@@ -65,26 +66,6 @@ struct Slot {
   static constexpr int kSzOffset = 8 * kRowStride;       // scales row, then zeros row (fp16)
   static constexpr int kSlotBytes = kSzOffset + 4 * kCols;
 };
-
-// ---- small PTX wrappers -----------------------------------------------------------------
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  // src-size 0 fills the 16 bytes with zeros and reads nothing (columns past N)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-// Barrier `id` (1 .. 15; 0 is __syncthreads) for the `threads` threads (whole warps) that use it.
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // The lane's words of quad q in ring slot `slot` for a block of width B (mma_decode.cuh):
 // lo = row j0 = (t * B) / 4, hi = row j0 + 1. Widths 2 and 4 never cross a word (hi = lo, not
