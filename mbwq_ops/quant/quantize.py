@@ -11,7 +11,8 @@ Pipeline of one layer::
       -> cut that order into *units* of ``unit_rows`` rows (multiples of 32)
       -> give each unit a width (and group size): fixed, from a strategy, or by allocation
       -> stored order = units sorted by width 8, 6, 5, 4, 3, 2 (stable) -> q_perm
-      -> RTN or GPTQ over the stored rows, group by group -> codes, scales, zeros
+      -> RTN or GPTQ (groups visited low widths first) on per-group fp16 grids
+                                                        -> codes, scales, zeros
       -> pack -> MBWQLinear
 
 Bit budget (what :func:`bits_per_weight` counts): every stored bit of ``qweight``, ``scales``
@@ -20,11 +21,20 @@ and ``zeros`` divided by ``K * N``. A group of ``r`` rows at width ``b`` therefo
 metadata and are reported separately (``bits_per_weight(..., include_metadata=True)``).
 
 Allocation (``quantize_model(bpw=...)``): for every unit of every layer and every candidate
-``(width, group size)`` the output error of round-to-nearest is *measured*,
-``E = tr(dW^T H_uu dW)`` (``H = I`` without calibration data), normalised by the layer's output
-energy ``tr(W^T H W)``. Choosing one candidate per unit to minimise the summed error under the
-total bit budget is a multiple-choice knapsack; it is solved by a Lagrangian search over the
-price of a bit followed by a greedy fill of the remaining budget.
+``(width, group size)`` the output error is *measured* on the layer's weights: for round-to-
+nearest ``tr(dW^T H_uu dW)`` (``H = I`` without calibration data); for a layer GPTQ will
+quantize, what GPTQ leaves of it, ``sum_k d_k |dW_k|^2`` with ``d_k = 1 / U_kk^2`` from the
+Cholesky factor of ``H^-1`` (the loss of each GPTQ step; it tracks GPTQ's actual error within
+tens of per cent where ``tr(dW^T H dW)`` is several times too high). With calibration data
+(``objective="output"``) each layer's errors are then weighed by its *output gain*: the mean
+squared change of the model's own output per unit of that layer's output error, measured by
+perturbing one layer at a time on the calibration batches. A layer whose errors the rest of
+the model amplifies gets more bits; one whose errors a LayerNorm or softmax absorbs, fewer.
+Without an output to measure (no calibration, a callable, a non-tensor output, or
+``objective="layer"``) each layer's error is divided by its output energy ``tr(W^T H W)``
+instead. Choosing one candidate per unit to minimise the summed error under the total bit
+budget is a multiple-choice knapsack; it is solved by a Lagrangian search over the price of a
+bit followed by a greedy fill of the remaining budget.
 
 The grids, RTN and GPTQ themselves: quantizers.py.
 """
@@ -815,6 +825,13 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
       widths and proportions, the others fall back to ``bits``/``bpw``.
     * ``calibration``: model inputs (see :func:`collect_hessians`); with it the error is measured
       under the inputs' Hessian and layers are quantized with GPTQ (``method="auto"``).
+    * ``objective``: ``"output"`` (default) weighs each layer's errors by how much of them
+      reaches the model's output on the calibration batches (one extra calibration pass per
+      layer); ``"layer"`` by the layer's own output energy (the only choice without an output).
+    * ``grid``: the per-group fp16 grid (``"mse"``, ``"zero-point"``, ``"minmax"``; see
+      quantizers.py); ``static_groups``: GPTQ grids from the original weights; ``damp``: GPTQ's
+      damping, ``damp * mean(diag H)`` added to the diagonal (raise it, e.g. to 0.1, when the
+      calibration has fewer tokens than a layer has inputs).
     """
     _check_method(method)
     _check_damp(damp)
