@@ -34,7 +34,8 @@ def _inputs(K, n, seed):
     mix = torch.randn(K // 4, K, generator=torch.Generator().manual_seed(99))
     g = torch.Generator().manual_seed(seed)
     scale = torch.exp(torch.randn(K, generator=torch.Generator().manual_seed(98)))
-    return (torch.randn(n, K // 4, generator=g) @ mix + 0.3 * torch.randn(n, K, generator=g)) * scale
+    low_rank = torch.randn(n, K // 4, generator=g) @ mix
+    return (low_rank + 0.3 * torch.randn(n, K, generator=g)) * scale
 
 
 def _out_err(W, layer, H):
