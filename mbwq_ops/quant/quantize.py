@@ -11,7 +11,8 @@ Pipeline of one layer::
       -> cut that order into *units* of ``unit_rows`` rows (multiples of 32)
       -> give each unit a width (and group size): fixed, from a strategy, or by allocation
       -> stored order = units sorted by width 8, 6, 5, 4, 3, 2 (stable) -> q_perm
-      -> RTN or GPTQ over the stored rows, group by group -> codes, scales, zeros
+      -> RTN or GPTQ (groups visited low widths first) on per-group fp16 grids
+                                                        -> codes, scales, zeros
       -> pack -> MBWQLinear
 
 Bit budget (what :func:`bits_per_weight` counts): every stored bit of ``qweight``, ``scales``
@@ -20,11 +21,20 @@ and ``zeros`` divided by ``K * N``. A group of ``r`` rows at width ``b`` therefo
 metadata and are reported separately (``bits_per_weight(..., include_metadata=True)``).
 
 Allocation (``quantize_model(bpw=...)``): for every unit of every layer and every candidate
-``(width, group size)`` the output error of round-to-nearest is *measured*,
-``E = tr(dW^T H_uu dW)`` (``H = I`` without calibration data), normalised by the layer's output
-energy ``tr(W^T H W)``. Choosing one candidate per unit to minimise the summed error under the
-total bit budget is a multiple-choice knapsack; it is solved by a Lagrangian search over the
-price of a bit followed by a greedy fill of the remaining budget.
+``(width, group size)`` the output error is *measured* on the layer's weights: for round-to-
+nearest ``tr(dW^T H_uu dW)`` (``H = I`` without calibration data); for a layer GPTQ will
+quantize, what GPTQ leaves of it, ``sum_k d_k |dW_k|^2`` with ``d_k = 1 / U_kk^2`` from the
+Cholesky factor of ``H^-1`` (the loss of each GPTQ step; it tracks GPTQ's actual error within
+tens of per cent where ``tr(dW^T H dW)`` is several times too high). With calibration data
+(``objective="output"``) each layer's errors are then weighed by its *output gain*: the mean
+squared change of the model's own output per unit of that layer's output error, measured by
+perturbing one layer at a time on the calibration batches. A layer whose errors the rest of
+the model amplifies gets more bits; one whose errors a LayerNorm or softmax absorbs, fewer.
+Without an output to measure (no calibration, a callable, a non-tensor output, or
+``objective="layer"``) each layer's error is divided by its output energy ``tr(W^T H W)``
+instead. Choosing one candidate per unit to minimise the summed error under the total bit
+budget is a multiple-choice knapsack; it is solved by a Lagrangian search over the price of a
+bit followed by a greedy fill of the remaining budget.
 
 The grids, RTN and GPTQ themselves: quantizers.py.
 """
@@ -44,7 +54,8 @@ from torch import Tensor, nn
 from .. import format as fmt
 from ..accounting import bits_per_weight, layer_bits, set_module  # noqa: F401 (re-exported)
 from ..layer import MBWQLinear
-from .quantizers import damped_hessian, gptq, quantize_rtn, quantize_to_grid, rtn_grid
+from .quantizers import (DEFAULT_GRID, FP16_MAX, check_grid, damped_hessian, gptq, quantize_rtn,
+                         quantize_to_grid, rtn_grid)
 from .strategy import check_entry, load_strategy, strategy_entry, unmatched_entries
 
 __all__ = [
@@ -244,7 +255,8 @@ def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor,
 
 def _check_weight_values(linear: nn.Linear, name: Optional[str] = None) -> Tensor:
     """``linear.weight`` (detached), after checking it has values and all of them are finite."""
-    where = f" of layer {name!r}" if name else ""
+    where = (f" of layer {name!r}" if name else
+             f" of nn.Linear({linear.in_features}, {linear.out_features})")
     W = linear.weight.detach()
     if W.device.type == "meta":
         raise ValueError(f"the linear layer's weight{where} is on the meta device (no values to "
@@ -255,6 +267,14 @@ def _check_weight_values(linear: nn.Linear, name: Optional[str] = None) -> Tenso
         o, i = (int(v) for v in (~finite).nonzero()[0])
         raise ValueError(f"the weight{where} has non-finite values ({n_nan} NaN, {n_inf} inf; "
                          f"first at weight[{o}, {i}] = {float(W[o, i])}); it cannot be quantized")
+    # scales and zeros are fp16, and so is every dequantized weight (FORMAT.md)
+    big = W.to(torch.float32).abs() > FP16_MAX  # (in bf16, 65504 itself rounds to 65536)
+    if bool(big.any()):
+        o, i = (int(v) for v in big.nonzero()[0])
+        raise ValueError(f"the weight{where} has {int(big.sum())} value(s) beyond the fp16 range "
+                         f"(|w| <= {FP16_MAX:g}; first at weight[{o}, {i}] = {float(W[o, i]):g}); "
+                         "the stored format (fp16 scales, zeros and dequantized weights) cannot "
+                         "represent it")
     return W
 
 
@@ -272,21 +292,47 @@ def _check_linear(linear: nn.Linear) -> Tuple[int, int]:
 
 
 def quantize_with_plan(linear: nn.Linear, plan: LayerPlan, H: Optional[Tensor] = None,
-                       damp: float = 0.01) -> MBWQLinear:
-    """Quantize ``linear`` into the layout ``plan`` (GPTQ when ``H`` is given, else RTN)."""
+                       damp: float = 0.01, grid: str = DEFAULT_GRID,
+                       static_groups: bool = False, name: Optional[str] = None) -> MBWQLinear:
+    """Quantize ``linear`` into the layout ``plan`` (GPTQ when ``H`` is given, else RTN) on
+    ``grid`` (quantizers.GRIDS)."""
+    check_grid(grid)
     K, N = _check_linear(linear)
     plan.check(K)
-    W = _weight_of(linear)
+    W = _weight_of(linear, name)
     order = plan.order.to(W.device)
     Ws = W[order]
     if H is not None:
         if tuple(H.shape) != (K, K):
             raise ValueError(f"the Hessian must have shape [{K}, {K}], got {tuple(H.shape)}")
         H = H.to(W.device)
-        codes, scales, zeros = gptq(Ws, H[order][:, order], plan.groups, damp)
+        codes, scales, zeros = gptq(Ws, H[order][:, order], plan.groups, damp, grid=grid,
+                                    static_groups=static_groups)
     else:
-        codes, scales, zeros = quantize_rtn(Ws, plan.groups)
+        codes, scales, zeros = quantize_rtn(Ws, plan.groups, grid)
     return _build_layer(K, N, plan, codes, scales, zeros, linear.bias, linear.weight.device)
+
+
+def quantize_with_grids(linear: nn.Linear, bits: int, group_size: int, scales: Tensor,
+                        zeros: Tensor) -> MBWQLinear:
+    """A single-width layer (groups of ``group_size`` input features in input order) on grids
+    chosen elsewhere -- e.g. by a peer quantizer such as HQQ -- given as ``scales``, ``zeros``
+    ``[G, N]`` (rounded to fp16); codes by round-to-nearest on those grids."""
+    K, N = _check_linear(linear)
+    b = _as_width(bits, "bits")
+    _check_group_size(group_size)
+    W = _weight_of(linear)
+    groups = [(b, r) for r in _split(K, group_size)]
+    sc, ze = scales.to(W.device, torch.float16), zeros.to(W.device, torch.float16)
+    if tuple(sc.shape) != (len(groups), N) or tuple(ze.shape) != (len(groups), N):
+        raise ValueError(f"scales and zeros must have shape [{len(groups)}, {N}], got "
+                         f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
+    codes, first = [], 0
+    for g, (_, r) in enumerate(groups):
+        codes.append(quantize_to_grid(W[first:first + r], sc[g], ze[g], b)[0])
+        first += r
+    plan = LayerPlan(torch.arange(K), groups, b not in fmt.UNIFORM_WIDTHS, b, group_size)
+    return _build_layer(K, N, plan, torch.cat(codes), sc, ze, linear.bias, linear.weight.device)
 
 
 # ============================================================================ measurement
@@ -335,12 +381,35 @@ class _Measured:
     order: Tensor
     unit_rows: List[int]
     cands: List[Tuple[int, int]]
-    err: Tensor  # [U, C] normalised errors
+    err: Tensor  # [U, C] output errors (mean over input rows), not normalised
     cost: Tensor  # [U, C] bits
+    energy: float  # the layer's output energy tr(W^T H W)
+
+
+def _gptq_row_weights(Hs: Tensor) -> Tensor:
+    """``d_k = 1 / U_kk^2`` (``U``: upper Cholesky factor of ``H^-1``, rows in GPTQ's order): the
+    output error that rounding row ``k`` by ``e`` adds once GPTQ has spread ``e`` over the
+    rows after it is ``d_k |e|^2`` (the OBQ/GPTQ step's loss). The last rows, with no one left
+    to absorb their error, weigh ``H_kk``-like; early ones much less."""
+    K = Hs.shape[0]
+    try:
+        L = torch.linalg.cholesky(Hs)
+    except RuntimeError:  # the same fallback as gptq()
+        Hs = Hs + torch.eye(K, dtype=Hs.dtype, device=Hs.device) * float(torch.diagonal(Hs).mean())
+        L = torch.linalg.cholesky(Hs)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return torch.diagonal(U).pow(-2)
 
 
 def _measure(W: Tensor, H: Optional[Tensor], unit_rows_size: int, widths: Sequence[int],
-             group_sizes: Sequence[int], damp: float = 0.01) -> _Measured:
+             group_sizes: Sequence[int], damp: float = 0.01, grid: str = DEFAULT_GRID,
+             gptq_estimate: bool = False) -> _Measured:
+    """Output error of every candidate (width, group size) for every unit of rows.
+
+    Round-to-nearest is measured as ``tr(dW^T H_uu dW)``; for a layer GPTQ will quantize
+    (``gptq_estimate``) the error of each row is weighted by what GPTQ leaves of it,
+    ``sum_k d_k |dW_k|^2`` (:func:`_gptq_row_weights`, rows in importance order), since GPTQ
+    removes most of what a plain ``H`` weighting would count."""
     K, N = W.shape
     if H is not None:  # the same damping as GPTQ: a few calibration tokens must not mislead
         H = damped_hessian(H, damp)
@@ -348,6 +417,8 @@ def _measure(W: Tensor, H: Optional[Tensor], unit_rows_size: int, widths: Sequen
     unit_rows = _split(K, unit_rows_size)
     Ws = W[order]
     Hs = H[order][:, order].to(torch.float32) if H is not None else None
+    d = (_gptq_row_weights(H[order][:, order]).to(torch.float32)
+         if H is not None and gptq_estimate else None)
     cands = [(b, gs) for b in widths for gs in group_sizes]
     err = torch.empty(len(unit_rows), len(cands), dtype=torch.float64)
     cost = torch.empty_like(err)
@@ -361,19 +432,30 @@ def _measure(W: Tensor, H: Optional[Tensor], unit_rows_size: int, widths: Sequen
         idx = torch.tensor([u for u, _ in items])
         w = torch.stack([Ws[f:f + r] for _, f in items])  # [U, r, N]
         Hu = (torch.stack([Hs[f:f + r, f:f + r] for _, f in items]) if Hs is not None else None)
+        du = torch.stack([d[f:f + r] for _, f in items]) if d is not None else None
+        hu = torch.diagonal(Hu, dim1=1, dim2=2) if Hu is not None else None  # [U, r]
         for c, (b, gs) in enumerate(cands):
             n_groups = -(-r // gs)
             pad = n_groups * gs - r
             wg = w if pad == 0 else torch.cat([w, w[:, -1:].expand(-1, pad, -1)], 1)
             wg = wg.reshape(len(items), n_groups, gs, N)
-            sc, ze = rtn_grid(wg, b)
+            hg = None
+            if hu is not None:
+                hg = hu if pad == 0 else torch.cat([hu, hu[:, -1:].expand(-1, pad)], 1)
+                hg = hg.reshape(len(items), n_groups, gs)
+            sc, ze = rtn_grid(wg, b, grid, hg)
             _, deq = quantize_to_grid(wg, sc[:, :, None], ze[:, :, None], b)
             dW = (deq - wg.to(torch.float64)).to(torch.float32).reshape(len(items), -1, N)[:, :r]
-            e = (dW * (Hu @ dW)).sum((1, 2)) if Hu is not None else dW.pow(2).sum((1, 2))
+            if du is not None:
+                e = (dW.pow(2).sum(2) * du).sum(1)
+            elif Hu is not None:
+                e = (dW * (Hu @ dW)).sum((1, 2))
+            else:
+                e = dW.pow(2).sum((1, 2))
             err[idx, c] = e.to("cpu", torch.float64)
             cost[idx, c] = float(candidate_bits(r, N, b, gs))
     energy = float((W * (H.to(torch.float32) @ W)).sum()) if H is not None else float(W.pow(2).sum())
-    return _Measured(K, N, order.cpu(), unit_rows, cands, err / max(energy, 1e-30), cost)
+    return _Measured(K, N, order.cpu(), unit_rows, cands, err, cost, max(energy, 1e-30))
 
 
 def _allocate(err: Tensor, cost: Tensor, budget: float) -> Tensor:
@@ -432,7 +514,8 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
                     calibration: Optional[Tensor] = None, method: str = "auto",
                     act_order: bool = True, damp: float = 0.01, use_mbw: Optional[bool] = None,
                     bits_prop: Optional[Sequence[float]] = None,
-                    widths: Sequence[int] = WIDTHS, unit_rows: Optional[int] = None) -> MBWQLinear:
+                    widths: Sequence[int] = WIDTHS, unit_rows: Optional[int] = None,
+                    grid: str = DEFAULT_GRID, static_groups: bool = False) -> MBWQLinear:
     """Quantize one ``nn.Linear`` (fp16/bf16/fp32 weight) into an :class:`MBWQLinear`.
 
     * ``bits`` int: one width for the whole layer. 4 and 2 give a uniform layer
@@ -447,10 +530,14 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
       dict ``{bits: group_size}``.
     * ``calibration``: inputs of the layer (``[..., K]``) or a float64 Hessian ``[K, K]``; with it
       ``method="auto"`` runs GPTQ (``act_order`` orders features by ``H_kk``), without it RTN.
+    * ``grid``: how each group's fp16 scale and zero are chosen (``"mse"``, ``"zero-point"``,
+      ``"minmax"``; quantizers.py); ``static_groups``: GPTQ takes every group's grid from the
+      original weights rather than the error-updated ones.
     """
     K, N = _check_linear(linear)
     _check_method(method)
     _check_damp(damp)
+    check_grid(grid)
     is_list = isinstance(bits, (list, tuple))
     if bits_prop is not None and not is_list:
         raise ValueError(f"bits_prop is only used with a list of widths (bits=[4, 2], ...), got "
@@ -475,13 +562,13 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
         _check_widths(widths)
         if unit_rows is not None:
             _check_group_size(unit_rows, "unit_rows")
-        m = _measure(W, H, unit_rows or max(gss), widths, gss, damp)
+        m = _measure(W, H, unit_rows or max(gss), widths, gss, damp, grid, use_h is not None)
         hint = ""
         if bpw == int(bpw) and int(bpw) in WIDTHS:
             hint = (f" (a float bits={bits!r} is a budget in bits per weight including scales "
                     f"and zeros; an int bits={int(bpw)} means uniform {int(bpw)}-bit)")
         _check_min_budget(float(m.cost.min(1).values.sum()) / (K * N), bpw, "bits", hint)
-        choice = _allocate(m.err, m.cost, bpw * K * N)
+        choice = _allocate(m.err / m.energy, m.cost, bpw * K * N)
         plan = _assemble(m.order, m.unit_rows, [m.cands[int(c)] for c in choice])
     else:
         b = _as_width(bits, "bits")
@@ -496,7 +583,7 @@ def quantize_linear(linear: nn.Linear, bits: Union[int, float, Sequence[int]] = 
         else:
             order = torch.arange(K)
         plan = LayerPlan(order, [(b, r) for r in _split(K, group_size)], mbw, b, group_size)
-    return quantize_with_plan(linear, plan, use_h, damp)
+    return quantize_with_plan(linear, plan, use_h, damp, grid, static_groups)
 
 
 # ============================================================================ strategies
@@ -616,19 +703,91 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def _run_calibration(model: nn.Module, calibration) -> None:
+def _run_calibration(model: nn.Module, calibration) -> List:
+    """Run ``model`` on every calibration batch; returns what each call returned."""
     with torch.no_grad():
         if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
-            calibration(model)
-            return
+            return [calibration(model)]
         items = [calibration] if isinstance(calibration, (Tensor, dict)) else list(calibration)
+        outs = []
         for item in items:
             if isinstance(item, dict):
-                model(**item)
+                outs.append(model(**item))
             elif isinstance(item, (tuple, list)):
-                model(*item)
+                outs.append(model(*item))
             else:
-                model(item)
+                outs.append(model(item))
+        return outs
+
+
+def _output_tensor(out) -> Optional[Tensor]:
+    """The tensor a model output stands for: itself, ``logits`` (Hugging Face outputs), else the
+    first tensor of a tuple, list or dict; None when there is none."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict):
+        if isinstance(out.get("logits"), Tensor):
+            return out["logits"]
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, Tensor):
+                return o
+    return None
+
+
+def _model_outputs(model: nn.Module, calibration) -> Optional[List[Tensor]]:
+    outs = [_output_tensor(o) for o in _run_calibration(model, calibration)]
+    if not outs or any(o is None or not o.is_floating_point() for o in outs):
+        return None
+    return [o.detach().to(torch.float64) for o in outs]
+
+
+def _output_gains(model: nn.Module, names: Sequence[str], calibration,
+                  hessians: Dict[str, Tensor], bpw: float, widths: Sequence[int],
+                  group_size: int, grid: str, verbose: bool) -> Optional[Dict[str, float]]:
+    """How much of a layer's output error reaches the model's output, per layer: ``D / E`` with
+    ``E = tr(dW^T H dW)`` the layer's mean squared output error under a round-to-nearest
+    perturbation ``dW`` (the width nearest the budget) and ``D`` the mean squared change of the
+    model's output on the calibration batches with only that layer perturbed. One calibration
+    pass per layer. None when the model's output is not a float tensor (or a dict/tuple holding
+    ``logits`` or one first): then layers are weighed by their own output energy instead."""
+    ref = _model_outputs(model, calibration)
+    if ref is None:
+        return None
+    rows = sum(o.numel() // max(1, o.shape[-1]) if o.dim() else 1 for o in ref)
+    b = min(widths, key=lambda w: (abs(w + 32 / group_size - bpw), w))
+    mods = dict(model.named_modules())
+    gains = {}
+    for name in _progress(names, verbose, "output gains"):
+        lin = mods[name]
+        H = hessians.get(name)
+        if H is None:
+            continue
+        W = lin.weight.detach().t().to(torch.float32)
+        K = W.shape[0]
+        groups = [(b, r) for r in _split(K, group_size)]
+        codes, sc, ze = quantize_rtn(W, groups, grid)
+        gid = torch.cat([torch.full((r,), g, device=W.device) for g, (_, r) in enumerate(groups)])
+        deq = codes.to(torch.float64) * sc.double()[gid] - ze.double()[gid]
+        dW = deq - W.double()
+        E = float((dW * (H.to(W.device, torch.float64) @ dW)).sum())
+        saved = lin.weight.detach().clone()
+        try:
+            with torch.no_grad():
+                lin.weight.copy_(deq.t().to(lin.weight.dtype))
+            out = _model_outputs(model, calibration)
+        finally:
+            with torch.no_grad():
+                lin.weight.copy_(saved)
+        if out is None or E <= 0:
+            continue
+        D = sum(float((o - r).pow(2).sum()) for o, r in zip(out, ref)) / rows
+        gains[name] = D / E
+    if not gains:
+        return None
+    low = min(gains.values())
+    return {n: gains.get(n, low) for n in names}
 
 
 def collect_hessians(model: nn.Module, names: Sequence[str], calibration,
@@ -682,8 +841,9 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
                    skip: Sequence[str] = DEFAULT_SKIP, group_size: Union[int, Sequence[int]] = 128,
                    *, bits: Optional[int] = None, strategy=None, widths: Sequence[int] = WIDTHS,
                    method: str = "auto", act_order: bool = True, damp: float = 0.01,
-                   verbose: bool = True, input_shards: Optional[Dict[str, int]] = None
-                   ) -> nn.Module:
+                   grid: str = DEFAULT_GRID, static_groups: bool = False,
+                   objective: str = "output", verbose: bool = True,
+                   input_shards: Optional[Dict[str, int]] = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except names matching ``skip``; layers whose
     ``in_features`` is not a multiple of 32 are kept too, with a warning) by an
     :class:`MBWQLinear`, in place; returns ``model``.
@@ -697,12 +857,22 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
       widths and proportions, the others fall back to ``bits``/``bpw``.
     * ``calibration``: model inputs (see :func:`collect_hessians`); with it the error is measured
       under the inputs' Hessian and layers are quantized with GPTQ (``method="auto"``).
+    * ``objective``: ``"output"`` (default) weighs each layer's errors by how much of them
+      reaches the model's output on the calibration batches (one extra calibration pass per
+      layer); ``"layer"`` by the layer's own output energy (the only choice without an output).
+    * ``grid``: the per-group fp16 grid (``"mse"``, ``"zero-point"``, ``"minmax"``; see
+      quantizers.py); ``static_groups``: GPTQ grids from the original weights; ``damp``: GPTQ's
+      damping, ``damp * mean(diag H)`` added to the diagonal (raise it, e.g. to 0.1, when the
+      calibration has fewer tokens than a layer has inputs).
     * ``input_shards``: ``{name pattern: S}``; every group of those layers reads features of one
       of S equal input shards, so a tensor-parallel rank needs only its own input
       (:func:`mbwq_ops.parallel.keep_rows_in_shards`, :func:`mbwq_ops.parallel.input_shards`).
     """
     _check_method(method)
     _check_damp(damp)
+    check_grid(grid)
+    if objective not in ("output", "layer"):
+        raise ValueError(f"objective must be 'output' or 'layer', got {objective!r}")
     _check_widths(widths)
     gss = _group_sizes(group_size)
     if bpw is not None:
@@ -809,8 +979,16 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
         measured = {}
         for name in _progress(to_allocate, verbose, "measuring"):
             W = _weight_of(mods[name], name)
-            measured[name] = _measure(W, hessians.get(name), max(gss), widths, gss, damp)
-        err = torch.cat([measured[n].err for n in to_allocate])
+            measured[name] = _measure(W, hessians.get(name), max(gss), widths, gss, damp, grid,
+                                      use_h and name in hessians)
+        gains = None
+        if objective == "output" and hessians:
+            gains = _output_gains(model, to_allocate, calibration, hessians, bpw, widths,
+                                  max(gss), grid, verbose)
+        if gains is not None:  # every error in units of the model's output error
+            err = torch.cat([measured[n].err * gains[n] for n in to_allocate])
+        else:  # no output to measure: each layer's error relative to its output energy
+            err = torch.cat([measured[n].err / measured[n].energy for n in to_allocate])
         cost = torch.cat([measured[n].cost for n in to_allocate])
         weights = sum(measured[n].K * measured[n].N for n in to_allocate)
         budget = float(bpw) * weights
@@ -832,7 +1010,7 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     for name in _progress(targets, verbose, "quantizing"):
         lin = mods[name]
         H = hessians.pop(name, None) if use_h else None
-        q = quantize_with_plan(lin, plans[name], H, damp)
+        q = quantize_with_plan(lin, plans[name], H, damp, grid, static_groups, name)
         set_module(model, name, q)
     _record_for_transformers(model)
     return model
