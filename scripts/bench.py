@@ -154,9 +154,13 @@ def bench_int4pack(K, N, Ms) -> Dict[int, Optional[float]]:
 
 
 # ----------------------------------------------------------------------------- decode stack
-# Per transformer block of an 8B-class model: q, k, v, o (4096 x 4096), gate and up
-# (4096 x 14336), down (14336 x 4096), as (K, N).
-STACK_BLOCK = [(4096, 4096)] * 4 + [(4096, 14336)] * 2 + [(14336, 4096)]
+# Per transformer block of Llama-3-8B, as (K, N): q (4096 x 4096), k and v (4096 x 1024,
+# grouped-query attention), o (4096 x 4096), gate and up (4096 x 14336), down (14336 x 4096);
+# 32 blocks make the model's decode step (records name the stack "llama3-8b"; records before
+# 2026-12-07 used q/k/v/o all 4096 x 4096 and 8 blocks, "stack" absent).
+STACK_NAME = "llama3-8b"
+STACK_BLOCK = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336),
+               (4096, 14336), (14336, 4096)]
 
 
 def bench_decode_stack(blocks: int, formats: List[str]) -> List[dict]:
@@ -178,7 +182,7 @@ def bench_decode_stack(blocks: int, formats: List[str]) -> List[dict]:
             layers.append(layer)
             wbytes += nb
         us = time_graph([lambda: [lay(xs[K]) for (K, _), lay in zip(shapes, layers)]])
-        res.append({"kind": "decode_stack", "blocks": blocks, "format": f,
+        res.append({"kind": "decode_stack", "stack": STACK_NAME, "blocks": blocks, "format": f,
                     "bpw": round(wbytes * 8 / sum(K * N for K, N in shapes), 3),
                     "weight_bytes": wbytes, "us_per_token": round(us, 1),
                     "tokens_per_s": round(1e6 / us, 1), "fp16_us_per_token": round(fp16_us, 1),
@@ -218,11 +222,14 @@ def main():
     ap.add_argument("--Ms", default=None, help="comma-separated M list (overrides the preset)")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN list, e.g. 4096x4096")
     ap.add_argument("--formats", default=None, help="comma-separated formats, e.g. q4_g128")
-    ap.add_argument("--stack-blocks", type=int, default=8,
-                    help="decode-step figure: blocks of an 8B-shaped stack (0 = skip)")
+    ap.add_argument("--stack-blocks", type=int, default=None,
+                    help="decode-step figure: blocks of the Llama-3-8B stack (default 32, the "
+                         "whole model's projections; 8 with --quick; 0 = skip)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench.py needs a CUDA device"
     torch.manual_seed(0)
+    if args.stack_blocks is None:
+        args.stack_blocks = 8 if args.quick else 32
     if args.quick:
         shapes, formats, Ms = [(8192, 28672)], ["q4_g128", "mixed_2.5"], [1, 16, 256]
     else:
@@ -294,7 +301,7 @@ def main():
             save()
     if args.stack_blocks > 0:
         print(f"\ndecode step, M = 1, {args.stack_blocks} blocks of "
-              f"{len(STACK_BLOCK)} projections (8B-model shapes), one CUDA graph:")
+              f"{len(STACK_BLOCK)} projections (Llama-3-8B shapes), one CUDA graph:")
         for r in bench_decode_stack(args.stack_blocks, ["q4_g128", "mixed_2.5"]):
             records.append(dict(common, **r))
             print(f"  {r['format']:>10} {r['bpw']:5.2f} bpw  {r['us_per_token']:8.1f} us/token "
