@@ -63,8 +63,10 @@ TORCH_LIBRARY(mbwq, m) {
   // y = round(x * channel_scale) @ W + bias for x [M, K] (M >= 0), y [M, N] in x's dtype.
   // x * channel_scale is rounded to x's dtype first (as the original layer did); the product
   // is accumulated in fp32 and rounded once. channel_scale [K] and bias [N] are optional.
-  // Every kernel multiplies by dequant's fp16 weights (bf16 activations: those weights
-  // rounded to bf16), so no intermediate can overflow where the plain dot product would not.
+  // Kernels multiply by dequant's fp16 weights (bf16 activations: those rounded to bf16) or,
+  // on the CPU's small-M path, by code*scale - zero rounded once to fp32 (at most half an
+  // fp16 ulp from dequant's weight); never a factored form, so no intermediate overflows where
+  // the plain dot product would not.
   m.def("gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor blocks, Tensor perm, "
         "Tensor? channel_scale, Tensor? bias) -> Tensor");
 

@@ -97,8 +97,9 @@ def reference_weight(spec: LayerSpec, t: Dict[str, torch.Tensor]) -> torch.Tenso
 def tolerance(dtype: torch.dtype, cublas_bf16: bool = False) -> float:
     """Relative bound per unit of ``|ref| + S`` (S = reference.error_scale) for a gemm result
     in ``dtype``: the output's rounding plus, for bf16 on the dequant+matmul path, the
-    rounding of W to bf16. Every kernel multiplies by dequant's fp16 W; fp32 accumulation adds
-    far less than these bounds.
+    rounding of W to bf16. The CPU small-M kernel uses code*scale - zero rounded to fp32
+    instead of dequant's fp16 W (at most half an fp16 ulp, 2^-11 relative, per weight), which
+    bounds fp32 results at 2^-11 S; fp32 accumulation adds far less.
 
     ``cublas_bf16``: a bf16 result of the CUDA dequant + cuBLAS path. cuBLAS may add split-K
     partial sums in bf16 (torch's default ``allow_bf16_reduced_precision_reduction``, as for

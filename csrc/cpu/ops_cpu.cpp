@@ -93,12 +93,13 @@ at::Tensor dequant_stored(const at::Tensor& qweight, const at::Tensor& scales,
 }
 
 // Small M: y = xs @ W without materialising all of W. Each 32-row block is dequantized to
-// the exact fp16 weights dequant returns (kCols columns at a time) and multiplied into the
-// fp32 accumulators right away, so the sums are those of dequantize-then-matmul: no factored
-// form such as s * sum(x c) - z * sum(x), whose partial terms overflow (x ~ 1e37) or turn one
-// infinite x into NaN where the true product is finite or infinite.
+// float weights w = code * scale - zero (one float rounding, within half an fp16 ulp of
+// dequant's fp16 weight; the same zeros and, past the fp16 range, the same infinities) a row
+// of kCols columns at a time, and multiplied into the fp32 accumulators right away. So the
+// sums are those of a plain dot product with W: no factored form such as
+// s * sum(x c) - z * sum(x), whose partial terms overflow (x ~ 1e37) or turn one infinite x
+// into NaN where the true product is finite or infinite. The column loops vectorise.
 // Threads own disjoint column ranges and add in stored-row order: deterministic.
-
 at::Tensor gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& zeros, const at::Tensor& blocks) {
   const int64_t M = xs.size(0), K = xs.size(1), N = qweight.size(1);
@@ -110,19 +111,31 @@ at::Tensor gemm_direct(const at::Tensor& xs, const at::Tensor& qweight, const at
   const int32_t* b = blocks.data_ptr<int32_t>();
   float* out = y.data_ptr<float>();
   constexpr int64_t kCols = 256;
+  // fp16 rounds anything from 65520 on to infinity: the float weight does the same
+  constexpr float kHalfOverflow = 65520.f;
   at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> w(kBlockRows * kCols);  // one block's weights, [row][column]
-    uint32_t words[8];
+    std::vector<float> w(kBlockRows * kCols), s(kCols), z(kCols);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * kCols, nc = std::min(kCols, N - n0);
       for (int64_t j = 0; j < K / kBlockRows; ++j) {
         const BlockEntry e = block_entry(b, j);
+        const uint32_t mask = (1u << e.bits) - 1u;
         for (int64_t n = 0; n < nc; ++n) {
-          for (int i = 0; i < e.bits; ++i) words[i] = q[(int64_t(e.word) + i) * N + n0 + n];
-          const double s_ = static_cast<float>(sc[int64_t(e.group) * N + n0 + n]);
-          const double z_ = static_cast<float>(ze[int64_t(e.group) * N + n0 + n]);
-          for (int r = 0; r < kBlockRows; ++r)
-            w[r * kCols + n] = static_cast<float>(dequant_value(words, e.bits, r, s_, z_));
+          s[n] = static_cast<float>(sc[int64_t(e.group) * N + n0 + n]);
+          z[n] = static_cast<float>(ze[int64_t(e.group) * N + n0 + n]);
+        }
+        for (int r = 0; r < kBlockRows; ++r) {  // the code rule of format.h, for nc columns
+          const int bit = r * e.bits, sh = bit & 31;
+          const uint32_t* w0 = q + (int64_t(e.word) + (bit >> 5)) * N + n0;
+          float* wr = &w[r * kCols];
+          if (sh + e.bits > 32) {
+            for (int64_t n = 0; n < nc; ++n)
+              wr[n] = float(((w0[n] >> sh) | (w0[n + N] << (32 - sh))) & mask) * s[n] - z[n];
+          } else {
+            for (int64_t n = 0; n < nc; ++n) wr[n] = float((w0[n] >> sh) & mask) * s[n] - z[n];
+          }
+          for (int64_t n = 0; n < nc; ++n)
+            if (std::fabs(wr[n]) >= kHalfOverflow) wr[n] = std::copysign(INFINITY, wr[n]);
         }
         for (int64_t m = 0; m < M; ++m) {
           float* o = out + m * N + n0;
