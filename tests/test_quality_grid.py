@@ -12,6 +12,12 @@ import mbwq_ops
 from mbwq_ops.quant import quantizers as QZ
 from mbwq_ops.reference import dequant_reference
 
+# The "mse" search compares candidates on float32 values that are not rounded to fp16
+# (quantizers.py: rtn_grid), the error here uses the stored fp16 weights: between two
+# candidates that nearly tie, that rounding (2^-11 relative per weight) can pick the one that
+# is worse by a few parts in 10^5 once rounded (hypothesis found 3e-5 at 8 bits).
+MSE_SEARCH_SLACK = 1e-3
+
 FP16_MAX = 65504.0
 
 
@@ -153,7 +159,7 @@ def test_new_grids_never_worse_than_minmax_on_random_data(seed, bits, rows, heav
         _, _, q = _deq(w, bits, grid, hw if grid == "mse" else None)
         err[grid] = float(((q - w).pow(2) * hw[..., None]).sum())
     # the search tries both other grids (p = 1 is the zero-point grid): never worse than either
-    assert err["mse"] <= min(err["zero-point"], err["minmax"]) * (1 + 1e-9)
+    assert err["mse"] <= min(err["zero-point"], err["minmax"]) * (1 + MSE_SEARCH_SLACK)
     # (the plain zero-point grid alone is not: on dense symmetric groups with no weight at 0 its
     # shift of up to half a step costs a few per cent; see the test below for where it wins)
 
@@ -169,7 +175,7 @@ def test_zero_point_grid_wins_when_zeros_are_common(seed, bits, sparsity):
     w[:, 0], w[:, 1] = -3.0, 3.5  # both signs in every column
     err = {grid: float((_deq(w, bits, grid)[2] - w).pow(2).sum()) for grid in QZ.GRIDS}
     assert err["zero-point"] < err["minmax"]
-    assert err["mse"] <= err["zero-point"] * (1 + 1e-9)
+    assert err["mse"] <= err["zero-point"] * (1 + MSE_SEARCH_SLACK)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

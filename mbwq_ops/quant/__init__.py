@@ -1,7 +1,9 @@
 """Quantizers: turn ``nn.Linear`` layers and whole models into MBWQ layers.
 
-``quantize.py`` orders rows, allocates widths and builds layers; ``quantizers.py`` holds the
-per-group fp16 grids, RTN and GPTQ; ``strategy.py`` reads green-bit-llm strategy files.
+``quantize.py`` builds layers and runs the pipeline (one layer, a model); ``layout.py`` holds
+the row order, units and bit costs of a layer's plan; ``measure.py`` the calibration, error
+measurement and width allocation; ``quantizers.py`` the per-group fp16 grids, RTN and GPTQ;
+``strategy.py`` reads green-bit-llm strategy files.
 Imported on demand: ``import mbwq_ops`` does not load this package.
 """
 from .quantize import (  # noqa: F401
