@@ -5,7 +5,7 @@ import glob
 import json
 import operator
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -135,6 +135,29 @@ def module_keys(keys: Iterable[str], module: str) -> Dict[str, str]:
     """The tensors directly under ``module``: local name -> full key."""
     p = module + "."
     return {k[len(p):]: k for k in keys if k.startswith(p) and "." not in k[len(p):]}
+
+
+def read_modules(shards: Shards, marker: str, known: Iterable[str], convert, *,
+                 dtype: Optional[torch.dtype], none_found: str, not_part_of: str
+                 ) -> Tuple[Dict[str, dict], Dict[str, Tensor]]:
+    """The walk every reader shares: each module with a ``<module>.<marker>`` tensor is read
+    (its tensors must be among ``known``) and converted by ``convert(name, stored)`` into a
+    ``QuantizedCheckpoint.layers`` entry; every other tensor goes to ``float_tensors``.
+    ``none_found`` and ``not_part_of`` word the two errors for the source."""
+    names = modules_with(shards.keys, marker)
+    if not names:
+        raise ValueError(f"{shards.folder}: {none_found} (no '*.{marker}' tensor)")
+    known = set(known)
+    layers: Dict[str, dict] = {}
+    taken = set()
+    for name in names:
+        local = module_keys(shards.keys, name)
+        unknown = sorted(set(local) - known)
+        if unknown:
+            raise ValueError(f"{name}: tensors {unknown} are not part of {not_part_of}")
+        taken.update(local.values())
+        layers[name] = convert(name, {k: shards.get(v) for k, v in local.items()})
+    return layers, float_tensors(shards, taken, dtype)
 
 
 def float_tensors(shards: Shards, skip: Iterable[str], dtype: Optional[torch.dtype]

@@ -55,22 +55,15 @@ def read(folder: str, *, dtype: Optional[torch.dtype] = None, progress: bool = T
     config = common.read_json(folder, common.CONFIG_FILE)
     qc = config.get("quantization_config") or {}
     patterns = (PATTERN,) if glob.glob(os.path.join(folder, PATTERN)) else ("*.safetensors",)
-    layers: Dict[str, dict] = {}
+
+    def convert(name: str, stored: Dict[str, Tensor]) -> dict:
+        n_out = config.get("vocab_size") if name.split(".")[-1] == "lm_head" else None
+        return convert_layer(name, stored, out_features=n_out)
+
     with common.Shards(folder, patterns, progress=progress, desc="EXL2 checkpoint") as shards:
-        names = common.modules_with(shards.keys, "q_weight")
-        if not names:
-            raise ValueError(f"{folder}: no EXL2 layer (no '*.q_weight' tensor)")
-        taken = set()
-        for name in names:
-            local = common.module_keys(shards.keys, name)
-            unknown = sorted(set(local) - set(KEYS))
-            if unknown:
-                raise ValueError(f"{name}: tensors {unknown} are not part of an EXL2 layer")
-            taken.update(local.values())
-            stored = {k: shards.get(v) for k, v in local.items()}
-            n_out = config.get("vocab_size") if name.split(".")[-1] == "lm_head" else None
-            layers[name] = convert_layer(name, stored, out_features=n_out)
-        tensors = common.float_tensors(shards, taken, dtype)
+        layers, tensors = common.read_modules(shards, "q_weight", KEYS, convert, dtype=dtype,
+                                              none_found="no EXL2 layer",
+                                              not_part_of="an EXL2 layer")
     # exllamav2 quantizes lm_head as a layer of its own; only without one is it tied
     tie = "lm_head" not in layers and "lm_head.weight" not in tensors
     return QuantizedCheckpoint(

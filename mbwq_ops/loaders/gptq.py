@@ -93,27 +93,20 @@ def read(folder: str, *, dtype: Optional[torch.dtype] = None, progress: bool = T
 
     config = common.read_json(folder, common.CONFIG_FILE)
     settings = quantize_settings(folder, config)
-    layers: Dict[str, dict] = {}
+
+    def convert(name: str, stored: Dict[str, Tensor]) -> dict:
+        if name.split(".")[-1] in ("lm_head", "embed_tokens"):
+            raise ValueError(f"{name}: a quantized {name.split('.')[-1]} is not converted "
+                             f"(only linear layers of the decoder blocks are)")
+        missing = [k for k in ("qweight", "qzeros", "scales") if k not in stored]
+        if missing:
+            raise ValueError(f"{name}: tensors {missing} are missing from the checkpoint")
+        return convert_layer(name, stored, settings)
+
     with common.Shards(folder, progress=progress, desc="GPTQ checkpoint") as shards:
-        names = common.modules_with(shards.keys, "qweight")
-        if not names:
-            raise ValueError(f"{folder}: no quantized layer (no '*.qweight' tensor)")
-        taken = set()
-        for name in names:
-            local = common.module_keys(shards.keys, name)
-            if name.split(".")[-1] in ("lm_head", "embed_tokens"):
-                raise ValueError(f"{name}: a quantized {name.split('.')[-1]} is not converted "
-                                 f"(only linear layers of the decoder blocks are)")
-            missing = [k for k in ("qweight", "qzeros", "scales") if k not in local]
-            if missing:
-                raise ValueError(f"{name}: tensors {missing} are missing from the checkpoint")
-            unknown = sorted(set(local) - {"qweight", "qzeros", "scales", "g_idx", "bias"})
-            if unknown:
-                raise ValueError(f"{name}: tensors {unknown} are not part of a GPTQ layer")
-            taken.update(local.values())
-            stored = {k: shards.get(v) for k, v in local.items()}
-            layers[name] = convert_layer(name, stored, settings)
-        tensors = common.float_tensors(shards, taken, dtype)
+        layers, tensors = common.read_modules(
+            shards, "qweight", ("qweight", "qzeros", "scales", "g_idx", "bias"), convert,
+            dtype=dtype, none_found="no quantized layer", not_part_of="a GPTQ layer")
     return QuantizedCheckpoint(
         source="gptq", config=config, layers=layers, tensors=tensors,
         tie_word_embeddings=bool(config.get("tie_word_embeddings",

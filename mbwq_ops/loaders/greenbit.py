@@ -69,27 +69,20 @@ def read(folder: str, *, dtype: Optional[torch.dtype] = None, progress: bool = T
         strategy = load_strategy(strategy_path)
     except ValueError as e:
         raise ValueError(f"{strategy_path}: {e}") from e
-    layers: Dict[str, dict] = {}
+
+    def convert(name: str, stored: Dict[str, Tensor]) -> dict:
+        if not BLOCK_MODULE.search(name):
+            raise ValueError(f"{name}: quantized, but only the linear layers inside the "
+                             f"decoder blocks (model.layers.N.*) are quantized in GreenBitAI "
+                             f"checkpoints")
+        stored = {k: t for k, t in stored.items() if k in STORED_DTYPES}  # legacy keys dropped
+        return _layer(name, stored, strategy_entry(strategy, name), strategy_path)
+
     with common.Shards(folder, progress=progress, desc="GreenBitAI checkpoint") as shards:
-        names = common.modules_with(shards.keys, "qweight")
-        if not names:
-            raise ValueError(f"{folder}: no quantized layer (no '*.qweight' tensor)")
-        taken = set()
-        for name in names:
-            if not BLOCK_MODULE.search(name):
-                raise ValueError(f"{name}: quantized, but only the linear layers inside the "
-                                 f"decoder blocks (model.layers.N.*) are quantized in GreenBitAI "
-                                 f"checkpoints")
-            local = common.module_keys(shards.keys, name)
-            unknown = sorted(set(local) - set(STORED_DTYPES) - set(LEGACY_KEYS))
-            if unknown:
-                raise ValueError(f"{name}: tensors {unknown} are not part of the MBWQ format "
-                                 f"(known: {sorted(STORED_DTYPES)})")
-            taken.update(local.values())
-            stored = {k: shards.get(local[k]) for k in STORED_DTYPES if k in local}
-            entry = strategy_entry(strategy, name)
-            layers[name] = _layer(name, stored, entry, strategy_path)
-        tensors = common.float_tensors(shards, taken, dtype)
+        layers, tensors = common.read_modules(
+            shards, "qweight", set(STORED_DTYPES) | set(LEGACY_KEYS), convert, dtype=dtype,
+            none_found="no quantized layer",
+            not_part_of=f"the MBWQ format (known: {sorted(STORED_DTYPES)})")
     mixed = sum(e["ctor"]["use_mbw"] for e in layers.values())
     return QuantizedCheckpoint(
         source="greenbit", config=config, layers=layers, tensors=tensors,
@@ -220,5 +213,5 @@ def _mixed(name: str, stored: Dict[str, Tensor], entry: Optional[dict], strategy
             raise ValueError(f"{name}: tensor q_groups gives input features per width {have}, "
                              f"expected {want} ({why})")
     for k in ("scales", "zeros"):
-        common.check_shape(name, k, stored[k], [len(groups), N], f"one row per q_groups group")
+        common.check_shape(name, k, stored[k], [len(groups), N], "one row per q_groups group")
     return K, common.mixed_ctor(K, N, groups, "bias" in stored)
