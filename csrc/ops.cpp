@@ -30,7 +30,7 @@ std::vector<int64_t> plan_op(int64_t M, int64_t K, int64_t N, int64_t R, at::Sca
                     " N=", N, " R=", R, " sm_count=", sm_count);
   DeviceFacts dev;
   dev.sm_count = int(sm_count);
-  dev.wgmma = wgmma && knobs().no_wgmma == 0;
+  dev.wgmma = wgmma;
   const bool half = dtype == at::kHalf;
   const GemmPlan p = plan_gemm(M, K, N, R, half || dtype == at::kBFloat16, half, aligned, dev,
                                knobs());

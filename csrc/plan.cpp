@@ -113,6 +113,7 @@ Grid mma_grid(const MmaConfig& c, int nblocks, int64_t N, int64_t M, double weig
     const int tiles = int((N + int64_t(WC) * warp_cols - 1) / (int64_t(WC) * warp_cols));
     const int WK = kMmaWarps / WC;
     int s_lo = s_min, s_hi = std::min(64, nblocks / (2 * WK));
+    // forced splits are the only candidate, even where the model's range would not reach them
     if (k.mma_splits > 0) s_lo = s_hi = std::max(k.mma_splits, s_min);
     double cost = 0;
     const int bps = cheapest_blocks_per_split(
@@ -131,11 +132,6 @@ Grid mma_grid(const MmaConfig& c, int nblocks, int64_t N, int64_t M, double weig
       best.blocks_per_split = bps;
       best.splits = splits_of(nblocks, bps);
     }
-  }
-  if (k.mma_splits > 0) {  // forced splits win even where the model would not reach them
-    best.blocks_per_split = (nblocks + std::max(k.mma_splits, s_min) - 1) /
-                            std::max(k.mma_splits, s_min);
-    best.splits = splits_of(nblocks, best.blocks_per_split);
   }
   return best;
 }
@@ -197,7 +193,7 @@ GemmPlan plan_gemm(int64_t M, int64_t K, int64_t N, int64_t R, bool tensor_core_
 
   const int64_t tile_min = k.tile_min_m > 0 ? k.tile_min_m : large ? kTileMinMLarge : kTileMinM;
   const int64_t tile_max = k.tile_max_m > 0 ? k.tile_max_m : kTileMaxM;
-  if (dev.wgmma && tensor_cores && M >= tile_min && M <= tile_max) {
+  if (dev.wgmma && k.no_wgmma == 0 && tensor_cores && M >= tile_min && M <= tile_max) {
     p.path = GemmPath::kTile;
     p.tile_tokens = tile_tokens(M, k);
     p.grid = tile_grid(M, N, nblocks, p.tile_tokens, dev.sm_count, k);

@@ -120,7 +120,8 @@ Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, cons
 // ---- the plan ----------------------------------------------------------------------------
 struct DeviceFacts {
   int sm_count = 0;
-  bool wgmma = false;  // compute capability 9.0 with the sm_90a build (and no MBWQ_MMA_NO_WGMMA)
+  bool wgmma = false;  // compute capability 9.0 with the sm_90a build (MBWQ_MMA_NO_WGMMA is a
+                       // knob: plan_gemm applies it)
 };
 
 struct GemmPlan {

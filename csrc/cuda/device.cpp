@@ -25,7 +25,7 @@ int compute_capability_major() {
   return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, cache);
 }
 
-bool wgmma_available() { return compute_capability_major() == 9 && knobs().no_wgmma == 0; }
+bool wgmma_available() { return compute_capability_major() == 9; }
 
 DeviceFacts device_facts() {
   DeviceFacts d;

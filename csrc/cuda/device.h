@@ -42,8 +42,8 @@ void allow_smem_once(int (&cache)[64], Kernel kernel, size_t bytes) {
 int sm_count();
 int compute_capability_major();
 
-// The wgmma tile kernel runs here: compute capability 9.0 (the sm_90a code) and no
-// MBWQ_MMA_NO_WGMMA.
+// The wgmma tile kernel can run here: compute capability 9.0 (the sm_90a code). Whether the
+// plan uses it is plan_gemm's choice (MBWQ_MMA_NO_WGMMA turns it off there).
 bool wgmma_available();
 
 // What plan_gemm needs to know of the current device.
