@@ -329,13 +329,19 @@ def _balanced(costs: List[int], world: int) -> List[int]:
     return bounds + [len(costs)]
 
 
+def _block_groups(groups: List[fmt.Group]) -> List[int]:
+    """The group of every 32-row block of stored rows: the group column of the kernels'
+    blocks table (format.make_blocks)."""
+    return fmt.make_blocks(groups)[:, 2].tolist()
+
+
 def _row_blocks(groups: List[fmt.Group], features: Tensor, S: int, rank: int, world: int,
                 name: str) -> Tuple[List[int], bool]:
     """The 32-row blocks of stored rows this rank keeps, and whether they read only its own
     input shard. Whole groups where possible: a rank's own shard's groups; else a contiguous
     run of groups balanced by bytes; groups are split at block edges only when there are fewer
     groups than ranks."""
-    block_group = [gi for gi, g in enumerate(groups) for _ in range(g.rows // fmt.BLOCK_ROWS)]
+    block_group = _block_groups(groups)
     owner = features.reshape(-1, fmt.BLOCK_ROWS) // S
     if bool((owner == owner[:, :1]).all()):
         return [b for b in range(len(block_group)) if int(owner[b, 0]) == rank], True
@@ -352,7 +358,7 @@ def _row_blocks(groups: List[fmt.Group], features: Tensor, S: int, rank: int, wo
 
 def _pieces(groups: List[fmt.Group], blocks: List[int]) -> List[Tuple[int, int, int]]:
     """``(group, first stored row, rows)`` runs of consecutive kept blocks inside one group."""
-    block_group = [gi for gi, g in enumerate(groups) for _ in range(g.rows // fmt.BLOCK_ROWS)]
+    block_group = _block_groups(groups)
     out: List[List[int]] = []
     for b in blocks:
         gi, row = block_group[b], b * fmt.BLOCK_ROWS
