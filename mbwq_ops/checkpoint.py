@@ -74,7 +74,7 @@ class _Bad(Exception):
 
 
 # ============================================================================ save
-def _layer_config(layer: MBWQLinear) -> Dict:
+def layer_record(layer: MBWQLinear) -> Dict:
     info = layer_bits(layer)
     return {
         "mode": "mixed" if layer.use_mbw else "uniform",
@@ -99,7 +99,7 @@ def _widths(groups) -> Dict[str, int]:
 
 
 def layer_ctor(lc: Dict) -> Dict:
-    """``MBWQLinear`` keyword arguments for a layer record of :func:`_layer_config`: buffers of
+    """``MBWQLinear`` keyword arguments for a layer record of :func:`layer_record`: buffers of
     the recorded shapes, so that the stored tensors load into them unchanged."""
     mixed = lc["mode"] == "mixed"
     G = len(lc["groups"])
@@ -118,7 +118,7 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike],
     skeleton. Tensors shared between modules (tied embeddings) are stored once."""
     from safetensors.torch import save_file
 
-    layers = {n: _layer_config(m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)}
+    layers = {n: layer_record(m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no MBWQLinear layer (quantize it first)")
     tensors, aliases, seen = {}, {}, {}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import mbwq_ops
 from mbwq_ops import MBWQLinear
-from mbwq_ops.checkpoint import _layer_config, layer_ctor
+from mbwq_ops.checkpoint import layer_record, layer_ctor
 
 transformers = pytest.importorskip("transformers")  # the [test] extra installs it
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -66,8 +66,8 @@ def test_save_pretrained_round_trip_is_bit_exact(tmp_path_factory, seed, bpw, bi
     model.save_pretrained(folder)
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "mbwq"
-    # the per-layer records are the checkpoint's own (_layer_config), one per MBWQ layer
-    assert qc["layers"] == {n: json.loads(json.dumps(_layer_config(m)))
+    # the per-layer records are the checkpoint's own (layer_record), one per MBWQ layer
+    assert qc["layers"] == {n: json.loads(json.dumps(layer_record(m)))
                             for n, m in mbwq_layers(model).items()}
     back = load(folder)
     assert isinstance(back.model.layers[0].mlp.down_proj, MBWQLinear)
@@ -153,7 +153,7 @@ def test_dequantize_gives_the_dense_twin(tmp_path):
 # ------------------------------------------------------------------ from_pretrained, every source
 def checkpoint_of(model):
     """A QuantizedCheckpoint (as mbwq_ops.loaders makes them) of a quantized model."""
-    layers = {n: {"ctor": layer_ctor(_layer_config(m)), "state": dict(m.state_dict())}
+    layers = {n: {"ctor": layer_ctor(layer_record(m)), "state": dict(m.state_dict())}
               for n, m in mbwq_layers(model).items()}
     tensors = {k: v for k, v in model.state_dict().items()
                if not any(k.startswith(n + ".") for n in layers)}

@@ -3,7 +3,6 @@ read, converted to MBWQ layers, dequantized against the fp64 reference read stra
 files, and refused with the layer, tensor and shapes named when they disagree with the strategy.
 """
 import json
-import math
 import os
 import shutil
 
@@ -12,7 +11,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import mbwq_ops
 from mbwq_ops import loaders
 from mbwq_ops.loaders import greenbit
 from mbwq_ops.reference import dequant_reference, error_scale, gemm_reference

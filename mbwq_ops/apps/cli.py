@@ -32,7 +32,7 @@ from torch import nn
 from . import generate
 from .args import (DTYPES, SHORT, add_generation_options, checkpoint_dir, cuda_graph_problem,
                    default_modes, device_arg, existing_file, float_list, group_sizes_arg,
-                   length_problem, nonnegative_int, positive_float, positive_int)
+                   length_problem, nonnegative_int, positive_float)
 
 __all__ = ["main", "build_model", "UsageError"]
 

@@ -8,7 +8,8 @@ converted GreenBitAI / GPTQ / EXL2 model is the same kind of object as one saved
 
 A checkpoint here is anything shaped like ``mbwq_ops.loaders.QuantizedCheckpoint``: ``source``,
 ``config`` (the transformers config as a dict), ``layers`` (name -> ``{"ctor": MBWQLinear
-kwargs, "state": stored tensors}``), ``tensors`` (every other tensor by state_dict key) and
+kwargs, "state": stored tensors, optionally "record": the layer's checked
+``checkpoint.layer_record``}``), ``tensors`` (every other tensor by state_dict key) and
 optionally ``tie_word_embeddings``.
 """
 from __future__ import annotations
@@ -38,12 +39,15 @@ def build_model(ckpt, *, dtype=None, device=None, progress: bool = True):
     records, state = {}, {}
     for name, entry in tqdm(ckpt.layers.items(), desc=f"{ckpt.source} layers",
                             disable=not progress, total=len(ckpt.layers)):
-        layer = MBWQLinear(**entry["ctor"])
-        try:
-            layer.load_state_dict(entry["state"])  # checks dtypes and shapes against the ctor
-            records[name] = C._layer_config(layer)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{ckpt.source} checkpoint, layer {name}: {e}") from e
+        record = entry.get("record")
+        if record is None:  # an entry its reader did not check: build the layer once to check it
+            layer = MBWQLinear(**entry["ctor"])
+            try:
+                layer.load_state_dict(entry["state"])  # checks dtypes and shapes against the ctor
+                record = C.layer_record(layer)
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{ckpt.source} checkpoint, layer {name}: {e}") from e
+        records[name] = record
         state.update({f"{name}.{k}": v for k, v in entry["state"].items()})
     overlap = sorted(set(state) & set(ckpt.tensors))
     if overlap:

@@ -1,7 +1,7 @@
 """``quant_method: "mbwq"`` for transformers >= 5: a quantization config and an ``HfQuantizer``.
 
 ``config.json`` of a saved model carries the per-layer layout (the record of
-:func:`mbwq_ops.checkpoint._layer_config`: mode, in/out features, w_bit, group_size, bias,
+:func:`mbwq_ops.checkpoint.layer_record`: mode, in/out features, w_bit, group_size, bias,
 groups ``[[bits, rows], ...]``)::
 
     "quantization_config": {"quant_method": "mbwq", "format_version": 1, "bpw": 3.0,
@@ -24,7 +24,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..accounting import bits_per_weight, set_module
-from ..checkpoint import FORMAT_VERSION, _layer_config, layer_ctor
+from ..checkpoint import FORMAT_VERSION, layer_record, layer_ctor
 from ..layer import STORED_DTYPES, MBWQLinear, prepare_model
 
 __all__ = ["QUANT_METHOD", "MbwqConfig", "MbwqHfQuantizer", "attach", "dense_linear", "layer_records"]
@@ -35,7 +35,7 @@ WHERE = "config.json quantization_config"  # how errors name the field
 
 def layer_records(model: nn.Module) -> Dict[str, Dict]:
     """``{name: record}`` of every MBWQ layer of ``model`` (the checkpoint's per-layer record)."""
-    return {n: _layer_config(m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)}
+    return {n: layer_record(m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)}
 
 
 class MbwqConfig(QuantizationConfigMixin):

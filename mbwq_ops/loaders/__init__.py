@@ -36,7 +36,8 @@ class QuantizedCheckpoint:
     """A checkpoint converted to MBWQ layers.
 
     ``layers``: module name (``"model.layers.0.self_attn.q_proj"``) -> ``{"ctor": MBWQLinear
-    keyword arguments, "state": stored tensors}``; ``state`` holds exactly MBWQLinear's stored
+    keyword arguments, "state": stored tensors, "record": checkpoint.layer_record of the layer
+    they build}``; ``state`` holds exactly MBWQLinear's stored
     keys (``qweight`` int32, ``scales``/``zeros`` fp16, ``q_perm`` int16, ``q_groups`` int16 in
     mixed mode, ``channel_scale`` fp16 ``[1, 1, K]``, ``bias`` fp16 when the layer has one), so
     ``MBWQLinear(**ctor)`` + ``load_state_dict(state)`` + ``prepare_params()`` gives the layer.

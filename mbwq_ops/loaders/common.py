@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import format as fmt
+from ..checkpoint import layer_record
 from ..layer import MBWQLinear
 
 CONFIG_FILE = "config.json"
@@ -192,15 +193,15 @@ def identity_perm(K: int) -> Tensor:
 
 def entry(layer: str, ctor: dict, state: Dict[str, Tensor]) -> dict:
     """A ``QuantizedCheckpoint.layers`` entry, checked by building the layer once: a layout this
-    library cannot run raises here, naming the layer, not later inside a model."""
+    library cannot run raises here, naming the layer, not later inside a model. The entry keeps
+    the layer's record (``checkpoint.layer_record``) so that no consumer builds it again to ask."""
     state = {k: v.contiguous() for k, v in state.items()}
     try:
         m = MBWQLinear(**ctor)
-        m.load_state_dict(state)
-        m.check_parameters()
+        m.load_state_dict(state)  # validates the stored tensors (check_parameters)
     except ValueError as e:
         raise ValueError(f"{layer}: {e}") from e
-    return {"ctor": ctor, "state": state}
+    return {"ctor": ctor, "state": state, "record": layer_record(m)}
 
 
 def mixed_ctor(K: int, N: int, groups: Sequence[fmt.Group], bias: bool) -> dict:
