@@ -49,6 +49,11 @@ int64_t set_knob_op(std::string name, int64_t value) {
 
 void reset_knobs_op() { reset_knobs(); }
 
+at::Tensor decode_mismatches_cpu(const at::Tensor& words) {
+  TORCH_CHECK_VALUE(false, "mbwq.decode_mismatches checks the CUDA decoder: pass words on a CUDA "
+                           "device, got ", words.device());
+}
+
 }  // namespace
 }  // namespace mbwq
 
@@ -79,4 +84,11 @@ TORCH_LIBRARY(mbwq, m) {
   // get its previous value back; reset_knobs() returns to the environment's values.
   m.def("set_knob(str name, int value) -> int", &mbwq::set_knob_op);
   m.def("reset_knobs() -> ()", &mbwq::reset_knobs_op);
+
+  // Self-check of the CUDA tensor-core decoder (cuda/decode_check.cu): for every word pair of
+  // words (int32 [n, 2]), every width and lane position, the number of decoded fp16 code pairs
+  // that differ from the plain reference decode. For tests; CUDA only.
+  m.def("decode_mismatches(Tensor words) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(mbwq, CPU, m) { m.impl("decode_mismatches", &mbwq::decode_mismatches_cpu); }

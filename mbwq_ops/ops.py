@@ -139,6 +139,14 @@ def _gemm_fake(x, qweight, scales, zeros, blocks, perm, channel_scale, bias):
     return x.new_empty((x.shape[0], N))
 
 
+@torch.library.register_fake("mbwq::decode_mismatches")
+def _decode_mismatches_fake(words):
+    torch._check(words.dim() == 2 and words.shape[1] == 2 and words.dtype == torch.int32,
+                 lambda: f"mbwq.decode_mismatches: words must be int32 [n, 2], got {words.dtype} "
+                         f"{tuple(words.shape)}")
+    return words.new_empty((), dtype=torch.int64)
+
+
 # Autograd: y = xs @ W with xs = x * channel_scale, so dL/dx = (dL/dy @ W^T) * channel_scale.
 # The quantized weights, scales, zeros and bias are buffers and get no gradient.
 def _gemm_setup_context(ctx, inputs, output):

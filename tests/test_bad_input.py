@@ -284,3 +284,12 @@ def test_op_value_checks_cpu():
     bad_perm[5] = bad_perm[6]
     with pytest.raises(RuntimeError, match="perm is not a permutation of 0..255"):
         mbwq_ops.gemm(torch.ones(1, 256).half(), q, s, z, b, bad_perm)
+
+
+def test_decoder_self_check_names_its_device_and_shape():
+    # mbwq.decode_mismatches checks the CUDA decoder (test_cuda.py runs it); elsewhere it says so
+    with pytest.raises(ValueError, match="CUDA decoder.*got cpu"):
+        torch.ops.mbwq.decode_mismatches(torch.randint(0, 9, (4, 2), dtype=torch.int32))
+    with FakeTensorMode():
+        with pytest.raises(RuntimeError, match=r"int32 \[n, 2\]"):
+            torch.ops.mbwq.decode_mismatches(torch.empty(4, 3, dtype=torch.int32))

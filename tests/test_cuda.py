@@ -259,6 +259,19 @@ def test_gemm_property_vs_reference(case):
     assert_close_to_reference(run_gemm(layer, x), x, W, layer)
 
 
+def test_tensor_core_decoder_matches_its_reference():
+    # mma_decode.cuh: decode_pairs (LOP3 / PRMT / funnel-shift tricks) against
+    # decode_pairs_reference (each code read by its bit position), every width and lane position,
+    # on random words and on words with every bit set or one bit set
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    words = torch.randint(-(1 << 31), 1 << 31, (1 << 16, 2), generator=g, dtype=torch.int64)
+    one_bit = torch.tensor([[1 << b if b < 31 else -(1 << 31), 0] for b in range(32)]
+                           + [[0, 1 << b if b < 31 else -(1 << 31)] for b in range(32)])
+    words = torch.cat([words, one_bit, torch.tensor([[-1, -1], [-1, 0], [0, -1]])])
+    count = torch.ops.mbwq.decode_mismatches(words.to(torch.int32).cuda())
+    assert count.dtype == torch.int64 and count.item() == 0
+
+
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "n_odd", "splitk"])
 def test_dequant_bit_exact(name):
     spec = SPECS[name]

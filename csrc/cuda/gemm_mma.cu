@@ -83,7 +83,7 @@ __device__ __forceinline__ void quad_words(const unsigned char* slot, int q, int
 template <int B, int QN, int MT, typename T>
 __device__ __forceinline__ void compute_block(const unsigned char* slot, const unsigned char* x,
                                               int g, int t, const uint2 (&sc)[QN],
-                                              const uint2 (&nz)[QN], float (&acc)[2 * QN][MT][4]) {
+                                              const uint2 (&nz)[QN], FragC (&acc)[2 * QN][MT]) {
 #pragma unroll
   for (int q = 0; q < QN; ++q) {  // one quad at a time: only its words are live
     uint4 lo, hi;
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     else __syncwarp();
   };
 
-  float acc[2 * QN][MT][4];
+  FragC acc[2 * QN][MT];
   fill_acc<MT, QN>(acc, 0.f);
 
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);

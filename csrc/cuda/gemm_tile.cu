@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int e = 0; e < 4; ++e) acc[k][j][e] = 0.f;
     // A registers of alternate blocks; zero once, so that an invalid block, which leaves them
     // as they are (its tile is NaN anyway), never multiplies uninitialized registers
-    uint32_t a0[RS][8] = {}, a1[RS][8] = {};
+    BlockA a0[RS] = {}, a1[RS] = {};
     __half2 sc[RS][2], nz[RS][2];   // scale and -zero of row set k's two columns, (v, v) pairs
     int cur_group = -1, pending = -1;  // pending: slot of the last committed group
     bool poisoned = false;
@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The lane's A registers of a block of width B from its slot (B = 0: an invalid block,
     // whose slot holds no weights: a keeps an earlier block's values and the tile becomes
     // NaN; zeroing a here cost ~16 instructions in every valid block, where ptxas hoisted it).
-    auto decode = [&](auto width, const unsigned char* slot, uint32_t(&a)[RS][8]) {
+    auto decode = [&](auto width, const unsigned char* slot, BlockA(&a)[RS]) {
       constexpr int B = decltype(width)::value;
       if constexpr (B == 0) {
         poisoned = true;
@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // wgmma (C7512).
     TableChunks table(blocks, jb0, nb, R, G);
     const uint64_t x_desc0 = smem_desc(smem_s, S::kPiece, 128);
-    auto step = [&](int i, uint32_t(&a)[RS][8], uint32_t(&a_prev)[RS][8]) {
+    auto step = [&](int i, BlockA(&a)[RS], BlockA(&a_prev)[RS]) {
       const BlockMeta b = table.get(i);
       const int s = i % S::kStages;
       const bool new_group = starts_group(b.bits, b.group, cur_group);
@@ -360,8 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int k = 0; k < RS; ++k)
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks)
-          wgmma_tokens<T, TOKENS>(&acc[k][0][0], a[k][4 * ks], a[k][4 * ks + 1],
-                                  a[k][4 * ks + 2], a[k][4 * ks + 3],
+          wgmma_tokens<T, TOKENS>(&acc[k][0][0], a[k].step[ks],
                                   x_desc0 + (x_off + ks * (2 * S::kPiece >> 4)));
       wgmma_commit();
       wgmma_wait<1>();

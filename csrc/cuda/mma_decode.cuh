@@ -38,18 +38,43 @@
 namespace mbwq {
 namespace cuda {
 
+// ---- fragments ----------------------------------------------------------------------------
+// A lane's registers of the operands of one mma.sync.m16n8k16 (fp16 or bf16 in, fp32 out), with
+// lane = (g, t) as above. Row = output column of the warp tile, col/k = reduction index.
+//
+//   FragA (16 x 16, 2 values a register)    FragB (16 k x 8 tokens)    FragC (16 x 8, fp32)
+//     r[0]: row g,     k 2t, 2t+1             r[0]: k 2t, 2t+1            r[0], r[1]: row g,
+//     r[1]: row g + 8, k 2t, 2t+1                   token g                       tokens 2t, 2t+1
+//     r[2]: row g,     k 2t+8, 2t+9           r[1]: k 2t+8, 2t+9          r[2], r[3]: row g + 8,
+//     r[3]: row g + 8, k 2t+8, 2t+9                 token g                       tokens 2t, 2t+1
+//
+// wgmma's register A operand (gemm_tile.cu) has the same layout per warp, so BlockA feeds both.
+struct FragA {
+  uint32_t r[4];
+};
+struct FragB {
+  uint32_t r[2];
+};
+struct FragC {
+  float r[4];
+};
+// The A registers of one 32-row block: k-step 0 and k-step 1 (which stored row each k index
+// stands for: the header).
+struct BlockA {
+  FragA step[2];
+};
+
 template <typename T>
 struct MmaOp;
 
 template <>
 struct MmaOp<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+  static __device__ __forceinline__ void run(FragC& d, const FragA& a, FragB b) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        : "+f"(d.r[0]), "+f"(d.r[1]), "+f"(d.r[2]), "+f"(d.r[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
   }
   static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {
     return *reinterpret_cast<uint32_t*>(&w);
@@ -58,13 +83,12 @@ struct MmaOp<__half> {
 
 template <>
 struct MmaOp<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+  static __device__ __forceinline__ void run(FragC& d, const FragA& a, FragB b) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        : "+f"(d.r[0]), "+f"(d.r[1]), "+f"(d.r[2]), "+f"(d.r[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
   }
   static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {
     __nv_bfloat162 v = __float22bfloat162_rn(__half22float2(w));
@@ -100,10 +124,18 @@ __device__ __forceinline__ __half2 code_pair(uint32_t word) {
 // that decode_pairs needs hi: every width but 2 and 4 (whose lanes stay inside one word).
 __host__ __device__ constexpr bool reads_next_word(int bits) { return bits != 2 && bits != 4; }
 
+// The lane's 8 codes of one column as exact fp16 pairs: p[i] = (c_i, c_{i+4}) (header).
+struct CodePairs {
+  __half2 p[4];
+};
+
 // The lane's 8 codes of one column as the pairs P0..P3 (header), from the two words that hold
-// its bytes [t*B, t*B + B): lo = word j0, hi = word j0 + 1. Bit layouts per width (format.h):
+// its bytes [t*B, t*B + B): lo = word j0, hi = word j0 + 1. Bit layouts per width (format.h);
+// decode_pairs_reference below is the same result the slow, obvious way.
 template <int B>
-__device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, int t, __half2 (&p)[4]) {
+__device__ __forceinline__ CodePairs decode_pairs(uint32_t lo, uint32_t hi, int t) {
+  CodePairs out;
+  __half2 (&p)[4] = out.p;
   const int sh = 8 * ((t * B) & 3);  // the lane's first bit inside lo
   if constexpr (B == 2) {
     // 16 bits: c0..c3 in byte (sh/8), c4..c7 in the next; spread them to bytes 0 and 2.
@@ -153,6 +185,21 @@ __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, int t, __
       p[3] = code_pair<0, 0x003F003Fu>(u2 >> 10);
     }
   }
+  return out;
+}
+
+// decode_pairs without bit tricks: each code read from the bit string by its position (the rule
+// of format.h's block_code), converted to fp16 by value. For tests and for reading; every valid
+// width gives the same pairs as decode_pairs.
+template <int B>
+__device__ __forceinline__ CodePairs decode_pairs_reference(uint32_t lo, uint32_t hi, int t) {
+  const uint64_t bits = (uint64_t(hi) << 32 | lo) >> (8 * ((t * B) & 3));  // lane's bytes first
+  CodePairs out;
+  for (int i = 0; i < 4; ++i) {
+    const auto code = [&](int r) { return unsigned((bits >> (r * B)) & ((1u << B) - 1u)); };
+    out.p[i] = __halves2half2(__uint2half_rn(code(i)), __uint2half_rn(code(i + 4)));
+  }
+  return out;
 }
 
 __device__ __forceinline__ uint32_t comp(const uint4& v, int e) {
@@ -174,29 +221,28 @@ __device__ __forceinline__ uint32_t scale_word(const uint2 (&v)[QN], int u) {
 // Two columns' codes of one 32-row block of width B as exact fp16 weights (as T), one column
 // per A row: the lane's words lo_a / hi_a of its A-row-g column and lo_b / hi_b of its A-row-g+8
 // column (hi: row j0 + 1, unused for widths 2 and 4), with each column's scale and -zero as
-// (v, v) pairs. a[0..3] are the A registers of k-step 0, a[4..7] those of k-step 1 (header).
+// (v, v) pairs. Pair s of the two columns lands in step s / 2, registers 2 (s % 2) (column a)
+// and 2 (s % 2) + 1 (column b): the FragA layout above.
 template <int B, typename T>
 __device__ __forceinline__ void decode_columns(uint32_t lo_a, uint32_t hi_a, uint32_t lo_b,
                                                uint32_t hi_b, int t, __half2 sa, __half2 za,
-                                               __half2 sb, __half2 zb, uint32_t (&a)[8]) {
-  __half2 pa[4], pb[4];
-  decode_pairs<B>(lo_a, hi_a, t, pa);
-  decode_pairs<B>(lo_b, hi_b, t, pb);
+                                               __half2 sb, __half2 zb, BlockA& a) {
+  const CodePairs pa = decode_pairs<B>(lo_a, hi_a, t);
+  const CodePairs pb = decode_pairs<B>(lo_b, hi_b, t);
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    a[2 * s] = MmaOp<T>::from_fp16x2(__hfma2(pa[s], sa, za));
-    a[2 * s + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb[s], sb, zb));
+    a.step[s / 2].r[2 * (s % 2)] = MmaOp<T>::from_fp16x2(__hfma2(pa.p[s], sa, za));
+    a.step[s / 2].r[2 * (s % 2) + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb.p[s], sb, zb));
   }
 }
 
 // Half k of one quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and
 // hi (row j0 + 1; unused for widths 2 and 4) of lane columns 4q + k (A row g) and 4q + k + 2
-// (A row g + 8) become exact fp16 weights (as T), the A registers of mma i = 2q + k: a[0..3]
-// for k-step 0, a[4..7] for k-step 1.
+// (A row g + 8) become exact fp16 weights (as T), the A registers of mma i = 2q + k.
 template <int B, int QN, typename T>
 __device__ __forceinline__ void decode_half(int q, int k, const uint4& lo, const uint4& hi, int t,
                                             const uint2 (&sc)[QN], const uint2 (&nz)[QN],
-                                            uint32_t (&a)[8]) {
+                                            BlockA& a) {
   const int ua = 4 * q + k, ub = ua + 2;
   // scale and -zero of both columns as (v, v) pairs
   decode_columns<B, T>(comp(lo, k), comp(hi, k), comp(lo, k + 2), comp(hi, k + 2), t,
@@ -208,7 +254,7 @@ __device__ __forceinline__ void decode_half(int q, int k, const uint4& lo, const
 template <int B, int QN, typename T>
 __device__ __forceinline__ void decode_quad(int q, const uint4& lo, const uint4& hi, int t,
                                             const uint2 (&sc)[QN], const uint2 (&nz)[QN],
-                                            uint32_t (&a)[2][8]) {
+                                            BlockA (&a)[2]) {
 #pragma unroll
   for (int k = 0; k < 2; ++k) decode_half<B, QN, T>(q, k, lo, hi, t, sc, nz, a[k]);
 }
@@ -220,18 +266,18 @@ __device__ __forceinline__ void decode_quad(int q, const uint4& lo, const uint4&
 template <int B, int QN, int MT, typename T>
 __device__ __forceinline__ void compute_quad(int q, const uint4& lo, const uint4& hi, int g, int t,
                                              const uint2 (&sc)[QN], const uint2 (&nz)[QN],
-                                             const unsigned char* x,
-                                             float (&acc)[2 * QN][MT][4]) {
-  uint32_t a[2][8];
+                                             const unsigned char* x, FragC (&acc)[2 * QN][MT]) {
+  BlockA a[2];
   decode_quad<B, QN, T>(q, lo, hi, t, sc, nz, a);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    // x fragments of tokens 8 mt + g, k 8t .. 8t + 7
+    // x fragments of tokens 8 mt + g, k 8t .. 8t + 7: both k-steps' B registers
     const uint4 xb = *reinterpret_cast<const uint4*>(x + (8 * mt + g) * 64 + 16 * t);
+    const FragB b0{{xb.x, xb.y}}, b1{{xb.z, xb.w}};
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      MmaOp<T>::run(acc[2 * q + k][mt], a[k][0], a[k][1], a[k][2], a[k][3], xb.x, xb.y);
-      MmaOp<T>::run(acc[2 * q + k][mt], a[k][4], a[k][5], a[k][6], a[k][7], xb.z, xb.w);
+      MmaOp<T>::run(acc[2 * q + k][mt], a[k].step[0], b0);
+      MmaOp<T>::run(acc[2 * q + k][mt], a[k].step[1], b1);
     }
   }
 }

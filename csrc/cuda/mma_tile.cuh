@@ -13,6 +13,7 @@
 #include "../format.h"
 #include "common.cuh"
 #include "launch.h"
+#include "mma_decode.cuh"
 #include "pdl.cuh"
 #include "split_reduce.cuh"
 
@@ -65,13 +66,13 @@ struct WarpPlace {
 
 // Every accumulator of a lane set to v (0 to start, NaN for a poisoned tile).
 template <int MT, int QN>
-__device__ __forceinline__ void fill_acc(float (&acc)[2 * QN][MT][4], float v) {
+__device__ __forceinline__ void fill_acc(FragC (&acc)[2 * QN][MT], float v) {
 #pragma unroll
   for (int i = 0; i < 2 * QN; ++i)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][mt][e] = v;
+      for (int e = 0; e < 4; ++e) acc[i][mt].r[e] = v;
 }
 
 // Four fp16 values negated by flipping their sign bits (scales' zeros -> -zero for the fma).
@@ -116,7 +117,7 @@ __device__ __forceinline__ void stage_table(int2* meta, const int32_t* __restric
 // write the tile: y (T, + bias) when the grid has one K split, fp32 partials otherwise.
 // Reuses shared memory from offset 0: every warp must be done with its table and ring.
 template <typename T, int MT, int QN>
-__device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool poisoned,
+__device__ __forceinline__ void finish_tile(FragC (&acc)[2 * QN][MT], bool poisoned,
                                             unsigned char* smem, int log2_wc,
                                             const void* __restrict__ bias, int bias_kind,
                                             void* __restrict__ out, int M, int N) {
@@ -136,7 +137,7 @@ __device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool po
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dst[((i * MT + mt) * 4 + e) * 32] = acc[i][mt][e];
+        for (int e = 0; e < 4; ++e) dst[((i * MT + mt) * 4 + e) * 32] = acc[i][mt].r[e];
   }
   __syncthreads();
   if (kw > 0) return;
@@ -147,7 +148,7 @@ __device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool po
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][mt][e] += src[((i * MT + mt) * 4 + e) * 32];
+        for (int e = 0; e < 4; ++e) acc[i][mt].r[e] += src[((i * MT + mt) * 4 + e) * 32];
   }
 
   // Accumulator of mma i = 2q + k, tile mt: e = 0, 1 -> lane column 4q + k, tokens 8mt + 2t, +1;
@@ -165,7 +166,7 @@ __device__ __forceinline__ void finish_tile(float (&acc)[2 * QN][MT][4], bool po
         float v[4];
 #pragma unroll
         for (int c = 0; c < 4; ++c)  // column 4q + c: mma 2q + c % 2, A row g (c < 2) or g + 8
-          v[c] = c < 2 ? acc[2 * q + c][mt][h] : acc[2 * q + c - 2][mt][2 + h];
+          v[c] = c < 2 ? acc[2 * q + c][mt].r[h] : acc[2 * q + c - 2][mt].r[2 + h];
         if (gridDim.y == 1) {
           if (bias_kind != kAuxNone)
 #pragma unroll

@@ -24,6 +24,8 @@
 
 #include <type_traits>
 
+#include "mma_decode.cuh"  // FragA, BlockA
+
 namespace mbwq {
 namespace cuda {
 
@@ -145,12 +147,13 @@ MBWQ_WGMMA_FN(wgmma_n256, "m64n256k16", MBWQ_R128, "{%128, %129, %130, %131}, %1
 #undef MBWQ_P14
 #undef MBWQ_P15
 
-// wgmma m64nTOKENSk16 into d, TOKENS / 2 accumulators.
+// wgmma m64nTOKENSk16 into d, TOKENS / 2 accumulators; a: the warp's A fragment of the k16
+// step (mma_decode.cuh's FragA layout).
 template <typename T, int TOKENS>
-__device__ __forceinline__ void wgmma_tokens(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint64_t desc) {
+__device__ __forceinline__ void wgmma_tokens(float* d, const FragA& a, uint64_t desc) {
   static_assert(TOKENS == 16 || TOKENS == 32 || TOKENS == 64 || TOKENS == 128 || TOKENS == 256,
                 "wgmma_tokens: 16, 32, 64, 128 or 256 tokens");
+  const uint32_t a0 = a.r[0], a1 = a.r[1], a2 = a.r[2], a3 = a.r[3];
   if constexpr (TOKENS == 16) {
     wgmma_n16<T>(d, a0, a1, a2, a3, desc);
   } else if constexpr (TOKENS == 32) {
@@ -168,9 +171,11 @@ __device__ __forceinline__ void wgmma_tokens(float* d, uint32_t a0, uint32_t a1,
 // and writes them, so that the compiler keeps their values, in registers of their own, up to
 // here. Rewriting the A operand of a wgmma in flight is undefined (PTX ISA), and the compiler
 // does not see that the wgmma reads it after issue.
-__device__ __forceinline__ void wgmma_operand_done(uint32_t (&a)[8]) {
+__device__ __forceinline__ void wgmma_operand_done(BlockA& a) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j) asm volatile("" : "+r"(a[j]));
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a.step[s].r[j]));
 }
 
 }  // namespace cuda
