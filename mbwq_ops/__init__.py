@@ -29,6 +29,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from . import format, ops, reference  # noqa: E402,F401
 from .accounting import bits_per_weight, layer_bits  # noqa: E402,F401
 from .checkpoint import load_quantized, save_quantized  # noqa: E402,F401
+from .fusion import fuse_linears  # noqa: E402,F401
 from .layer import MBWQLinear, MBWQLinearCuda, prepare_model  # noqa: E402,F401
 from .ops import dequant, gemm, plan  # noqa: E402,F401
 

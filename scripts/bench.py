@@ -32,8 +32,9 @@ Render tables from a folder of runs with scripts/bench_tables.py.
     python scripts/bench.py            # full run (a few minutes on an H100)
     python scripts/bench.py --quick    # 8192x28672, 4-bit + mixed 2.5, M in {1, 16, 256}
 
-It also times a decode step (M = 1) of 8 transformer blocks shaped like an 8B model's (records
-with "kind": "decode_stack"; --stack-blocks 0 skips it).
+It also times a decode step (M = 1) through transformer blocks shaped like Llama-3-8B's (32; 8
+with --quick), with separate projections and with q/k/v and gate/up fused (records with
+"kind": "decode_stack"; --stack-blocks 0 skips it).
 """
 from __future__ import annotations
 
@@ -158,17 +159,24 @@ def bench_int4pack(K, N, Ms) -> Dict[int, Optional[float]]:
 # grouped-query attention), o (4096 x 4096), gate and up (4096 x 14336), down (14336 x 4096);
 # 32 blocks make the model's decode step (records name the stack "llama3-8b"; records before
 # 2026-12-07 used q/k/v/o all 4096 x 4096 and 8 blocks, "stack" absent).
+# "llama3-8b-fused": the same weights with the projections that read one input as one layer
+# (mbwq_ops.fuse_linears; fp16 likewise one matmul): qkv (4096 x 6144), o, gate_up
+# (4096 x 28672), down.
+STACKS = {
+    "llama3-8b": [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336),
+                  (4096, 14336), (14336, 4096)],
+    "llama3-8b-fused": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
+}
 STACK_NAME = "llama3-8b"
-STACK_BLOCK = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336),
-               (4096, 14336), (14336, 4096)]
+STACK_BLOCK = STACKS[STACK_NAME]
 
 
-def bench_decode_stack(blocks: int, formats: List[str]) -> List[dict]:
-    """One decode step (M = 1) through `blocks` blocks of STACK_BLOCK, captured in one CUDA
+def bench_decode_stack(blocks: int, formats: List[str], stack: str = STACK_NAME) -> List[dict]:
+    """One decode step (M = 1) through `blocks` blocks of STACKS[stack], captured in one CUDA
     graph: fp16 torch.matmul against mbwq layers in each format. Each projection takes a fixed
     [1, K] input, so the step costs the projections alone (no attention, norms or activations);
     the stack's weights (several GB) are far larger than L2."""
-    shapes = STACK_BLOCK * blocks
+    shapes = STACKS[stack] * blocks
     res = []
     Ws = [torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.02 for K, N in shapes]
     xs = {K: torch.randn(1, K, device="cuda", dtype=torch.float16) for K, _ in shapes}
@@ -182,7 +190,7 @@ def bench_decode_stack(blocks: int, formats: List[str]) -> List[dict]:
             layers.append(layer)
             wbytes += nb
         us = time_graph([lambda: [lay(xs[K]) for (K, _), lay in zip(shapes, layers)]])
-        res.append({"kind": "decode_stack", "stack": STACK_NAME, "blocks": blocks, "format": f,
+        res.append({"kind": "decode_stack", "stack": stack, "blocks": blocks, "format": f,
                     "bpw": round(wbytes * 8 / sum(K * N for K, N in shapes), 3),
                     "weight_bytes": wbytes, "us_per_token": round(us, 1),
                     "tokens_per_s": round(1e6 / us, 1), "fp16_us_per_token": round(fp16_us, 1),
@@ -300,13 +308,16 @@ def main():
             torch.cuda.empty_cache()
             save()
     if args.stack_blocks > 0:
-        print(f"\ndecode step, M = 1, {args.stack_blocks} blocks of "
-              f"{len(STACK_BLOCK)} projections (Llama-3-8B shapes), one CUDA graph:")
-        for r in bench_decode_stack(args.stack_blocks, ["q4_g128", "mixed_2.5"]):
-            records.append(dict(common, **r))
-            print(f"  {r['format']:>10} {r['bpw']:5.2f} bpw  {r['us_per_token']:8.1f} us/token "
-                  f"{r['tokens_per_s']:8.1f} tok/s   fp16 {r['fp16_us_per_token']:8.1f} us/token "
-                  f"{r['fp16_tokens_per_s']:8.1f} tok/s   x{r['speedup_fp16']:.2f}", flush=True)
+        for stack, what in ((STACK_NAME, "projections"),
+                            ("llama3-8b-fused", "projections, q/k/v and gate/up fused")):
+            print(f"\ndecode step, M = 1, {args.stack_blocks} blocks of "
+                  f"{len(STACKS[stack])} {what} (Llama-3-8B shapes), one CUDA graph:")
+            for r in bench_decode_stack(args.stack_blocks, ["q4_g128", "mixed_2.5"], stack):
+                records.append(dict(common, **r))
+                print(f"  {r['format']:>10} {r['bpw']:5.2f} bpw  {r['us_per_token']:8.1f} us/token "
+                      f"{r['tokens_per_s']:8.1f} tok/s   fp16 {r['fp16_us_per_token']:8.1f} "
+                      f"us/token {r['fp16_tokens_per_s']:8.1f} tok/s   x{r['speedup_fp16']:.2f}",
+                      flush=True)
     save()
     print(f"\nwrote {len(records)} records to {out_path}")
 

@@ -129,7 +129,8 @@ def render(recs: List[dict]) -> str:
     lines += roofline(layers)
     for r in recs:
         if r.get("kind") == "decode_stack":
-            lines.append(f"Decode stack ({r['blocks']} blocks), {r['format']}: "
+            fused = ", q/k/v and gate/up fused" if r.get("stack", "").endswith("-fused") else ""
+            lines.append(f"Decode stack ({r['blocks']} blocks{fused}), {r['format']}: "
                          f"{r['us_per_token']} µs/token ({r['tokens_per_s']} tokens/s), fp16 "
                          f"{r['fp16_us_per_token']} µs ({r['fp16_tokens_per_s']} tokens/s): "
                          f"{r['speedup_fp16']}×")

@@ -548,3 +548,59 @@ def test_strategy_group_size_must_cover_every_width():
     entry["group_size"]["2"] = 64
     plan = Q.plan_from_strategy(lin.weight.detach().t(), None, entry)
     assert plan.groups == [(4, 32), (4, 32), (2, 64)]
+
+
+SHARED = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_shared_layout_makes_projections_of_one_input_fusable(calibrate):
+    from mbwq_ops.apps.tiny_llama import build as build_llama
+    from mbwq_ops.fusion import fusion_problem
+
+    cal = [torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(1))]
+    sets = lambda blk: [[blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj],
+                        [blk.mlp.gate_proj, blk.mlp.up_proj]]
+    cfg = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+               num_heads=4, num_kv_heads=2, max_seq_len=64)  # K = 256: two 128-row units
+    plain = mbwq_ops.quantize_model(build_llama(cfg), bpw=3.0, verbose=False, group_size=64,
+                                    calibration=cal if calibrate else None)
+    shared = mbwq_ops.quantize_model(build_llama(cfg), bpw=3.0, verbose=False, group_size=64,
+                                     calibration=cal if calibrate else None, shared_layout=SHARED)
+    # the allocation alone gives each layer a layout of its own ...
+    assert any(fusion_problem(s) is not None for blk in plain.model.layers for s in sets(blk))
+    # ... and one per set with shared_layout, still mixed and within the budget
+    all_sets = [s for blk in shared.model.layers for s in sets(blk)]
+    assert all(fusion_problem(s) is None for s in all_sets)
+    assert any(len({g.bits for g in s[0].stored_groups()}) > 1 for s in all_sets)
+    assert mbwq_ops.bits_per_weight(shared) <= 3.0 + 1e-9
+
+
+def test_shared_measurement_weighs_each_member_as_alone():
+    from mbwq_ops.quant.measure import _measure, _measure_shared
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(128, 48, generator=g)
+    X = torch.randn(512, 128, generator=g)
+    H = (X.t() @ X / 512).double()
+    alone = _measure(W, H, 64, [4, 3, 2], [64], 0.01, "minmax", False)
+    shared = _measure_shared([W, W], [0.25, 0.75], H, 64, [4, 3, 2], [64], 0.01, "minmax", False)
+    assert torch.equal(shared.order, alone.order)
+    torch.testing.assert_close(shared.err, alone.err, rtol=1e-2, atol=0)  # fp16 grids of scaled W
+    assert torch.equal(shared.cost, 2 * alone.cost)
+
+
+@pytest.mark.parametrize("bad", ["q_proj", [("q_proj",)], [("q_proj", "q_proj")],
+                                 [("model.q_proj", "k_proj")], [3]])
+def test_shared_layout_rejects_bad_entries(bad):
+    with pytest.raises(ValueError, match="shared_layout"):
+        mbwq_ops.quantize_model(nn.Sequential(nn.Linear(64, 64)), bpw=4.25, verbose=False,
+                                shared_layout=bad)
+
+
+def test_shared_layout_entry_matching_nothing_warns():
+    from mbwq_ops.apps.tiny_llama import build as build_llama
+
+    with pytest.warns(UserWarning, match=r"shared_layout entries \[\('wq', 'wk'\)\] match no"):
+        mbwq_ops.quantize_model(build_llama("tiny"), bpw=3.0, verbose=False,
+                                shared_layout=[("wq", "wk")])

@@ -62,6 +62,11 @@ def output_error(model, ref_logits: torch.Tensor, tokens: torch.Tensor) -> Dict[
     return {"logit_rel_err": rel, "top1_agreement": agree}
 
 
+# Layers that read one input: one GEMM per set (tiny_llama.fuse_projections), and for the
+# mixed model one layout per set so that they can be fused.
+SHARED_LAYOUT = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
+
+
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="mbwq demo",
@@ -79,6 +84,10 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="use GPTQ with random-token calibration instead of round-to-nearest "
                         "(the demo's model has random weights, so expect no gain: GPTQ pays "
                         "off on trained models with real inputs)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep q/k/v and gate/up as separate layers (default: each model runs "
+                        "them as one GEMM per set; the mixed model is quantized with one "
+                        "layout per set so that it can)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
@@ -161,18 +170,20 @@ def run(args: argparse.Namespace) -> Dict:
             cal = [c.to(device) for c in calib] if calib is not None else None
             if kind == "mixed":
                 Q.quantize_model(model, bpw=args.bpw, group_size=args.group_size,
-                                 calibration=cal, verbose=verbose)
+                                 calibration=cal, verbose=verbose,
+                                 shared_layout=None if args.no_fuse else SHARED_LAYOUT)
             else:
                 Q.quantize_model(model, bits=4, group_size=args.group_size, calibration=cal,
                                  verbose=verbose)
             qtime = time.perf_counter() - t
         model.to(device=device, dtype=dtype).eval()
+        fused = None if args.no_fuse else TL.fuse_projections(model)
         with torch.no_grad():
             logits = model(eval_tokens.to(device)).float().cpu()
         entry = {"name": label, "quantize_seconds": qtime,
                  "bpw": bits_per_weight(model) if kind else 16.0 if dtype != torch.float32 else 32.0,
                  "model_bytes": model_bytes(model), "linear_bytes": linear_weight_bytes(model),
-                 "runs": {}}
+                 "fused_sets": fused, "runs": {}}
         if kind is None:
             ref_logits = logits
         else:
@@ -249,6 +260,10 @@ def format_results(res: Dict) -> str:
             extra.append(f"peak CUDA memory {v['peak_cuda_bytes'] / 2**20:.0f} MiB")
         if v["quantize_seconds"]:
             extra.append(f"quantized in {v['quantize_seconds']:.1f} s")
+        if v.get("fused_sets"):
+            f = v["fused_sets"]
+            extra.append(f"{f['fused']} of {f['fused'] + f['kept']} q/k/v and gate/up sets run "
+                         f"as one GEMM")
         for m in modes[1:]:
             agree = v["runs"][m]["tokens_match_" + modes[0]]
             if agree < 1.0:  # low-precision rounding differs between fused and eager kernels;

@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LlamaConfig", "TinyLlama", "Generator", "PRESETS"]
+__all__ = ["LlamaConfig", "TinyLlama", "Generator", "PRESETS", "fuse_projections"]
 
 
 @dataclass
@@ -100,9 +100,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # fuse_projections: one GEMM for the three
+            q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, nh, hd).transpose(1, 2)
+        k = k.reshape(B, T, nkv, hd).transpose(1, 2)
+        v = v.reshape(B, T, nkv, hd).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if self.k_cache is not None:  # write this step's keys/values, attend over the cache
             self.k_cache.index_copy_(2, positions, k.to(self.k_cache.dtype))
@@ -125,7 +129,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):  # fuse_projections: one GEMM for the two
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -330,6 +338,57 @@ class Generator:
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ============================================================================ fusion
+FUSED = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+         "gate_up_proj": ("mlp", ("gate_proj", "up_proj"))}
+
+
+def _fuse(layers: List[nn.Module]) -> Optional[nn.Module]:
+    """One module computing ``cat([l(x) for l in layers], -1)``, or None when they differ in
+    kind or input layout (dense layers: same dtype, device and bias use)."""
+    from ..fusion import fuse_linears, fusion_problem
+    from ..layer import MBWQLinear
+
+    if all(isinstance(lin, MBWQLinear) for lin in layers):
+        return fuse_linears(layers) if fusion_problem(layers) is None else None
+    if not all(type(lin) is nn.Linear for lin in layers):
+        return None
+    w = layers[0].weight
+    if any(lin.weight.dtype != w.dtype or lin.weight.device != w.device
+           or (lin.bias is None) != (layers[0].bias is None) for lin in layers):
+        return None
+    fused = nn.Linear(w.shape[1], sum(lin.out_features for lin in layers),
+                      bias=layers[0].bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in layers]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in layers]))
+    return fused
+
+
+def fuse_projections(model: TinyLlama) -> Dict[str, int]:
+    """Replace each block's q/k/v projections by one ``qkv_proj`` and gate/up by one
+    ``gate_up_proj`` where they can be fused (dense layers always; MBWQ layers when their input
+    sides match: mbwq_ops.fusion); the outputs are the same, computed in fewer, wider GEMMs.
+    An inference-time change: the model's state_dict then holds the fused modules. Returns how
+    many sets were fused and kept apart."""
+    counts = {"fused": 0, "kept": 0}
+    for block in model.model.layers:
+        for fused_name, (parent_name, names) in FUSED.items():
+            parent = getattr(block, parent_name)
+            if hasattr(parent, fused_name):
+                continue
+            fused = _fuse([getattr(parent, n) for n in names])
+            if fused is None:
+                counts["kept"] += 1
+                continue
+            for n in names:
+                delattr(parent, n)
+            setattr(parent, fused_name, fused)
+            counts["fused"] += 1
+    return counts
 
 
 def build(preset_or_config="cpu", dtype: torch.dtype = torch.float32, device="cpu") -> TinyLlama:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -179,3 +179,46 @@ def _assemble(order: Tensor, unit_rows: List[int], choice: List[Tuple[int, int]]
         perm.append(order[starts[u]:starts[u + 1]])
         groups += [(b, r) for r in _split(unit_rows[u], gs)]
     return LayerPlan(torch.cat(perm), groups, True, groups[0][0], choice[idx[0]][1])
+
+
+def _check_shared_layout(shared) -> Tuple[Tuple[str, ...], ...]:
+    """``shared_layout`` as a tuple of tuples of module leaf names, each naming 2+ layers."""
+    if shared is None:
+        return ()
+    if isinstance(shared, str) or not isinstance(shared, (list, tuple)):
+        raise ValueError(f"shared_layout must be a list of tuples of layer names, such as "
+                         f"[('q_proj', 'k_proj', 'v_proj')], got {shared!r}")
+    out = []
+    for names in shared:
+        if (isinstance(names, str) or not isinstance(names, (list, tuple)) or len(names) < 2
+                or not all(isinstance(n, str) and n and "." not in n for n in names)
+                or len(set(names)) != len(names)):
+            raise ValueError(f"shared_layout: each entry must name two or more distinct sibling "
+                             f"layers by their own names (no dots), got {names!r}")
+        out.append(tuple(names))
+    return tuple(out)
+
+
+def _shared_units(names: Sequence[str], shared: Tuple[Tuple[str, ...], ...]
+                  ) -> Tuple[List[List[str]], List[Tuple[str, ...]]]:
+    """``names`` cut into allocation units: each set of siblings (one parent module) named by an
+    entry of ``shared`` is one unit, every other layer a unit of its own. Also returns the
+    entries that matched no parent."""
+    present = set(names)
+    taken: Dict[str, List[str]] = {}
+    used = set()
+    for entry in shared:
+        parents = {n.rsplit(".", 1)[0] for n in names if "." in n and n.rsplit(".", 1)[1] == entry[0]}
+        for parent in sorted(parents):
+            members = [f"{parent}.{leaf}" for leaf in entry]
+            if all(m in present and m not in taken for m in members):
+                for m in members:
+                    taken[m] = members
+                used.add(entry)
+    units, seen = [], set()
+    for n in names:
+        unit = taken.get(n, [n])
+        if unit[0] not in seen:
+            seen.add(unit[0])
+            units.append(unit)
+    return units, [e for e in shared if e not in used]

@@ -133,8 +133,29 @@ def _measure(W: Tensor, H: Optional[Tensor], unit_rows_size: int, widths: Sequen
                 e = dW.pow(2).sum((1, 2))
             err[idx, c] = e.to("cpu", torch.float64)
             cost[idx, c] = float(candidate_bits(r, N, b, gs))
+    return _Measured(K, N, order.cpu(), unit_rows, cands, err, cost, output_energy(W, H))
+
+
+def output_energy(W: Tensor, H: Optional[Tensor]) -> float:
+    """``tr(W^T H W)`` (``|W|^2`` without ``H``): the layer's mean squared output, the unit
+    its errors are measured in when the model's output is not (``objective="layer"``)."""
     energy = float((W * (H.to(torch.float32) @ W)).sum()) if H is not None else float(W.pow(2).sum())
-    return _Measured(K, N, order.cpu(), unit_rows, cands, err, cost, max(energy, 1e-30))
+    return max(energy, 1e-30)
+
+
+def _measure_shared(Ws: Sequence[Tensor], weights: Sequence[float], H: Optional[Tensor],
+                    unit_rows_size: int, widths: Sequence[int], group_sizes: Sequence[int],
+                    damp: float, grid: str, gptq_estimate: bool) -> _Measured:
+    """:func:`_measure` for layers that read one input and get one layout (``shared_layout``):
+    the layers side by side, layer ``i``'s columns scaled by ``sqrt(weights[i])``. Every error
+    measured is a sum over columns and the grids are per column, so the result's error of a
+    candidate is ``sum_i weights[i] * err_i``: each layer weighed as the allocation weighs it
+    alone, in one shared row order and one choice per unit. Energy 1: the weights already
+    normalise."""
+    W = torch.cat([w * float(c) ** 0.5 for w, c in zip(Ws, weights)], dim=1)
+    m = _measure(W, H, unit_rows_size, widths, group_sizes, damp, grid, gptq_estimate)
+    m.energy = 1.0
+    return m
 
 
 def _allocate(err: Tensor, cost: Tensor, budget: float) -> Tensor:

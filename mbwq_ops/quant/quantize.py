@@ -53,14 +53,15 @@ from torch import Tensor, nn
 from .. import format as fmt
 from ..accounting import bits_per_weight, layer_bits, set_module  # noqa: F401 (re-exported)
 from ..layer import MBWQLinear
-from .quantizers import DEFAULT_GRID, FP16_MAX, check_grid, gptq, quantize_rtn, quantize_to_grid
+from .quantizers import (DEFAULT_GRID, FP16_MAX, check_grid, damped_hessian, gptq, quantize_rtn,
+                         quantize_to_grid)
 from .layout import (  # noqa: F401 (LayerPlan, candidate_bits, cheapest_bpw re-exported)
     LayerPlan, _as_width, _assemble, _check_budget_value, _check_damp, _check_group_size,
-    _check_method, _check_min_budget, _check_widths, _group_sizes, _importance, _split,
-    candidate_bits, cheapest_bpw)
+    _check_method, _check_min_budget, _check_shared_layout, _check_widths, _group_sizes,
+    _importance, _shared_units, _split, candidate_bits, cheapest_bpw)
 from .measure import (  # noqa: F401 (collect_hessians re-exported; the rest for tests)
-    _allocate, _few_rows_advice, _hessian_from, _measure, _output_gains, _progress,
-    collect_hessians)
+    _allocate, _few_rows_advice, _hessian_from, _measure, _measure_shared, _output_gains,
+    _progress, collect_hessians, output_energy)
 from .strategy import check_entry, load_strategy, strategy_entry, unmatched_entries
 
 __all__ = [
@@ -377,7 +378,8 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
                    method: str = "auto", act_order: bool = True, damp: float = 0.01,
                    grid: str = DEFAULT_GRID, static_groups: bool = False,
                    objective: str = "output", verbose: bool = True,
-                   input_shards: Optional[Dict[str, int]] = None) -> nn.Module:
+                   input_shards: Optional[Dict[str, int]] = None,
+                   shared_layout: Optional[Sequence[Sequence[str]]] = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (except names matching ``skip``; layers whose
     ``in_features`` is not a multiple of 32 are kept too, with a warning) by an
     :class:`MBWQLinear`, in place; returns ``model``.
@@ -401,6 +403,12 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     * ``input_shards``: ``{name pattern: S}``; every group of those layers reads features of one
       of S equal input shards, so a tensor-parallel rank needs only its own input
       (:func:`mbwq_ops.parallel.keep_rows_in_shards`, :func:`mbwq_ops.parallel.input_shards`).
+    * ``shared_layout``: sibling layers that read one input and should store it the same way,
+      by their own names, e.g. ``[("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]``:
+      the allocation gives each such set one row order and one width per unit (weighing each
+      member's errors as it would alone), so that :func:`mbwq_ops.fuse_linears` can run them
+      as one GEMM. Uniform layouts (``bits``) need no help: layers of one input already share
+      theirs.
     """
     _check_method(method)
     _check_damp(damp)
@@ -408,6 +416,7 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     if objective not in ("output", "layer"):
         raise ValueError(f"objective must be 'output' or 'layer', got {objective!r}")
     _check_widths(widths)
+    shared = _check_shared_layout(shared_layout)
     gss = _group_sizes(group_size)
     if bpw is not None:
         bpw = _check_budget_value(bpw, "bpw")
@@ -510,29 +519,43 @@ def quantize_model(model: nn.Module, bpw: Optional[float] = 3.0, calibration=Non
     if to_allocate:
         if bpw is None:
             raise ValueError("quantize_model: give bpw, bits or a strategy covering every layer")
-        measured = {}
-        for name in _progress(to_allocate, verbose, "measuring"):
-            W = _weight_of(mods[name], name)
-            measured[name] = _measure(W, hessians.get(name), max(gss), widths, gss, damp, grid,
-                                      use_h and name in hessians)
+        units, unused_shared = _shared_units(to_allocate, shared)
+        if unused_shared:
+            warnings.warn(f"quantize_model: shared_layout entries {unused_shared} match no set of "
+                          "sibling layers being allocated; check the names", UserWarning,
+                          stacklevel=2)
         gains = None
         if objective == "output" and hessians:
             gains = _output_gains(model, to_allocate, calibration, hessians, bpw, widths,
                                   max(gss), grid, verbose)
-        if gains is not None:  # every error in units of the model's output error
-            err = torch.cat([measured[n].err * gains[n] for n in to_allocate])
-        else:  # no output to measure: each layer's error relative to its output energy
-            err = torch.cat([measured[n].err / measured[n].energy for n in to_allocate])
-        cost = torch.cat([measured[n].cost for n in to_allocate])
-        weights = sum(measured[n].K * measured[n].N for n in to_allocate)
+        measured = []
+        for unit in _progress(units, verbose, "measuring"):
+            Ws = [_weight_of(mods[n], n) for n in unit]
+            H = hessians.get(unit[0])
+            gptq_est = use_h and unit[0] in hessians
+            if len(unit) == 1:
+                m = _measure(Ws[0], H, max(gss), widths, gss, damp, grid, gptq_est)
+                weight = gains[unit[0]] if gains is not None else 1.0 / m.energy
+            else:  # one layout for layers of one input: each member weighed as it would be alone
+                Hd = damped_hessian(H, damp) if H is not None else None
+                ws = [gains[n] if gains is not None else 1.0 / output_energy(W, Hd)
+                      for n, W in zip(unit, Ws)]
+                m = _measure_shared(Ws, ws, H, max(gss), widths, gss, damp, grid, gptq_est)
+                weight = 1.0
+            measured.append((unit, m, weight))
+        # every error in units of the model's output error (gains), or else relative to the
+        # layer's output energy
+        err = torch.cat([m.err * w for _, m, w in measured])
+        cost = torch.cat([m.cost for _, m, _ in measured])
+        weights = sum(m.K * m.N for _, m, _ in measured)
         budget = float(bpw) * weights
         choice = _allocate(err, cost, budget)
         at = 0
-        for n in to_allocate:
-            m = measured[n]
+        for unit, m, _ in measured:
             U = len(m.unit_rows)
-            plans[n] = _assemble(m.order, m.unit_rows,
-                                 [m.cands[int(c)] for c in choice[at:at + U]])
+            plan = _assemble(m.order, m.unit_rows, [m.cands[int(c)] for c in choice[at:at + U]])
+            for n in unit:
+                plans[n] = plan
             at += U
 
     for pattern, shards in (input_shards or {}).items():
