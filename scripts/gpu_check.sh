@@ -112,7 +112,7 @@ fi
 
 # The main job, as the README runs it (CUDA preset: ~0.9 B parameters, CUDA graphs);
 # DEMO=0 skips it.
-if [ "${DEMO:-1}" = 1 ]; then step demo demo.log $PY -m mbwq_ops.demo; fi
+if [ "${DEMO:-1}" = 1 ]; then step demo demo.log $PY -m mbwq_ops demo; fi
 
 echo "=== summary"
 for k in build tests extra memcheck racecheck fuzz_memcheck bench demo; do echo "$k: ${RESULT[$k]:-not run}"; done
