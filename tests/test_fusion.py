@@ -137,3 +137,22 @@ def test_quantized_projections_of_one_input_fuse():
         mbwq_ops.quantize_model(model, bits=4, calibration=calibration, verbose=False)
         attn = model.model.layers[0].self_attn
         assert fusion.fusion_problem([attn.q_proj, attn.k_proj, attn.v_proj]) is None
+
+
+@pytest.mark.parametrize("name", ["llama-4bit-sym-actorder", "llama-2bit-asym-actorder",
+                                  "llama-3bit-sym-actorder", "llama-4bit-asym"])
+def test_gptq_checkpoints_fuse(name):
+    # checkpoints made by gptqmodel (tests/fixtures/gptq, scripts/make_gptq_fixtures.py): act-order
+    # orders the inputs by the Hessian, which q/k/v (and gate/up) share, so their layouts match
+    import os
+
+    from mbwq_ops import loaders
+
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "gptq", name)
+    ck = loaders.read_checkpoint(folder, progress=False)
+    x = torch.randn(3, ck.config["hidden_size"], generator=torch.Generator().manual_seed(4))
+    for parent, names in (("self_attn", ("q_proj", "k_proj", "v_proj")),
+                          ("mlp", ("gate_proj", "up_proj"))):
+        layers = [loaders.build_layer(ck.layers[f"model.layers.0.{parent}.{n}"]) for n in names]
+        fused = mbwq_ops.fuse_linears(layers)
+        assert torch.equal(fused(x), torch.cat([layer(x) for layer in layers], -1))
