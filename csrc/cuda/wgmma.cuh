@@ -24,7 +24,7 @@
 
 #include <type_traits>
 
-#include "mma_decode.cuh"  // FragA, BlockA
+#include "mma.cuh"  // FragA, BlockA
 
 namespace mbwq {
 namespace cuda {
