@@ -83,4 +83,4 @@ elif not any(isinstance(f, _RegisterWithTransformers) for f in sys.meta_path):
 
 __all__ = ["MBWQLinear", "MBWQLinearCuda", "prepare_model", "dequant", "gemm", "plan", "format", "ops",
            "reference", "bits_per_weight", "layer_bits", "save_quantized", "load_quantized",
-           *_LAZY]
+           "fuse_linears", *_LAZY]
