@@ -30,7 +30,7 @@ import torch
 from . import format as fmt
 from .layer import MBWQLinear
 
-__all__ = ["fusion_problem", "fuse_linears"]
+__all__ = ["fusion_problem", "fuse_linears", "output_sizes"]
 
 
 def _layout(layer: MBWQLinear):
@@ -74,23 +74,20 @@ def fuse_linears(layers: Sequence[MBWQLinear]) -> MBWQLinear:
     """One prepared :class:`MBWQLinear` computing ``torch.cat([l(x) for l in layers], -1)``.
 
     Its output columns are the layers' in order; split them with
-    ``y.split([l.out_features for l in layers], -1)``. Raises ValueError (the reason from
+    ``y.split(output_sizes(layers), -1)``. Raises ValueError (the reason from
     :func:`fusion_problem`) when the layers' input sides differ."""
     problem = fusion_problem(layers)
     if problem is not None:
         raise ValueError(f"fuse_linears: {problem}")
     first = layers[0]
-    N = sum(layer.out_channels for layer in layers)
-    fused = MBWQLinear(first.in_channels, N, w_bit=first.w_bit, group_size=first.group_size,
-                       use_mbw=first.use_mbw, groups=first.scales.shape[0],
-                       rows_packed=first.qweight.shape[0], disable_bias=first.bias is None)
     cat = {name: torch.cat([getattr(layer, name) for layer in layers], dim=-1)
            for name in ("qweight", "scales", "zeros") + (("bias",) if first.bias is not None else ())}
     state = dict(cat, q_perm=first.q_perm, channel_scale=first.channel_scale)
     if first.use_mbw:
         state["q_groups"] = first.q_groups
-    fused.to(first.qweight.device)
-    fused.load_state_dict({k: v.detach() for k, v in state.items()})
+    fused = MBWQLinear.from_stored({k: v.detach() for k, v in state.items()}, first.in_channels,
+                                   use_mbw=first.use_mbw, w_bit=first.w_bit,
+                                   group_size=first.group_size)
     fused.prepare_params()
     return fused
 

@@ -14,7 +14,7 @@ Differences, all deliberate:
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +107,21 @@ class MBWQLinear(nn.Module):
         self.q_group_map: Optional[Tensor] = None
         self._prepared = False
         self._versions: tuple = ()
+
+    @classmethod
+    def from_stored(cls, state: Dict[str, Tensor], in_channels: int, *, use_mbw: bool,
+                    w_bit: int, group_size: int) -> "MBWQLinear":
+        """A layer holding ``state`` (stored-format tensors, as ``state_dict()`` gives them):
+        out_channels, bias and the group / packed-row counts come from the tensors' shapes, the
+        buffers live on ``state["qweight"]``'s device. Validated by ``load_state_dict``; not
+        prepared (``prepare_params()`` once it sits where it runs)."""
+        counts = ({"groups": state["scales"].shape[0], "rows_packed": state["qweight"].shape[0]}
+                  if use_mbw else {})  # uniform layers derive theirs from K, w_bit, group_size
+        layer = cls(in_channels, state["qweight"].shape[1], w_bit=w_bit, group_size=group_size,
+                    use_mbw=use_mbw, disable_bias="bias" not in state, **counts)
+        layer.to(state["qweight"].device)
+        layer.load_state_dict(state)
+        return layer
 
     # ------------------------------------------------------------------ stored tensors
     def __setattr__(self, name, value):

@@ -289,15 +289,6 @@ def _even(total: int, world: int, rank: int, name: str, what: str) -> Tuple[int,
     return rank * n, (rank + 1) * n
 
 
-def _mbwq_layer(K: int, N: int, info: _Info, sd: Dict[str, Tensor], use_mbw: bool,
-                bias: bool) -> MBWQLinear:
-    layer = MBWQLinear(K, N, w_bit=info.w_bit, group_size=info.group_size, use_mbw=use_mbw,
-                       disable_bias=not bias, groups=sd["scales"].shape[0],
-                       rows_packed=sd["qweight"].shape[0])
-    layer.load_state_dict(sd)
-    return layer
-
-
 def _column(info: _Info, src, rank: int, world: int, name: str) -> nn.Module:
     c0, c1 = _even(info.N, world, rank, name, "out_features")
     if info.kind == "linear":
@@ -312,7 +303,8 @@ def _column(info: _Info, src, rank: int, world: int, name: str) -> nn.Module:
         sd[k] = src.read(k)
     if info.bias:
         sd["bias"] = src.read("bias", slice(c0, c1))
-    return _mbwq_layer(info.K, c1 - c0, info, sd, info.use_mbw, info.bias)
+    return MBWQLinear.from_stored(sd, info.K, use_mbw=info.use_mbw, w_bit=info.w_bit,
+                                  group_size=info.group_size)
 
 
 def _balanced(costs: List[int], world: int) -> List[int]:
@@ -430,7 +422,8 @@ def _row(info: _Info, src, rank: int, world: int, group, name: str) -> nn.Module
     if use_mbw:
         sd["q_groups"] = fmt.q_groups_tensor(fmt.mixed_groups(
             [groups[gi].bits for gi, _, _ in pieces], [rows for _, _, rows in pieces]))
-    local = _mbwq_layer(feats.numel(), info.N, info, sd, use_mbw, False)
+    local = MBWQLinear.from_stored(sd, feats.numel(), use_mbw=use_mbw, w_bit=info.w_bit,
+                                   group_size=info.group_size)
     return RowParallel(local, group, gather, bias)
 
 
@@ -520,7 +513,9 @@ def load_sharded(model_skeleton_or_factory: Union[nn.Module, Callable[[], nn.Mod
                 keys = ("qweight", "scales", "zeros", "q_perm", "channel_scale") + (
                     ("q_groups",) if info.use_mbw else ()) + (("bias",) if info.bias else ())
                 sd = {k: src.read(k) for k in keys}
-                replaced[name] = _mbwq_layer(info.K, info.N, info, sd, info.use_mbw, info.bias)
+                replaced[name] = MBWQLinear.from_stored(sd, info.K, use_mbw=info.use_mbw,
+                                                        w_bit=info.w_bit,
+                                                        group_size=info.group_size)
         prefixes = tuple(n + "." for n in replaced)
         rest = {}
         for k in list(f.keys()) + list(aliases):

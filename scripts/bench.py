@@ -168,7 +168,6 @@ STACKS = {
     "llama3-8b-fused": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
 }
 STACK_NAME = "llama3-8b"
-STACK_BLOCK = STACKS[STACK_NAME]
 
 
 def bench_decode_stack(blocks: int, formats: List[str], stack: str = STACK_NAME) -> List[dict]:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mbwq_ops import loaders
 from mbwq_ops.loaders import exl2
 from mbwq_ops.reference import error_scale, gemm_reference
+from raw_files import raw_tensors
 
 FOLDER = os.path.join(os.path.dirname(__file__), "fixtures", "exl2", "llama-exl2")
 
@@ -56,19 +56,10 @@ def exllamav2_weight(t, K):
     return stored[t["q_invperm"].long()]  # feature p is stored row q_invperm[p]
 
 
-def raw_layers():
-    raw = {}
-    for f in sorted(os.listdir(FOLDER)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(FOLDER, f), "pt") as h:
-                raw.update({k: h.get_tensor(k) for k in h.keys()})
-    return raw
-
-
 def test_fixture_bit_exact_against_the_reference():
     assert loaders.detect(FOLDER) == "exl2"
     ck = loaders.read_checkpoint(FOLDER, progress=False)
-    raw = raw_layers()
+    raw = raw_tensors(FOLDER)
     assert ck.source == "exl2" and ck.info == {"version": "0.3.2", "bits": 4.0, "head_bits": 6}
     assert len(ck.layers) == 15 and "lm_head" in ck.layers and not ck.tie_word_embeddings
     assert sorted(ck.tensors) == sorted(k for k in raw if k.endswith("norm.weight")
@@ -144,7 +135,7 @@ def test_synthetic_layers_bit_exact(spec, N, tiny, bias, seed):
 
 
 def _layer():
-    raw = raw_layers()
+    raw = raw_tensors(FOLDER)
     name = "model.layers.0.self_attn.q_proj"
     return {k[len(name) + 1:]: v for k, v in raw.items() if k.startswith(name + ".")}
 

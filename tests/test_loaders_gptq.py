@@ -10,12 +10,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mbwq_ops import loaders
 from mbwq_ops.loaders import gptq
 from mbwq_ops.reference import round_to_fp16
+from raw_files import raw_tensors
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "gptq")
 FIXTURES = ["llama-4bit-sym-actorder", "llama-4bit-asym", "llama-3bit-sym-actorder",
@@ -50,15 +50,6 @@ def ulp16(x):
     """The spacing of fp16 numbers at |x| (normal range; 2^-24 below it)."""
     e = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -14)))
     return torch.pow(2.0, e - 10)
-
-
-def raw_tensors(folder):
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, f), "pt") as h:
-                out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def digest(W):

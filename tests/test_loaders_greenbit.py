@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mbwq_ops import loaders
 from mbwq_ops.loaders import greenbit
 from mbwq_ops.reference import dequant_reference, error_scale, gemm_reference
+from raw_files import raw_tensors
 
 HERE = os.path.dirname(__file__)
 LLAMA = os.path.join(HERE, "fixtures", "greenbit", "llama-channel-mix")
@@ -21,16 +21,6 @@ QWEN = os.path.join(HERE, "fixtures", "greenbit", "qwen2-layer-mix")
 PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 LAYERS = [f"model.layers.{i}.{p}" for i in range(2) for p in PROJ]
-
-
-def raw_tensors(folder):
-    """Every tensor of the folder, read without the loader."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def strategy_of(folder):

@@ -149,7 +149,7 @@ def test_gptq_visits_low_widths_first_and_stores_8_to_2():
     errs = {}
     for first in (True, False):
         codes, sc, ze = Q.gptq(W.float(), H, plan.groups, 0.1, low_widths_first=first)
-        layer = Q._build_layer(K, N, plan, codes, sc, ze, None, "cpu")
+        layer = Q._build_layer(K, plan, codes, sc, ze, None, "cpu")
         assert [b for b, _ in Q.layer_bits(layer)["groups"]] == [8, 4, 2]
         errs[first] = _out_err(W, layer, H)
     # the 2-bit rows' error is spread over the 8- and 4-bit rows: far less of it is left

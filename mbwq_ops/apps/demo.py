@@ -62,11 +62,6 @@ def output_error(model, ref_logits: torch.Tensor, tokens: torch.Tensor) -> Dict[
     return {"logit_rel_err": rel, "top1_agreement": agree}
 
 
-# Layers that read one input: one GEMM per set (tiny_llama.fuse_projections), and for the
-# mixed model one layout per set so that they can be fused.
-SHARED_LAYOUT = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
-
-
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="mbwq demo",
@@ -171,7 +166,7 @@ def run(args: argparse.Namespace) -> Dict:
             if kind == "mixed":
                 Q.quantize_model(model, bpw=args.bpw, group_size=args.group_size,
                                  calibration=cal, verbose=verbose,
-                                 shared_layout=None if args.no_fuse else SHARED_LAYOUT)
+                                 shared_layout=None if args.no_fuse else TL.SHARED_LAYOUT)
             else:
                 Q.quantize_model(model, bits=4, group_size=args.group_size, calibration=cal,
                                  verbose=verbose)

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fusion import fuse_linears, fusion_problem
+from ..layer import MBWQLinear
+
 __all__ = ["LlamaConfig", "TinyLlama", "Generator", "PRESETS", "fuse_projections"]
 
 
@@ -343,14 +346,13 @@ def _sync(device) -> None:
 # ============================================================================ fusion
 FUSED = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")),
          "gate_up_proj": ("mlp", ("gate_proj", "up_proj"))}
+# The same sets for quantize_model(shared_layout=...): one layout per set, so that they fuse.
+SHARED_LAYOUT = [names for _, names in FUSED.values()]
 
 
 def _fuse(layers: List[nn.Module]) -> Optional[nn.Module]:
     """One module computing ``cat([l(x) for l in layers], -1)``, or None when they differ in
     kind or input layout (dense layers: same dtype, device and bias use)."""
-    from ..fusion import fuse_linears, fusion_problem
-    from ..layer import MBWQLinear
-
     if all(isinstance(lin, MBWQLinear) for lin in layers):
         return fuse_linears(layers) if fusion_problem(layers) is None else None
     if not all(type(lin) is nn.Linear for lin in layers):

@@ -72,7 +72,7 @@ __all__ = [
 WIDTHS = fmt.WIDTHS
 
 
-def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor, zeros: Tensor,
+def _build_layer(K: int, plan: LayerPlan, codes: Tensor, scales: Tensor, zeros: Tensor,
                  bias: Optional[Tensor], device) -> MBWQLinear:
     groups = fmt.mixed_groups([b for b, _ in plan.groups], [r for _, r in plan.groups])
     qweight = fmt.pack_groups(codes, groups)
@@ -80,16 +80,11 @@ def _build_layer(K: int, N: int, plan: LayerPlan, codes: Tensor, scales: Tensor,
           "q_perm": fmt.as_int16(plan.order), "channel_scale": torch.ones(1, 1, K, dtype=torch.float16)}
     if plan.use_mbw:
         sd["q_groups"] = fmt.q_groups_tensor(groups)
-        layer = MBWQLinear(K, N, w_bit=plan.groups[0][0], group_size=plan.group_size, use_mbw=True,
-                           disable_bias=bias is None, groups=len(plan.groups),
-                           rows_packed=qweight.shape[0])
-    else:
-        layer = MBWQLinear(K, N, w_bit=plan.w_bit, group_size=plan.group_size, use_mbw=False,
-                           disable_bias=bias is None)
     if bias is not None:
         sd["bias"] = bias.detach().to(torch.float16)
     sd = {k: v.detach().cpu() for k, v in sd.items()}
-    layer.load_state_dict(sd)
+    layer = MBWQLinear.from_stored(sd, K, use_mbw=plan.use_mbw, group_size=plan.group_size,
+                                   w_bit=plan.groups[0][0] if plan.use_mbw else plan.w_bit)
     layer.to(device)
     layer.prepare_params()
     return layer
@@ -139,7 +134,7 @@ def quantize_with_plan(linear: nn.Linear, plan: LayerPlan, H: Optional[Tensor] =
     """Quantize ``linear`` into the layout ``plan`` (GPTQ when ``H`` is given, else RTN) on
     ``grid`` (quantizers.GRIDS)."""
     check_grid(grid)
-    K, N = _check_linear(linear)
+    K, _ = _check_linear(linear)
     plan.check(K)
     W = _weight_of(linear, name)
     order = plan.order.to(W.device)
@@ -152,7 +147,7 @@ def quantize_with_plan(linear: nn.Linear, plan: LayerPlan, H: Optional[Tensor] =
                                     static_groups=static_groups)
     else:
         codes, scales, zeros = quantize_rtn(Ws, plan.groups, grid)
-    return _build_layer(K, N, plan, codes, scales, zeros, linear.bias, linear.weight.device)
+    return _build_layer(K, plan, codes, scales, zeros, linear.bias, linear.weight.device)
 
 
 def quantize_with_grids(linear: nn.Linear, bits: int, group_size: int, scales: Tensor,
@@ -174,7 +169,7 @@ def quantize_with_grids(linear: nn.Linear, bits: int, group_size: int, scales: T
         codes.append(quantize_to_grid(W[first:first + r], sc[g], ze[g], b)[0])
         first += r
     plan = LayerPlan(torch.arange(K), groups, b not in fmt.UNIFORM_WIDTHS, b, group_size)
-    return _build_layer(K, N, plan, torch.cat(codes), sc, ze, linear.bias, linear.weight.device)
+    return _build_layer(K, plan, torch.cat(codes), sc, ze, linear.bias, linear.weight.device)
 
 
 # ============================================================================ public: one layer
