@@ -98,6 +98,11 @@ def _widths(groups) -> Dict[str, int]:
     return {str(b): r for b, r in sorted(rows.items(), reverse=True)}
 
 
+def layer_records(model: nn.Module) -> Dict[str, Dict]:
+    """``{name: record}`` of every MBWQ layer of ``model`` (the checkpoint's per-layer record)."""
+    return {n: layer_record(m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)}
+
+
 def layer_ctor(lc: Dict) -> Dict:
     """``MBWQLinear`` keyword arguments for a layer record of :func:`layer_record`: buffers of
     the recorded shapes, so that the stored tensors load into them unchanged."""
@@ -118,7 +123,7 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike],
     skeleton. Tensors shared between modules (tied embeddings) are stored once."""
     from safetensors.torch import save_file
 
-    layers = {n: layer_record(m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)}
+    layers = layer_records(model)
     if not layers:
         raise ValueError("save_quantized: the model has no MBWQLinear layer (quantize it first)")
     tensors, aliases, seen = {}, {}, {}

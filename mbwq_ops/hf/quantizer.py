@@ -24,18 +24,13 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..accounting import bits_per_weight, set_module
-from ..checkpoint import FORMAT_VERSION, layer_record, layer_ctor
+from ..checkpoint import FORMAT_VERSION, layer_ctor, layer_records
 from ..layer import STORED_DTYPES, MBWQLinear, prepare_model
 
 __all__ = ["QUANT_METHOD", "MbwqConfig", "MbwqHfQuantizer", "attach", "dense_linear", "layer_records"]
 
 QUANT_METHOD = "mbwq"
 WHERE = "config.json quantization_config"  # how errors name the field
-
-
-def layer_records(model: nn.Module) -> Dict[str, Dict]:
-    """``{name: record}`` of every MBWQ layer of ``model`` (the checkpoint's per-layer record)."""
-    return {n: layer_record(m) for n, m in model.named_modules() if isinstance(m, MBWQLinear)}
 
 
 class MbwqConfig(QuantizationConfigMixin):
