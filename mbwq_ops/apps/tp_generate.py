@@ -98,6 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.init_process_group("nccl" if use_cuda and torch.cuda.is_available() else "gloo")
     try:
         res = run(args)
+        parallel.quiesce()
     except USER_ERRORS as e:
         if dist.get_rank() == 0:
             print(f"mbwq: {e}", file=sys.stderr)
