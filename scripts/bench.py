@@ -11,7 +11,9 @@ One run measures, on the current CUDA device:
   * torch.matmul in fp16 and bf16 on the same [M, K] x [K, N] problem;
   * torch.ops.aten._weight_int4pack_mm (4-bit, group 128, bf16) where it runs, else null;
   * our gemm through torch.ops.mbwq.gemm (CUDA-graph replays) and through MBWQLinear (eager
-    calls, so Python / launch overhead shows);
+    calls, so Python / launch overhead shows), with fp16 x and, in a second pass, bf16 x
+    (`--dtypes`; records carry "dtype", and "speedup_matmul" against torch.matmul in that
+    dtype);
 for M in {1, 2, 4, ..., 4096} on LLM layer shapes, in the formats uniform 4-bit g128, uniform
 2-bit g64, and mixed 4/3/2-bit groups of 32-128 rows averaging ~2.5 and ~3.0 code bits.
 
@@ -30,7 +32,7 @@ and benchmarks/README.md), named <date>_<commit>_<card>.json, in --out if that i
 Render tables from a folder of runs with scripts/bench_tables.py.
 
     python scripts/bench.py            # full run (a few minutes on an H100)
-    python scripts/bench.py --quick    # 8192x28672, 4-bit + mixed 2.5, M in {1, 16, 256}
+    python scripts/bench.py --quick    # 8192x28672, 4-bit + mixed 2.5, M in {1, 16, 256}, fp16
 
 It also times a decode step (M = 1) through transformer blocks shaped like Llama-3-8B's (32; 8
 with --quick), with separate projections and with q/k/v and gate/up fused (records with
@@ -65,7 +67,8 @@ ALL_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K, N
 RECORD_KEYS = ["device", "torch", "commit", "date", "shape", "format", "bpw", "M", "us", "layer_us",
                "matmul_fp16_us", "matmul_bf16_us", "int4pack_us", "weight_bytes",
                "read_bw_tbs", "eff_tbs", "pct_bw", "read_same_bytes_us", "pct_read_same",
-               "speedup_fp16"]
+               "speedup_fp16", "dtype", "speedup_matmul"]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def read_bandwidth(probe: bool = True) -> Dict[str, float]:
@@ -229,6 +232,9 @@ def main():
     ap.add_argument("--Ms", default=None, help="comma-separated M list (overrides the preset)")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN list, e.g. 4096x4096")
     ap.add_argument("--formats", default=None, help="comma-separated formats, e.g. q4_g128")
+    ap.add_argument("--dtypes", default=None,
+                    help="activation dtypes of our gemm, comma-separated from fp16, bf16 "
+                         "(default both; fp16 with --quick)")
     ap.add_argument("--stack-blocks", type=int, default=None,
                     help="decode-step figure: blocks of the Llama-3-8B stack (default 32, the "
                          "whole model's projections; 8 with --quick; 0 = skip)")
@@ -245,6 +251,10 @@ def main():
         Ms = [int(m) for m in args.Ms.split(",")]
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    dtypes = (args.dtypes or ("fp16" if args.quick else "fp16,bf16")).split(",")
+    if sorted(set(dtypes) - set(DTYPES)):
+        ap.error(f"unknown dtype(s) {sorted(set(dtypes) - set(DTYPES))}; choose from "
+                 f"{sorted(DTYPES)}")
     if args.formats:
         formats = args.formats.split(",")
         unknown = sorted(set(formats) - set(ALL_FORMATS))
@@ -268,9 +278,9 @@ def main():
         with open(out_path, "w") as fh:
             json.dump(records, fh, indent=1)
 
-    header = (f"{'K x N':>12} {'format':>10} {'bpw':>5} {'M':>5} {'us':>9} {'layer':>9} "
-              f"{'fp16':>9} {'bf16':>9} {'int4pk':>9} {'TB/s':>6} {'%bw':>5} {'%rd':>5} "
-              f"{'x fp16':>6}")
+    header = (f"{'K x N':>12} {'format':>10} {'x':>4} {'bpw':>5} {'M':>5} {'us':>9} "
+              f"{'layer':>9} {'fp16':>9} {'bf16':>9} {'int4pk':>9} {'TB/s':>6} {'%bw':>5} "
+              f"{'%rd':>5} {'x mm':>6}")
     for K, N in shapes:
         mm16 = bench_matmul(K, N, Ms, torch.float16)
         mm_bf = bench_matmul(K, N, Ms, torch.bfloat16)
@@ -282,12 +292,13 @@ def main():
             arg_sets = clone_layer_args(layer, n)
             bpw = wbytes * 8 / (K * N)
             rd_us = read_same_bytes_us(wbytes)
-            for M in Ms:
-                xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for _ in range(n)]
+            for dt, M in [(dt, M) for dt in dtypes for M in Ms]:
+                xs = [torch.randn(M, K, device="cuda", dtype=DTYPES[dt]) for _ in range(n)]
                 us = time_graph([lambda x=x, a=a: torch.ops.mbwq.gemm(x, *a)
                                  for x, a in zip(xs, arg_sets)])
                 layer_us = time_eager([lambda x=x: layer(x) for x in xs[:1]] * 4)
                 eff = wbytes / us / 1e6
+                mm = (mm16 if dt == "fp16" else mm_bf)[M]
                 rec = dict(common, shape=[K, N], format=f, bpw=round(bpw, 3), M=M, us=round(us, 2),
                            layer_us=round(layer_us, 2), matmul_fp16_us=round(mm16[M], 2),
                            matmul_bf16_us=round(mm_bf[M], 2),
@@ -296,12 +307,14 @@ def main():
                            eff_tbs=round(eff, 3), pct_bw=round(100 * eff / read_bw, 1),
                            read_same_bytes_us=round(rd_us, 2),
                            pct_read_same=round(100 * rd_us / us, 1),
-                           speedup_fp16=round(mm16[M] / us, 2))
+                           speedup_fp16=round(mm16[M] / us, 2), dtype=dt,
+                           speedup_matmul=round(mm / us, 2))
                 records.append(rec)
                 i4s = "-" if rec["int4pack_us"] is None else f"{rec['int4pack_us']:.1f}"
-                print(f"{K:>5} x{N:>6} {f:>10} {bpw:5.2f} {M:5d} {us:9.1f} {layer_us:9.1f} "
-                      f"{mm16[M]:9.1f} {mm_bf[M]:9.1f} {i4s:>9} {eff:6.2f} {rec['pct_bw']:5.1f} "
-                      f"{rec['pct_read_same']:5.1f} {rec['speedup_fp16']:6.2f}", flush=True)
+                print(f"{K:>5} x{N:>6} {f:>10} {dt:>4} {bpw:5.2f} {M:5d} {us:9.1f} "
+                      f"{layer_us:9.1f} {mm16[M]:9.1f} {mm_bf[M]:9.1f} {i4s:>9} {eff:6.2f} "
+                      f"{rec['pct_bw']:5.1f} {rec['pct_read_same']:5.1f} "
+                      f"{rec['speedup_matmul']:6.2f}", flush=True)
                 del xs
             del layer, arg_sets
             torch.cuda.empty_cache()

@@ -1,6 +1,7 @@
-"""Markdown tables from bench.py's records: one table per layer shape (µs of the op, its
-speed-up over fp16 torch.matmul, and the baselines), a line of M = 1 bandwidth figures under
-each, the roofline rows of the two large layers, and the decode-stack line.
+"""Markdown tables from bench.py's records: one table per layer shape and activation dtype
+(µs of the op, its speed-up over torch.matmul in that dtype, and the baselines), a line of
+M = 1 bandwidth figures under each fp16 table, the roofline rows of the two large layers (fp16),
+and the decode-stack line.
 
 Records live one file per run in benchmarks/runs/ (<date>_<commit>_<card>.json, each a JSON
 list of records; see benchmarks/README.md). Pass folders of runs or run files:
@@ -57,25 +58,37 @@ def same_commit(rec_commit: str, commit: str) -> bool:
     return bool(rec_commit) and (rec_commit.startswith(commit) or commit.startswith(rec_commit))
 
 
-def shape_table(recs, K, N):
+def dtype_of(rec: dict) -> str:
+    """The activation dtype of a layer record; runs before bench.py's --dtypes were fp16."""
+    return rec.get("dtype", "fp16")
+
+
+def shape_table(recs, K, N, dtype="fp16"):
+    """µs of our gemm with `dtype` activations per M and format, with in brackets the speed-up
+    over torch.matmul in the same dtype; the baselines' µs after them."""
     rows = defaultdict(dict)
     for r in recs:
-        rows[r["M"]][r["format"]] = r
+        if dtype_of(r) == dtype:
+            rows[r["M"]][r["format"]] = r
+    if not rows:
+        return []
     fmts = [f for f in FORMATS if any(f in v for v in rows.values())]
-    out = [f"#### {K} × {N} (K × N)", "",
+    title = f"#### {K} × {N} (K × N)" + (", bf16 activations" if dtype == "bf16" else "")
+    out = [title, "",
            "| M | " + " | ".join(fmts) + " | fp16 | bf16 | int4pk |",
            "|---:|" + "---|" * len(fmts) + "---:|---:|---:|"]
     for M in sorted(rows):
         cells = []
         for f in fmts:
             r = rows[M].get(f)
-            cells.append(f"{r['us']:.1f} ({r['speedup_fp16']:.2f}×)" if r else "")
+            speedup = r.get("speedup_matmul", r["speedup_fp16"]) if r else None
+            cells.append(f"{r['us']:.1f} ({speedup:.2f}×)" if r else "")
         any_r = next(iter(rows[M].values()))
         i4 = any_r["int4pack_us"]
         out.append(f"| {M} | " + " | ".join(cells) + f" | {any_r['matmul_fp16_us']:.1f} | "
                    f"{any_r['matmul_bf16_us']:.1f} | {'-' if i4 is None else f'{i4:.1f}'} |")
     m1 = rows.get(1, {})
-    if m1:
+    if m1 and dtype == "fp16":
         any_r = next(iter(m1.values()))
         out += ["", "bpw: " + ", ".join(f"{f} {m1[f]['bpw']}" for f in fmts if f in m1)
                 + f"; read bandwidth {any_r['read_bw_tbs']} TB/s; at M = 1, % of it: "
@@ -125,8 +138,9 @@ def render(recs: List[dict]) -> str:
     shapes = sorted({tuple(r["shape"]) for r in layers}, key=lambda s: (s[0] * s[1], s[0]))
     lines = []
     for K, N in shapes:
-        lines += shape_table([r for r in layers if tuple(r["shape"]) == (K, N)], K, N)
-    lines += roofline(layers)
+        for dtype in ("fp16", "bf16"):
+            lines += shape_table([r for r in layers if tuple(r["shape"]) == (K, N)], K, N, dtype)
+    lines += roofline([r for r in layers if dtype_of(r) == "fp16"])
     for r in recs:
         if r.get("kind") == "decode_stack":
             fused = ", q/k/v and gate/up fused" if r.get("stack", "").endswith("-fused") else ""

@@ -63,6 +63,34 @@ def test_shape_table_cells_match_records():
     assert f"mixed_2.5 {m1['mixed_2.5']['pct_read_same']} %" in bpw_line
 
 
+def test_bf16_records_get_their_own_table():
+    """A run with bf16 activations: its records form a second table per shape, each cell's
+    speed-up against bf16 torch.matmul; the fp16 table and the roofline keep the fp16 ones."""
+    rng = random.Random()
+    fp16 = [dict(r, dtype="fp16", speedup_matmul=r["speedup_fp16"])
+            for r in make_records(rng) if r.get("shape") == [8192, 28672]]
+    bf16 = []
+    for r in fp16:
+        us = rng.uniform(5, 3000)
+        bf16.append(dict(r, dtype="bf16", us=us, speedup_fp16=r["matmul_fp16_us"] / us,
+                         speedup_matmul=r["matmul_bf16_us"] / us))
+    recs = fp16 + bf16
+    text = bench_tables.render(recs)
+    assert text.count("#### 8192 × 28672 (K × N)") == 2
+    bf_table = text.split("#### 8192 × 28672 (K × N), bf16 activations")[1].split("####")[0]
+    fp_table = text.split("#### 8192 × 28672 (K × N), bf16 activations")[0]
+    for r in bf16:
+        assert f"{r['us']:.1f} ({r['speedup_matmul']:.2f}×)" in bf_table
+    for r in fp16:
+        assert f"{r['us']:.1f} ({r['speedup_fp16']:.2f}×)" in fp_table
+    assert "bpw:" not in bf_table
+    roof = bench_tables.roofline([r for r in recs if bench_tables.dtype_of(r) == "fp16"])
+    assert roof == bench_tables.roofline(fp16)
+    # records of runs before "dtype" existed are fp16
+    assert bench_tables.shape_table([dict(r) for r in make_records(rng)
+                                     if r.get("shape") == [4096, 4096]], 4096, 4096, "bf16") == []
+
+
 def test_roofline_floors():
     rng = random.Random()
     recs = [r for r in make_records(rng) if "shape" in r]
