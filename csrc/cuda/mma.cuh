@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace mbwq {
 namespace cuda {
 
@@ -36,37 +38,38 @@ struct BlockA {
   FragA step[2];
 };
 
+// mma.sync.m16n8k16 with fp32 accumulators, A and B of type T (__half or __nv_bfloat16), and
+// the conversion of an exact fp16 weight pair into A's element type. The two instantiations
+// differ only in the PTX type name, so the instruction is written once.
+#define MBWQ_MMA_M16N8K16(AB)                                                                  \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0,%1,%2,%3}, "      \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                    \
+               : "+f"(d.r[0]), "+f"(d.r[1]), "+f"(d.r[2]), "+f"(d.r[3])                       \
+               : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
+
 template <typename T>
-struct MmaOp;
-
-template <>
-struct MmaOp<__half> {
+struct MmaOp {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
+                "mma.sync operands are fp16 or bf16");
   static __device__ __forceinline__ void run(FragC& d, const FragA& a, FragB b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d.r[0]), "+f"(d.r[1]), "+f"(d.r[2]), "+f"(d.r[3])
-        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+    if constexpr (std::is_same_v<T, __half>) {
+      MBWQ_MMA_M16N8K16("f16");
+    } else {
+      MBWQ_MMA_M16N8K16("bf16");
+    }
   }
+  // fp16: the pair as it is; bf16: each weight rounded to bf16 (fp16 -> fp32 is exact, so
+  // this is the one rounding).
   static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {
-    return *reinterpret_cast<uint32_t*>(&w);
+    if constexpr (std::is_same_v<T, __half>) {
+      return *reinterpret_cast<uint32_t*>(&w);
+    } else {
+      __nv_bfloat162 v = __float22bfloat162_rn(__half22float2(w));
+      return *reinterpret_cast<uint32_t*>(&v);
+    }
   }
 };
-
-template <>
-struct MmaOp<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(FragC& d, const FragA& a, FragB b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d.r[0]), "+f"(d.r[1]), "+f"(d.r[2]), "+f"(d.r[3])
-        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
-  }
-  static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {
-    __nv_bfloat162 v = __float22bfloat162_rn(__half22float2(w));
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
+#undef MBWQ_MMA_M16N8K16
 
 }  // namespace cuda
 }  // namespace mbwq
