@@ -454,17 +454,6 @@ def _planned(model: nn.Module, plan: TPPlan) -> List[Tuple[str, str]]:
     return out
 
 
-def quiesce(group=None) -> None:
-    """Wait for every rank, with the GIL released, before ``destroy_process_group`` and exit.
-
-    A gloo worker thread drops its reference to a finished collective's output after the
-    caller has moved on; when that output's Python object is already gone, the drop needs
-    the GIL. If the interpreter starts finalizing first, the thread dies holding a C++
-    destructor and the process aborts ("terminate called without an active exception").
-    A barrier makes every rank wait in C++, so those threads finish before the exit."""
-    dist.barrier(group=group)
-
-
 def shard_model(model: nn.Module, plan: TPPlan = LLAMA_PLAN, group=None) -> nn.Module:
     """Turn ``model`` (MBWQ and/or ``nn.Linear`` layers) into this rank's tensor-parallel slice
     of it, in place, and return it: planned layers become column slices or

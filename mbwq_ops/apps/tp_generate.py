@@ -98,7 +98,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     dist.init_process_group("nccl" if use_cuda and torch.cuda.is_available() else "gloo")
     try:
         res = run(args)
-        parallel.quiesce()
     except USER_ERRORS as e:
         if dist.get_rank() == 0:
             print(f"mbwq: {e}", file=sys.stderr)
@@ -116,5 +115,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Flush the output and end the process without interpreter finalization. gloo's worker
+    threads may still be releasing a finished collective's output, which takes the GIL; a
+    thread that asks for the GIL while the interpreter finalizes dies inside a C++ destructor
+    and the process aborts ("terminate called without an active exception", torch 2.13, a few
+    runs in a hundred). No barrier closes that window: the thread can be descheduled past any
+    of them. Everything this program writes is on stdout / stderr, flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
