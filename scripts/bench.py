@@ -56,6 +56,7 @@ RUNS_DIR = os.path.join(ROOT, "benchmarks", "runs")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mbwq_ops  # noqa: E402,F401 - registers torch.ops.mbwq
+from mbwq_ops.apps.args import DTYPES  # noqa: E402
 import read_probe  # noqa: E402
 from bench_tables import run_file_name  # noqa: E402
 from random_layers import FORMATS as ALL_FORMATS  # noqa: E402
@@ -68,7 +69,7 @@ RECORD_KEYS = ["device", "torch", "commit", "date", "shape", "format", "bpw", "M
                "matmul_fp16_us", "matmul_bf16_us", "int4pack_us", "weight_bytes",
                "read_bw_tbs", "eff_tbs", "pct_bw", "read_same_bytes_us", "pct_read_same",
                "speedup_fp16", "dtype", "speedup_matmul"]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+GEMM_DTYPES = ("fp16", "bf16")  # names of mbwq_ops.apps.args.DTYPES that --dtypes takes
 
 
 def read_bandwidth(probe: bool = True) -> Dict[str, float]:
@@ -252,9 +253,9 @@ def main():
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     dtypes = (args.dtypes or ("fp16" if args.quick else "fp16,bf16")).split(",")
-    if sorted(set(dtypes) - set(DTYPES)):
-        ap.error(f"unknown dtype(s) {sorted(set(dtypes) - set(DTYPES))}; choose from "
-                 f"{sorted(DTYPES)}")
+    if sorted(set(dtypes) - set(GEMM_DTYPES)):
+        ap.error(f"unknown dtype(s) {sorted(set(dtypes) - set(GEMM_DTYPES))}; choose from "
+                 f"{list(GEMM_DTYPES)}")
     if args.formats:
         formats = args.formats.split(",")
         unknown = sorted(set(formats) - set(ALL_FORMATS))

@@ -10,7 +10,8 @@
 # unspilled one-quad kernel (csrc/cuda/gemm_mma.cu: launch). A kernel whose loop spills its
 # working set spills more.
 # Usage: scripts/check_cuda_compile.sh [extra nvcc flags...]
-#   NVCC=... picks the compiler, CUDA_FILES="a.cu b.cu" limits the files, PTXAS_LOG_DIR keeps logs
+#   NVCC=... picks the compiler, CUDA_FILES="a.cu b.cu" limits the files, PTXAS_LOG_DIR keeps logs,
+#   OBJ_DIR keeps the objects (<file>.cu.o; scripts/sass_census.py reads their SASS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
@@ -52,6 +53,7 @@ for f in "${files[@]}"; do
   regs=$(grep -oE "Used [0-9]+ registers" "$log" | awk '{print $2}' | sort -n | tail -1 || true)
   echo "$f: $kernels kernels, max ${regs:-?} registers"
   [ -n "${PTXAS_LOG_DIR:-}" ] && cp "$log" "$PTXAS_LOG_DIR/"
+  [ -n "${OBJ_DIR:-}" ] && cp "$tmp/$(basename "$f").o" "$OBJ_DIR/"
   if [ -n "$over" ]; then
     echo "check_cuda_compile: local-memory spills over ${SPILL_LIMIT:-64} bytes in $f:" >&2
     grep -B3 -E "[1-9][0-9]* bytes spill (stores|loads)" "$log" >&2

@@ -2,9 +2,9 @@
 
     python scripts/sass_census.py [--obj gemm_mma.o] [--kernel SUBSTRING] [--json]
 
-Without --obj it compiles csrc/cuda/gemm_mma.cu for sm_90a the way
-scripts/check_cuda_compile.sh does (nvcc on PATH, torch's include paths) and disassembles it
-with ``cuobjdump -sass``. For every mma_gemm_kernel instantiation (or those whose mangled name
+Without --obj it compiles csrc/cuda/gemm_mma.cu for sm_90a through
+scripts/check_cuda_compile.sh (OBJ_DIR keeps the object) and disassembles it with
+``cuobjdump -sass``. For every mma_gemm_kernel instantiation (or those whose mangled name
 contains --kernel) it finds the per-width block loops: the innermost loops that hold HMMA
 instructions, one per width, named by the decode's LOP3 masks (each width masks its codes
 with its own constants, mma_decode.cuh). Per loop it prints
@@ -34,7 +34,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
@@ -50,27 +49,15 @@ KERNEL_RE = re.compile(r"mma_gemm_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+
 
 
 def compile_object(out_dir: str) -> str:
-    """gemm_mma.cu -> out_dir/gemm_mma.o with check_cuda_compile.sh's flags."""
-    from torch.utils import cpp_extension
-
-    nvcc = os.environ.get("NVCC", "nvcc")
-    if shutil.which(nvcc) is None:
-        sys.exit(f"sass_census: {nvcc} not found (set NVCC or pass --obj)")
-    inc = [f"-I{d}" for d in cpp_extension.include_paths()]
-    macros = os.path.join(out_dir, "inc", "c10", "cuda", "impl")
-    os.makedirs(macros, exist_ok=True)
-    with open(os.path.join(macros, "cuda_cmake_macros.h"), "w") as f:
-        f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    obj = os.path.join(out_dir, "gemm_mma.o")
-    cmd = [nvcc, "-c", os.path.join(ROOT, "csrc", "cuda", "gemm_mma.cu"), "-o", obj,
-           "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-           "-DTORCH_EXTENSION_NAME=_C", *inc, f"-I{os.path.join(out_dir, 'inc')}",
-           f"-I{sysconfig.get_paths()['include']}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"sass_census: nvcc failed on gemm_mma.cu:\n{done.stdout}{done.stderr}")
+    """gemm_mma.cu -> out_dir/gemm_mma.cu.o, compiled by scripts/check_cuda_compile.sh (the
+    project's one nvcc command line for sm_90a; NVCC picks the compiler)."""
+    env = dict(os.environ, CUDA_FILES="csrc/cuda/gemm_mma.cu", OBJ_DIR=out_dir,
+               PYTHON=sys.executable)
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "check_cuda_compile.sh")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    obj = os.path.join(out_dir, "gemm_mma.cu.o")
+    if done.returncode or not os.path.exists(obj):
+        sys.exit(f"sass_census: compiling gemm_mma.cu failed:\n{done.stdout}{done.stderr}")
     return obj
 
 
