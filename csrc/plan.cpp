@@ -23,6 +23,7 @@ constexpr KnobField kKnobFields[] = {
     {"MBWQ_MMA_MAX_M", &Knobs::mma_max_m},     {"MBWQ_MMA_SPLITS", &Knobs::mma_splits},
     {"MBWQ_MMA_WC", &Knobs::mma_wc},           {"MBWQ_GATHER_MIN_M", &Knobs::gather_min_m},
     {"MBWQ_MMA_NO_WGMMA", &Knobs::no_wgmma},   {"MBWQ_MMA_NO_PDL", &Knobs::no_pdl},
+    {"MBWQ_MMA_CONFIG", &Knobs::mma_config},
 };
 
 Knobs from_environment() {
@@ -91,7 +92,10 @@ bool mma_config_valid(const MmaConfig& c, int64_t M, int64_t N, bool fp16) {
          (!c.fp16_only || fp16);
 }
 
-int select_mma_config(int64_t M, int64_t N, bool fp16) {
+int select_mma_config(int64_t M, int64_t N, bool fp16, const Knobs& k) {
+  const int forced = k.mma_config - 1;
+  if (forced >= 0 && forced < kNumMmaConfigs && mma_config_valid(kMmaConfigs[forced], M, N, fp16))
+    return forced;
   for (int i = 0; i < kNumMmaConfigs; ++i)
     if (mma_config_valid(kMmaConfigs[i], M, N, fp16)) return i;
   return -1;
@@ -104,7 +108,7 @@ Grid mma_grid(const MmaConfig& c, int nblocks, int64_t N, int64_t M, double weig
   const int warp_cols = 32 * c.qn;
   const bool forced_wc = c.wc_knob && (k.mma_wc == 1 || k.mma_wc == 2 || k.mma_wc == 4 ||
                                        k.mma_wc == 8);
-  const int s_min = (nblocks + kMmaMaxBlocksPerCta - 1) / kMmaMaxBlocksPerCta;
+  const int s_min = (nblocks + c.max_blocks - 1) / c.max_blocks;
   Grid best;
   double best_cost = 1e300;
   for (const int wc : c.wc_options) {
@@ -203,7 +207,7 @@ GemmPlan plan_gemm(int64_t M, int64_t K, int64_t N, int64_t R, bool tensor_core_
   if (tensor_cores && M <= mma_max) {
     p.path = GemmPath::kMma;
     p.chunk_rows = std::min(M, kMmaMaxM);
-    p.mma_config = select_mma_config(p.chunk_rows, N, fp16);
+    p.mma_config = select_mma_config(p.chunk_rows, N, fp16, k);
     const MmaConfig& c = kMmaConfigs[p.mma_config];
     // resident CTAs as the configuration is sized for; the launcher asks the device instead
     // (cudaOccupancyMaxActiveBlocksPerMultiprocessor), which gives the same on Hopper

@@ -29,6 +29,7 @@ struct Knobs {
   int gather_min_m = 0;  // MBWQ_GATHER_MIN_M: fewest rows for the staged x gather
   int no_wgmma = 0;      // MBWQ_MMA_NO_WGMMA: 1 = no tile kernel (other devices' paths)
   int no_pdl = 0;        // MBWQ_MMA_NO_PDL: 1 = plain launches, no programmatic chaining
+  int mma_config = 0;    // MBWQ_MMA_CONFIG: 1 + the kMmaConfigs index to take where it is valid
 };
 const Knobs& knobs();
 // name: the environment variable's name (MBWQ_TILE_MIN_M, ...); value >= 0. Returns the
@@ -65,12 +66,14 @@ constexpr int64_t kCpuDirectMaxM = 16;
 
 // ---- mma.sync kernel (gemm_mma.cu) ---------------------------------------------------------
 constexpr int kMmaWarps = 8;                // warps per CTA: WC column warps x 8 / WC k-warps
-constexpr int kMmaMaxBlocksPerCta = 1024;   // 32-row blocks one CTA's table holds
+constexpr int kMmaMaxBlocksPerCta = 1024;   // 32-row blocks one CTA's table may hold
 constexpr int64_t kTwoQuadMinN = 8192;      // columns from which 17-64 tokens take 2 quads/lane
 
 // One instantiation of the mma.sync kernel. MT token tiles of 8 (so 8 * MT tokens), QN quads of
 // 4 columns per lane, STAGES ring slots per warp, MIN_CTAS resident CTAs per SM its registers
 // are sized for; CTA_X: x copied once per XG-warp group instead of once per warp.
+// MAX_BLOCKS: the 32-row blocks one CTA's table holds (8 bytes of shared memory each); longer
+// K ranges are split.
 struct MmaConfig {
   int max_m;             // the most rows it takes
   int mt, qn, stages, min_ctas;
@@ -80,23 +83,28 @@ struct MmaConfig {
   bool fp16_only;        // bf16's wider decode does not fit its registers
   int wc_options[2];     // column warps per CTA the split search may take (0 = unused slot)
   bool wc_knob;          // MBWQ_MMA_WC may force any column-warp count (x per warp only)
+  int max_blocks;        // table entries per CTA (<= kMmaMaxBlocksPerCta)
 };
 
 // In order of preference: the first valid configuration is taken.
 constexpr MmaConfig kMmaConfigs[] = {
-    // max_m mt qn st ctas cta_x xg  wide   fp16   wc       knob
-    {8,      1, 2, 4, 2,   false, 1, false, false, {1, 2}, true},
-    {16,     2, 2, 3, 2,   false, 1, false, false, {2, 1}, true},
-    {32,     4, 2, 3, 2,   true,  2, true,  false, {8, 0}, false},
-    {32,     4, 1, 5, 2,   true,  2, false, false, {8, 0}, false},
-    {64,     8, 2, 3, 1,   true,  1, true,  true,  {8, 0}, false},
-    {64,     8, 1, 5, 2,   true,  1, false, false, {8, 0}, false},
+    // max_m mt qn st ctas cta_x xg  wide   fp16   wc       knob   blocks
+    {8,      1, 2, 4, 2,   false, 1, false, false, {1, 2}, true,  1024},
+    {16,     2, 2, 3, 2,   false, 1, false, false, {2, 1}, true,  1024},
+    {32,     4, 2, 3, 2,   true,  2, true,  false, {8, 0}, false, 1024},
+    {32,     4, 1, 5, 2,   true,  2, false, false, {8, 0}, false, 1024},
+    {64,     8, 2, 3, 1,   true,  1, true,  true,  {8, 0}, false, 1024},
+    {64,     8, 1, 5, 2,   true,  1, false, false, {8, 0}, false, 1024},
+    // three CTAs per SM (80 registers, 74 KB of shared memory: 3 ring slots, a 2 KB table):
+    // half again as many warps to hide the decode's latency, one block less in flight each
+    {8,      1, 2, 3, 3,   false, 1, false, false, {1, 2}, true,  256},
 };
 constexpr int kNumMmaConfigs = int(sizeof(kMmaConfigs) / sizeof(kMmaConfigs[0]));
 
 bool mma_config_valid(const MmaConfig& c, int64_t M, int64_t N, bool fp16);
-// Index into kMmaConfigs for 1 <= M <= kMmaMaxM rows.
-int select_mma_config(int64_t M, int64_t N, bool fp16);
+// Index into kMmaConfigs for 1 <= M <= kMmaMaxM rows: the first valid one, or the one
+// MBWQ_MMA_CONFIG names where that is valid.
+int select_mma_config(int64_t M, int64_t N, bool fp16, const Knobs& k);
 
 // A grid of CTAs over (column tiles, K splits).
 struct Grid {

@@ -145,6 +145,29 @@ def test_mma_kernel_fewest_tokens(name):
             assert torch.equal(run_gemm(layer, x), y), (name, dtype, M)
 
 
+@pytest.mark.parametrize("name", ["mixed_all", "splitk", "two_quads"])
+def test_every_mma_configuration(name, knobs):
+    # Each row of plan.h's kMmaConfigs, forced by MBWQ_MMA_CONFIG at the row counts where it is
+    # valid (rows the default choice may never send there, e.g. the three-CTA one).
+    layer, W = layer_and_weight(SPECS[name])
+    K, N = layer.in_channels, layer.out_channels
+    ran = set()
+    for index in range(16):
+        knobs.set("MBWQ_MMA_CONFIG", index + 1)
+        for dtype in DTYPES:
+            for M in (1, 3, 8, 16, 24, 32, 64):
+                if mbwq_ops.plan(M, K, N, dtype)["mma_config"] != index:
+                    continue
+                x = rand_x(M, K, dtype, seed=M + index)
+                y = run_gemm(layer, x)
+                assert_close_to_reference(y, x, W, layer)
+                assert torch.equal(run_gemm(layer, x), y), (name, index, dtype, M)
+                ran.add(index)
+    assert 6 in ran, sorted(ran)
+    if N >= 8192:  # wide enough for every row (some need N >= kTwoQuadMinN)
+        assert ran == set(range(max(ran) + 1)), sorted(ran)
+
+
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
 def test_tile_kernel(name, knobs):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last

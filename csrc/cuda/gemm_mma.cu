@@ -339,9 +339,11 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 
 // One launch of configuration I of kMmaConfigs (plan.h): MT token tiles, QN quads per lane,
 // STAGES ring slots per warp, the CTAs per SM its registers are sized for and where x goes
-// (CTA_X: a ring per XG warps). Shared memory per CTA: the rings and the block table (8 KB),
-// or the k-warps' partial sums where those are larger:
-//   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
+// (CTA_X: a ring per XG warps). Shared memory per CTA: the rings and the block table (8 bytes
+// per block, 8 KB unless the configuration caps it), or the k-warps' partial sums where those
+// are larger:
+//   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB); or 3 stages and a
+//           2 KB table (74 KB), three CTAs per SM
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
 //   MT = 4: QN 2, 3 stages, x per warpgroup (8 x 3 x 2560 + 2 x 3 x 2 KB + 8 KB = 80 KB)
 //   MT = 8, fp16 (one CTA per SM: 233 registers): QN 2, 3 stages, x per CTA
@@ -359,7 +361,7 @@ void run_config(const Call<T>& c) {
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
-  const size_t table = kMaxBlocksPerCta * sizeof(int2);
+  const size_t table = size_t(cfg.max_blocks) * sizeof(int2);
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
   // warps the grid may take (1 where MBWQ_MMA_WC may force any count)
   int min_wc = cfg.wc_knob ? 1 : kWarps;
@@ -386,9 +388,9 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   // Token tiles and quads per lane by M, N and dtype: the table in plan.h. bf16 never takes
   // the fp16-only configuration (its wider decode does not fit that kernel's registers).
-  static_assert(kNumMmaConfigs == 6, "one case per configuration of kMmaConfigs");
+  static_assert(kNumMmaConfigs == 7, "one case per configuration of kMmaConfigs");
   const bool half = std::is_same_v<T, __half>;
-  switch (select_mma_config(M, c.qweight.size(1), half)) {
+  switch (select_mma_config(M, c.qweight.size(1), half, knobs())) {
     case 0: return run_config<T, 0>(c);
     case 1: return run_config<T, 1>(c);
     case 2: return run_config<T, 2>(c);
@@ -398,6 +400,7 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
         return run_config<T, 4>(c);
       break;
     case 5: return run_config<T, 5>(c);
+    case 6: return run_config<T, 6>(c);
   }
   TORCH_CHECK(false, "mbwq: internal: no mma.sync configuration for M = ", M);
 }
