@@ -95,9 +95,11 @@ constexpr MmaConfig kMmaConfigs[] = {
     {32,     4, 1, 5, 2,   true,  2, false, false, {8, 0}, false, 1024},
     {64,     8, 2, 3, 1,   true,  1, true,  true,  {8, 0}, false, 1024},
     {64,     8, 1, 5, 2,   true,  1, false, false, {8, 0}, false, 1024},
-    // three CTAs per SM (80 registers, 74 KB of shared memory: 3 ring slots, a 2 KB table):
-    // half again as many warps to hide the decode's latency, one block less in flight each
+    // three CTAs per SM (80 registers, <= 74 KB of shared memory with a 2 KB table): half again
+    // as many warps to hide the decode's latency; two quads with 3 ring slots, or one quad
+    // (twice the blocks per weight byte) with 4
     {8,      1, 2, 3, 3,   false, 1, false, false, {1, 2}, true,  256},
+    {8,      1, 1, 4, 3,   false, 1, false, false, {1, 2}, true,  256},
 };
 constexpr int kNumMmaConfigs = int(sizeof(kMmaConfigs) / sizeof(kMmaConfigs[0]));
 

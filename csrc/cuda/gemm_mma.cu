@@ -342,8 +342,9 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 // (CTA_X: a ring per XG warps). Shared memory per CTA: the rings and the block table (8 bytes
 // per block, 8 KB unless the configuration caps it), or the k-warps' partial sums where those
 // are larger:
-//   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB); or 3 stages and a
-//           2 KB table (74 KB), three CTAs per SM
+//   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB); for three CTAs per SM
+//           QN 2, 3 stages and a 2 KB table (74 KB) or QN 1, 4 stages (8 x 4 x 1920 + 2 KB =
+//           62 KB)
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
 //   MT = 4: QN 2, 3 stages, x per warpgroup (8 x 3 x 2560 + 2 x 3 x 2 KB + 8 KB = 80 KB)
 //   MT = 8, fp16 (one CTA per SM: 233 registers): QN 2, 3 stages, x per CTA
@@ -388,7 +389,7 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   // Token tiles and quads per lane by M, N and dtype: the table in plan.h. bf16 never takes
   // the fp16-only configuration (its wider decode does not fit that kernel's registers).
-  static_assert(kNumMmaConfigs == 7, "one case per configuration of kMmaConfigs");
+  static_assert(kNumMmaConfigs == 8, "one case per configuration of kMmaConfigs");
   const bool half = std::is_same_v<T, __half>;
   switch (select_mma_config(M, c.qweight.size(1), half, knobs())) {
     case 0: return run_config<T, 0>(c);
@@ -401,6 +402,7 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       break;
     case 5: return run_config<T, 5>(c);
     case 6: return run_config<T, 6>(c);
+    case 7: return run_config<T, 7>(c);
   }
   TORCH_CHECK(false, "mbwq: internal: no mma.sync configuration for M = ", M);
 }
