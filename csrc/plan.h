@@ -106,6 +106,8 @@ constexpr MmaConfig kMmaConfigs[] = {
     // quad (58 KB + a 2 KB table, three CTAs per SM)
     {8,      1, 2, 3, 2,   false, 1, false, false, {1, 2}, true,  1024,  true},
     {8,      1, 1, 3, 3,   false, 1, false, false, {1, 2}, true,  256,   true},
+    // 9-16 rows on three CTAs per SM: one quad, 3 slots (58 KB + a 2 KB table)
+    {16,     2, 1, 3, 3,   false, 1, false, false, {2, 1}, true,  256,   false},
 };
 constexpr int kNumMmaConfigs = int(sizeof(kMmaConfigs) / sizeof(kMmaConfigs[0]));
 

@@ -439,7 +439,7 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   // Token tiles and quads per lane by M, N and dtype: the table in plan.h. bf16 never takes
   // the fp16-only configuration (its wider decode does not fit that kernel's registers).
-  static_assert(kNumMmaConfigs == 10, "one case per configuration of kMmaConfigs");
+  static_assert(kNumMmaConfigs == 11, "one case per configuration of kMmaConfigs");
   const bool half = std::is_same_v<T, __half>;
   switch (select_mma_config(M, c.qweight.size(1), half, knobs())) {
     case 0: return run_config<T, 0>(c);
@@ -455,6 +455,7 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
     case 7: return run_config<T, 7>(c);
     case 8: return run_config<T, 8>(c);
     case 9: return run_config<T, 9>(c);
+    case 10: return run_config<T, 10>(c);
   }
   TORCH_CHECK(false, "mbwq: internal: no mma.sync configuration for M = ", M);
 }
