@@ -108,7 +108,7 @@ Grid mma_grid(const MmaConfig& c, int nblocks, int64_t N, int64_t M, double weig
   const int warp_cols = 32 * c.qn;
   const bool forced_wc = c.wc_knob && (k.mma_wc == 1 || k.mma_wc == 2 || k.mma_wc == 4 ||
                                        k.mma_wc == 8);
-  const int s_min = (nblocks + c.max_blocks - 1) / c.max_blocks;
+  const int s_min = (nblocks + kMmaMaxBlocksPerCta - 1) / kMmaMaxBlocksPerCta;
   Grid best;
   double best_cost = 1e300;
   for (const int wc : c.wc_options) {

@@ -66,14 +66,12 @@ constexpr int64_t kCpuDirectMaxM = 16;
 
 // ---- mma.sync kernel (gemm_mma.cu) ---------------------------------------------------------
 constexpr int kMmaWarps = 8;                // warps per CTA: WC column warps x 8 / WC k-warps
-constexpr int kMmaMaxBlocksPerCta = 1024;   // 32-row blocks one CTA's table may hold
+constexpr int kMmaMaxBlocksPerCta = 1024;   // 32-row blocks one CTA's table holds
 constexpr int64_t kTwoQuadMinN = 8192;      // columns from which 17-64 tokens take 2 quads/lane
 
 // One instantiation of the mma.sync kernel. MT token tiles of 8 (so 8 * MT tokens), QN quads of
 // 4 columns per lane, STAGES ring slots per warp, MIN_CTAS resident CTAs per SM its registers
 // are sized for; CTA_X: x copied once per XG-warp group instead of once per warp.
-// MAX_BLOCKS: the 32-row blocks one CTA's table holds (8 bytes of shared memory each); longer
-// K ranges are split.
 struct MmaConfig {
   int max_m;             // the most rows it takes
   int mt, qn, stages, min_ctas;
@@ -83,31 +81,17 @@ struct MmaConfig {
   bool fp16_only;        // bf16's wider decode does not fit its registers
   int wc_options[2];     // column warps per CTA the split search may take (0 = unused slot)
   bool wc_knob;          // MBWQ_MMA_WC may force any column-warp count (x per warp only)
-  int max_blocks;        // table entries per CTA (<= kMmaMaxBlocksPerCta)
-  bool pairs;            // a ring slot takes two blocks of one group and width <= 4 (x per warp)
 };
 
 // In order of preference: the first valid configuration is taken.
 constexpr MmaConfig kMmaConfigs[] = {
-    // max_m mt qn st ctas cta_x xg  wide   fp16   wc       knob   blocks pairs
-    {8,      1, 2, 4, 2,   false, 1, false, false, {1, 2}, true,  1024,  false},
-    {16,     2, 2, 3, 2,   false, 1, false, false, {2, 1}, true,  1024,  false},
-    {32,     4, 2, 3, 2,   true,  2, true,  false, {8, 0}, false, 1024,  false},
-    {32,     4, 1, 5, 2,   true,  2, false, false, {8, 0}, false, 1024,  false},
-    {64,     8, 2, 3, 1,   true,  1, true,  true,  {8, 0}, false, 1024,  false},
-    {64,     8, 1, 5, 2,   true,  1, false, false, {8, 0}, false, 1024,  false},
-    // three CTAs per SM (80 registers, <= 74 KB of shared memory with a 2 KB table): half again
-    // as many warps to hide the decode's latency; two quads with 3 ring slots, or one quad
-    // (twice the blocks per weight byte) with 4
-    {8,      1, 2, 3, 3,   false, 1, false, false, {1, 2}, true,  256,   false},
-    {8,      1, 1, 4, 3,   false, 1, false, false, {1, 2}, true,  256,   false},
-    // two blocks per ring slot where widths allow (one loop step, one wait, one set of copies
-    // for 64 rows of 2-4 bits): two quads, 3 slots of 3.5 KB (94 KB, two CTAs per SM), or one
-    // quad (58 KB + a 2 KB table, three CTAs per SM)
-    {8,      1, 2, 3, 2,   false, 1, false, false, {1, 2}, true,  1024,  true},
-    {8,      1, 1, 3, 3,   false, 1, false, false, {1, 2}, true,  256,   true},
-    // 9-16 rows on three CTAs per SM: one quad, 3 slots (58 KB + a 2 KB table)
-    {16,     2, 1, 3, 3,   false, 1, false, false, {2, 1}, true,  256,   false},
+    // max_m mt qn st ctas cta_x xg  wide   fp16   wc       knob
+    {8,      1, 2, 4, 2,   false, 1, false, false, {1, 2}, true},
+    {16,     2, 2, 3, 2,   false, 1, false, false, {2, 1}, true},
+    {32,     4, 2, 3, 2,   true,  2, true,  false, {8, 0}, false},
+    {32,     4, 1, 5, 2,   true,  2, false, false, {8, 0}, false},
+    {64,     8, 2, 3, 1,   true,  1, true,  true,  {8, 0}, false},
+    {64,     8, 1, 5, 2,   true,  1, false, false, {8, 0}, false},
 };
 constexpr int kNumMmaConfigs = int(sizeof(kMmaConfigs) / sizeof(kMmaConfigs[0]));
 

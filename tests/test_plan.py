@@ -73,23 +73,15 @@ def test_knobs_move_the_boundaries_and_come_back():
         p = mbwq_ops.plan(3, K, N, **H100)
         assert p["grid"]["splits"] == 4 and p["grid"]["wc"] == 1
     default = mbwq_ops.plan(3, K, N, **H100)["mma_config"]
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=7):  # the three-CTA configuration (index 6)
-        assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == 6
-        assert mbwq_ops.plan(12, K, N, **H100)["mma_config"] != 6  # not valid above 8 rows
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=6):  # index 5: up to 64 rows
+        assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == 5
+        assert mbwq_ops.plan(20, K, N, **H100)["mma_config"] == 5
+        assert mbwq_ops.plan(3, K, N, torch.float32, **H100)["path"] == "dequant_matmul"
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=2):  # index 1: not valid above 16 rows
+        assert mbwq_ops.plan(20, K, N, **H100)["mma_config"] != 1
     with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=99):  # no such configuration: the default
         assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == default
     assert paths(K, N, Ms=range(1, 300), **H100) == before
-
-
-def test_a_configuration_table_cap_splits_long_k():
-    """The three-CTA configuration holds 256 blocks in its table: a longer K range is split
-    even on one SM, where the cost model would otherwise take a single split."""
-    one_sm = dict(sm_count=1, wgmma=True)
-    K, N = 28672, 8192  # 896 blocks
-    assert mbwq_ops.plan(1, K, N, **one_sm)["grid"]["splits"] == 1
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=7):
-        g = mbwq_ops.plan(1, K, N, **one_sm)["grid"]
-    assert g["blocks_per_split"] <= 256 and g["splits"] >= 4
 
 
 def test_bad_knobs_and_devices_are_named():

@@ -103,11 +103,9 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, const u
 //                released by a barrier of the group per block
 //                  | warp 0: slot 0 [weights] slot 1 ... | warp 1 ... | group 0: x 0 | x 1 |
 //                  ... | group 1: x 0 | ... | table |
-template <int QN, int MT, int STAGES, bool CTA_X, int XG, bool PAIRS>
+template <int QN, int MT, int STAGES, bool CTA_X, int XG>
 struct Rings {
-  static_assert(!(PAIRS && CTA_X), "units of two blocks keep x in the warps' own slots");
-  static constexpr int kBlockXBytes = MT * 8 * 64;  // one block's x
-  static constexpr int kXBytes = (PAIRS ? 2 : 1) * kBlockXBytes;
+  static constexpr int kXBytes = MT * 8 * 64;
   static constexpr int kSlotBytes = Slot<QN>::kSlotBytes + (CTA_X ? 0 : kXBytes);
   static constexpr int kWarpBytes = STAGES * kSlotBytes;
   static constexpr int kXRing = kWarps * kWarpBytes;
@@ -160,15 +158,13 @@ struct LaneCopies {
     sz_dst = ring + R::kSzOffset + which * 2 * R::kCols + 16 * c2;
   }
 
-  // Queue `rows` qweight rows from `word` on (a block, or two of one group: 2 x its width)
-  // and (new_group) the scales and zeros of `group` into the slot at byte offset `slot`: rows
-  // row0, row0 + kRowStep, ... < rows. B > 0: rows == B, known here, so only the last row of
-  // an odd count needs a predicate; B == 0: any count up to 8, every row predicated.
+  // Queue block (bits, word, group) into the slot at byte offset `slot`: rows row0,
+  // row0 + kRowStep, ... < bits. B > 0: bits == B, known here, so only the last row of an odd
+  // width needs a predicate; B == 0: any width, every row predicated.
   template <int B>
   // N: the kernel argument (read from the parameter bank, not kept in a register).
-  __device__ __forceinline__ void issue(uint32_t slot, int rows, int word, int group,
+  __device__ __forceinline__ void issue(uint32_t slot, int bits, int word, int group,
                                         bool new_group, int N) const {
-    const int bits = rows;
     const uint32_t row_bytes = uint32_t(N) * 4;  // one qweight row
     const unsigned char* src = q_src + size_t(uint32_t(word)) * row_bytes;
     const size_t step = size_t(kRowStep) * row_bytes;
@@ -191,7 +187,7 @@ struct LaneCopies {
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
 // (log2_wc = 3).
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG, bool PAIRS>
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
@@ -199,7 +195,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                     int log2_wc, int blocks_per_split) {
   using Rg = Slot<QN>;
-  using Rx = Rings<QN, MT, STAGES, CTA_X, XG, PAIRS>;
+  using Rx = Rings<QN, MT, STAGES, CTA_X, XG>;
   constexpr int kStages = STAGES;
   constexpr int kAhead = kStages - 1;  // blocks in flight during a compute
   extern __shared__ __align__(16) unsigned char smem[];
@@ -250,68 +246,32 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     x_src[k] = uint32_t(min(x_token + kXTokenStep * k, M - 1)) * uint32_t(K) +
                uint32_t(wb) * kBlockRows + 8 * x_piece;
   int issue_group = -1;
-  // A ring slot holds one unit: one block, or (PAIRS) blocks i and i + 1 when both are valid,
-  // of one width of at most 4 bits and of one group, so that i + 1's rows follow i's in
-  // qweight and the pair is 2B consecutive rows under one set of scales. Units are taken in
-  // order from the warp's first block, so the copying side and the computing side find the
-  // same ones. Width B when the caller knows it (0: read from the table).
-  auto unit_len = [&](auto width, int i) -> int {
+  // Block i's weights, and its x, into ring slot `slot`; width B when the caller knows it
+  // (0: read from the table).
+  auto issue_weights = [&](auto width, int i, int slot) {
     constexpr int B = decltype(width)::value;
-    if constexpr (!PAIRS || B > 4) {
-      return 1;
-    } else {
-      if (i + 1 >= nb) return 1;
-      const int2 a = my_meta[i], b = my_meta[i + 1];
-      const int bits = B > 0 ? B : packed_bits(a);
-      return bits != 0 && bits <= 4 && b.x == a.x && b.y == a.y + bits ? 2 : 1;
-    }
-  };
-  // The weights (and scales, zeros at a group start) of the unit at block i into ring slot
-  // `slot`; returns its length.
-  auto issue_weights = [&](auto width, int i, int slot) -> int {
-    constexpr int B = decltype(width)::value;
-    const int len = unit_len(width, i);
     const int2 e = my_meta[i];
     const int bits = B > 0 ? B : packed_bits(e), group = packed_group(e);
     const bool new_group = starts_group(bits, group, issue_group);
-    const uint32_t at = slot * Rx::kSlotBytes;
-    if constexpr (PAIRS && B > 0 && B <= 4) {
-      if (len == 2) {
-        copies.template issue<2 * B>(at, 2 * B, e.y, group, new_group, N);
-        return len;
-      }
-    }
-    copies.template issue<B>(at, len * bits, e.y, group, new_group, N);
-    return len;
+    copies.template issue<B>(slot * Rx::kSlotBytes, bits, e.y, group, new_group, N);
   };
-  // Block i's x into ring slot `slot`, `at` bytes into its x (the second block of a unit:
-  // Rx::kBlockXBytes).
-  auto issue_x = [&](int i, int slot, uint32_t at) {
+  auto issue_x = [&](int i, int slot) {
     if (!x_copier) return;
 #pragma unroll
     for (int k = 0; k < kXCopies; ++k)
-      cp_async16(x_dst + slot * Rx::kXStride + at + kXDstStep * k,
+      cp_async16(x_dst + slot * Rx::kXStride + kXDstStep * k,
                  xs + (x_src[k] + uint32_t(i) * kBlockRows), x_token + kXTokenStep * k < M);
-  };
-  auto issue_unit_x = [&](int i, int len, int slot) {
-    issue_x(i, slot, 0);
-    if (PAIRS && len == 2) issue_x(i + 1, slot, Rx::kBlockXBytes);
   };
   // The first blocks' weights are queued before waiting for the kernel that writes xs
   // (programmatic dependent launch: this grid may start while the x gather runs, which
   // allows it only once every kernel before it has finished);
   // slot s's copies then complete with cp.async group s (group 0 also holds the others'
   // weights).
-  int p = 0;  // the first block of the next unit to queue
-  for (int s = 0; s < kAhead && p < nb; ++s) p += issue_weights(Width<0>{}, p, s);
+  for (int s = 0; s < kAhead && s < nb; ++s) issue_weights(Width<0>{}, s, s);
   wait_prior_grid();
 #pragma unroll
-  for (int s = 0, i = 0; s < kAhead; ++s) {
-    if (i < nb) {
-      const int len = unit_len(Width<0>{}, i);
-      issue_unit_x(i, len, s);
-      i += len;
-    }
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < nb) issue_x(s, s);
     cp_async_commit();
   }
 
@@ -319,24 +279,20 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   int cur_group = -1;
   int slot_c = 0, slot_i = kAhead;  // ring slots of the block computed / issued next
   // Blocks [i0, i1), a run of width B (0: invalid entries, which only keep the ring going).
-  // Each step waits for the unit at block i, then refills with the unit kAhead further on
-  // (block p) the slot that every lane finished in the previous step. Issues inside the run
-  // know the width too; the last ones issue the next run's.
+  // Each step waits for block i, then refills with block i + kAhead the slot that every lane
+  // finished in the previous step. Issues inside the run know the width too; the last kAhead
+  // issue the next run's.
   auto run = [&](auto width, int i0, int i1) {
     constexpr int B = decltype(width)::value;
-    for (int i = i0; i < i1;) {
+    for (int i = i0; i < i1; ++i) {
       cp_async_wait<kAhead - 1>();
       ring_sync();
-      if constexpr (!PAIRS) p = i + kAhead;  // units of one block: no state to carry
-      if (p < nb) {
-        const int len = p < i1 ? issue_weights(width, p, slot_i)
-                               : issue_weights(Width<0>{}, p, slot_i);
-        issue_unit_x(p, len, slot_i);
-        if constexpr (PAIRS) p += len;
-      }
+      const int n = i + kAhead;
+      if (n < i1) issue_weights(width, n, slot_i);
+      else if (n < nb) issue_weights(Width<0>{}, n, slot_i);
+      if (n < nb) issue_x(n, slot_i);
       slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
       cp_async_commit();
-      const int len = unit_len(width, i);
 
       const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
       const int x_off = Rx::x_offset(warp, slot_c);
@@ -351,15 +307,9 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
           }
         }
         compute_block<B, QN, MT, T>(slot, smem + x_off, g, t, sc, nz, acc);
-        if constexpr (PAIRS && B <= 4) {
-          if (len == 2)  // the unit's second block: B rows further on, its x after the first's
-            compute_block<B, QN, MT, T>(slot + B * Rg::kRowStride,
-                                        smem + x_off + Rx::kBlockXBytes, g, t, sc, nz, acc);
-        }
       } else {
         cur_group = -1;
       }
-      i += len;
     }
   };
   for (int i = 0; i < nb;) {
@@ -389,12 +339,9 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 
 // One launch of configuration I of kMmaConfigs (plan.h): MT token tiles, QN quads per lane,
 // STAGES ring slots per warp, the CTAs per SM its registers are sized for and where x goes
-// (CTA_X: a ring per XG warps). Shared memory per CTA: the rings and the block table (8 bytes
-// per block, 8 KB unless the configuration caps it), or the k-warps' partial sums where those
-// are larger:
-//   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB); for three CTAs per SM
-//           QN 2, 3 stages and a 2 KB table (74 KB) or QN 1, 4 stages (8 x 4 x 1920 + 2 KB =
-//           62 KB)
+// (CTA_X: a ring per XG warps). Shared memory per CTA: the rings and the block table (8 KB),
+// or the k-warps' partial sums where those are larger:
+//   MT = 1: QN 2, 4 stages, x per warp (8 x 4 x 3072 + 8 KB = 104 KB)
 //   MT = 2: QN 2, 3 stages, x per warp (8 x 3 x 3584 + 8 KB = 92 KB)
 //   MT = 4: QN 2, 3 stages, x per warpgroup (8 x 3 x 2560 + 2 x 3 x 2 KB + 8 KB = 80 KB)
 //   MT = 8, fp16 (one CTA per SM: 233 registers): QN 2, 3 stages, x per CTA
@@ -407,12 +354,12 @@ void run_config(const Call<T>& c) {
   constexpr MmaConfig cfg = kMmaConfigs[I];
   constexpr int MT = cfg.mt, QN = cfg.qn, STAGES = cfg.stages, MIN_CTAS = cfg.min_ctas,
                 XG = cfg.xg;
-  constexpr bool CTA_X = cfg.cta_x, PAIRS = cfg.pairs;
+  constexpr bool CTA_X = cfg.cta_x;
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, PAIRS>;
-  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG, PAIRS>::kBytes;
-  const size_t table = size_t(cfg.max_blocks) * sizeof(int2);
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
+  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
+  const size_t table = kMaxBlocksPerCta * sizeof(int2);
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
   // warps the grid may take (1 where MBWQ_MMA_WC may force any count)
   int min_wc = cfg.wc_knob ? 1 : kWarps;
@@ -439,7 +386,7 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   // Token tiles and quads per lane by M, N and dtype: the table in plan.h. bf16 never takes
   // the fp16-only configuration (its wider decode does not fit that kernel's registers).
-  static_assert(kNumMmaConfigs == 11, "one case per configuration of kMmaConfigs");
+  static_assert(kNumMmaConfigs == 6, "one case per configuration of kMmaConfigs");
   const bool half = std::is_same_v<T, __half>;
   switch (select_mma_config(M, c.qweight.size(1), half, knobs())) {
     case 0: return run_config<T, 0>(c);
@@ -451,11 +398,6 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
         return run_config<T, 4>(c);
       break;
     case 5: return run_config<T, 5>(c);
-    case 6: return run_config<T, 6>(c);
-    case 7: return run_config<T, 7>(c);
-    case 8: return run_config<T, 8>(c);
-    case 9: return run_config<T, 9>(c);
-    case 10: return run_config<T, 10>(c);
   }
   TORCH_CHECK(false, "mbwq: internal: no mma.sync configuration for M = ", M);
 }
