@@ -124,7 +124,8 @@ def census(funcs: Dict[str, List[Tuple[int, str]]], kernel: str = "") -> List[Di
             rows.append({
                 "kernel": f"{dtype} mt={mt} qn={qn} stages={stages}", "bits": bits,
                 "static": len(body), "decode": decode, "hmma": ops["HMMA"],
-                "lds": sum(1 for s in body if opcode(s) == "LDS" and not s.startswith("@!PT ")), "ldgsts": ops["LDGSTS"], "never": never,
+                "lds": sum(1 for s in body if opcode(s) == "LDS" and not s.startswith("@!PT ")),
+                "ldgsts": ops["LDGSTS"], "never": never,
                 "static_per_weight": len(body) / weights_per_lane,
                 "decode_per_weight": decode / weights_per_lane,
                 "ops": dict(ops.most_common()),
