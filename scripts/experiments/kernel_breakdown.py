@@ -18,8 +18,9 @@ import mbwq_ops
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from random_layers import FORMATS, make_layer, op_args  # noqa: E402
-from timing import RotateBytes, time_graph  # noqa: E402
+from bench import clone_layer_args  # noqa: E402
+from random_layers import FORMATS, make_layer  # noqa: E402
+from timing import copies_for, time_graph  # noqa: E402
 
 STACK_SHAPES = "4096x6144,4096x4096,4096x28672,14336x4096,4096x1024"
 
@@ -54,11 +55,8 @@ def main():
           f"format {args.format}, x {args.dtype}")
     for shape in args.shapes.split(","):
         K, N = (int(v) for v in shape.split("x"))
-        layer, _ = make_layer(args.format, K, N)
-        a = op_args(layer)
-        wbytes = sum(t.numel() * t.element_size() for t in a[:3])
-        copies = max(1, min(64, RotateBytes // wbytes + 1))
-        rot = [op_args(make_layer(args.format, K, N)[0]) for _ in range(copies - 1)] + [a]
+        layer, wbytes = make_layer(args.format, K, N)
+        rot = clone_layer_args(layer, copies_for(wbytes))
         for M in (int(m) for m in args.Ms.split(",")):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             fns = [lambda r=r: torch.ops.mbwq.gemm(x, *r) for r in rot]
