@@ -79,11 +79,11 @@ def test_knobs_move_the_boundaries_and_come_back():
         assert mbwq_ops.plan(3, K, N, torch.float32, **H100)["path"] == "dequant_matmul"
     with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=3):  # index 2: not valid above 16 rows
         assert mbwq_ops.plan(20, K, N, **H100)["mma_config"] != 2
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=1):  # index 0, the in-kernel x gather: one row only
+    # index 0, the in-kernel x gather: one row only, and only where the knob names it (opt_in)
+    assert mbwq_ops.plan(1, K, N, **H100)["mma_config"] == 1
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=1):
         assert mbwq_ops.plan(1, K, N, **H100)["mma_config"] == 0
-        assert mbwq_ops.plan(2, K, N, **H100)["mma_config"] != 0
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=2):  # index 1 at one row: x gathered first
-        assert mbwq_ops.plan(1, K, N, **H100)["mma_config"] == 1
+        assert mbwq_ops.plan(2, K, N, **H100)["mma_config"] == 1
     with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=99):  # no such configuration: the default
         assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == default
     assert paths(K, N, Ms=range(1, 300), **H100) == before
