@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The measurements issue #26 is waiting for, in one command for a GPU call, most decisive first
+# (benchmarks/2026-12-07_one_row_gather.md says why each is needed). Each step logs to
+# $OUT/round_<step>.log and prints its table; steps stop being started once BUDGET seconds
+# (default 420) have passed, so a call under the device's 10-minute limit still brings back
+# what finished.
+#   EXTRA='scripts/experiments/speed_round.sh' TESTS=... BENCH=0 scripts/gpu_check.sh
+#   STEPS="gather stack" scripts/experiments/speed_round.sh     # a subset, in this order
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/.device_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-420}
+SWEEP="$PY scripts/experiments/sweep_mma.py"
+STEPS=${STEPS:-gather stack breakdown mma_splits tile_splits tile_min ncu_tile}
+rc=0
+
+run_step() {  # run_step NAME: the commands of one step
+  case $1 in
+    gather)  # the opt-in one-row kernel that gathers x itself (kMmaConfigs[0]) vs the default
+      $SWEEP --Ms 1 --formats q4_g128,q2_g64 --set MBWQ_MMA_CONFIG=0,1 \
+        --shapes 4096x4096,4096x1024,8192x8192,8192x28672,28672x8192,14336x4096 ;;
+    stack)  # the 32-block decode step, default and with the in-kernel gather
+      for c in 0 1; do
+        echo "--- MBWQ_MMA_CONFIG=$c"
+        MBWQ_MMA_CONFIG=$c $PY scripts/bench.py --shapes 4096x4096 --formats q4_g128,mixed_2.5 \
+          --Ms 1 --dtypes fp16 --stack-blocks 32 --out "$OUT/round_stack_config$c.json" |
+          grep -E "decode step|tok/s"
+      done ;;
+    breakdown)  # kernels per call and their durations, stack shapes at M = 1
+      $PY scripts/experiments/kernel_breakdown.py ;;
+    mma_splits)  # K splits at M = 1: does an even SM schedule pay for its partials?
+      $SWEEP --Ms 1 --formats q4_g128,q2_g64 --shapes 8192x28672,28672x8192,4096x4096 \
+        --set MBWQ_MMA_SPLITS=0,1,2,3,5,7 ;;
+    tile_splits)  # the tile kernel's K splits at 64-256 tokens
+      $SWEEP --Ms 64,128,256 --shapes 8192x28672,4096x4096,8192x8192 \
+        --set MBWQ_TILE_SPLITS=0,1,2,3,4,6,8 ;;
+    tile_min)  # tile kernel or mma.sync at 17-64 tokens
+      $SWEEP --Ms 17,32,48,64 --shapes 8192x28672,4096x4096 --set MBWQ_TILE_MIN_M=0,1 ;;
+    ncu_tile)  # what limits the tile kernel at 256 and 64 tokens
+      scripts/experiments/ncu_tile.sh 256 64 ;;
+    *) echo "speed_round: unknown step $1" >&2; return 2 ;;
+  esac
+}
+
+for s in $STEPS; do
+  if [ "$SECONDS" -ge "$BUDGET" ]; then echo "=== $s: not started (${SECONDS}s of $BUDGET)"; continue; fi
+  echo "=== $s (at ${SECONDS}s)"
+  run_step "$s" 2>&1 | tee "$OUT/round_$s.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+done
+exit $rc
