@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
-STEPS=${STEPS:-gather stack breakdown mma_splits tile_splits tile_min ncu_tile}
+STEPS=${STEPS:-gather stack breakdown mma_splits m16 tile_splits tile_min ncu_tile bench}
 rc=0
 
 run_step() {  # run_step NAME: the commands of one step
@@ -32,6 +32,9 @@ run_step() {  # run_step NAME: the commands of one step
     mma_splits)  # K splits at M = 1: does an even SM schedule pay for its partials?
       $SWEEP --Ms 1 --formats q4_g128,q2_g64 --shapes 8192x28672,28672x8192,4096x4096 \
         --set MBWQ_MMA_SPLITS=0,1,2,3,5,7 ;;
+    m16)  # target 2 at 16 tokens: x per warp (default) or one x ring per warpgroup (row 3)
+      $SWEEP --Ms 16 --formats q4_g128,mixed_2.5 --shapes 28672x8192,8192x28672 \
+        --set MBWQ_MMA_CONFIG=0,4 ;;
     tile_splits)  # the tile kernel's K splits at 64-256 tokens
       $SWEEP --Ms 64,128,256 --shapes 8192x28672,4096x4096,8192x8192 \
         --set MBWQ_TILE_SPLITS=0,1,2,3,4,6,8 ;;
@@ -39,6 +42,9 @@ run_step() {  # run_step NAME: the commands of one step
       $SWEEP --Ms 17,32,48,64 --shapes 8192x28672,4096x4096 --set MBWQ_TILE_MIN_M=0,1 ;;
     ncu_tile)  # what limits the tile kernel at 256 and 64 tokens
       scripts/experiments/ncu_tile.sh 256 64 ;;
+    bench)  # the bench record #26 asks for: bf16 beside fp16, M up to 4096, four layers
+      $PY scripts/bench.py --dtypes fp16,bf16 --Ms 1,16,64,256,1024,4096 \
+        --formats q4_g128,mixed_2.5 --stack-blocks 0 --out "$OUT" ;;
     *) echo "speed_round: unknown step $1" >&2; return 2 ;;
   esac
 }
