@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
-STEPS=${STEPS:-gather stack breakdown mma_splits m16 tile_splits tile_min ncu_tile bench}
+STEPS=${STEPS:-gather stack breakdown ncu_gather mma_splits m16 tile_splits tile_min ncu_tile bench}
 rc=0
 
 run_step() {  # run_step NAME: the commands of one step
@@ -28,7 +28,10 @@ run_step() {  # run_step NAME: the commands of one step
           grep -E "decode step|tok/s"
       done ;;
     breakdown)  # kernels per call and their durations, stack shapes at M = 1
-      $PY scripts/experiments/kernel_breakdown.py ;;
+      $PY scripts/experiments/kernel_breakdown.py
+      MBWQ_MMA_CONFIG=1 $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096,4096x28672 ;;
+    ncu_gather)  # Nsight Compute at M = 1 on 8192 x 28672, the one-row gather row forced
+      MBWQ_MMA_CONFIG=1 OUT="$OUT/ncu_gather" bash -c 'mkdir -p "$OUT" && scripts/ncu_m1.sh' ;;
     mma_splits)  # K splits at M = 1: does an even SM schedule pay for its partials?
       $SWEEP --Ms 1 --formats q4_g128,q2_g64 --shapes 8192x28672,28672x8192,4096x4096 \
         --set MBWQ_MMA_SPLITS=0,1,2,3,5,7 ;;
