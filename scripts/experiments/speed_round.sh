@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The measurements issue #26 is waiting for, in one command for a GPU call, most decisive first
-# (benchmarks/2026-12-07_one_row_gather.md says why each is needed). Each step logs to
-# $OUT/round_<step>.log and prints its table; steps stop being started once BUDGET seconds
-# (default 420) have passed, so a call under the device's 10-minute limit still brings back
-# what finished.
+# (benchmarks/2026-12-07_one_row_gather.md says why each is needed). Each step prints its
+# table, also appended to $OUT/speed_round.log; Nsight Compute's full logs go to $SCRATCH (a lent
+# device returns at most 8 files from $OUT), the bench records to $OUT. Steps stop being started
+# once BUDGET seconds (default 420) have passed, so a call under the device's 10-minute limit
+# still brings back what finished.
 #   EXTRA='scripts/experiments/speed_round.sh' TESTS=... BENCH=0 scripts/gpu_check.sh
 #   STEPS="gather stack" scripts/experiments/speed_round.sh     # a subset, in this order
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/.device_out}
-mkdir -p "$OUT"
+SCRATCH=${SCRATCH:-$(mktemp -d)}
+mkdir -p "$OUT" "$SCRATCH"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
@@ -24,14 +26,14 @@ run_step() {  # run_step NAME: the commands of one step
       for c in 0 1; do
         echo "--- MBWQ_MMA_CONFIG=$c"
         MBWQ_MMA_CONFIG=$c $PY scripts/bench.py --shapes 4096x4096 --formats q4_g128,mixed_2.5 \
-          --Ms 1 --dtypes fp16 --stack-blocks 32 --out "$OUT/round_stack_config$c.json" |
+          --Ms 1 --dtypes fp16 --stack-blocks 32 --out "$OUT/stack_config$c.json" |
           grep -E "decode step|tok/s"
       done ;;
     breakdown)  # kernels per call and their durations, stack shapes at M = 1
       $PY scripts/experiments/kernel_breakdown.py
       MBWQ_MMA_CONFIG=1 $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096,4096x28672 ;;
     ncu_gather)  # Nsight Compute at M = 1 on 8192 x 28672, the one-row gather row forced
-      MBWQ_MMA_CONFIG=1 OUT="$OUT/ncu_gather" bash -c 'mkdir -p "$OUT" && scripts/ncu_m1.sh' ;;
+      MBWQ_MMA_CONFIG=1 OUT="$SCRATCH" scripts/ncu_m1.sh ;;
     mma_splits)  # K splits at M = 1: does an even SM schedule pay for its partials?
       $SWEEP --Ms 1 --formats q4_g128,q2_g64 --shapes 8192x28672,28672x8192,4096x4096 \
         --set MBWQ_MMA_SPLITS=0,1,2,3,5,7 ;;
@@ -44,7 +46,7 @@ run_step() {  # run_step NAME: the commands of one step
     tile_min)  # tile kernel or mma.sync at 17-64 tokens
       $SWEEP --Ms 17,32,48,64 --shapes 8192x28672,4096x4096 --set MBWQ_TILE_MIN_M=0,1 ;;
     ncu_tile)  # what limits the tile kernel at 256 and 64 tokens
-      scripts/experiments/ncu_tile.sh 256 64 ;;
+      OUT="$SCRATCH" scripts/experiments/ncu_tile.sh 256 64 ;;
     bench)  # the bench record #26 asks for: bf16 beside fp16, M up to 4096, four layers
       $PY scripts/bench.py --dtypes fp16,bf16 --Ms 1,16,64,256,1024,4096 \
         --formats q4_g128,mixed_2.5 --stack-blocks 0 --out "$OUT" ;;
@@ -55,7 +57,7 @@ run_step() {  # run_step NAME: the commands of one step
 for s in $STEPS; do
   if [ "$SECONDS" -ge "$BUDGET" ]; then echo "=== $s: not started (${SECONDS}s of $BUDGET)"; continue; fi
   echo "=== $s (at ${SECONDS}s)"
-  run_step "$s" 2>&1 | tee "$OUT/round_$s.log"
+  run_step "$s" 2>&1 | tee -a "$OUT/speed_round.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 done
 exit $rc
