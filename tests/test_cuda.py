@@ -191,6 +191,12 @@ def test_one_row_gathers_x_in_the_kernel(name, knobs):
             knobs.set("MBWQ_MMA_CONFIG", 1)
             assert torch.equal(y, y_gathered), (name, dtype, cs_v is None)
         assert_close_to_reference(mbwq_ops.gemm(x, q, s, z, blocks, perm, cs, bias), x, W, layer)
+        # x as a row inside a batch (an offset into its storage) and as a strided view
+        batch = torch.cat([torch.randn_like(x), x, torch.randn_like(x)])
+        strided = torch.stack([x, torch.randn_like(x)], -1)[..., 0]
+        for x_v in (batch[1:2], strided):
+            assert torch.equal(mbwq_ops.gemm(x_v, q, s, z, blocks, perm, cs, bias),
+                               mbwq_ops.gemm(x, q, s, z, blocks, perm, cs, bias))
         if perm.numel():
             bad = perm.clone()
             bad[random.Random(K).randrange(K)] = K + 5
