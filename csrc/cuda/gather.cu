@@ -92,7 +92,7 @@ __device__ __forceinline__ void load8(const XArgs<T>& a, const T* row, const int
   float cs[8];
   load_scales8(a, j, cs);
 #pragma unroll
-  for (int e = 0; e < 8; ++e) o[e] = ok[e] ? scaled(a, o[e], cs[e]) : Cvt<T>::from_f(qnan());
+  for (int e = 0; e < 8; ++e) o[e] = x_value(a, XLoad<T>{o[e], cs[e], ok[e]});
 }
 
 // Eight elements (16 bytes of fp16 / bf16, 32 of fp32) to 16-byte aligned `dst`.

@@ -6,7 +6,7 @@
 //                                                                     outside [0, K)
 // (perm = identity and no channel_scale: xs = x). One element is read in two steps, so that a
 // caller can keep both in flight: its source column (x_source), then x and the scale at that
-// column (XLoad), which x_value combines.
+// column (XLoad), which x_value combines (gather.cu's eight-at-a-time loads end in it too).
 #pragma once
 #include <stdint.h>
 
@@ -68,11 +68,11 @@ struct XLoad {
 };
 template <typename T>
 __device__ __forceinline__ XLoad<T> x_load(const XArgs<T>& a, const T* row, int src, int K) {
+  static_assert(sizeof(T) == 2, "x_load: fp16 / bf16 activations");
   XLoad<T> l;
   l.ok = unsigned(src) < unsigned(K);
   const int j = l.ok ? src : 0;
   const uint16_t bits = __ldcg(reinterpret_cast<const unsigned short*>(row + j));
-  static_assert(sizeof(T) == 2, "x_load: fp16 / bf16 activations");
   l.v = *reinterpret_cast<const T*>(&bits);
   l.cs = a.cs_kind == kAuxNone ? 1.f : aux_load(a.cs, a.cs_kind, j);
   return l;

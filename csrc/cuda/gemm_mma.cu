@@ -284,14 +284,14 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     *reinterpret_cast<T*>(gx_dst + slot * Rx::kXStride) = v;
   };
   int gx_src = 0;      // source column of the next block to fetch
-  XLoad<T> gx_held{};  // fetched for slot gx_slot, not yet stored (gx_slot < 0: none)
-  int gx_slot = -1;
+  XLoad<T> gx_held{};  // block n - 1's x, fetched in the step before (the prologue stores the
+                       // first kAhead blocks itself)
+  // Step n (issuing block n into `slot`): store block n - 1 into the slot before, fetch n.
   auto gather_step = [&](int n, int slot) {
-    if (gx_slot >= 0) gx_store(gx_slot, x_value(xa, gx_held));
-    gx_slot = -1;
+    if (n - 1 >= kAhead && n - 1 < nb)
+      gx_store(slot == 0 ? kStages - 1 : slot - 1, x_value(xa, gx_held));
     if (n < nb) {
       gx_held = x_load(xa, xs, gx_src, K);
-      gx_slot = slot;
       if (n + 1 < nb) gx_src = gx_source(n + 1);
     }
   };
