@@ -7,8 +7,7 @@ Paths: the tensor-core kernel (fp16/bf16: one, two, four and eight 8-token tiles
 per warp or once per CTA, row chunks of 64 tokens; one or two column quads per lane (two on
 the 8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token
 tiles at M = 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32
-and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M), the one-row configuration that
-gathers x inside the kernel (MBWQ_MMA_CONFIG=1, opt-in), the x
+and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M), the x
 gather element by element and through shared memory (from 32 rows), one and several K
 splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale
 and bias in several dtypes or absent, identity and random perm; the large-M path (x gather +
@@ -60,12 +59,9 @@ def main():
     # M = 65 .. 192 as tensor-core row chunks (plan.h: large layers only; here on small ones)
     torch.ops.mbwq.set_knob("MBWQ_MMA_MAX_M", 192)
     # Second calls under knobs: the tile kernel's K splits and reduction (M = 200), its tiles of
-    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there), the one-row
-    # kernel that gathers x itself (kMmaConfigs[0], opt-in)
+    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there)
     small = {"MBWQ_TILE_MIN_M": "1"}
-    gather_in_kernel = {"MBWQ_MMA_CONFIG": "1"}
-    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small, gather_in_kernel], 17: [small],
-            40: [small]}
+    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small], 17: [small], 40: [small]}
     checked = 0
     for K, N, groups, use_mbw, opts in specs:
         spec = (K, N, [g.bits for g in groups], opts)  # for assertion messages
@@ -111,15 +107,13 @@ def main():
     bad[0, 0] = 7
     bad[1, 1] = 1 << 20
     bad[2, 2] = -3
-    for M, env in ((1, gather_in_kernel), (2, {}), (40, {}), (100, {}), (200, {})):
+    for M in (2, 40, 100, 200):
         x = torch.randn(M, K0, dtype=torch.float16, device="cuda")
-        with mbwq_ops.ops.tuning(**env):
-            y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, bad, layer._perm)
-            assert torch.isnan(y).all()
-            bad_perm = torch.full((K0,), 1 << 20, dtype=torch.int32, device="cuda")
-            y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, layer._blocks,
-                              bad_perm)
-            assert torch.isnan(y).all()
+        y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, bad, layer._perm)
+        assert torch.isnan(y).all()
+        bad_perm = torch.full((K0,), 1 << 20, dtype=torch.int32, device="cuda")
+        y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, layer._blocks, bad_perm)
+        assert torch.isnan(y).all()
     W = mbwq_ops.dequant(layer.qweight, layer.scales, layer.zeros, bad, layer._perm)
     assert torch.isnan(W).any()
     torch.cuda.synchronize()

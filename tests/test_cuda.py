@@ -168,41 +168,6 @@ def test_every_mma_configuration(name, knobs):
         assert ran == set(range(max(ran) + 1)), sorted(ran)
 
 
-@pytest.mark.parametrize("name", ["q4g128", "q2g64", "mixed_all", "mixed_432", "splitk",
-                                  "onesplit", "wide"])
-def test_one_row_gathers_x_in_the_kernel(name, knobs):
-    # kMmaConfigs[0] (plan.h: gather_x, opt_in, so forced here with MBWQ_MMA_CONFIG=1) reads x,
-    # q_perm and channel_scale inside gemm_mma at M = 1: bit for bit what the default, the gather
-    # kernel followed by the same decode (kMmaConfigs[1]), gives, for channel_scale in every
-    # dtype and without one, and NaN everywhere for a q_perm entry outside [0, K), as gather_x
-    # gives.
-    layer, W = layer_and_weight(SPECS[name])
-    K, N = layer.in_channels, layer.out_channels
-    q, s, z, blocks, perm, cs, bias = gemm_args(layer)
-    knobs.set("MBWQ_MMA_CONFIG", 1)
-    assert mbwq_ops.plan(1, K, N, torch.float16)["mma_config"] == 0
-    for dtype in DTYPES:
-        x = rand_x(1, K, dtype, seed=K + N)
-        for cs_v in (cs, cs.to(torch.bfloat16), cs.float(), None):
-            y = mbwq_ops.gemm(x, q, s, z, blocks, perm, cs_v, bias)
-            knobs.set("MBWQ_MMA_CONFIG", 0)
-            assert mbwq_ops.plan(1, K, N, dtype)["mma_config"] == 1
-            y_gathered = mbwq_ops.gemm(x, q, s, z, blocks, perm, cs_v, bias)
-            knobs.set("MBWQ_MMA_CONFIG", 1)
-            assert torch.equal(y, y_gathered), (name, dtype, cs_v is None)
-        assert_close_to_reference(mbwq_ops.gemm(x, q, s, z, blocks, perm, cs, bias), x, W, layer)
-        # x as a row inside a batch (an offset into its storage) and as a strided view
-        batch = torch.cat([torch.randn_like(x), x, torch.randn_like(x)])
-        strided = torch.stack([x, torch.randn_like(x)], -1)[..., 0]
-        for x_v in (batch[1:2], strided):
-            assert torch.equal(mbwq_ops.gemm(x_v, q, s, z, blocks, perm, cs, bias),
-                               mbwq_ops.gemm(x, q, s, z, blocks, perm, cs, bias))
-        if perm.numel():
-            bad = perm.clone()
-            bad[random.Random(K).randrange(K)] = K + 5
-            assert torch.isnan(mbwq_ops.gemm(x, q, s, z, blocks, bad, cs, bias)).all()
-
-
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
 def test_tile_kernel(name, knobs):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last

@@ -73,17 +73,12 @@ def test_knobs_move_the_boundaries_and_come_back():
         p = mbwq_ops.plan(3, K, N, **H100)
         assert p["grid"]["splits"] == 4 and p["grid"]["wc"] == 1
     default = mbwq_ops.plan(3, K, N, **H100)["mma_config"]
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=7):  # index 6: up to 64 rows
-        assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == 6
-        assert mbwq_ops.plan(20, K, N, **H100)["mma_config"] == 6
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=6):  # index 5: up to 64 rows
+        assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == 5
+        assert mbwq_ops.plan(20, K, N, **H100)["mma_config"] == 5
         assert mbwq_ops.plan(3, K, N, torch.float32, **H100)["path"] == "dequant_matmul"
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=3):  # index 2: not valid above 16 rows
-        assert mbwq_ops.plan(20, K, N, **H100)["mma_config"] != 2
-    # index 0, the in-kernel x gather: one row only, and only where the knob names it (opt_in)
-    assert mbwq_ops.plan(1, K, N, **H100)["mma_config"] == 1
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=1):
-        assert mbwq_ops.plan(1, K, N, **H100)["mma_config"] == 0
-        assert mbwq_ops.plan(2, K, N, **H100)["mma_config"] == 1
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=2):  # index 1: not valid above 16 rows
+        assert mbwq_ops.plan(20, K, N, **H100)["mma_config"] != 1
     with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=99):  # no such configuration: the default
         assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == default
     assert paths(K, N, Ms=range(1, 300), **H100) == before

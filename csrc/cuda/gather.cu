@@ -22,7 +22,6 @@
 
 #include "../format.h"
 #include "common.cuh"
-#include "gather.cuh"
 #include "launch.h"
 #include "pdl.cuh"
 
@@ -34,6 +33,27 @@ constexpr int kGatherThreads = 256;
 constexpr int kStagedThreads = 512;
 // Largest staged row (one CTA's shared memory): fp16 rows up to K = 49152, fp32 up to 24576.
 constexpr int kStagedMaxBytes = int(kGatherStagedMaxBytes);
+
+// The raw activations and how to bring them into stored row order.
+template <typename T>
+struct XArgs {
+  const T* x;           // [M, K]
+  const int32_t* perm;  // stored row -> input feature, or nullptr (identity)
+  const void* cs;       // channel_scale or nullptr
+  int cs_kind;
+};
+
+// Stored row of element i of 16-byte chunk c. Within 32-row block b = c / 4, chunk c % 4 holds
+// (mma_decode.cuh, wgmma.cuh):
+//   plain:           rows 8c .. 8c + 7
+//   mma.sync order:  rows 8c .. 8c + 7 as [0 4 1 5 2 6 3 7] (one load = both k-steps' B regs)
+//   tile order:      rows 32b + p + 4i, i = 0..7, p = c % 4 (one piece of wgmma's B operand)
+template <XOrder O>
+__device__ __forceinline__ int chunk_row(int c, int i) {
+  if constexpr (O == XOrder::kTile) return 32 * (c / 4) + c % 4 + 4 * i;
+  if constexpr (O == XOrder::kMma) return 8 * c + i / 2 + 4 * (i % 2);
+  return 8 * c + i;
+}
 
 // Element offset in xs of chunk c of row m. Every order but the tile order keeps rows apart
 // (row m at m * K); the tile order keeps each H-token x 32-row block together (H = 1 << shift,
@@ -47,6 +67,12 @@ __device__ __forceinline__ int64_t chunk_dst(int m, int c, int K, int shift) {
     return (((tile_block * 4 + c % 4) << shift) + (m & ((1 << shift) - 1))) * 8;
   }
   return int64_t(m) * K + 8 * c;
+}
+
+// round_T(v * cs), the value the scaled x holds (v itself when there is no scale).
+template <typename T>
+__device__ __forceinline__ T scaled(const XArgs<T>& a, T v, float cs) {
+  return a.cs_kind == kAuxNone ? v : Cvt<T>::from_f(Cvt<T>::to_f(v) * cs);
 }
 
 // channel_scale[j[e]] as float (1 without a scale); one switch for all eight loads, so that
@@ -72,7 +98,8 @@ __device__ __forceinline__ void load_scales8(const XArgs<T>& a, const int (&j)[8
 // [0, K) marks a bad perm entry (NaN).
 template <XOrder O, typename T>
 __device__ __forceinline__ int chunk_source(const XArgs<T>& a, int c, int e) {
-  return x_source(a, chunk_row<O>(c, e));
+  const int k = chunk_row<O>(c, e);
+  return a.perm != nullptr ? a.perm[k] : k;
 }
 
 // Eight elements of x at sources src[e] (NaN where src[e] is outside [0, K)), scaled. Loads in
@@ -92,7 +119,7 @@ __device__ __forceinline__ void load8(const XArgs<T>& a, const T* row, const int
   float cs[8];
   load_scales8(a, j, cs);
 #pragma unroll
-  for (int e = 0; e < 8; ++e) o[e] = x_value(a, XLoad<T>{o[e], cs[e], ok[e]});
+  for (int e = 0; e < 8; ++e) o[e] = ok[e] ? scaled(a, o[e], cs[e]) : Cvt<T>::from_f(qnan());
 }
 
 // Eight elements (16 bytes of fp16 / bf16, 32 of fp32) to 16-byte aligned `dst`.

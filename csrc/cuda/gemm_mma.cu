@@ -31,11 +31,8 @@
 //
 // Activations: gather_x (gather.cu, called by ops_cuda.cpp once for all the row chunks that read
 // x in one order) writes x in stored row order, scaled and interleaved (xs), and the rings copy
-// it block by block. For one row (GATHER_X, plan.h's gather_x) the kernel reads x, q_perm and
-// channel_scale itself (gather.cuh), one element per lane and block, a few blocks ahead of the
-// block's compute like the weights (issue side of the loop, below): no gather kernel runs
-// before it. (Gathering a CTA's whole K range up front instead delayed the weight stream;
-// benchmarks/ has the numbers.)
+// it block by block. (Gathering each CTA's K range inside this kernel instead saves a launch
+// but delays the weight stream; benchmarks/ has the numbers.)
 //
 // ---------------------------------------------------------------------------------------
 // The decode (which codes a lane takes, how they become fp16) is described in mma_decode.cuh.
@@ -50,7 +47,6 @@
 
 #include "../format.h"
 #include "common.cuh"
-#include "gather.cuh"
 #include "launch.h"
 #include "mma_decode.cuh"
 #include "mma_tile.cuh"
@@ -190,17 +186,14 @@ struct LaneCopies {
 // ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
-// (log2_wc = 3). GATHER_X (M = 1, x per warp): xs is x itself, gathered here with perm and
-// channel_scale (cs, of kind cs_kind); otherwise those are unused.
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG, bool GATHER_X>
+// (log2_wc = 3).
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
-    mma_gemm_kernel(const T* __restrict__ xs, const int32_t* __restrict__ perm,
-                    const void* __restrict__ cs, int cs_kind, const uint32_t* __restrict__ qweight,
+    mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                     int log2_wc, int blocks_per_split) {
-  static_assert(!GATHER_X || (MT == 1 && !CTA_X), "the in-kernel gather: one row, x per warp");
   using Rg = Slot<QN>;
   using Rx = Rings<QN, MT, STAGES, CTA_X, XG>;
   constexpr int kStages = STAGES;
@@ -269,32 +262,6 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       cp_async16(x_dst + slot * Rx::kXStride + kXDstStep * k,
                  xs + (x_src[k] + uint32_t(i) * kBlockRows), x_token + kXTokenStep * k < M);
   };
-  // GATHER_X: lane l takes stored row 32 (wb + i) + l of block i, the element at position
-  // mma_chunk_element(l % 8) of chunk l / 8 of token 0's 64 bytes in the block's slot (the
-  // order gather_x writes). Three steps, a block apart, so that no load is waited for in the
-  // block that asks for it: the source column (q_perm) of block n + 1, x and channel_scale at
-  // the source of block n, the store of block n - 1's value into its slot, whose compute comes
-  // kAhead - 1 >= 1 blocks later, after a ring_sync. Tokens 1-7 of the slot's x are never
-  // written: their products land in accumulator columns that are never stored.
-  const XArgs<T> xa{xs, perm, cs, cs_kind};
-  unsigned char* const gx_dst = smem + Rx::x_offset(warp, 0) + 16 * (lane / 8) +
-                                2 * mma_chunk_element(lane % 8);
-  auto gx_source = [&](int i) { return x_source(xa, (wb + i) * kBlockRows + lane); };
-  auto gx_store = [&](int slot, T v) {
-    *reinterpret_cast<T*>(gx_dst + slot * Rx::kXStride) = v;
-  };
-  int gx_src = 0;      // source column of the next block to fetch
-  XLoad<T> gx_held{};  // block n - 1's x, fetched in the step before (the prologue stores the
-                       // first kAhead blocks itself)
-  // Step n (issuing block n into `slot`): store block n - 1 into the slot before, fetch n.
-  auto gather_step = [&](int n, int slot) {
-    if (n - 1 >= kAhead && n - 1 < nb)
-      gx_store(slot == 0 ? kStages - 1 : slot - 1, x_value(xa, gx_held));
-    if (n < nb) {
-      gx_held = x_load(xa, xs, gx_src, K);
-      if (n + 1 < nb) gx_src = gx_source(n + 1);
-    }
-  };
   // The first blocks' weights are queued before waiting for the kernel that writes xs
   // (programmatic dependent launch: this grid may start while the x gather runs, which
   // allows it only once every kernel before it has finished);
@@ -302,21 +269,9 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // weights).
   for (int s = 0; s < kAhead && s < nb; ++s) issue_weights(Width<0>{}, s, s);
   wait_prior_grid();
-  if constexpr (GATHER_X) {  // the first kAhead blocks' x at once, then the pipeline's start
-    int src[kAhead];
-    XLoad<T> v[kAhead];
-#pragma unroll
-    for (int s = 0; s < kAhead; ++s) src[s] = s < nb ? gx_source(s) : 0;
-#pragma unroll
-    for (int s = 0; s < kAhead; ++s) v[s] = x_load(xa, xs, src[s], K);
-#pragma unroll
-    for (int s = 0; s < kAhead; ++s)
-      if (s < nb) gx_store(s, x_value(xa, v[s]));
-    if (kAhead < nb) gx_src = gx_source(kAhead);
-  }
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (!GATHER_X && s < nb) issue_x(s, s);
+    if (s < nb) issue_x(s, s);
     cp_async_commit();
   }
 
@@ -335,8 +290,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       const int n = i + kAhead;
       if (n < i1) issue_weights(width, n, slot_i);
       else if (n < nb) issue_weights(Width<0>{}, n, slot_i);
-      if constexpr (GATHER_X) gather_step(n, slot_i);
-      else if (n < nb) issue_x(n, slot_i);
+      if (n < nb) issue_x(n, slot_i);
       slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
       cp_async_commit();
 
@@ -400,10 +354,10 @@ void run_config(const Call<T>& c) {
   constexpr MmaConfig cfg = kMmaConfigs[I];
   constexpr int MT = cfg.mt, QN = cfg.qn, STAGES = cfg.stages, MIN_CTAS = cfg.min_ctas,
                 XG = cfg.xg;
-  constexpr bool CTA_X = cfg.cta_x, GATHER_X = cfg.gather_x;
+  constexpr bool CTA_X = cfg.cta_x;
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, GATHER_X>;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
   const size_t table = kMaxBlocksPerCta * sizeof(int2);
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
@@ -420,41 +374,30 @@ void run_config(const Call<T>& c) {
 }
 
 template <typename T>
-void launch(const at::Tensor& x, bool x_gathered, const at::Tensor& perm,
-            const std::optional<at::Tensor>& channel_scale, const at::Tensor& qweight,
-            const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
+void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+            const at::Tensor& zeros, const at::Tensor& blocks,
             const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  const int M = x.size(0);
+  const int M = xs.size(0);
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
-  const at::Tensor cs_t =
-      !x_gathered && channel_scale.has_value() ? aux_tensor(*channel_scale) : at::Tensor();
   const Call<T> c{
-      x, qweight, scales, zeros, blocks,
+      xs, qweight, scales, zeros, blocks,
       bias_t.defined() ? bias_t.data_ptr() : nullptr,
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
-      !x_gathered && perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr,
-      cs_t.defined() ? cs_t.data_ptr() : nullptr,
-      cs_t.defined() ? aux_kind(cs_t) : kAuxNone,
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   // Token tiles and quads per lane by M, N and dtype: the table in plan.h. bf16 never takes
   // the fp16-only configuration (its wider decode does not fit that kernel's registers).
-  static_assert(kNumMmaConfigs == 7, "one case per configuration of kMmaConfigs");
+  static_assert(kNumMmaConfigs == 6, "one case per configuration of kMmaConfigs");
   const bool half = std::is_same_v<T, __half>;
-  const int config = select_mma_config(M, c.qweight.size(1), half, knobs());
-  TORCH_CHECK(config >= 0 && kMmaConfigs[config].gather_x == !x_gathered,
-              "mbwq: internal: mma.sync configuration ", config, " for M = ", M,
-              (x_gathered ? " gathers x itself" : " needs x gathered first"));
-  switch (config) {
+  switch (select_mma_config(M, c.qweight.size(1), half, knobs())) {
     case 0: return run_config<T, 0>(c);
     case 1: return run_config<T, 1>(c);
     case 2: return run_config<T, 2>(c);
     case 3: return run_config<T, 3>(c);
-    case 4: return run_config<T, 4>(c);
-    case 5:
-      if constexpr (!kMmaConfigs[5].fp16_only || std::is_same_v<T, __half>)
-        return run_config<T, 5>(c);
+    case 4:
+      if constexpr (!kMmaConfigs[4].fp16_only || std::is_same_v<T, __half>)
+        return run_config<T, 4>(c);
       break;
-    case 6: return run_config<T, 6>(c);
+    case 5: return run_config<T, 5>(c);
   }
   TORCH_CHECK(false, "mbwq: internal: no mma.sync configuration for M = ", M);
 }
@@ -471,20 +414,18 @@ bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
          aligned16(scales) && aligned16(zeros);
 }
 
-void gemm_mma(const at::Tensor& x, bool x_gathered, const at::Tensor& perm,
-              const std::optional<at::Tensor>& channel_scale, const at::Tensor& qweight,
-              const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
+void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+              const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  const int64_t M = x.size(0);
+  const int64_t M = xs.size(0);
   TORCH_CHECK(M >= 1 && M <= kMmaMaxM, "mbwq: internal: tensor-core path needs 1 <= M <= ",
               kMmaMaxM, ", got M = ", M);
-  TORCH_CHECK(mma_supported(x, qweight, scales, zeros) && x.is_contiguous(),
+  TORCH_CHECK(mma_supported(xs, qweight, scales, zeros),
               "mbwq: internal: tensor-core path called with unsupported arguments");
-  if (x.scalar_type() == at::kHalf) {
-    launch<__half>(x, x_gathered, perm, channel_scale, qweight, scales, zeros, blocks, bias, y);
+  if (xs.scalar_type() == at::kHalf) {
+    launch<__half>(xs, qweight, scales, zeros, blocks, bias, y);
   } else {
-    launch<__nv_bfloat16>(x, x_gathered, perm, channel_scale, qweight, scales, zeros, blocks,
-                          bias, y);
+    launch<__nv_bfloat16>(xs, qweight, scales, zeros, blocks, bias, y);
   }
 }
 

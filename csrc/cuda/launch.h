@@ -28,12 +28,9 @@ enum class XOrder { kPlain, kMma, kTile };
 
 // y[M, N] = xs @ Wstored + bias on tensor cores (mma.sync), weights read once per call, for
 // 1 <= M <= kMmaMaxM, with the configuration select_mma_config picks for M (plan.h).
-// x_gathered: x is xs = round(x * cs)[:, perm] as gather_x writes it in XOrder::kMma (16-byte
-// aligned; perm and channel_scale unused). Otherwise the configuration must gather x itself
-// (plan.h: gather_x) and x, perm and channel_scale are the op's.
-void gemm_mma(const at::Tensor& x, bool x_gathered, const at::Tensor& perm,
-              const std::optional<at::Tensor>& channel_scale, const at::Tensor& qweight,
-              const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
+// xs: round(x * cs)[:, perm] as gather_x writes it in XOrder::kMma (16-byte aligned).
+void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
+              const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y);
 
 // y[M, N] = xs @ Wstored + bias for many tokens on wgmma devices (wgmma_available()): CTA tiles

@@ -190,14 +190,10 @@ __device__ __forceinline__ void finish_tile(FragC (&acc)[2 * QN][MT], bool poiso
 // What one call needs besides the kernel configuration.
 template <typename T>
 struct Call {
-  const at::Tensor& xs;  // x gathered by the caller in XOrder::kMma (launch.h), or x itself for
-                         // a configuration that gathers it (plan.h: gather_x)
+  const at::Tensor& xs;  // x gathered by the caller in XOrder::kMma (launch.h)
   const at::Tensor &qweight, &scales, &zeros, &blocks;
   const void* bias;
   int bias_kind;
-  const int32_t* perm;  // gather_x only: q_perm (nullptr: identity), channel_scale and its kind
-  const void* cs;
-  int cs_kind;
   void* out;
   cudaStream_t stream;
 };
@@ -230,7 +226,7 @@ void launch_on_grid(Kernel kernel, const Grid& gc, size_t smem, const Call<T>& c
     dst = part.data_ptr();
   }
   launch_chained(kernel, dim3(gc.tiles, gc.splits), dim3(kWarps * 32), smem, c.stream,
-                 reinterpret_cast<const T*>(c.xs.data_ptr()), c.perm, c.cs, c.cs_kind,
+                 reinterpret_cast<const T*>(c.xs.data_ptr()),
                  reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
                  reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
                  reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),

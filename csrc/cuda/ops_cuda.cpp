@@ -3,8 +3,7 @@
 // plan that ../plan.h makes from shapes, dtypes, alignment and the device:
 //
 //   GemmPath::kTile           gather x in tile order, gemm_tile.cu (wgmma, Hopper)
-//   GemmPath::kMma            gather x in mma order, gemm_mma.cu per row chunk (mma.sync);
-//                             one row: gemm_mma.cu gathers x itself (plan.h: gather_x)
+//   GemmPath::kMma            gather x in mma order, gemm_mma.cu per row chunk (mma.sync)
 //   GemmPath::kDequantMatmul  gather x (perm, channel_scale) + dequantize W in stored order
 //                             into x's dtype + cuBLAS
 //
@@ -84,18 +83,13 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
       return y;
     }
     case GemmPath::kMma: {
-      if (kMmaConfigs[plan.mma_config].gather_x) {  // one row: the kernel gathers x itself
-        cuda::gemm_mma(x, false, perm, channel_scale, qweight, scales, zeros, blocks, bias, y);
-        return y;
-      }
       // One gather serves every row chunk: the mma.sync order keeps each row on its own.
       at::Tensor xs = at::empty_like(x);
       cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kMma);
       for (int64_t m0 = 0; m0 < M; m0 += plan.chunk_rows) {
         const int64_t rows = std::min(plan.chunk_rows, M - m0);
         at::Tensor y_rows = y.narrow(0, m0, rows);
-        cuda::gemm_mma(xs.narrow(0, m0, rows), true, perm, channel_scale, qweight, scales, zeros,
-                       blocks, bias, y_rows);
+        cuda::gemm_mma(xs.narrow(0, m0, rows), qweight, scales, zeros, blocks, bias, y_rows);
       }
       return y;
     }

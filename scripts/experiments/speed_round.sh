@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The measurements issue #26 is waiting for, in one command for a GPU call, most decisive first
-# (benchmarks/2026-12-07_one_row_gather.md says why each is needed). Each step prints its
+# The measurements of one round of issue #26, in one command for a GPU call, most decisive first
+# (benchmarks/2026-12-07_speed_round.md says what each showed last time). Each step prints its
 # table, also appended to $OUT/speed_round.log; Nsight Compute's full logs go to $SCRATCH (a lent
 # device returns at most 8 files from $OUT), the bench records to $OUT. Steps stop being started
 # once BUDGET seconds (default 420) have passed, so a call under the device's 10-minute limit
 # still brings back what finished.
 #   EXTRA='scripts/experiments/speed_round.sh' TESTS=... BENCH=0 scripts/gpu_check.sh
-#   STEPS="gather stack" scripts/experiments/speed_round.sh     # a subset, in this order
+#   STEPS="m1_splits stack" scripts/experiments/speed_round.sh  # a subset, in this order
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/.device_out}
 SCRATCH=${SCRATCH:-$(mktemp -d)}
@@ -14,27 +14,26 @@ mkdir -p "$OUT" "$SCRATCH"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
-STEPS=${STEPS:-gather stack breakdown ncu_gather mma_splits m16 tile_splits tile_min ncu_tile bench}
+STEPS=${STEPS:-m1_splits stack breakdown tile_plan tile_min bench}
 rc=0
 
 run_step() {  # run_step NAME: the commands of one step
   case $1 in
-    gather)  # the opt-in one-row kernel that gathers x itself (kMmaConfigs[0]) vs the default
-      $SWEEP --Ms 1 --formats q4_g128,q2_g64 --set MBWQ_MMA_CONFIG=0,1 \
-        --shapes 4096x4096,4096x1024,8192x8192,8192x28672,28672x8192,14336x4096 ;;
-    stack)  # the 32-block decode step, default and with the in-kernel gather
-      for c in 0 1; do
-        echo "--- MBWQ_MMA_CONFIG=$c"
-        MBWQ_MMA_CONFIG=$c $PY scripts/bench.py --shapes 4096x4096 --formats q4_g128,mixed_2.5 \
-          --Ms 1 --dtypes fp16 --stack-blocks 32 --out "$OUT/stack_config$c.json" |
-          grep -E "decode step|tok/s"
-      done ;;
-    breakdown)  # kernels per call and their durations, stack shapes at M = 1
+    m1_splits)  # K splits at M = 1 on the decode stack's layers (in-kernel split reduction)
+      $SWEEP --Ms 1 --formats q4_g128 --shapes 4096x4096,4096x6144,14336x4096,4096x1024 \
+        --set MBWQ_MMA_SPLITS=0,1,2,3,4,6,8 ;;
+    stack)  # the 32-block decode step (Llama-3-8B shapes), separate and fused projections
+      $PY scripts/bench.py --shapes 4096x4096 --formats q4_g128,mixed_2.5 --Ms 1 --dtypes fp16 \
+        --stack-blocks 32 --out "$OUT/stack.json" | grep -E "decode step|tok/s" ;;
+    breakdown)  # kernels per call and their durations: stack shapes at M = 1, large M
       $PY scripts/experiments/kernel_breakdown.py
-      MBWQ_MMA_CONFIG=1 $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096,4096x28672 ;;
-    ncu_gather)  # Nsight Compute at M = 1 on 8192 x 28672, the one-row gather row forced
-      MBWQ_MMA_CONFIG=1 OUT="$SCRATCH" scripts/ncu_m1.sh ;;
-    mma_splits)  # K splits at M = 1: does an even SM schedule pay for its partials?
+      $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096,8192x28672 --Ms 1024,4096 ;;
+    tile_plan)  # the tile kernel's split choice (plan.cpp) against the count it chose before
+      $SWEEP --Ms 128 --shapes 4096x4096,4096x6144,5120x5120 --set MBWQ_TILE_SPLITS=0,4,5
+      $SWEEP --Ms 256 --shapes 4096x4096 --set MBWQ_TILE_SPLITS=0,3
+      $SWEEP --Ms 64 --shapes 14336x4096,8192x8192 --set MBWQ_TILE_SPLITS=0,7,14
+      $SWEEP --Ms 128 --shapes 2048x8192,8192x2048 --set MBWQ_TILE_SPLITS=0,1,10 ;;
+    mma_splits)  # K splits at M = 1 on the large layers
       $SWEEP --Ms 1 --formats q4_g128,q2_g64 --shapes 8192x28672,28672x8192,4096x4096 \
         --set MBWQ_MMA_SPLITS=0,1,2,3,5,7 ;;
     m16)  # target 2 at 16 tokens: x per warp (default) or one x ring per warpgroup (row 3)
@@ -43,12 +42,12 @@ run_step() {  # run_step NAME: the commands of one step
     tile_splits)  # the tile kernel's K splits at 64-256 tokens
       $SWEEP --Ms 64,128,256 --shapes 8192x28672,4096x4096,8192x8192 \
         --set MBWQ_TILE_SPLITS=0,1,2,3,4,6,8 ;;
-    tile_min)  # tile kernel or mma.sync at 17-64 tokens
-      $SWEEP --Ms 17,32,48,64 --shapes 8192x28672,4096x4096 --set MBWQ_TILE_MIN_M=0,1 ;;
+    tile_min)  # tile kernel or mma.sync at 40-64 tokens on small layers
+      $SWEEP --Ms 40,48,56,64 --shapes 4096x4096,4096x6144 --set MBWQ_TILE_MIN_M=0,1 ;;
     ncu_tile)  # what limits the tile kernel at 256 and 64 tokens
       OUT="$SCRATCH" scripts/experiments/ncu_tile.sh 256 64 ;;
     bench)  # the bench record #26 asks for: bf16 beside fp16, M up to 4096, four layers
-      $PY scripts/bench.py --dtypes fp16,bf16 --Ms 1,16,64,256,1024,4096 \
+      $PY scripts/bench.py --dtypes fp16,bf16 --Ms 1,16,32,64,128,256,1024,4096 \
         --formats q4_g128,mixed_2.5 --stack-blocks 0 --out "$OUT" ;;
     *) echo "speed_round: unknown step $1" >&2; return 2 ;;
   esac
