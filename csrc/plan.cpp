@@ -152,11 +152,15 @@ int tile_tokens(int64_t M, const Knobs& k) {
 }
 
 // Cost model in microseconds: waves x (blocks per CTA + a ramp of 4) at ~0.3 us a block, plus
-// the partials' round trip through DRAM and the reduction kernel when there are K splits. The
+// the partials' round trip and the reduction kernel when there are K splits. The partials are
+// priced at 6 TB/s, an L2 rate: a few MB written and read back at once mostly stay in L2 (the
+// split sweep of benchmarks/2026-12-07_speed_round.md: 4096 x 4096 at 128 tokens takes 20.9 us
+// with 8 splits, 26.1 with 4 and 63.5 with 1, so 8 splits' partials cost next to nothing),
+// and at DRAM's 2.5 TB/s the model chose 3-7 splits where 4-8 were 8-12 % faster. The
 // 512-column tiles (16-64 tokens) leave few CTAs on narrow layers, so they may take up to 32
 // splits of 8 blocks; the wider ones up to 16 splits of 16.
 Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, const Knobs& k) {
-  constexpr double kBlockUs = 0.3, kBytesPerUs = 2.5e6, kReduceUs = 4.0;
+  constexpr double kBlockUs = 0.3, kPartialBytesPerUs = 6e6, kReduceUs = 4.0;
   const int cols = tile_columns(tokens);
   Grid g;
   g.tiles = int((M + tokens - 1) / tokens) * int((N + cols - 1) / cols);
@@ -171,7 +175,7 @@ Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, cons
         [&](int splits, int bps) {
           const double waves = std::ceil(double(g.tiles) * splits / sm_count);
           double cost = waves * (bps + 4) * kBlockUs;
-          if (splits > 1) cost += 2.0 * splits * M * N * 4 / kBytesPerUs + kReduceUs;
+          if (splits > 1) cost += 2.0 * splits * M * N * 4 / kPartialBytesPerUs + kReduceUs;
           return cost;
         },
         nullptr);
