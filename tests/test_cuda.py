@@ -168,44 +168,6 @@ def test_every_mma_configuration(name, knobs):
         assert ran == set(range(max(ran) + 1)), sorted(ran)
 
 
-@pytest.mark.parametrize("name", ["splitk", "wide", "mixed_all"])
-def test_k_splits_add_up_inside_the_mma_kernel(name, knobs):
-    # gemm_mma.cu with K splits: the last CTA of each column tile to finish adds the tile's
-    # fp32 partials in split order (split_reduce.cuh), so whichever CTA that is, y has the same
-    # bits; the x gather zeroes the split counters before every call, also on every replay of
-    # a CUDA graph. Forced split counts, one and several column tiles, row chunks (M = 100).
-    knobs.set("MBWQ_TILE_MIN_M", "100000")
-    knobs.set("MBWQ_MMA_MAX_M", "300")
-    layer, W = layer_and_weight(SPECS[name])
-    K, N = layer.in_channels, layer.out_channels
-    tried = 0
-    for splits in (2, 3, 7):
-        knobs.set("MBWQ_MMA_SPLITS", splits)
-        for dtype in DTYPES:
-            for M in (1, 5, 16, 64, 100):
-                plan = mbwq_ops.plan(M, K, N, dtype)
-                assert plan["path"] == "mma", plan
-                if plan["grid"]["splits"] < 2:
-                    continue
-                x = rand_x(M, K, dtype, seed=31 * splits + M)
-                y = run_gemm(layer, x)
-                assert_close_to_reference(y, x, W, layer)
-                for _ in range(8):
-                    assert torch.equal(run_gemm(layer, x), y), (name, splits, dtype, M)
-                tried += 1
-        static_x = rand_x(1, K, torch.float16, seed=splits)
-        g, static_y = capture(layer, static_x)
-        for seed in range(3):
-            x = rand_x(1, K, torch.float16, seed=300 + seed)
-            static_x.copy_(x)
-            g.replay()
-            with torch.no_grad():
-                eager = layer(x)
-            torch.cuda.synchronize()
-            assert torch.equal(static_y, eager), (name, splits, seed)
-    assert tried >= 6, tried
-
-
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
 def test_tile_kernel(name, knobs):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last

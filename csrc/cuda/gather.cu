@@ -131,29 +131,15 @@ __device__ __forceinline__ void store8(T* dst, const T (&o)[8]) {
     reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(o)[v];
 }
 
-// Integers the gather sets to zero for the kernel after it (the GEMM's K-split counters,
-// split_reduce.cuh): written after wait_prior_grid, so that no earlier kernel still uses the
-// memory, and before the GEMM, which waits for this kernel, counts in it.
-struct Clear {
-  int* p;
-  int n;
-  __device__ __forceinline__ void run() const {
-    const int stride = gridDim.x * blockDim.x;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) p[i] = 0;
-  }
-};
-
 // Rows m >= M of xs (tile order: up to the next multiple of the tile's tokens, xs_rows) are
 // zeros. shift: log2 of the tile's tokens (tile order).
 template <typename T, XOrder O>
 __global__ void __launch_bounds__(kGatherThreads)
-    gather_direct_kernel(XArgs<T> a, T* __restrict__ xs, int M, int xs_rows, int K, int shift,
-                         Clear clear) {
+    gather_direct_kernel(XArgs<T> a, T* __restrict__ xs, int M, int xs_rows, int K, int shift) {
   // x may come from the previous kernel. Only then may the GEMM be scheduled: its prologue
   // reads the weights before its own wait, and everything before this kernel is done now.
   wait_prior_grid();
   allow_next_grid();
-  clear.run();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // one 8-row chunk
   const int chunks = K / 8;
   if (i >= int64_t(xs_rows) * chunks) return;
@@ -175,13 +161,11 @@ __global__ void __launch_bounds__(kGatherThreads)
 // Rows m >= M (tile order's padding) are written as zeros.
 template <typename T, XOrder O>
 __global__ void __launch_bounds__(kStagedThreads)
-    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K, int parts, int shift,
-                         Clear clear) {
+    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K, int parts, int shift) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* srow = reinterpret_cast<T*>(smem);
   wait_prior_grid();
   allow_next_grid();
-  clear.run();
   const int m = blockIdx.x / parts, part = blockIdx.x % parts;
   const T* row = a.x + int64_t(m) * K;
   const int chunks = K / 8;
@@ -246,7 +230,7 @@ __global__ void __launch_bounds__(kStagedThreads)
 // xs_rows >= M: the rows of xs (more in tile order, the padding written as zeros).
 template <typename T, XOrder O>
 void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K, int shift,
-                   Clear clear, cudaStream_t stream) {
+                   cudaStream_t stream) {
   const size_t row_bytes = size_t(K) * sizeof(T);
   if (gather_staged(M, int64_t(row_bytes), knobs())) {
     auto kernel = gather_staged_kernel<T, O>;
@@ -255,18 +239,18 @@ void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K, 
     // Several CTAs per row while there are fewer rows than SMs (each stages the whole row).
     const int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
     launch_chained(kernel, dim3(unsigned(xs_rows * parts)), dim3(kStagedThreads), row_bytes,
-                   stream, a, xs, int(M), K, parts, shift, clear);
+                   stream, a, xs, int(M), K, parts, shift);
   } else {
     const int64_t n = xs_rows * (K / 8);
     const unsigned grid = unsigned((n + kGatherThreads - 1) / kGatherThreads);
     launch_chained(gather_direct_kernel<T, O>, dim3(grid), dim3(kGatherThreads), 0, stream, a,
-                   xs, int(M), int(xs_rows), K, shift, clear);
+                   xs, int(M), int(xs_rows), K, shift);
   }
 }
 
 template <typename T>
 void gather_t(const at::Tensor& x, const int32_t* perm, const at::Tensor& cs, at::Tensor& xs,
-              XOrder order, int shift, Clear clear) {
+              XOrder order, int shift) {
   const XArgs<T> a{reinterpret_cast<const T*>(x.data_ptr()), perm,
                    cs.defined() ? cs.data_ptr() : nullptr,
                    cs.defined() ? aux_kind(cs) : int(kAuxNone)};
@@ -275,27 +259,17 @@ void gather_t(const at::Tensor& x, const int32_t* perm, const at::Tensor& cs, at
   const int K = int(x.size(1));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (order) {
-    case XOrder::kPlain:
-      launch_gather<T, XOrder::kPlain>(a, out, M, R, K, 0, clear, stream);
-      break;
-    case XOrder::kMma: launch_gather<T, XOrder::kMma>(a, out, M, R, K, 0, clear, stream); break;
-    case XOrder::kTile:
-      launch_gather<T, XOrder::kTile>(a, out, M, R, K, shift, clear, stream);
-      break;
+    case XOrder::kPlain: launch_gather<T, XOrder::kPlain>(a, out, M, R, K, 0, stream); break;
+    case XOrder::kMma: launch_gather<T, XOrder::kMma>(a, out, M, R, K, 0, stream); break;
+    case XOrder::kTile: launch_gather<T, XOrder::kTile>(a, out, M, R, K, shift, stream); break;
   }
 }
 
 }  // namespace
 
 void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
-              at::Tensor& xs, XOrder order, int tile_tokens, const at::Tensor& clear) {
-  TORCH_CHECK(!clear.defined() || (clear.scalar_type() == at::kInt && clear.is_contiguous() &&
-                                   clear.numel() < (int64_t(1) << 31)),
-              "mbwq: internal: gather_x clears contiguous int32 only");
-  if (x.size(0) == 0 || x.size(1) == 0) {
-    if (clear.defined()) clear.zero_();
-    return;
-  }
+              at::Tensor& xs, XOrder order, int tile_tokens) {
+  if (x.size(0) == 0 || x.size(1) == 0) return;
   const bool tile = order == XOrder::kTile;
   const int shift = tile && tile_tokens > 0 ? __builtin_ctz(unsigned(tile_tokens)) : 0;
   TORCH_CHECK(x.size(1) % (tile ? kBlockRows : 8) == 0 && xs.is_contiguous() &&
@@ -309,12 +283,10 @@ void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<a
               tile_tokens, "), got x ", x.sizes(), ", xs ", xs.sizes());
   const at::Tensor cs_t = cs.has_value() ? aux_tensor(*cs) : at::Tensor();
   const int32_t* p = perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr;
-  const Clear c{clear.defined() ? clear.data_ptr<int>() : nullptr,
-                clear.defined() ? int(clear.numel()) : 0};
   switch (x.scalar_type()) {
-    case at::kHalf: gather_t<__half>(x, p, cs_t, xs, order, shift, c); break;
-    case at::kBFloat16: gather_t<__nv_bfloat16>(x, p, cs_t, xs, order, shift, c); break;
-    case at::kFloat: gather_t<float>(x, p, cs_t, xs, order, shift, c); break;
+    case at::kHalf: gather_t<__half>(x, p, cs_t, xs, order, shift); break;
+    case at::kBFloat16: gather_t<__nv_bfloat16>(x, p, cs_t, xs, order, shift); break;
+    case at::kFloat: gather_t<float>(x, p, cs_t, xs, order, shift); break;
     default: TORCH_CHECK(false, "mbwq: internal: gather_x has no ", x.scalar_type(), " kernel");
   }
 }

@@ -10,10 +10,9 @@
 //   columns n ->    warp tile = 32*QN columns (QN = 1 or 2 quads of 4 columns per lane)
 //        +-----------+-----------+
 //   k    | wc=0 kw=0 | wc=1 kw=0 |     grid.x = column tiles of WC warp tiles
-//   |    +-----------+-----------+     grid.y = K splits (fp32 partials; the last CTA of a
-//   v    | wc=0 kw=1 | wc=1 kw=1 |     column tile to finish adds them up in split order).
-//        +-----------+-----------+     k-warps of a CTA take contiguous ranges of 32-row
-//                                      blocks and add up through shared memory in order.
+//   |    +-----------+-----------+     grid.y = K splits (fp32 partials + reduce kernel)
+//   v    | wc=0 kw=1 | wc=1 kw=1 |     k-warps of a CTA take contiguous ranges of 32-row
+//        +-----------+-----------+     blocks and add up through shared memory in order.
 //
 // Each warp streams its blocks through a ring of STAGES cp.async slots in shared memory,
 // STAGES - 1 blocks in flight: the weights' rows, the scales and zeros
@@ -185,8 +184,7 @@ struct LaneCopies {
 // grid: (column tiles, splits); block: kWarps * 32 threads.
 // xs: the gathered, scaled, interleaved x [M, K] (gather_x); each block's x rides in its
 // ring slot.
-// y [M, N] (T) with bias; with several K splits through fp32 partials part [splits, M, N],
-// added by the last split of each column tile to finish (counters[column tile], zero at launch).
+// out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
 // (log2_wc = 3).
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG>
@@ -194,15 +192,14 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
-                    int bias_kind, T* __restrict__ y, float* __restrict__ part,
-                    int* __restrict__ counters, int M, int K, int N, int R, int G, int log2_wc,
-                    int blocks_per_split) {
+                    int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
+                    int log2_wc, int blocks_per_split) {
   using Rg = Slot<QN>;
   using Rx = Rings<QN, MT, STAGES, CTA_X, XG>;
   constexpr int kStages = STAGES;
   constexpr int kAhead = kStages - 1;  // blocks in flight during a compute
   extern __shared__ __align__(16) unsigned char smem[];
-  allow_next_grid();  // the next kernel may be scheduled (it waits for this one to finish)
+  allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const WarpPlace place(warp, log2_wc);
@@ -337,7 +334,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   bool poisoned = false;
   for (int k = lane; k < nb; k += 32) poisoned |= packed_bits(my_meta[k]) == 0;
   poisoned = __any_sync(~0u, poisoned);
-  finish_tile<T, MT, QN>(acc, poisoned, smem, log2_wc, bias, bias_kind, y, part, counters, M, N);
+  finish_tile<T, MT, QN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
 }
 
 // One launch of configuration I of kMmaConfigs (plan.h): MT token tiles, QN quads per lane,
@@ -379,16 +376,14 @@ void run_config(const Call<T>& c) {
 template <typename T>
 void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const at::Tensor& blocks,
-            const std::optional<at::Tensor>& bias, const at::Tensor& split_counters,
-            at::Tensor& y) {
+            const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int M = xs.size(0);
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
   const Call<T> c{
       xs, qweight, scales, zeros, blocks,
       bias_t.defined() ? bias_t.data_ptr() : nullptr,
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
-      y.data_ptr(), split_counters.data_ptr<int>(), split_counters.numel(),
-      c10::cuda::getCurrentCUDAStream()};
+      y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   // Token tiles and quads per lane by M, N and dtype: the table in plan.h. bf16 never takes
   // the fp16-only configuration (its wider decode does not fit that kernel's registers).
   static_assert(kNumMmaConfigs == 6, "one case per configuration of kMmaConfigs");
@@ -421,19 +416,16 @@ bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 
 void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
               const at::Tensor& zeros, const at::Tensor& blocks,
-              const std::optional<at::Tensor>& bias, const at::Tensor& split_counters,
-              at::Tensor& y) {
+              const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t M = xs.size(0);
   TORCH_CHECK(M >= 1 && M <= kMmaMaxM, "mbwq: internal: tensor-core path needs 1 <= M <= ",
               kMmaMaxM, ", got M = ", M);
   TORCH_CHECK(mma_supported(xs, qweight, scales, zeros),
               "mbwq: internal: tensor-core path called with unsupported arguments");
-  TORCH_CHECK(split_counters.scalar_type() == at::kInt && split_counters.is_contiguous(),
-              "mbwq: internal: split counters must be contiguous int32");
   if (xs.scalar_type() == at::kHalf) {
-    launch<__half>(xs, qweight, scales, zeros, blocks, bias, split_counters, y);
+    launch<__half>(xs, qweight, scales, zeros, blocks, bias, y);
   } else {
-    launch<__nv_bfloat16>(xs, qweight, scales, zeros, blocks, bias, split_counters, y);
+    launch<__nv_bfloat16>(xs, qweight, scales, zeros, blocks, bias, y);
   }
 }
 

@@ -29,16 +29,9 @@ enum class XOrder { kPlain, kMma, kTile };
 // y[M, N] = xs @ Wstored + bias on tensor cores (mma.sync), weights read once per call, for
 // 1 <= M <= kMmaMaxM, with the configuration select_mma_config picks for M (plan.h).
 // xs: round(x * cs)[:, perm] as gather_x writes it in XOrder::kMma (16-byte aligned).
-// split_counters: int32, all zero, at least mma_split_counters(N) of them (the kernel's K
-// splits count themselves there; gather_x's `clear` zeroes them on the way).
 void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
               const at::Tensor& zeros, const at::Tensor& blocks,
-              const std::optional<at::Tensor>& bias, const at::Tensor& split_counters,
-              at::Tensor& y);
-
-// Split counters one gemm_mma call over N columns may use: one per column tile, and a tile
-// has at least 32 columns.
-constexpr int64_t mma_split_counters(int64_t N) { return (N + 31) / 32; }
+              const std::optional<at::Tensor>& bias, at::Tensor& y);
 
 // y[M, N] = xs @ Wstored + bias for many tokens on wgmma devices (wgmma_available()): CTA tiles
 // of `tokens` tokens (plan.h: tile_tokens) x tile_columns(tokens) columns, every weight decoded
@@ -55,11 +48,8 @@ void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tens
 // xs[m, k'] = round_x(x[m, perm[k]] * cs[perm[k]]) in x's dtype, k' the position of stored row
 // k in `order` (NaN for a perm entry outside [0, K)); chained to the next kernel (pdl.cuh).
 // tile_tokens: the tile height of XOrder::kTile (a power of two >= 8), else unused.
-// clear: an int32 tensor (or undefined) that the gather kernel sets to zero, after the kernels
-// before it are done: the split counters of the gemm_mma calls that read xs.
 void gather_x(const at::Tensor& x, const at::Tensor& perm, const std::optional<at::Tensor>& cs,
-              at::Tensor& xs, XOrder order, int tile_tokens = 0,
-              const at::Tensor& clear = at::Tensor());
+              at::Tensor& xs, XOrder order, int tile_tokens = 0);
 
 // The kernels read channel_scale / bias as float16, bfloat16 or float32; anything else is
 // converted to float32 first (what the CPU kernel computes with).

@@ -1,7 +1,7 @@
 // Pieces of the mma.sync GEMM (gemm_mma.cu) around the decode: the warp's range of blocks,
 // the block table in shared memory, group changes, the deterministic reduction of the k-warps'
-// sums and of the K splits at the end, and the host side of a launch (the grid, the K split
-// partials).
+// sums at the end, and the host side of a launch (the grid, the K split partials and their
+// reduction).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -114,17 +114,13 @@ __device__ __forceinline__ void stage_table(int2* meta, const int32_t* __restric
 }
 
 // Add the k-warps' partial sums in the fixed order kw = 0, 1, ..., WK - 1 (deterministic) and
-// write the tile: y (T, + bias) when the grid has one K split; otherwise fp32 partials
-// part [splits, M, N], and the CTA of the tile's last split to finish adds all of them into y
-// (split_reduce.cuh: last_split_of_tile, reduce_tile; counters: one per column tile, zero at
-// launch). Called by every thread of the CTA. Reuses shared memory from offset 0: every warp
-// must be done with its table and ring.
+// write the tile: y (T, + bias) when the grid has one K split, fp32 partials otherwise.
+// Reuses shared memory from offset 0: every warp must be done with its table and ring.
 template <typename T, int MT, int QN>
 __device__ __forceinline__ void finish_tile(FragC (&acc)[2 * QN][MT], bool poisoned,
                                             unsigned char* smem, int log2_wc,
                                             const void* __restrict__ bias, int bias_kind,
-                                            T* __restrict__ y, float* __restrict__ part,
-                                            int* __restrict__ counters, int M, int N) {
+                                            void* __restrict__ out, int M, int N) {
   // recomputed here rather than kept live through the main loop (registers)
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const WarpPlace place(threadIdx.x / 32, log2_wc);
@@ -144,51 +140,48 @@ __device__ __forceinline__ void finish_tile(FragC (&acc)[2 * QN][MT], bool poiso
         for (int e = 0; e < 4; ++e) dst[((i * MT + mt) * 4 + e) * 32] = acc[i][mt].r[e];
   }
   __syncthreads();
-  if (kw == 0) {
-    for (int k = 1; k < WK; ++k) {
-      const float* src = red + ((k - 1) * WC + wc) * kRegs * 32 + lane;
+  if (kw > 0) return;
+  for (int k = 1; k < WK; ++k) {
+    const float* src = red + ((k - 1) * WC + wc) * kRegs * 32 + lane;
 #pragma unroll
-      for (int i = 0; i < 2 * QN; ++i)
+    for (int i = 0; i < 2 * QN; ++i)
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[i][mt].r[e] += src[((i * MT + mt) * 4 + e) * 32];
-    }
+        for (int e = 0; e < 4; ++e) acc[i][mt].r[e] += src[((i * MT + mt) * 4 + e) * 32];
+  }
 
-    // Accumulator of mma i = 2q + k, tile mt: e = 0, 1 -> lane column 4q + k, tokens 8mt + 2t, +1;
-    // e = 2, 3 -> lane column 4q + k + 2, same tokens. Lane column 4q + c is n_warp + 32q + 4g + c.
+  // Accumulator of mma i = 2q + k, tile mt: e = 0, 1 -> lane column 4q + k, tokens 8mt + 2t, +1;
+  // e = 2, 3 -> lane column 4q + k + 2, same tokens. Lane column 4q + c is n_warp + 32q + 4g + c.
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = 8 * mt + 2 * t + h;
-        if (m >= M) continue;
+    for (int h = 0; h < 2; ++h) {
+      const int m = 8 * mt + 2 * t + h;
+      if (m >= M) continue;
 #pragma unroll
-        for (int q = 0; q < QN; ++q) {
-          const int n = n_warp + 32 * q + 4 * g;
-          if (n >= N) continue;  // N % 8 == 0: a quad is all in or all out
-          float v[4];
+      for (int q = 0; q < QN; ++q) {
+        const int n = n_warp + 32 * q + 4 * g;
+        if (n >= N) continue;  // N % 8 == 0: a quad is all in or all out
+        float v[4];
 #pragma unroll
-          for (int c = 0; c < 4; ++c)  // column 4q + c: mma 2q + c % 2, A row g (c < 2) or g + 8
-            v[c] = c < 2 ? acc[2 * q + c][mt].r[h] : acc[2 * q + c - 2][mt].r[2 + h];
-          if (gridDim.y == 1) {
-            if (bias_kind != kAuxNone)
+        for (int c = 0; c < 4; ++c)  // column 4q + c: mma 2q + c % 2, A row g (c < 2) or g + 8
+          v[c] = c < 2 ? acc[2 * q + c][mt].r[h] : acc[2 * q + c - 2][mt].r[2 + h];
+        if (gridDim.y == 1) {
+          if (bias_kind != kAuxNone)
 #pragma unroll
-              for (int c = 0; c < 4; ++c) v[c] += aux_load(bias, bias_kind, n + c);
-            alignas(8) T o[4] = {Cvt<T>::from_f(v[0]), Cvt<T>::from_f(v[1]), Cvt<T>::from_f(v[2]),
-                                 Cvt<T>::from_f(v[3])};
-            *reinterpret_cast<uint2*>(y + int64_t(m) * N + n) = *reinterpret_cast<const uint2*>(o);
-          } else {
-            *reinterpret_cast<float4*>(part + (int64_t(blockIdx.y) * M + m) * N + n) =
-                make_float4(v[0], v[1], v[2], v[3]);
-          }
+            for (int c = 0; c < 4; ++c) v[c] += aux_load(bias, bias_kind, n + c);
+          alignas(8) T o[4] = {Cvt<T>::from_f(v[0]), Cvt<T>::from_f(v[1]), Cvt<T>::from_f(v[2]),
+                               Cvt<T>::from_f(v[3])};
+          *reinterpret_cast<uint2*>(reinterpret_cast<T*>(out) + int64_t(m) * N + n) =
+              *reinterpret_cast<const uint2*>(o);
+        } else {
+          *reinterpret_cast<float4*>(reinterpret_cast<float*>(out) +
+                                     (int64_t(blockIdx.y) * M + m) * N + n) =
+              make_float4(v[0], v[1], v[2], v[3]);
         }
       }
     }
-  }
-  if (gridDim.y > 1 && last_split_of_tile(counters)) {
-    const int n0 = blockIdx.x * WC * 32 * QN;
-    reduce_tile<T>(part, bias, bias_kind, y, gridDim.y, M, N, n0, min(N, n0 + WC * 32 * QN));
   }
 }
 
@@ -202,10 +195,6 @@ struct Call {
   const void* bias;
   int bias_kind;
   void* out;
-  // one per column tile, zero at launch (the gather before the GEMM clears them): the K splits'
-  // arrival counters of finish_tile
-  int* counters;
-  int64_t counter_count;
   cudaStream_t stream;
 };
 
@@ -223,29 +212,28 @@ int resident_ctas(int (&cache)[64], Kernel kernel, size_t smem) {
          });
 }
 
-// Launch an mma.sync GEMM kernel (gemm_mma.cu's argument list) on grid gc: y (+ bias), with
-// several K splits through fp32 partials that the last split of each column tile adds up in
-// split order (finish_tile).
+// Launch an mma.sync GEMM kernel (gemm_mma.cu's argument list) on grid gc: with one K split
+// it writes y (+ bias) itself, with several it writes fp32 partials that reduce_splits adds
+// up in split order.
 template <typename T, typename Kernel>
 void launch_on_grid(Kernel kernel, const Grid& gc, size_t smem, const Call<T>& c) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   at::Tensor part;
+  void* dst = c.out;
   if (gc.splits > 1) {
-    TORCH_CHECK(c.counters != nullptr && gc.tiles <= c.counter_count,
-                "mbwq: internal: a K-split mma.sync grid of ", gc.tiles, " column tiles needs as "
-                "many split counters, got ", c.counter_count);
     part = at::empty({gc.splits, M, N}, c.xs.options().dtype(at::kFloat));
+    dst = part.data_ptr();
   }
   launch_chained(kernel, dim3(gc.tiles, gc.splits), dim3(kWarps * 32), smem, c.stream,
                  reinterpret_cast<const T*>(c.xs.data_ptr()),
                  reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
                  reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
                  reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
-                 reinterpret_cast<const int32_t*>(c.blocks.data_ptr()), c.bias, c.bias_kind,
-                 reinterpret_cast<T*>(c.out), part.defined() ? part.data_ptr<float>() : nullptr,
-                 c.counters, M, K, N, R, G, __builtin_ctz(unsigned(gc.wc)),
-                 gc.blocks_per_split);
+                 reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
+                 part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G,
+                 __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split);
+  if (part.defined()) reduce_splits<T>(part, c.bias, c.bias_kind, c.out, c.stream);
 }
 
 }  // namespace cuda

@@ -83,18 +83,13 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
       return y;
     }
     case GemmPath::kMma: {
-      // One gather serves every row chunk: the mma.sync order keeps each row on its own. It
-      // also zeroes the chunks' K-split counters (no launch of its own).
+      // One gather serves every row chunk: the mma.sync order keeps each row on its own.
       at::Tensor xs = at::empty_like(x);
-      const int64_t chunks = (M + plan.chunk_rows - 1) / plan.chunk_rows;
-      const int64_t per_chunk = cuda::mma_split_counters(N);
-      at::Tensor counters = at::empty({chunks * per_chunk}, x.options().dtype(at::kInt));
-      cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kMma, 0, counters);
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t m0 = c * plan.chunk_rows, rows = std::min(plan.chunk_rows, M - m0);
+      cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kMma);
+      for (int64_t m0 = 0; m0 < M; m0 += plan.chunk_rows) {
+        const int64_t rows = std::min(plan.chunk_rows, M - m0);
         at::Tensor y_rows = y.narrow(0, m0, rows);
-        cuda::gemm_mma(xs.narrow(0, m0, rows), qweight, scales, zeros, blocks, bias,
-                       counters.narrow(0, c * per_chunk, per_chunk), y_rows);
+        cuda::gemm_mma(xs.narrow(0, m0, rows), qweight, scales, zeros, blocks, bias, y_rows);
       }
       return y;
     }
