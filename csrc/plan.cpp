@@ -199,7 +199,7 @@ GemmPlan plan_gemm(int64_t M, int64_t K, int64_t N, int64_t R, bool tensor_core_
   const bool tensor_cores = tensor_core_dtype && K % 8 == 0 && N % 8 == 0 && aligned;
   const int nblocks = int(K / 32);
 
-  const int64_t tile_min = k.tile_min_m > 0 ? k.tile_min_m : large ? kTileMinMLarge : kTileMinM;
+  const int64_t tile_min = k.tile_min_m > 0 ? k.tile_min_m : kTileMinM;
   const int64_t tile_max = k.tile_max_m > 0 ? k.tile_max_m : kTileMaxM;
   if (dev.wgmma && k.no_wgmma == 0 && tensor_cores && M >= tile_min && M <= tile_max) {
     p.path = GemmPath::kTile;

@@ -46,13 +46,15 @@ enum class GemmPath : int {
   kDequantMatmul = 3,  // gather x + dequantize W + cuBLAS (or the CPU's matmul)
 };
 
-// A layer of at least this many weights (K * N) is "large": the tile kernel starts at
-// kTileMinMLarge rows, and the mma.sync path runs row chunks up to kMmaChunkedMaxM rows.
+// A layer of at least this many weights (K * N) is "large": where the tile kernel does not run,
+// the mma.sync path takes it in row chunks up to kMmaChunkedMaxM rows.
 constexpr int64_t kLargeLayerWeights = int64_t(1) << 25;  // e.g. 4096 x 8192
 constexpr int64_t kMmaMaxM = 64;          // rows of one mma.sync call (a row chunk)
 constexpr int64_t kMmaChunkedMaxM = 192;  // large layers: up to 3 chunks of kMmaMaxM rows
-constexpr int64_t kTileMinM = 65;
-constexpr int64_t kTileMinMLarge = 33;
+// The tile kernel from 33 rows, where mma.sync moves to its 64-row configurations: faster at
+// 40-64 rows on 4096 x 1024 / 4096 / 6144 (benchmarks/2026-12-07_speed_round.md) as on the
+// large layers.
+constexpr int64_t kTileMinM = 33;
 constexpr int64_t kTileMaxM = 256;
 // The staged x gather (rows through shared memory) from this many rows, for rows of at most
 // kGatherStagedMaxBytes bytes; element-wise below.

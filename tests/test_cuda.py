@@ -203,10 +203,10 @@ def test_tile_kernel(name, knobs):
             knobs.set(knob, 0)
 
 
-def test_tile_kernel_from_33_rows_on_large_layers(knobs):
-    # plan.h: on layers of >= 2^25 weights the tile kernel takes M = 33-64 (64-token tiles);
-    # below 33 rows the mma.sync kernel does. The default call of a 2048 x 16384 layer is
-    # bitwise the call forced onto the path it should take, and right.
+def test_tile_kernel_from_33_rows(knobs):
+    # plan.h: the tile kernel takes M = 33-64 (64-token tiles); below 33 rows the mma.sync
+    # kernel does. The default call of a 2048 x 16384 layer is bitwise the call forced onto the
+    # path it should take, and right.
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
     spec = LayerSpec(2048, 16384, False, w_bit=4, group_size=128, bias=True, seed=7)

@@ -101,5 +101,11 @@ def test_larger_layers_keep_tensor_cores_for_more_rows():
     def last(path, K, N, dev):
         return max((M for M, p in zip(range(1, 1100), paths(K, N, **dev)) if p == path), default=0)
     assert last("mma", 8192, 28672, AMPERE) > last("mma", 4096, 4096, AMPERE)
-    assert min(M for M, p in zip(range(1, 1100), paths(8192, 28672, **H100)) if p == "tile") < \
-        min(M for M, p in zip(range(1, 1100), paths(4096, 4096, **H100)) if p == "tile")
+
+
+def test_tile_kernel_from_33_rows():
+    """With wgmma, every layer the tile kernel can take goes to it from 33 rows (plan.h:
+    kTileMinM), large or small; mma.sync below."""
+    for K, N in ((4096, 1024), (4096, 4096), (8192, 28672)):
+        seq = paths(K, N, Ms=range(1, 257), **H100)
+        assert seq[31] == "mma" and set(seq[32:]) == {"tile"}, (K, N)
