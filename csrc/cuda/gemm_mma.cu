@@ -198,6 +198,10 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   using Rx = Rings<QN, MT, STAGES, CTA_X, XG>;
   constexpr int kStages = STAGES;
   constexpr int kAhead = kStages - 1;  // blocks in flight during a compute
+  // All of the kernel's shared memory, and nothing static besides it: the slot layout's
+  // conflict-free reads are counted from this block's start, and a 16-byte __shared__ variable
+  // elsewhere in the kernel shifted it, raised bank conflicts by 70 % and took up to 2x the
+  // time (benchmarks/2026-12-07_speed_round.md, call 3).
   extern __shared__ __align__(16) unsigned char smem[];
   allow_next_grid();  // the split reduction, if any, may be scheduled
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
