@@ -14,7 +14,7 @@ mkdir -p "$OUT" "$SCRATCH"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
-STEPS=${STEPS:-m1_splits stack breakdown tile_plan tile_min bench}
+STEPS=${STEPS:-tile33 gather_large stack bench}
 rc=0
 
 run_step() {  # run_step NAME: the commands of one step
@@ -42,6 +42,14 @@ run_step() {  # run_step NAME: the commands of one step
     tile_splits)  # the tile kernel's K splits at 64-256 tokens
       $SWEEP --Ms 64,128,256 --shapes 8192x28672,4096x4096,8192x8192 \
         --set MBWQ_TILE_SPLITS=0,1,2,3,4,6,8 ;;
+    tile33)  # the tile kernel's start at 33 rows on small layers (6cda237) against 65 before
+      $SWEEP --Ms 33,36,40 --shapes 4096x4096,4096x6144,4096x1024,2048x2048,2048x8192 \
+        --set MBWQ_TILE_MIN_M=0,65 ;;
+    gather_large)  # large M: the x gather staged through shared memory (default) or direct
+      $SWEEP --Ms 1024,4096 --shapes 4096x4096,8192x28672 --set MBWQ_GATHER_MIN_M=0,100000
+      $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096 --Ms 4096
+      MBWQ_GATHER_MIN_M=100000 $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096 \
+        --Ms 4096 ;;
     tile_min)  # tile kernel or mma.sync at 40-64 tokens on small layers
       $SWEEP --Ms 40,48,56,64 --shapes 4096x4096,4096x6144 --set MBWQ_TILE_MIN_M=0,1 ;;
     ncu_tile)  # what limits the tile kernel at 256 and 64 tokens
