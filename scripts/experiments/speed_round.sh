@@ -56,7 +56,8 @@ run_step() {  # run_step NAME: the commands of one step
       OUT="$SCRATCH" scripts/experiments/ncu_tile.sh 256 64 ;;
     bench)  # the bench record #26 asks for: bf16 beside fp16, M up to 4096, four layers
       $PY scripts/bench.py --dtypes fp16,bf16 --Ms 1,16,32,64,128,256,1024,4096 \
-        --formats q4_g128,mixed_2.5 --stack-blocks 0 --out "$OUT" ;;
+        --formats q4_g128,mixed_2.5 --stack-blocks 0 --out "$OUT"
+      $PY scripts/bench_targets.py "$OUT" --commit "${MBWQ_COMMIT:-$(git rev-parse HEAD)}" ;;
     *) echo "speed_round: unknown step $1" >&2; return 2 ;;
   esac
 }
