@@ -165,20 +165,25 @@ def select_run(recs: List[dict], commit: str, device: str = None) -> List[dict]:
     return recs
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def one_run_from_args(tool: str, description: str, argv=None) -> List[dict]:
+    """The command line of the tools that read one run (this one, bench_targets.py): run files
+    or folders, --commit, --device; the selected records, or exit with the reason."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("runs", nargs="*", default=[RUNS_DIR],
                     help="run files or folders of them (default: benchmarks/runs)")
-    ap.add_argument("--commit", required=True, help="render this commit's records")
+    ap.add_argument("--commit", required=True, help="this commit's records")
     ap.add_argument("--device", default=None,
                     help="only records whose device contains this (needed when the commit "
                          "was measured on several cards)")
     args = ap.parse_args(argv)
     try:
-        recs = select_run(load_runs(args.runs), args.commit, args.device)
+        return select_run(load_runs(args.runs), args.commit, args.device)
     except ValueError as e:
-        sys.exit(f"bench_tables: {e} (in {', '.join(args.runs)})")
-    print(render(recs))
+        sys.exit(f"{tool}: {e} (in {', '.join(args.runs)})")
+
+
+def main(argv=None):
+    print(render(one_run_from_args("bench_tables", __doc__.split("\n")[0], argv)))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ Targets 1 and 2 are read on the two large layers (8192 x 28672 and 28672 x 8192)
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import defaultdict
 from typing import List, Optional, Tuple
 
@@ -148,19 +146,7 @@ def render(rows: List[Row]) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="*", default=[bench_tables.RUNS_DIR],
-                    help="run files or folders of them (default: benchmarks/runs)")
-    ap.add_argument("--commit", required=True, help="check this commit's records")
-    ap.add_argument("--device", default=None,
-                    help="only records whose device contains this (needed when the commit "
-                         "was measured on several cards)")
-    args = ap.parse_args(argv)
-    try:
-        recs = bench_tables.select_run(bench_tables.load_runs(args.runs), args.commit,
-                                       args.device)
-    except ValueError as e:
-        sys.exit(f"bench_targets: {e} (in {', '.join(args.runs)})")
+    recs = bench_tables.one_run_from_args("bench_targets", __doc__.split("\n")[0], argv)
     print(render(targets(recs)))
 
 
