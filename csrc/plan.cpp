@@ -153,10 +153,8 @@ int tile_tokens(int64_t M, const Knobs& k) {
 
 // Cost model in microseconds: waves x (blocks per CTA + a ramp of 4) at ~0.3 us a block, plus
 // the partials' round trip and the reduction kernel when there are K splits. The partials are
-// priced at 6 TB/s, an L2 rate: a few MB written and read back at once mostly stay in L2 (the
-// split sweep of benchmarks/2026-12-07_speed_round.md: 4096 x 4096 at 128 tokens takes 20.9 us
-// with 8 splits, 26.1 with 4 and 63.5 with 1, so 8 splits' partials cost next to nothing),
-// and at DRAM's 2.5 TB/s the model chose 3-7 splits where 4-8 were 8-12 % faster. The
+// priced at an L2 rate: a few MB written and read back at once mostly stay in L2 (the split
+// sweeps in benchmarks/2026-12-07_speed_round.md show extra splits costing next to nothing). The
 // 512-column tiles (16-64 tokens) leave few CTAs on narrow layers, so they may take up to 32
 // splits of 8 blocks; the wider ones up to 16 splits of 16.
 Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, const Knobs& k) {

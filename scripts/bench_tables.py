@@ -63,6 +63,12 @@ def dtype_of(rec: dict) -> str:
     return rec.get("dtype", "fp16")
 
 
+def speedup_of(rec: dict) -> float:
+    """A layer record's speed-up over torch.matmul in x's dtype (runs before bench.py's --dtypes
+    recorded only the fp16 one, and had fp16 x)."""
+    return rec.get("speedup_matmul", rec["speedup_fp16"])
+
+
 def shape_table(recs, K, N, dtype="fp16"):
     """µs of our gemm with `dtype` activations per M and format, with in brackets the speed-up
     over torch.matmul in the same dtype; the baselines' µs after them."""
@@ -81,7 +87,7 @@ def shape_table(recs, K, N, dtype="fp16"):
         cells = []
         for f in fmts:
             r = rows[M].get(f)
-            speedup = r.get("speedup_matmul", r["speedup_fp16"]) if r else None
+            speedup = speedup_of(r) if r else None
             cells.append(f"{r['us']:.1f} ({speedup:.2f}×)" if r else "")
         any_r = next(iter(rows[M].values()))
         i4 = any_r["int4pack_us"]

@@ -37,11 +37,6 @@ def layer_records(recs: List[dict]) -> dict:
     return out
 
 
-def speedup(r: dict) -> float:
-    """Our speed over torch.matmul in x's dtype (records before 2026-12-07: fp16 x, fp16)."""
-    return r["speedup_matmul"] if "speedup_matmul" in r else r["speedup_fp16"]
-
-
 def shown(values: List[Tuple[str, float]], unit: str) -> str:
     """The measured values as "8192x28672 87.1 %, ..." (unit "%") or "... 1.15x" (unit "x")."""
     return ", ".join(f"{where} {v:.1f} %" if unit == "%" else f"{where} {v:.2f}x"
@@ -98,8 +93,8 @@ def matmul_rows(layers: dict) -> List[Row]:
         ms = sorted(by_m)
         for m in ms:
             n += 1
-            if speedup(by_m[m]) < 1.0:
-                slower.append((m, speedup(by_m[m]), f"{K}x{N} {fmt} {dtype}"))
+            if bench_tables.speedup_of(by_m[m]) < 1.0:
+                slower.append((m, bench_tables.speedup_of(by_m[m]), f"{K}x{N} {fmt} {dtype}"))
         for a, b in zip(ms, ms[1:]):  # tokens per µs
             if b / by_m[b]["us"] < a / by_m[a]["us"]:
                 drops.append(f"{K}x{N} {fmt} {dtype} M {a}->{b}")

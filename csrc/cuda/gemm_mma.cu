@@ -363,7 +363,7 @@ void run_config(const Call<T>& c) {
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
-  const size_t table = kMaxBlocksPerCta * sizeof(int2);
+  const size_t table = kMmaMaxBlocksPerCta * sizeof(int2);  // longer K ranges are split
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
   // warps the grid may take (1 where MBWQ_MMA_WC may force any count)
   int min_wc = cfg.wc_knob ? 1 : kWarps;

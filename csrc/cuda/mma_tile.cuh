@@ -23,8 +23,6 @@ namespace cuda {
 constexpr int kLog2Warps = 3;
 constexpr int kWarps = 1 << kLog2Warps;  // warps per CTA
 static_assert(kWarps == kMmaWarps, "plan.h's split search counts these warps");
-// Most 32-row blocks one CTA takes (its block table lives in shared memory); longer K is split.
-constexpr int kMaxBlocksPerCta = kMmaMaxBlocksPerCta;
 // A block width as a type, for the lambdas that specialise on it (0: not known).
 template <int B>
 using Width = std::integral_constant<int, B>;

@@ -6,7 +6,9 @@
 
 For each shape and M it prints the graph time per call (scripts/timing.py, weights rotated past
 L2), then each kernel's median duration over the profiled eager calls and their sum. The graph
-time minus that sum is what launches, dependencies and gaps between the kernels cost.
+time minus that sum is what launches, dependencies and gaps between the kernels cost. A kernel
+launched with programmatic dependent launch starts before the one it waits for ends, and its
+duration includes that wait, so the sum can exceed the graph time.
 """
 import argparse
 import collections

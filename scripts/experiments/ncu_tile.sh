@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Nsight Compute reading of the wgmma tile kernel (gemm_tile.cu) at its largest M on the
-# 8192 x 28672 4-bit layer, and of the mma.sync kernel at M = 64: throughput of the tensor pipe,
-# L2 and shared memory against their peaks, DRAM bytes, issue use and warp stall reasons.
+# Nsight Compute reading of the GEMM kernel (the tile kernel from 33 rows, mma.sync below) on
+# the 8192 x 28672 4-bit layer at each M given: throughput of the tensor pipe, L2 and shared
+# memory against their peaks, DRAM bytes, issue use and warp stall reasons.
 # Clocks as the card runs them (--clock-control none).
 #   OUT=dir scripts/experiments/ncu_tile.sh [M ...]     # default M = 256; logs $OUT/ncu_tile_M.log
 cd "$(dirname "$0")/../.."
