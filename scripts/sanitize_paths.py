@@ -8,7 +8,8 @@ per warp or once per CTA, row chunks of 64 tokens; one or two column quads per l
 the 8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token
 tiles at M = 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32
 and 64 tokens at M = 1, 17 and 40 through MBWQ_TILE_MIN_M), the x
-gather element by element and through shared memory (from 32 rows), one and several K
+gather element by element and through shared memory (from 32 rows; several rows a CTA at
+M = 1200), one and several K
 splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale
 and bias in several dtypes or absent, identity and random perm; the large-M path (x gather +
 stored-order dequant + cuBLAS); dequant with 4-column and 1-column threads in every output
@@ -75,7 +76,7 @@ def main():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             W = mbwq_ops.dequant(*args, dtype)
             assert torch.equal(W.cpu(), mbwq_ops.dequant(*cargs, dtype)), (spec, dtype)
-            for M in (1, 2, 3, 7, 12, 17, 40, 64, 100, 200, 300):
+            for M in (1, 2, 3, 7, 12, 17, 40, 64, 100, 200, 300, 1200):
                 x = torch.randn(M, K, dtype=dtype)
                 variants = ((cs, layer.bias), (cs.float(), None), (None, layer.bias),
                             (cs.to(torch.bfloat16), None))
@@ -107,7 +108,7 @@ def main():
     bad[0, 0] = 7
     bad[1, 1] = 1 << 20
     bad[2, 2] = -3
-    for M in (2, 40, 100, 200):
+    for M in (2, 40, 100, 200, 1200):
         x = torch.randn(M, K0, dtype=torch.float16, device="cuda")
         y = mbwq_ops.gemm(x, layer.qweight, layer.scales, layer.zeros, bad, layer._perm)
         assert torch.isnan(y).all()

@@ -226,11 +226,12 @@ def test_staged_and_direct_x_gather_agree(dtype, knobs):
     # (32 unless set) and reads each element from global memory below that: the same bits,
     # for every path's order (M = 1 and 40: mma.sync kernel for 16-bit x; 130: the tile kernel
     # on compute capability 9.0, else cuBLAS; fp32 x: cuBLAS; M = 20 and 40 forced onto the
-    # tile kernel: tiles of 32 and 64 tokens), several CTAs per row (M = 1), and x off 16-byte
-    # alignment (element loads instead of 16-byte ones; the cuBLAS path).
+    # tile kernel: tiles of 32 and 64 tokens), several CTAs per row (M = 1, 40), several rows
+    # per CTA (M = 1500: more rows than the CTAs that fit on the device; cuBLAS), and x off
+    # 16-byte alignment (element loads instead of 16-byte ones; the cuBLAS path).
     layer, W = layer_and_weight(SPECS["mixed_all"])
     K = layer.in_channels
-    for M, tile_min_m in ((1, "0"), (40, "0"), (130, "0"), (20, "1"), (40, "1")):
+    for M, tile_min_m in ((1, "0"), (40, "0"), (130, "0"), (20, "1"), (40, "1"), (1500, "0")):
         knobs.set("MBWQ_TILE_MIN_M", tile_min_m)
         x = rand_x(M, K, dtype, seed=M)
         x_off = torch.empty(M * K + 1, dtype=dtype, device="cuda")[1:].view(M, K)
@@ -359,7 +360,7 @@ KERNEL_KNOBS = {
 
 
 @pytest.mark.parametrize("setting", list(KERNEL_KNOBS))
-@pytest.mark.parametrize("M", [1, 5, 20, 64, 100, 200, 300])
+@pytest.mark.parametrize("M", [1, 5, 20, 64, 100, 200, 300, 1500])
 def test_invalid_tables_do_not_crash(M, setting, knobs):
     # invalid table entries and perm values on every path (KERNEL_KNOBS sends small M to the
     # tile kernel's small tiles)

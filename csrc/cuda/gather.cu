@@ -10,10 +10,18 @@
 //    permuted position. Many CTAs share every row, so a row is read by many SMs in 2-byte
 //    pieces of 32-byte sectors: ~16x the row's bytes of L2 traffic, which is nothing for a few
 //    tokens and the most parallel start for one.
-//  * staged: a CTA copies whole rows of x (scaled) into shared memory with coalesced 16-byte
-//    loads, then writes its chunks from there. The row's bytes cross L2 once per CTA. Taken
-//    where plan.h's gather_staged says (from kGatherStagedMinM rows); below that rows are few,
-//    and the direct gather spreads each over many CTAs.
+//  * staged: a CTA reads its share of perm once, as 16-bit sources in shared memory, then for
+//    each of its rows copies the whole row (scaled) into shared memory with coalesced 16-byte
+//    loads and writes its chunks from there. A row's bytes cross L2 once per CTA, perm once
+//    per CTA instead of once per row. Taken where plan.h's gather_staged says (from
+//    kGatherStagedMinM rows); below that rows are few, and the direct gather spreads each over
+//    many CTAs.
+//
+//    Rows alternate between two buffers, so that one barrier per row suffices and a thread
+//    loads the next row while others still write from the last.
+//
+//    shared memory of a staged CTA:  | row buffer 0 | row buffer 1 | sources (share x 8 x u16) |
+//                                      (K elements of T each)
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -30,9 +38,11 @@ namespace cuda {
 namespace {
 
 constexpr int kGatherThreads = 256;
-constexpr int kStagedThreads = 512;
+constexpr int kStagedThreads = 256;
 // Largest staged row (one CTA's shared memory): fp16 rows up to K = 49152, fp32 up to 24576.
 constexpr int kStagedMaxBytes = int(kGatherStagedMaxBytes);
+// A staged CTA's shared memory at most (227 KB: sm_90's limit for one CTA).
+constexpr int kStagedSmemLimit = 227 * 1024;
 
 // The raw activations and how to bring them into stored row order.
 template <typename T>
@@ -157,73 +167,104 @@ __global__ void __launch_bounds__(kGatherThreads)
   store8(xs + chunk_dst<O>(m, c, K, shift), o);
 }
 
-// CTA (m, part): stage row m of x, scaled, in shared memory; write chunks [part share) of xs.
+// Source of an element in the staged kernel's table: its column of the staged row, or
+// kBadSource for a perm entry outside [0, K) (K < kBadSource: rows are at most
+// kGatherStagedMaxBytes).
+constexpr uint16_t kBadSource = 0xFFFF;
+static_assert(kStagedMaxBytes / 2 < kBadSource, "gather: 16-bit sources");
+static_assert(2 * kStagedMaxBytes + 16 * 1024 <= kStagedSmemLimit, "gather: two rows per CTA");
+
+// Shared memory of a staged CTA (layout in the header) and the share of a part.
+__host__ __device__ constexpr int staged_share(int chunks, int parts) {
+  return (chunks + parts - 1) / parts;
+}
+__host__ __device__ constexpr int staged_smem_bytes(int row_bytes, int share) {
+  return 2 * row_bytes + share * 8 * int(sizeof(uint16_t));  // row_bytes: 16 * (K / 8)
+}
+
+// CTA (r, part), r < row_ctas: chunks [part share) of rows r, r + row_ctas, ... < xs_rows.
 // Rows m >= M (tile order's padding) are written as zeros.
 template <typename T, XOrder O>
-__global__ void __launch_bounds__(kStagedThreads)
-    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int M, int K, int parts, int shift) {
+__global__ void __launch_bounds__(kStagedThreads, 4)
+    gather_staged_kernel(XArgs<T> a, T* __restrict__ xs, int M, int xs_rows, int K, int parts,
+                         int row_ctas, int shift) {
   extern __shared__ __align__(16) unsigned char smem[];
-  T* srow = reinterpret_cast<T*>(smem);
+  const int chunks = K / 8;
+  const int share = staged_share(chunks, parts);
+  uint16_t* src = reinterpret_cast<uint16_t*>(smem + 2 * K * int(sizeof(T)));
+  const int part = blockIdx.x % parts, r0 = blockIdx.x / parts;
+  const int c0 = part * share, c1 = min(chunks, c0 + share);
+  // x and perm may come from the previous kernel. Only then may the GEMM be scheduled: its
+  // prologue reads the weights before its own wait, and everything before this kernel is done.
   wait_prior_grid();
   allow_next_grid();
-  const int m = blockIdx.x / parts, part = blockIdx.x % parts;
-  const T* row = a.x + int64_t(m) * K;
-  const int chunks = K / 8;
-  const int share = (chunks + parts - 1) / parts;
-  const int end = min(chunks, (part + 1) * share);
-  if (m >= M) {
-    alignas(16) T zero[8];
+  for (int c = c0 + threadIdx.x; c < c1; c += kStagedThreads) {
+    alignas(16) uint16_t s8[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) zero[e] = Cvt<T>::from_f(0.f);
-    for (int c = part * share + threadIdx.x; c < end; c += kStagedThreads)
-      store8(xs + chunk_dst<O>(m, c, K, shift), zero);
-    return;
+    for (int e = 0; e < 8; ++e) {
+      const int j = chunk_source<O>(a, c, e);
+      s8[e] = unsigned(j) < unsigned(K) ? uint16_t(j) : kBadSource;
+    }
+    *reinterpret_cast<uint4*>(src + 8 * (c - c0)) = *reinterpret_cast<const uint4*>(s8);
   }
   // K % 8 == 0, so every row is 16-byte aligned when x is
   const bool vec = reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
-  constexpr int kUnroll = 4;  // loads in flight per thread
-  for (int c0 = threadIdx.x; c0 < chunks; c0 += kUnroll * kStagedThreads) {
-    alignas(16) T v[kUnroll][8];
+  for (int m = r0, buf = 0; m < xs_rows; m += row_ctas, buf ^= 1) {
+    T* srow = reinterpret_cast<T*>(smem) + buf * K;
+    if (m >= M) {
+      alignas(16) T zero[8];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u * kStagedThreads;
-      if (c >= chunks) break;
-      if (vec) {
-#pragma unroll
-        for (int q = 0; q < int(sizeof(T)) * 8 / 16; ++q)
-          reinterpret_cast<uint4*>(v[u])[q] = load16_l2(row + 8 * c + q * (16 / sizeof(T)));
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[u][e] = row[8 * c + e];
-      }
+      for (int e = 0; e < 8; ++e) zero[e] = Cvt<T>::from_f(0.f);
+      for (int c = c0 + threadIdx.x; c < c1; c += kStagedThreads)
+        store8(xs + chunk_dst<O>(m, c, K, shift), zero);
+      continue;
     }
-    if (a.cs_kind != kAuxNone) {
-      float cs[kUnroll][8];
+    const T* row = a.x + int64_t(m) * K;
+    constexpr int kUnroll = 4;  // loads in flight per thread
+    for (int cb = threadIdx.x; cb < chunks; cb += kUnroll * kStagedThreads) {
+      alignas(16) T v[kUnroll][8];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        int j[8];
+        const int c = cb + u * kStagedThreads;
+        if (c >= chunks) break;
+        if (vec) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) j[e] = min(8 * (c0 + u * kStagedThreads) + e, K - 1);
-        load_scales8(a, j, cs[u]);
+          for (int q = 0; q < int(sizeof(T)) * 8 / 16; ++q)
+            reinterpret_cast<uint4*>(v[u])[q] = load16_l2(row + 8 * c + q * (16 / sizeof(T)));
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[u][e] = row[8 * c + e];
+        }
       }
+      // scaled one chunk at a time (channel_scale is small and read by every row: L1 hits),
+      // which keeps the registers of four chunks' scales free
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = cb + u * kStagedThreads;
+        if (c >= chunks) break;
+        if (a.cs_kind != kAuxNone) {
+          int j[8];
+          float cs[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[u][e] = scaled(a, v[u][e], cs[u][e]);
+          for (int e = 0; e < 8; ++e) j[e] = 8 * c + e;
+          load_scales8(a, j, cs);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[u][e] = scaled(a, v[u][e], cs[e]);
+        }
+        store8(srow + 8 * c, v[u]);
+      }
     }
+    // The row is staged. Its buffer was last read two rows ago, before the previous barrier.
+    __syncthreads();
+    for (int c = c0 + threadIdx.x; c < c1; c += kStagedThreads) {
+      alignas(16) uint16_t s8[8];
+      *reinterpret_cast<uint4*>(s8) = *reinterpret_cast<const uint4*>(src + 8 * (c - c0));
+      alignas(16) T o[8];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (c0 + u * kStagedThreads < chunks) store8(srow + 8 * (c0 + u * kStagedThreads), v[u]);
-  }
-  __syncthreads();
-  for (int c = part * share + threadIdx.x; c < end; c += kStagedThreads) {
-    alignas(16) T o[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int src = chunk_source<O>(a, c, e);
-      o[e] = (src < 0 || src >= K) ? Cvt<T>::from_f(qnan()) : srow[src];
+      for (int e = 0; e < 8; ++e)
+        o[e] = s8[e] == kBadSource ? Cvt<T>::from_f(qnan()) : srow[s8[e]];
+      store8(xs + chunk_dst<O>(m, c, K, shift), o);
     }
-    store8(xs + chunk_dst<O>(m, c, K, shift), o);
   }
 }
 
@@ -235,11 +276,23 @@ void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K, 
   if (gather_staged(M, int64_t(row_bytes), knobs())) {
     auto kernel = gather_staged_kernel<T, O>;
     static int ready[64] = {};
-    allow_smem_once(ready, kernel, kStagedMaxBytes);
-    // Several CTAs per row while there are fewer rows than SMs (each stages the whole row).
-    const int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
-    launch_chained(kernel, dim3(unsigned(xs_rows * parts)), dim3(kStagedThreads), row_bytes,
-                   stream, a, xs, int(M), K, parts, shift);
+    allow_smem_once(ready, kernel, kStagedSmemLimit);
+    // Several CTAs per row while there are fewer rows than SMs (each stages the whole row), and
+    // as many as the sources of a part need to fit beside the row.
+    const int chunks = K / 8;
+    int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
+    while (staged_smem_bytes(int(row_bytes), staged_share(chunks, parts)) > kStagedSmemLimit)
+      ++parts;
+    const int smem = staged_smem_bytes(int(row_bytes), staged_share(chunks, parts));
+    // Rows are dealt to the CTAs that fit on the device at once, so that each reads its
+    // sources once for many rows.
+    int resident = 1;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel,
+                                                                 kStagedThreads, size_t(smem)));
+    const int row_ctas = int(std::clamp<int64_t>(
+        int64_t(sm_count()) * std::max(resident, 1) / parts, 1, xs_rows));
+    launch_chained(kernel, dim3(unsigned(row_ctas * parts)), dim3(kStagedThreads), size_t(smem),
+                   stream, a, xs, int(M), int(xs_rows), K, parts, row_ctas, shift);
   } else {
     const int64_t n = xs_rows * (K / 8);
     const unsigned grid = unsigned((n + kGatherThreads - 1) / kGatherThreads);
