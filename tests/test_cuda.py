@@ -246,6 +246,23 @@ def test_staged_and_direct_x_gather_agree(dtype, knobs):
                 assert_close_to_reference(ys[0], xx, W, layer)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequant_matmul_in_column_chunks(dtype, knobs):
+    # The large-M path may dequantize W a column chunk at a time into one buffer
+    # (MBWQ_DEQUANT_COLS): chunks of 8 columns to all of N, a narrower last chunk, bias on a
+    # column slice of y, N not a multiple of 4 (the dequant kernel's one-column threads).
+    for name in ("q4g128", "mixed_all", "n_odd"):
+        layer, W = layer_and_weight(SPECS[name])
+        K, N = layer.in_channels, layer.qweight.shape[1]
+        x = rand_x(300, K, dtype, seed=3)
+        for cols in (8, 40, N // 2 + 4, N):
+            knobs.set("MBWQ_DEQUANT_COLS", cols)
+            assert mbwq_ops.plan(300, K, N, dtype)["chunk_cols"] == min(N, -(-cols // 8) * 8)
+            y = run_gemm(layer, x)
+            assert_close_to_reference(y, x, W, layer)
+            assert torch.equal(run_gemm(layer, x), y), (name, cols)  # deterministic
+
+
 def test_gemm_float32_activations():
     layer, W = layer_and_weight(SPECS["mixed_all"])
     for M in (1, 7, 40):

@@ -104,13 +104,24 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     xs = at::empty_like(x);
     cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kPlain);
   }
-  at::Tensor Ws = at::empty({K, N}, x.options());
-  cuda::dequant(qweight, scales, zeros, blocks, at::Tensor(perm.new_empty({0})), Ws);
-  if (bias.has_value()) {
-    // fp32 accumulation + bias in the epilogue, one rounding to x's dtype
-    at::addmm_out(y, bias->to(x.scalar_type()), xs, Ws);
-  } else {
-    at::mm_out(y, xs, Ws);
+  // W in column chunks of plan.chunk_cols (all of N unless asked), each dequantized into the
+  // same buffer and multiplied into its columns of y.
+  const int64_t cols = plan.chunk_cols > 0 ? std::min(plan.chunk_cols, N) : N;
+  at::Tensor Ws = at::empty({K, cols}, x.options());
+  const at::Tensor no_perm = perm.new_empty({0});
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt;
+  for (int64_t n0 = 0; n0 < N; n0 += cols) {
+    const int64_t w = std::min(cols, N - n0);
+    at::Tensor W_part = Ws.narrow(1, 0, w);
+    cuda::dequant(qweight, scales, zeros, blocks, no_perm, W_part, n0);
+    at::Tensor y_part = w == N ? y : y.narrow(1, n0, w);
+    if (b.has_value()) {
+      // fp32 accumulation + bias in the epilogue, one rounding to x's dtype
+      at::addmm_out(y_part, w == N ? *b : b->narrow(0, n0, w), xs, W_part);
+    } else {
+      at::mm_out(y_part, xs, W_part);
+    }
   }
   return y;
 }
