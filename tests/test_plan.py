@@ -54,7 +54,8 @@ def test_each_plan_is_well_formed(M, K, N, dtype, wgmma, sm):
         assert 1 <= p["chunk_rows"] <= 64 and p["chunk_rows"] == min(M, 64)
         assert p["mma_config"] >= 0 and g["wc"] in (1, 2, 4, 8)
     if p["path"] == "dequant_matmul":
-        assert p["chunk_cols"] == N  # W in one piece unless MBWQ_DEQUANT_COLS says otherwise
+        # W in one piece unless MBWQ_DEQUANT_COLS says otherwise
+        assert p["chunk_cols"] == N and not p["overlap_chunks"]
     if p["path"] in ("tile", "mma"):
         assert g["splits"] >= 1 and g["blocks_per_split"] >= 1
         assert (g["splits"] - 1) * g["blocks_per_split"] < nblocks <= g["splits"] * g["blocks_per_split"]
@@ -88,6 +89,9 @@ def test_knobs_move_the_boundaries_and_come_back():
         with mbwq_ops.ops.tuning(MBWQ_DEQUANT_COLS=cols):
             assert mbwq_ops.plan(2000, K, N, **H100)["chunk_cols"] == want, cols
             assert mbwq_ops.plan(3, K, N, **H100)["path"] == "mma"
+            assert not mbwq_ops.plan(2000, K, N, **H100)["overlap_chunks"]
+            with mbwq_ops.ops.tuning(MBWQ_DEQUANT_OVERLAP=1):  # only where there are chunks
+                assert mbwq_ops.plan(2000, K, N, **H100)["overlap_chunks"] == (want < N)
     assert paths(K, N, Ms=range(1, 300), **H100) == before
 
 
