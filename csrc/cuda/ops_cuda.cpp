@@ -5,7 +5,8 @@
 //   GemmPath::kTile           gather x in tile order, gemm_tile.cu (wgmma, Hopper)
 //   GemmPath::kMma            gather x in mma order, gemm_mma.cu per row chunk (mma.sync)
 //   GemmPath::kDequantMatmul  gather x (perm, channel_scale) + dequantize W in stored order
-//                             into x's dtype + cuBLAS
+//                             into x's dtype + cuBLAS (dequant_matmul: W whole or in column
+//                             chunks, optionally overlapped on a side stream)
 //
 // Host-only code, so it is a .cpp built by the C++ compiler like the CPU wrappers; the kernels
 // and their launchers are in the .cu files (launch.h).
