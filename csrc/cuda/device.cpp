@@ -25,6 +25,11 @@ int compute_capability_major() {
   return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, cache);
 }
 
+int smem_optin_limit() {
+  static int cache[64] = {};
+  return cached_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache);
+}
+
 bool wgmma_available() { return compute_capability_major() == 9; }
 
 DeviceFacts device_facts() {

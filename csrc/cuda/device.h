@@ -41,6 +41,9 @@ void allow_smem_once(int (&cache)[64], Kernel kernel, size_t bytes) {
 // Multiprocessor count and compute-capability major of the current device.
 int sm_count();
 int compute_capability_major();
+// The most dynamic shared memory one CTA may ask for on the current device (after
+// set_smem_limit): 227 KB on Hopper, less on earlier GPUs.
+int smem_optin_limit();
 
 // The wgmma tile kernel can run here: compute capability 9.0 (the sm_90a code). Whether the
 // plan uses it is plan_gemm's choice (MBWQ_MMA_NO_WGMMA turns it off there).

@@ -39,10 +39,9 @@ namespace {
 
 constexpr int kGatherThreads = 256;
 constexpr int kStagedThreads = 256;
-// Largest staged row (one CTA's shared memory): fp16 rows up to K = 49152, fp32 up to 24576.
+// Largest staged row (plan.h): fp16 rows up to K = 49152, fp32 up to 24576; on devices whose
+// CTAs cannot hold two such rows (below Hopper) rows that do not fit take the direct gather.
 constexpr int kStagedMaxBytes = int(kGatherStagedMaxBytes);
-// A staged CTA's shared memory at most (227 KB: sm_90's limit for one CTA).
-constexpr int kStagedSmemLimit = 227 * 1024;
 
 // The raw activations and how to bring them into stored row order.
 template <typename T>
@@ -172,7 +171,7 @@ __global__ void __launch_bounds__(kGatherThreads)
 // kGatherStagedMaxBytes).
 constexpr uint16_t kBadSource = 0xFFFF;
 static_assert(kStagedMaxBytes / 2 < kBadSource, "gather: 16-bit sources");
-static_assert(2 * kStagedMaxBytes + 16 * 1024 <= kStagedSmemLimit, "gather: two rows per CTA");
+static_assert(2 * kStagedMaxBytes + 16 * 1024 <= 227 * 1024, "gather: two rows a CTA on sm_90");
 
 // Shared memory of a staged CTA (layout in the header) and the share of a part.
 __host__ __device__ constexpr int staged_share(int chunks, int parts) {
@@ -273,16 +272,18 @@ template <typename T, XOrder O>
 void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K, int shift,
                    cudaStream_t stream) {
   const size_t row_bytes = size_t(K) * sizeof(T);
-  if (gather_staged(M, int64_t(row_bytes), knobs())) {
+  // the device's shared memory for one CTA; two rows and a part's sources must fit
+  const int limit = smem_optin_limit();
+  if (gather_staged(M, int64_t(row_bytes), knobs()) &&
+      staged_smem_bytes(int(row_bytes), 1) <= limit) {
     auto kernel = gather_staged_kernel<T, O>;
     static int ready[64] = {};
-    allow_smem_once(ready, kernel, kStagedSmemLimit);
+    allow_smem_once(ready, kernel, size_t(limit));
     // Several CTAs per row while there are fewer rows than SMs (each stages the whole row), and
-    // as many as the sources of a part need to fit beside the row.
+    // as many as the sources of a part need to fit beside the rows (at most one chunk each).
     const int chunks = K / 8;
     int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
-    while (staged_smem_bytes(int(row_bytes), staged_share(chunks, parts)) > kStagedSmemLimit)
-      ++parts;
+    while (staged_smem_bytes(int(row_bytes), staged_share(chunks, parts)) > limit) ++parts;
     const int smem = staged_smem_bytes(int(row_bytes), staged_share(chunks, parts));
     // Rows are dealt to the CTAs that fit on the device at once, so that each reads its
     // sources once for many rows.
