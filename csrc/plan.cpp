@@ -23,8 +23,7 @@ constexpr KnobField kKnobFields[] = {
     {"MBWQ_MMA_MAX_M", &Knobs::mma_max_m},     {"MBWQ_MMA_SPLITS", &Knobs::mma_splits},
     {"MBWQ_MMA_WC", &Knobs::mma_wc},           {"MBWQ_GATHER_MIN_M", &Knobs::gather_min_m},
     {"MBWQ_MMA_NO_WGMMA", &Knobs::no_wgmma},   {"MBWQ_MMA_NO_PDL", &Knobs::no_pdl},
-    {"MBWQ_MMA_CONFIG", &Knobs::mma_config},   {"MBWQ_DEQUANT_COLS", &Knobs::dequant_cols},
-    {"MBWQ_DEQUANT_OVERLAP", &Knobs::dequant_overlap},
+    {"MBWQ_MMA_CONFIG", &Knobs::mma_config},
 };
 
 Knobs from_environment() {
@@ -219,10 +218,6 @@ GemmPlan plan_gemm(int64_t M, int64_t K, int64_t N, int64_t R, bool tensor_core_
     return p;
   }
   p.path = GemmPath::kDequantMatmul;
-  // W in column chunks only when asked (a multiple of 8 columns: the dequant kernel's vector
-  // stores stay aligned)
-  p.chunk_cols = k.dequant_cols > 0 ? std::min<int64_t>(N, (k.dequant_cols + 7) / 8 * 8) : N;
-  p.overlap_chunks = k.dequant_overlap > 0 && p.chunk_cols < N;
   return p;
 }
 

@@ -30,9 +30,6 @@ struct Knobs {
   int no_wgmma = 0;      // MBWQ_MMA_NO_WGMMA: 1 = no tile kernel (other devices' paths)
   int no_pdl = 0;        // MBWQ_MMA_NO_PDL: 1 = plain launches, no programmatic chaining
   int mma_config = 0;    // MBWQ_MMA_CONFIG: 1 + the kMmaConfigs index to take where it is valid
-  int dequant_cols = 0;  // MBWQ_DEQUANT_COLS: columns of W per dequantize + cuBLAS step (large M)
-  int dequant_overlap = 0;  // MBWQ_DEQUANT_OVERLAP: 1 = dequantize the next chunk on a side
-                            // stream while cuBLAS multiplies the last one
 };
 const Knobs& knobs();
 // name: the environment variable's name (MBWQ_TILE_MIN_M, ...); value >= 0. Returns the
@@ -136,10 +133,6 @@ struct GemmPlan {
   int tile_tokens = 0;      // kTile
   int mma_config = -1;      // kMma: kMmaConfigs index of the first row chunk
   int64_t chunk_rows = 0;   // kMma: rows per call (kMmaMaxM; the last chunk may be shorter)
-  int64_t chunk_cols = 0;   // kDequantMatmul: columns of W dequantized per cuBLAS call (N: all;
-                            // the last chunk may be narrower), into one reused buffer
-  bool overlap_chunks = false;  // kDequantMatmul: chunk i + 1 dequantized on a side stream
-                                // during chunk i's cuBLAS call (two buffers)
   Grid grid;                // the first kernel's grid (kMma: for slots = SMs x min_ctas)
 };
 

@@ -46,10 +46,9 @@ def plan(M: int, K: int, N: int, dtype: torch.dtype = torch.float16, *, bits: fl
     with ``sm_count`` and ``wgmma`` (e.g. 132 and True for an H100 / H200). ``qweight_rows``
     (default ``K * bits / 32``) only changes the mma.sync grid's cost model. Returns ``path``
     (one of ``PATHS``), ``tile_tokens``, ``mma_config`` (index into plan.h's kMmaConfigs),
-    ``chunk_rows``, ``chunk_cols`` and ``overlap_chunks`` (the dequantize + cuBLAS path: columns
-    of W per step, and whether the next step's dequantization overlaps cuBLAS) and the first
-    kernel's ``grid`` (``wc``, ``tiles``, ``splits``, ``blocks_per_split``; the
-    mma.sync grid is priced for the CTAs per SM its configuration is sized for)."""
+    ``chunk_rows`` and the first kernel's ``grid`` (``wc``, ``tiles``, ``splits``,
+    ``blocks_per_split``; the mma.sync grid is priced for the CTAs per SM its configuration is
+    sized for)."""
     if sm_count is None or wgmma is None:
         dev = torch.device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else None)
@@ -62,7 +61,6 @@ def plan(M: int, K: int, N: int, dtype: torch.dtype = torch.float16, *, bits: fl
     R = int(K * bits) // 32 if qweight_rows is None else qweight_rows
     v = torch.ops.mbwq.plan.default(M, K, N, R, dtype, sm_count, bool(wgmma), aligned)
     return {"path": PATHS[v[0]], "tile_tokens": v[1], "mma_config": v[2], "chunk_rows": v[3],
-            "chunk_cols": v[8], "overlap_chunks": bool(v[9]),
             "grid": {"wc": v[4], "tiles": v[5], "splits": v[6], "blocks_per_split": v[7]}}
 
 

@@ -11,8 +11,8 @@ at M = 1, 17 and 40 through MBWQ_TILE_MIN_M), the x gather element by element an
 shared memory (from 32 rows; several rows a CTA at M = 1200), one and several K splits (+ the
 split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale and bias in
 several dtypes or absent, identity and random perm; the large-M path (x gather + stored-order
-dequant + cuBLAS, W whole or in column chunks); dequant with 4-column and 1-column threads in
-every output dtype; misaligned qweight; invalid blocks / perm entries (NaN, no OOB).
+dequant + cuBLAS); dequant with 4-column and 1-column threads in every output dtype; misaligned
+qweight; invalid blocks / perm entries (NaN, no OOB).
 Each result is compared with the CPU kernel, so the script also fails on wrong numbers.
 """
 from __future__ import annotations
@@ -59,13 +59,9 @@ def main():
     # M = 65 .. 192 as tensor-core row chunks (plan.h: large layers only; here on small ones)
     torch.ops.mbwq.set_knob("MBWQ_MMA_MAX_M", 192)
     # Second calls under knobs: the tile kernel's K splits and reduction (M = 200), its tiles of
-    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there), W dequantized in
-    # column chunks (M = 300)
+    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there)
     small = {"MBWQ_TILE_MIN_M": "1"}
-    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small], 17: [small], 40: [small],
-            # W in column chunks on the large-M path, one buffer or two and a side stream
-            300: [{"MBWQ_DEQUANT_COLS": "40"},
-                  {"MBWQ_DEQUANT_COLS": "40", "MBWQ_DEQUANT_OVERLAP": "1"}]}
+    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small], 17: [small], 40: [small]}
     checked = 0
     for K, N, groups, use_mbw, opts in specs:
         spec = (K, N, [g.bits for g in groups], opts)  # for assertion messages

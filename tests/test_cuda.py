@@ -15,7 +15,6 @@ mbwq_ops.plan; the summary below is for the reader):
 """
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
@@ -245,40 +244,6 @@ def test_staged_and_direct_x_gather_agree(dtype, knobs):
             assert torch.equal(ys[0], ys[1]), (M, xx.data_ptr() % 16)
             if dtype != torch.float32:
                 assert_close_to_reference(ys[0], xx, W, layer)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dequant_matmul_in_column_chunks(dtype, knobs):
-    # The large-M path may dequantize W a column chunk at a time into one buffer
-    # (MBWQ_DEQUANT_COLS): chunks of 8 columns to all of N, a narrower last chunk, bias on a
-    # column slice of y, N not a multiple of 4 (the dequant kernel's one-column threads); with
-    # MBWQ_DEQUANT_OVERLAP the chunks alternate between two buffers, dequantized on a side
-    # stream, also inside a CUDA graph.
-    for name in ("q4g128", "mixed_all", "n_odd"):
-        layer, W = layer_and_weight(SPECS[name])
-        K, N = layer.in_channels, layer.qweight.shape[1]
-        x = rand_x(300, K, dtype, seed=3)
-        for cols, overlap in itertools.product((8, 40, N // 2 + 4, N), (0, 1)):
-            knobs.set("MBWQ_DEQUANT_COLS", cols)
-            knobs.set("MBWQ_DEQUANT_OVERLAP", overlap)
-            p = mbwq_ops.plan(300, K, N, dtype)
-            assert p["chunk_cols"] == min(N, -(-cols // 8) * 8)
-            assert p["overlap_chunks"] == bool(overlap and p["chunk_cols"] < N)
-            y = run_gemm(layer, x)
-            assert_close_to_reference(y, x, W, layer)
-            assert torch.equal(run_gemm(layer, x), y), (name, cols, overlap)  # deterministic
-            # captured in a CUDA graph and replayed on new x
-            x_static = x.clone()
-            g = torch.cuda.CUDAGraph()
-            run_gemm(layer, x_static)  # warm-up outside the capture
-            torch.cuda.synchronize()
-            with torch.cuda.graph(g):
-                y_static = run_gemm(layer, x_static)
-            x2 = rand_x(300, K, dtype, seed=4)
-            x_static.copy_(x2)
-            g.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(y_static, run_gemm(layer, x2)), (name, cols, overlap)
 
 
 def test_gemm_float32_activations():

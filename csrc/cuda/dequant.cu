@@ -8,9 +8,6 @@
 //     thread: load the block's `bits` words of its CW columns, then for r = 0..31
 //             W[perm[32j + r], n0 .. n0+CW) = T(fp16(code * scale - zero))
 //
-// The columns may be a range [col0, col0 + cols) of W, written to an output of row stride
-// ldo: the large-M gemm path dequantizes W in column chunks into one buffer.
-//
 // Rows are scattered to perm[k] (a warp still writes one contiguous row segment per r), so
 // the output comes out in original input order with no second pass. Each fp16 value is the
 // single rounding of code*scale - zero (__hfma), bit-exact with the original; bf16 / fp32
@@ -47,12 +44,11 @@ __device__ __forceinline__ void store_row(T* dst, const T (&v)[CW]) {
   }
 }
 
-// out: this thread's first column in output row 0 (row stride ldo).
 template <int BITS, int CW, typename T>
 __device__ __forceinline__ void dequant_block(const uint32_t* __restrict__ qw, int N, int n0,
                                               int word, int group, const __half* scales,
                                               const __half* zeros, const int* perm, int k0,
-                                              int K, T* __restrict__ out, int64_t ldo) {
+                                              int K, T* __restrict__ out) {
   uint32_t w[CW][BITS];
   __half s[CW], nz[CW];
   if constexpr (CW == 4) {
@@ -81,7 +77,7 @@ __device__ __forceinline__ void dequant_block(const uint32_t* __restrict__ qw, i
     T v[CW];
 #pragma unroll
     for (int c = 0; c < CW; ++c) v[c] = Cvt<T>::from_h(dequant_h(code_u32<BITS>(w[c], r), s[c], nz[c]));
-    store_row<T, CW>(out + static_cast<int64_t>(p) * ldo, v);
+    store_row<T, CW>(out + static_cast<int64_t>(p) * N + n0, v);
   }
 }
 
@@ -89,22 +85,19 @@ template <int CW, typename T>
 __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
     const uint32_t* __restrict__ qw, const __half* __restrict__ scales,
     const __half* __restrict__ zeros, const int* __restrict__ blocks,
-    const int* __restrict__ perm, int R, int G, int N, int K, int col0, int cols, int64_t ldo,
-    T* __restrict__ out) {
-  const int c0 = (blockIdx.x * kDequantThreads + threadIdx.x) * CW;  // output column
-  if (c0 >= cols) return;
-  const int n0 = col0 + c0;  // column of W
-  out += c0;
+    const int* __restrict__ perm, int R, int G, int N, int K, T* __restrict__ out) {
+  const int n0 = (blockIdx.x * kDequantThreads + threadIdx.x) * CW;
+  if (n0 >= N) return;
   const int j = blockIdx.y;
   const BlockMeta b = load_block(blocks, j, R, G);
   const int k0 = j * 32;
   switch (b.bits) {
-    case 2: dequant_block<2, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out, ldo); break;
-    case 3: dequant_block<3, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out, ldo); break;
-    case 4: dequant_block<4, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out, ldo); break;
-    case 5: dequant_block<5, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out, ldo); break;
-    case 6: dequant_block<6, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out, ldo); break;
-    case 8: dequant_block<8, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out, ldo); break;
+    case 2: dequant_block<2, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out); break;
+    case 3: dequant_block<3, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out); break;
+    case 4: dequant_block<4, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out); break;
+    case 5: dequant_block<5, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out); break;
+    case 6: dequant_block<6, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out); break;
+    case 8: dequant_block<8, CW, T>(qw, N, n0, b.word, b.group, scales, zeros, perm, k0, K, out); break;
     default: {  // invalid table entry: NaN rows instead of reading out of bounds
       T v[CW];
 #pragma unroll
@@ -112,7 +105,7 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
       for (int r = 0; r < 32; ++r) {
         const int p = perm ? __ldg(perm + k0 + r) : k0 + r;
         if (static_cast<unsigned>(p) < static_cast<unsigned>(K))
-          store_row<T, CW>(out + static_cast<int64_t>(p) * ldo, v);
+          store_row<T, CW>(out + static_cast<int64_t>(p) * N + n0, v);
       }
     }
   }
@@ -120,55 +113,45 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
 
 template <int CW, typename T>
 void launch_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                    const at::Tensor& blocks, const int* perm, at::Tensor& out, int col0,
+                    const at::Tensor& blocks, const int* perm, at::Tensor& out,
                     cudaStream_t stream) {
   const int N = static_cast<int>(qweight.size(1));
-  const int cols = static_cast<int>(out.size(1));
   const int nblocks = static_cast<int>(blocks.size(0));
   const int K = nblocks * 32;
-  const int threads_x = (cols + CW - 1) / CW;
+  const int threads_x = (N + CW - 1) / CW;
   const dim3 grid((threads_x + kDequantThreads - 1) / kDequantThreads, nblocks);
   dequant_kernel<CW, T><<<grid, kDequantThreads, 0, stream>>>(
       reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
       reinterpret_cast<const __half*>(scales.data_ptr()),
       reinterpret_cast<const __half*>(zeros.data_ptr()), blocks.data_ptr<int32_t>(), perm,
-      static_cast<int>(qweight.size(0)), static_cast<int>(scales.size(0)), N, K, col0, cols,
-      out.stride(0), reinterpret_cast<T*>(out.data_ptr()));
+      static_cast<int>(qweight.size(0)), static_cast<int>(scales.size(0)), N, K,
+      reinterpret_cast<T*>(out.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void dequant_t(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-               const at::Tensor& blocks, const int* perm, at::Tensor& out, int col0,
-               cudaStream_t stream) {
-  // four columns a thread where every thread's 16-byte load and 4-element store stay aligned
-  const bool vec = qweight.size(1) % 4 == 0 && col0 % 4 == 0 && out.size(1) % 4 == 0 &&
-                   out.stride(0) % 4 == 0 &&
-                   reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0 &&
+               const at::Tensor& blocks, const int* perm, at::Tensor& out, cudaStream_t stream) {
+  const int64_t N = qweight.size(1);
+  const bool vec = N % 4 == 0 && reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(out.data_ptr()) % (4 * sizeof(T)) == 0;
   if (vec)
-    launch_dequant<4, T>(qweight, scales, zeros, blocks, perm, out, col0, stream);
+    launch_dequant<4, T>(qweight, scales, zeros, blocks, perm, out, stream);
   else
-    launch_dequant<1, T>(qweight, scales, zeros, blocks, perm, out, col0, stream);
+    launch_dequant<1, T>(qweight, scales, zeros, blocks, perm, out, stream);
 }
 
 }  // namespace
 
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-             const at::Tensor& blocks, const at::Tensor& perm, at::Tensor& out, int64_t col0) {
+             const at::Tensor& blocks, const at::Tensor& perm, at::Tensor& out) {
   if (out.numel() == 0) return;
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == blocks.size(0) * 32 && out.stride(1) == 1 &&
-                  out.stride(0) >= out.size(1) && col0 >= 0 &&
-                  col0 + out.size(1) <= qweight.size(1),
-              "mbwq: internal: dequant of columns [", col0, ", ", col0 + out.size(1),
-              ") of a ", qweight.size(1), "-column W into an output of shape ", out.sizes(),
-              " and strides ", out.strides());
   const int* p = perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (out.scalar_type()) {
-    case at::kHalf: dequant_t<__half>(qweight, scales, zeros, blocks, p, out, int(col0), stream); break;
-    case at::kBFloat16: dequant_t<__nv_bfloat16>(qweight, scales, zeros, blocks, p, out, int(col0), stream); break;
-    case at::kFloat: dequant_t<float>(qweight, scales, zeros, blocks, p, out, int(col0), stream); break;
+    case at::kHalf: dequant_t<__half>(qweight, scales, zeros, blocks, p, out, stream); break;
+    case at::kBFloat16: dequant_t<__nv_bfloat16>(qweight, scales, zeros, blocks, p, out, stream); break;
+    case at::kFloat: dequant_t<float>(qweight, scales, zeros, blocks, p, out, stream); break;
     default: TORCH_CHECK(false, "mbwq: internal: dequant kernel has no ", out.scalar_type(), " output");
   }
 }

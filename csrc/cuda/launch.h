@@ -41,12 +41,9 @@ void gemm_tile(const at::Tensor& xs, int64_t M, int tokens, const at::Tensor& qw
                const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
                const std::optional<at::Tensor>& bias, at::Tensor& y);
 
-// out[perm[k], n - col0] (or out[k, n - col0] when perm is empty) = fp16(code * scale - zero)
-// as out's dtype, for the columns n of W in [col0, col0 + out.size(1)). out: [K, w], rows
-// out.stride(0) apart (a column chunk of a wider buffer may be passed).
+// out[perm[k], n] (or out[k, n] when perm is empty) = fp16(code * scale - zero), as out's dtype.
 void dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-             const at::Tensor& blocks, const at::Tensor& perm, at::Tensor& out,
-             int64_t col0 = 0);
+             const at::Tensor& blocks, const at::Tensor& perm, at::Tensor& out);
 
 // xs[m, k'] = round_x(x[m, perm[k]] * cs[perm[k]]) in x's dtype, k' the position of stored row
 // k in `order` (NaN for a perm entry outside [0, K)); chained to the next kernel (pdl.cuh).

@@ -5,8 +5,7 @@
 //   GemmPath::kTile           gather x in tile order, gemm_tile.cu (wgmma, Hopper)
 //   GemmPath::kMma            gather x in mma order, gemm_mma.cu per row chunk (mma.sync)
 //   GemmPath::kDequantMatmul  gather x (perm, channel_scale) + dequantize W in stored order
-//                             into x's dtype + cuBLAS (dequant_matmul: W whole or in column
-//                             chunks, optionally overlapped on a side stream)
+//                             into x's dtype + cuBLAS
 //
 // Host-only code, so it is a .cpp built by the C++ compiler like the CPU wrappers; the kernels
 // and their launchers are in the .cu files (launch.h).
@@ -18,8 +17,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -44,71 +43,6 @@ at::Tensor dequant_cuda(const at::Tensor& qweight_, const at::Tensor& scales_,
   at::Tensor out = at::empty({K, N}, scales.options().dtype(direct ? dtype : at::kHalf));
   cuda::dequant(qweight, scales, zeros, blocks, perm, out);
   return direct ? out : out.to(dtype);
-}
-
-// A CUDA event for ordering two streams (no timing), destroyed with its scope; the work it
-// marks finishes regardless.
-class StreamEvent {
- public:
-  StreamEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming)); }
-  ~StreamEvent() { cudaEventDestroy(e_); }
-  StreamEvent(const StreamEvent&) = delete;
-  StreamEvent& operator=(const StreamEvent&) = delete;
-  void record(cudaStream_t s) { C10_CUDA_CHECK(cudaEventRecord(e_, s)); }
-  void block(cudaStream_t s) { C10_CUDA_CHECK(cudaStreamWaitEvent(s, e_, 0)); }
-
- private:
-  cudaEvent_t e_ = nullptr;
-};
-
-// y = xs @ W (+ bias) with W dequantized in x's dtype, in stored row order, a column chunk of
-// plan.chunk_cols at a time (all of N unless the plan says otherwise) into a reused buffer,
-// each chunk multiplied by cuBLAS into its columns of y. plan.overlap_chunks: chunks alternate
-// between two buffers, and chunk i + 1 is dequantized on a side stream while chunk i's
-// multiplication runs. Events order every use of a buffer; the current stream waits for the
-// side stream's last chunk before it multiplies it, so the side stream's work ends inside this
-// call (also inside a CUDA graph capture, where the events become graph edges).
-void dequant_matmul(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
-                    const at::Tensor& zeros, const at::Tensor& blocks, const at::Tensor& no_perm,
-                    const std::optional<at::Tensor>& bias, const GemmPlan& plan, at::Tensor& y) {
-  const int64_t K = xs.size(1), N = y.size(1);
-  const int64_t cols = plan.chunk_cols > 0 ? std::min(plan.chunk_cols, N) : N;
-  const bool overlap = plan.overlap_chunks && cols < N;
-  at::Tensor buffers[2] = {at::empty({K, cols}, xs.options()),
-                           overlap ? at::empty({K, cols}, xs.options()) : at::Tensor()};
-  const std::optional<at::Tensor> b =
-      bias.has_value() ? std::optional<at::Tensor>(bias->to(xs.scalar_type())) : std::nullopt;
-  const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
-  std::optional<c10::cuda::CUDAStream> side;
-  std::optional<StreamEvent> start, ready[2], consumed[2];
-  if (overlap) {
-    side = c10::cuda::getStreamFromPool(false, xs.device().index());
-    start.emplace(), ready[0].emplace(), ready[1].emplace();
-    consumed[0].emplace(), consumed[1].emplace();
-    start->record(main);  // the side stream's work comes after everything queued so far
-    start->block(*side);
-  }
-  for (int64_t i = 0, n0 = 0; n0 < N; ++i, n0 += cols) {
-    const int64_t w = std::min(cols, N - n0);
-    at::Tensor W_part = buffers[overlap ? i % 2 : 0].narrow(1, 0, w);
-    if (overlap) {
-      const c10::cuda::CUDAStreamGuard on_side(*side);
-      if (i >= 2) consumed[i % 2]->block(*side);  // chunk i - 2's multiplication read it
-      cuda::dequant(qweight, scales, zeros, blocks, no_perm, W_part, n0);
-      ready[i % 2]->record(*side);
-      ready[i % 2]->block(main);
-    } else {
-      cuda::dequant(qweight, scales, zeros, blocks, no_perm, W_part, n0);
-    }
-    at::Tensor y_part = w == N ? y : y.narrow(1, n0, w);
-    if (b.has_value()) {
-      // fp32 accumulation + bias in the epilogue, one rounding to x's dtype
-      at::addmm_out(y_part, w == N ? *b : b->narrow(0, n0, w), xs, W_part);
-    } else {
-      at::mm_out(y_part, xs, W_part);
-    }
-    if (overlap) consumed[i % 2]->record(main);
-  }
 }
 
 at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at::Tensor& scales_,
@@ -170,7 +104,14 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
     xs = at::empty_like(x);
     cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kPlain);
   }
-  dequant_matmul(xs, qweight, scales, zeros, blocks, perm.new_empty({0}), bias, plan, y);
+  at::Tensor Ws = at::empty({K, N}, x.options());
+  cuda::dequant(qweight, scales, zeros, blocks, at::Tensor(perm.new_empty({0})), Ws);
+  if (bias.has_value()) {
+    // fp32 accumulation + bias in the epilogue, one rounding to x's dtype
+    at::addmm_out(y, bias->to(x.scalar_type()), xs, Ws);
+  } else {
+    at::mm_out(y, xs, Ws);
+  }
   return y;
 }
 

@@ -14,7 +14,7 @@ mkdir -p "$OUT" "$SCRATCH"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
-STEPS=${STEPS:-gather_large dequant_cols tile33 stack bench}
+STEPS=${STEPS:-tile33 gather_large stack bench}
 rc=0
 
 run_step() {  # run_step NAME: the commands of one step
@@ -50,10 +50,6 @@ run_step() {  # run_step NAME: the commands of one step
       $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096 --Ms 4096
       MBWQ_GATHER_MIN_M=100000 $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096 \
         --Ms 4096 ;;
-    dequant_cols)  # large M: W dequantized whole (0) or in column chunks that fit the L2, the
-      # next chunk on a side stream during cuBLAS (overlap 1) or not
-      $SWEEP --Ms 1024,4096 --shapes 8192x28672,4096x4096 --matmul \
-        --set MBWQ_DEQUANT_COLS=0,1024,2048,4096 --set MBWQ_DEQUANT_OVERLAP=0,1 ;;
     tile_min)  # tile kernel or mma.sync at 40-64 tokens on small layers
       $SWEEP --Ms 40,48,56,64 --shapes 4096x4096,4096x6144 --set MBWQ_TILE_MIN_M=0,1 ;;
     ncu_tile)  # what limits the tile kernel at 256 and 64 tokens

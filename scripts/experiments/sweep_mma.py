@@ -13,8 +13,7 @@ MBWQ_TILE_MAX_M (the rows the many-token tile kernel takes on compute capability
 csrc/cuda/ops_cuda.cpp; a large minimum turns it off), MBWQ_TILE_TOKENS (16, 32, 64, 128 or
 256 tokens per CTA tile), MBWQ_TILE_SPLITS (its K splits, csrc/cuda/gemm_tile.cu) and
 MBWQ_MMA_CONFIG (1 + an index into csrc/plan.h's kMmaConfigs: that configuration wherever it
-is valid for the row count) and MBWQ_DEQUANT_COLS (the large-M path: columns of W dequantized
-per cuBLAS call, into one reused buffer).
+is valid for the row count).
 --matmul adds torch.matmul in the activation dtype on the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).
