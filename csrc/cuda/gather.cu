@@ -173,12 +173,14 @@ constexpr uint16_t kBadSource = 0xFFFF;
 static_assert(kStagedMaxBytes / 2 < kBadSource, "gather: 16-bit sources");
 static_assert(2 * kStagedMaxBytes + 16 * 1024 <= 227 * 1024, "gather: two rows a CTA on sm_90");
 
-// Shared memory of a staged CTA (layout in the header) and the share of a part.
+// Shared memory of a staged CTA (layout in the header; row_bytes = K * sizeof(T)) and the share
+// of a part.
+constexpr int kSourceBytesPerChunk = 8 * int(sizeof(uint16_t));
 __host__ __device__ constexpr int staged_share(int chunks, int parts) {
   return (chunks + parts - 1) / parts;
 }
 __host__ __device__ constexpr int staged_smem_bytes(int row_bytes, int share) {
-  return 2 * row_bytes + share * 8 * int(sizeof(uint16_t));  // row_bytes: 16 * (K / 8)
+  return 2 * row_bytes + share * kSourceBytesPerChunk;
 }
 
 // CTA (r, part), r < row_ctas: chunks [part share) of rows r, r + row_ctas, ... < xs_rows.
@@ -280,10 +282,11 @@ void launch_gather(const XArgs<T>& a, T* xs, int64_t M, int64_t xs_rows, int K, 
     static int ready[64] = {};
     allow_smem_once(ready, kernel, size_t(limit));
     // Several CTAs per row while there are fewer rows than SMs (each stages the whole row), and
-    // as many as the sources of a part need to fit beside the rows (at most one chunk each).
+    // at least as many as keep a part's sources beside the two rows.
     const int chunks = K / 8;
-    int parts = int(std::clamp<int64_t>(sm_count() / M, 1, 4));
-    while (staged_smem_bytes(int(row_bytes), staged_share(chunks, parts)) > limit) ++parts;
+    const int max_share = (limit - 2 * int(row_bytes)) / kSourceBytesPerChunk;  // >= 1 (above)
+    const int parts = std::max(int(std::clamp<int64_t>(sm_count() / M, 1, 4)),
+                               (chunks + max_share - 1) / max_share);
     const int smem = staged_smem_bytes(int(row_bytes), staged_share(chunks, parts));
     // Rows are dealt to the CTAs that fit on the device at once, so that each reads its
     // sources once for many rows.
