@@ -23,7 +23,7 @@ constexpr KnobField kKnobFields[] = {
     {"MBWQ_MMA_MAX_M", &Knobs::mma_max_m},     {"MBWQ_MMA_SPLITS", &Knobs::mma_splits},
     {"MBWQ_MMA_WC", &Knobs::mma_wc},           {"MBWQ_GATHER_MIN_M", &Knobs::gather_min_m},
     {"MBWQ_MMA_NO_WGMMA", &Knobs::no_wgmma},   {"MBWQ_MMA_NO_PDL", &Knobs::no_pdl},
-    {"MBWQ_MMA_CONFIG", &Knobs::mma_config},
+    {"MBWQ_MMA_CONFIG", &Knobs::mma_config},   {"MBWQ_TILE_STREAM", &Knobs::tile_stream},
 };
 
 Knobs from_environment() {
@@ -179,6 +179,12 @@ Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, cons
         nullptr);
   }
   g.splits = splits_of(nblocks, g.blocks_per_split);
+  // Stream-K: one CTA per SM (the kernel's registers and shared memory allow no more), never
+  // more CTAs than units, and 32-bit unit numbers (the kernel's arithmetic); blocks_per_split
+  // and splits describe the grid it replaces.
+  const int64_t units = int64_t(g.tiles) * nblocks;
+  if (k.tile_stream == 2 && units > 0 && units < (int64_t(1) << 31))
+    g.ctas = int(std::min<int64_t>(std::max(1, sm_count), units));
   return g;
 }
 

@@ -30,6 +30,8 @@ struct Knobs {
   int no_wgmma = 0;      // MBWQ_MMA_NO_WGMMA: 1 = no tile kernel (other devices' paths)
   int no_pdl = 0;        // MBWQ_MMA_NO_PDL: 1 = plain launches, no programmatic chaining
   int mma_config = 0;    // MBWQ_MMA_CONFIG: 1 + the kMmaConfigs index to take where it is valid
+  int tile_stream = 0;   // MBWQ_TILE_STREAM: the tile kernel's schedule, 1 = a grid of tiles x
+                         // K splits, 2 = stream-K (Grid::ctas); 0 = the plan's choice
 };
 const Knobs& knobs();
 // name: the environment variable's name (MBWQ_TILE_MIN_M, ...); value >= 0. Returns the
@@ -108,6 +110,12 @@ struct Grid {
   int tiles = 0;             // CTAs along N (times token tiles for the tile kernel)
   int splits = 1;            // K splits (fp32 partials + an in-order reduction when > 1)
   int blocks_per_split = 0;  // 32-row blocks per split
+  // Tile kernel, stream-K: this many persistent CTAs instead of the (tiles, splits) grid. The
+  // tiles' 32-row blocks lie end to end (tiles x nblocks units) and CTA p takes units
+  // [p U / ctas, (p + 1) U / ctas): every CTA the same work to one block, whatever the tile
+  // count; tiles cut by a CTA boundary leave fp32 partials that a second kernel adds in CTA
+  // order (gemm_tile.cu). 0: the grid.
+  int ctas = 0;
 };
 // `slots`: CTAs resident on the whole device (SM count x CTAs per SM).
 Grid mma_grid(const MmaConfig& c, int nblocks, int64_t N, int64_t M, double weight_bytes,
@@ -116,6 +124,8 @@ Grid mma_grid(const MmaConfig& c, int nblocks, int64_t N, int64_t M, double weig
 // ---- tile kernel (gemm_tile.cu) ------------------------------------------------------------
 // Token tiles: the fewest of 16, 32, 64, 128, 256 that cover M (or MBWQ_TILE_TOKENS). A CTA
 // takes 128 * min(4, 256 / tokens) columns (the accumulators fit 256 tokens x 128 columns).
+// The schedule: the split grid, or stream-K where MBWQ_TILE_STREAM = 2 asks for it (the plan
+// does not choose stream-K by itself until it has been measured against the grid).
 bool is_tile_tokens(int t);
 int tile_tokens(int64_t M, const Knobs& k);
 constexpr int tile_columns(int tokens) { return 128 * (256 / tokens < 4 ? 256 / tokens : 4); }

@@ -7,7 +7,8 @@ Paths: the tensor-core kernel (fp16/bf16: one, two, four and eight 8-token tiles
 warp or once per CTA, row chunks of 64 tokens; one or two column quads per lane (two on the
 8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token tiles at M
 = 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32 and 64 tokens
-at M = 1, 17 and 40 through MBWQ_TILE_MIN_M), the x gather element by element and through
+at M = 1, 17 and 40 through MBWQ_TILE_MIN_M, its stream-K schedule at M = 40, 100 and 200
+through MBWQ_TILE_STREAM), the x gather element by element and through
 shared memory (from 32 rows; several rows a CTA at M = 1200), one and several K splits (+ the
 split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale and bias in
 several dtypes or absent, identity and random perm; the large-M path (x gather + stored-order
@@ -59,9 +60,12 @@ def main():
     # M = 65 .. 192 as tensor-core row chunks (plan.h: large layers only; here on small ones)
     torch.ops.mbwq.set_knob("MBWQ_MMA_MAX_M", 192)
     # Second calls under knobs: the tile kernel's K splits and reduction (M = 200), its tiles of
-    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there)
+    # 16, 32 and 64 tokens (M = 1, 17, 40, which only the knob sends there), and its stream-K
+    # schedule (M = 40, 100, 200: CTAs that cut tiles, K = 192's short runs)
     small = {"MBWQ_TILE_MIN_M": "1"}
-    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}], 1: [small], 17: [small], 40: [small]}
+    stream = {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_STREAM": "2"}
+    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}, stream], 1: [small], 17: [small],
+            40: [small, stream], 100: [stream]}
     checked = 0
     for K, N, groups, use_mbw, opts in specs:
         spec = (K, N, [g.bits for g in groups], opts)  # for assertion messages

@@ -203,6 +203,32 @@ def test_tile_kernel(name, knobs):
             knobs.set(knob, 0)
 
 
+@pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
+def test_tile_kernel_stream_k(name, knobs):
+    # gemm_tile.cu's stream-K schedule (MBWQ_TILE_STREAM=2): persistent CTAs, each an equal run
+    # of (tile, block) units. Runs that cut tiles (every shape here), runs of several whole
+    # tiles (two_quads at 600 rows: 192 tiles of 8 blocks on 132 CTAs), one block a CTA
+    # (splitk: 128 units), several token tiles (600 rows, 300 rows in 128-token tiles), bias.
+    # Against the reference and deterministic.
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the tile kernel runs on compute capability 9.0 (wgmma) only")
+    layer, W = layer_and_weight(SPECS[name])
+    K, N = layer.in_channels, layer.out_channels
+    knobs.set("MBWQ_TILE_MIN_M", "1")
+    knobs.set("MBWQ_TILE_MAX_M", "100000")
+    knobs.set("MBWQ_TILE_STREAM", "2")
+    for dtype in DTYPES:
+        for M, tokens in ((1, "0"), (40, "0"), (65, "0"), (129, "0"), (256, "0"), (600, "0"),
+                          (300, "128"), (100, "32")):
+            knobs.set("MBWQ_TILE_TOKENS", tokens)
+            p = mbwq_ops.plan(M, K, N, dtype)
+            assert p["path"] == "tile" and p["grid"]["ctas"] > 0, p
+            x = rand_x(M, K, dtype, seed=M)
+            y = run_gemm(layer, x)
+            assert_close_to_reference(y, x, W, layer)
+            assert torch.equal(run_gemm(layer, x), y), (M, tokens)
+
+
 def test_tile_kernel_from_33_rows(knobs):
     # plan.h: the tile kernel takes M = 33-64 (64-token tiles); below 33 rows the mma.sync
     # kernel does. The default call of a 2048 x 16384 layer is bitwise the call forced onto the
@@ -356,6 +382,8 @@ KERNEL_KNOBS = {
     "default": {},
     # every M on the tile kernel (wgmma devices): its 16-, 32- and 64-token tiles
     "tiles": {"MBWQ_TILE_MIN_M": "1"},
+    # the same on the tile kernel's stream-K schedule
+    "stream_k": {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_STREAM": "2"},
 }
 
 

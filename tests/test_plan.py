@@ -53,6 +53,7 @@ def test_each_plan_is_well_formed(M, K, N, dtype, wgmma, sm):
     if p["path"] == "mma":
         assert 1 <= p["chunk_rows"] <= 64 and p["chunk_rows"] == min(M, 64)
         assert p["mma_config"] >= 0 and g["wc"] in (1, 2, 4, 8)
+    assert g["ctas"] == 0  # stream-K only where MBWQ_TILE_STREAM asks for it
     if p["path"] in ("tile", "mma"):
         assert g["splits"] >= 1 and g["blocks_per_split"] >= 1
         assert (g["splits"] - 1) * g["blocks_per_split"] < nblocks <= g["splits"] * g["blocks_per_split"]
@@ -82,6 +83,23 @@ def test_knobs_move_the_boundaries_and_come_back():
     with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=99):  # no such configuration: the default
         assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == default
     assert paths(K, N, Ms=range(1, 300), **H100) == before
+
+
+@pytest.mark.parametrize("M,K,N", [(256, 8192, 28672), (64, 8192, 28672), (40, 256, 256),
+                                   (600, 256, 8192), (129, 4096, 4096)])
+def test_stream_k_takes_one_cta_per_sm_or_per_unit(M, K, N):
+    """MBWQ_TILE_STREAM=2: the tile kernel's stream-K schedule on min(SMs, units) CTAs, units =
+    tiles x 32-row blocks; 1 or 0 (the default): the grid."""
+    with mbwq_ops.ops.tuning(MBWQ_TILE_MIN_M=1, MBWQ_TILE_MAX_M=100000):
+        grid_plan = mbwq_ops.plan(M, K, N, **H100)
+        for sm in (132, 16, 1):
+            with mbwq_ops.ops.tuning(MBWQ_TILE_STREAM=2):
+                p = mbwq_ops.plan(M, K, N, sm_count=sm, wgmma=True)
+            assert p["path"] == "tile"
+            assert p["grid"]["ctas"] == min(sm, p["grid"]["tiles"] * (K // 32))
+        with mbwq_ops.ops.tuning(MBWQ_TILE_STREAM=1):
+            assert mbwq_ops.plan(M, K, N, **H100) == grid_plan
+    assert grid_plan["grid"]["ctas"] == 0
 
 
 def test_bad_knobs_and_devices_are_named():

@@ -48,6 +48,21 @@
 // Invalid block-table entries (bits 0 after load_block) get no copies and make the CTA's tile
 // NaN. Several K splits (few tiles on the device) write fp32 partials that reduce_splits adds in
 // order, as on the other path: results do not depend on timing.
+//
+// Schedules (plan.h: Grid). A grid of (token tiles, column tiles, K splits) gives each CTA one
+// piece of work. When the tiles leave the last wave part empty (224 tiles on 132 SMs run as two
+// waves of which the second is 70 % full), stream-K lays the tiles' blocks end to end and
+// gives each of `ctas` persistent CTAs an equal run of them:
+//
+//   units:  | tile 0: blocks 0 .. nb-1  | tile 1: blocks 0 .. nb-1  | tile 2 ...
+//   CTAs:   | CTA 0        | CTA 1                   | CTA 2          ...
+//   pieces: | t0 [0, a)    | t0 [a, nb) | t1 [0, b) | t1 [b, nb)  ...
+//
+// A CTA walks its run piece by piece, a piece ending at a tile edge, with one ring and one
+// block count throughout (the copies of the next piece run ahead of the current one's
+// epilogue). A piece that covers a whole tile writes y; the first and the last piece of a CTA
+// may cover part of one, and write fp32 partials to slots 2p and 2p + 1, which
+// stream_fixup_kernel adds in CTA order.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -163,25 +178,25 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
 // measurable change at M = 2048, where the copy warps set the pace; the shorter dependency
 // chain was kept).
 struct TableChunks {
-  const int32_t* blocks;
-  int jb0, nb, R, G;
+  int jb0, nb;
   BlockMeta cur, nxt;
 
-  __device__ __forceinline__ TableChunks(const int32_t* blocks_, int jb0_, int nb_, int R_,
-                                         int G_)
-      : blocks(blocks_), jb0(jb0_), nb(nb_), R(R_), G(G_) {
-    cur = check_block(fetch(0), R, G);
-    nxt = fetch(32);
+  // blocks, R, G: the kernel's arguments, passed on every call rather than kept here (the copy
+  // warps have 40 registers)
+  __device__ __forceinline__ TableChunks(const int32_t* blocks, int jb0_, int nb_, int R, int G)
+      : jb0(jb0_), nb(nb_) {
+    cur = check_block(fetch(blocks, 0), R, G);
+    nxt = fetch(blocks, 32);
   }
-  __device__ __forceinline__ BlockMeta fetch(int c) const {
+  __device__ __forceinline__ BlockMeta fetch(const int32_t* blocks, int c) const {
     const int k = c + int(threadIdx.x % 32);
     return k < nb ? block_entry(blocks, jb0 + k) : BlockMeta{0, 0, 0};
   }
   // Entry i (0 <= i < nb); every lane calls this for i = 0, 1, 2, ... in turn.
-  __device__ __forceinline__ BlockMeta get(int i) {
+  __device__ __forceinline__ BlockMeta get(int i, const int32_t* blocks, int R, int G) {
     if ((i & 31) == 0 && i > 0) {
       cur = check_block(nxt, R, G);
-      nxt = fetch(i + 32);
+      nxt = fetch(blocks, i + 32);
     }
     const int l = i & 31;
     return BlockMeta{__shfl_sync(~0u, cur.bits, l), __shfl_sync(~0u, cur.word, l),
@@ -189,20 +204,73 @@ struct TableChunks {
   }
 };
 
+// ---- the schedule ------------------------------------------------------------------------
+
+// One piece of a CTA's work: token tile mtile, column tile ntile, blocks [jb0, jb0 + nb) of K;
+// part -1: the tile's whole K (write y), else the partial slot it writes.
+struct Piece {
+  int mtile, ntile, jb0, nb, part;
+};
+
+// The pieces of every CTA (header: Schedules). ctas == 0: the (mtiles, ntiles, splits) grid;
+// else stream-K over units = mtiles * ntiles * nblocks = q * ctas + r (< 2^31: plan.cpp), tile
+// = mtile + mtiles * ntile. All 32-bit: a 64-bit division is a call that made the copy warps
+// (40 registers) spill.
+struct Schedule {
+  int mtiles, nblocks, bps, ctas, q, r;
+
+  // CTA p's first unit, floor(p * units / ctas) (CTA ctas: units)
+  __host__ __device__ int first_unit(int p) const { return p * q + p * r / ctas; }
+  // the CTA whose run holds unit u: the largest p with first_unit(p) <= u
+  __host__ __device__ int owner(int u) const {
+    const int64_t units = int64_t(q) * ctas + r;
+    return int(((int64_t(u) + 1) * ctas + units - 1) / units) - 1;
+  }
+  // The CTA's pieces in turn: u = start() before the first call, then advanced by each;
+  // false when there are no more. Nothing else is carried from one call to the next (the copy
+  // warps have 40 registers).
+  template <bool STREAM>
+  __device__ __forceinline__ int start() const { return STREAM ? first_unit(blockIdx.x) : 0; }
+  template <bool STREAM>
+  __device__ __forceinline__ bool next_piece(int& u, Piece& pc) const {
+    if constexpr (!STREAM) {  // the grid: one piece
+      if (u > 0) return false;
+      u = 1;
+      pc.mtile = blockIdx.x, pc.ntile = blockIdx.y, pc.jb0 = blockIdx.z * bps;
+      pc.nb = max(0, min(bps, nblocks - pc.jb0));
+      pc.part = gridDim.z == 1 ? -1 : int(blockIdx.z);
+      return true;
+    } else {
+      const int p = blockIdx.x, end = first_unit(p + 1);
+      if (u >= end) return false;
+      const int tile = u / nblocks, tile_end = (tile + 1) * nblocks;
+      const int stop = min(end, tile_end);
+      pc.mtile = tile % mtiles, pc.ntile = tile / mtiles;
+      pc.jb0 = u - tile * nblocks, pc.nb = stop - u;
+      // the CTA's first piece (slot 2p) or its last (2p + 1): only those can be parts of a tile
+      pc.part = pc.jb0 == 0 && stop == tile_end ? -1 : 2 * p + (u != first_unit(p));
+      u = stop;
+      return true;
+    }
+  }
+};
+
 // ---- the kernel --------------------------------------------------------------------------
 
-// grid: (token tiles, column tiles, K splits); block: kThreads.
+// grid: (token tiles, column tiles, K splits), or (sch.ctas) for stream-K (STREAM); block:
+// kThreads.
 // xs: x gathered in XOrder::kTile with tiles of TOKENS rows;
-// out: y [M, N] (T) with bias when the grid has one split, else fp32 partials [splits, M, N].
+// y [M, N] (T): the pieces that cover a whole tile, with bias;
+// part: the other pieces' fp32 partials: grid [splits, M, N], stream-K [2 ctas, TOKENS, kCols].
 // RS: the row sets (a template parameter, not a local constant: cicc crashed on the lambdas'
 // array bounds of a local one).
-template <typename T, int TOKENS, int RS>
+template <typename T, int TOKENS, int RS, bool STREAM>
 __global__ void __launch_bounds__(kThreads, 1)
     tile_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                      const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                      const int32_t* __restrict__ blocks, const void* __restrict__ bias,
-                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
-                     int blocks_per_split) {
+                     int bias_kind, T* __restrict__ y, float* __restrict__ part, int M, int K,
+                     int N, int R, int G, Schedule sch) {
 #if MBWQ_WGMMA
   using S = TileShape<TOKENS, RS>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -210,9 +278,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t full0 = smem_s + S::kBarrierOffset, empty0 = full0 + 8 * S::kStages;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nblocks = K / kBlockRows;
-  const int jb0 = blockIdx.z * blocks_per_split;
-  const int nb = max(0, min(blocks_per_split, nblocks - jb0));
-  const int n0 = blockIdx.y * S::kCols;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::kStages; ++s) {
       mbar_init(full0 + 8 * s, kProducerWarps);  // the producers' arrives (+ copied bytes)
@@ -233,42 +298,47 @@ __global__ void __launch_bounds__(kThreads, 1)
     set_max_regs_dec<kProducerRegs>();
     const int role = warp - kConsumerWarps;
     if (role >= kProducerWarps) return;
-    const uint32_t cols_bytes = uint32_t(min(S::kCols, N - n0)) * 4;  // N % 8 == 0: x 32
-    // block jb0 of this tile's tokens in xs
-    const unsigned char* x = reinterpret_cast<const unsigned char*>(xs) +
-                             (size_t(blockIdx.x) * nblocks + jb0) * S::kXBytes;
     const size_t row_bytes = size_t(N) * 4;
-    TableChunks table(blocks, jb0, nb, R, G);
     if (role == 0) wait_prior_grid();  // xs comes from the gather kernel
-    int last_group = -1;
-    for (int i = 0; i < nb; ++i, x += S::kXBytes) {
-      const int s = i % S::kStages, use = i / S::kStages;
-      const BlockMeta b = table.get(i);
-      const bool new_group = starts_group(b.bits, b.group, last_group);
-      if (lane == 0) {  // one thread of each producer warp issues its copies
-        if (use > 0) mbar_wait(empty0 + 8 * s, (use - 1) & 1);
-        const uint32_t slot = smem_s + s * S::kSlotBytes, full = full0 + 8 * s;
-        if (b.bits == 0) {
-          mbar_arrive(full);  // nothing to copy; the consumers poison the tile
-        } else if (role == 0) {
-          mbar_arrive_expect(full, S::kXBytes + (new_group ? cols_bytes : 0));
-          bulk_copy(slot, x, S::kXBytes, full);
-          if (new_group) {
-            const size_t sz = size_t(b.group) * N + n0;
-            bulk_copy(slot + S::kSzOffset, scales + sz, cols_bytes / 2, full);
-            bulk_copy(slot + S::kSzOffset + 2 * S::kCols, zeros + sz, cols_bytes / 2, full);
+    int gi = 0;  // blocks copied so far, over all pieces: the ring position
+    Piece pc;
+    for (int u = sch.start<STREAM>(); sch.next_piece<STREAM>(u, pc);) {
+      const int n0 = pc.ntile * S::kCols;
+      const uint32_t cols_bytes = uint32_t(min(S::kCols, N - n0)) * 4;  // N % 8 == 0: x 32
+      // block jb0 of this tile's tokens in xs
+      const unsigned char* x = reinterpret_cast<const unsigned char*>(xs) +
+                               (size_t(pc.mtile) * nblocks + pc.jb0) * S::kXBytes;
+      TableChunks table(blocks, pc.jb0, pc.nb, R, G);
+      int last_group = -1;  // a piece starts with its columns' scales
+      for (int i = 0; i < pc.nb; ++i, ++gi, x += S::kXBytes) {
+        const int s = gi % S::kStages, use = gi / S::kStages;
+        const BlockMeta b = table.get(i, blocks, R, G);
+        const bool new_group = starts_group(b.bits, b.group, last_group);
+        if (lane == 0) {  // one thread of each producer warp issues its copies
+          if (use > 0) mbar_wait(empty0 + 8 * s, (use - 1) & 1);
+          const uint32_t slot = smem_s + s * S::kSlotBytes, full = full0 + 8 * s;
+          if (b.bits == 0) {
+            mbar_arrive(full);  // nothing to copy; the consumers poison the piece
+          } else if (role == 0) {
+            mbar_arrive_expect(full, S::kXBytes + (new_group ? cols_bytes : 0));
+            bulk_copy(slot, x, S::kXBytes, full);
+            if (new_group) {
+              const size_t sz = size_t(b.group) * N + n0;
+              bulk_copy(slot + S::kSzOffset, scales + sz, cols_bytes / 2, full);
+              bulk_copy(slot + S::kSzOffset + 2 * S::kCols, zeros + sz, cols_bytes / 2, full);
+            }
+          } else {
+            const int r0 = role - 1, rows = (b.bits - r0 + 1) / 2;  // rows r0, r0 + 2, .. < bits
+            mbar_arrive_expect(full, rows * cols_bytes);
+            const unsigned char* src = reinterpret_cast<const unsigned char*>(qweight + n0) +
+                                       (size_t(b.word) + r0) * row_bytes;
+            uint32_t dst = slot + S::kWOffset + r0 * S::kRowStride;
+            for (int r = 0; r < rows; ++r, src += 2 * row_bytes, dst += 2 * S::kRowStride)
+              bulk_copy(dst, src, cols_bytes, full);
           }
-        } else {
-          const int r0 = role - 1, rows = (b.bits - r0 + 1) / 2;  // rows r0, r0 + 2, .. < bits
-          mbar_arrive_expect(full, rows * cols_bytes);
-          const unsigned char* src = reinterpret_cast<const unsigned char*>(qweight + n0) +
-                                     (size_t(b.word) + r0) * row_bytes;
-          uint32_t dst = slot + S::kWOffset + r0 * S::kRowStride;
-          for (int r = 0; r < rows; ++r, src += 2 * row_bytes, dst += 2 * S::kRowStride)
-            bulk_copy(dst, src, cols_bytes, full);
         }
+        __syncwarp();
       }
-      __syncwarp();
     }
   } else {
     // ---- consumers ----
@@ -281,12 +351,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     // tiles of four row sets (192 such registers) spill with it.
     if constexpr (RS * TOKENS / 2 + 16 * RS <= 160) asm volatile("" : "+r"(col));
     float acc[RS][TOKENS / 8][4];
-#pragma unroll
-    for (int k = 0; k < RS; ++k)
-#pragma unroll
-      for (int j = 0; j < TOKENS / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[k][j][e] = 0.f;
     // A registers of alternate blocks; zero once, so that an invalid block, which leaves them
     // as they are (its tile is NaN anyway), never multiplies uninitialized registers
     BlockA a0[RS] = {}, a1[RS] = {};
@@ -326,17 +390,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                                nz[k][0], sc[k][1], nz[k][1], a[k]);
       }
     };
-    // Block i (table entry b): decode into a, its products into acc as one group, then wait for
-    // the group before (which read a_prev) and release that group's slot. One loop for every
-    // width, the decode switching per block: with a loop per width, ptxas serialized every
-    // wgmma (C7512).
-    TableChunks table(blocks, jb0, nb, R, G);
+    // Block i of the piece (ring position gi): decode into a, its products into acc as one
+    // group, then wait for the group before (which read a_prev) and release that group's slot.
+    // One loop for every width, the decode switching per block: with a loop per width, ptxas
+    // serialized every wgmma (C7512).
     const uint64_t x_desc0 = smem_desc(smem_s, S::kPiece, 128);
-    auto step = [&](int i, BlockA(&a)[RS], BlockA(&a_prev)[RS]) {
-      const BlockMeta b = table.get(i);
-      const int s = i % S::kStages;
+    auto step = [&](TableChunks& table, int i, int gi, BlockA(&a)[RS], BlockA(&a_prev)[RS]) {
+      const BlockMeta b = table.get(i, blocks, R, G);
+      const int s = gi % S::kStages;
       const bool new_group = starts_group(b.bits, b.group, cur_group);
-      mbar_wait(full0 + 8 * s, (i / S::kStages) & 1);
+      mbar_wait(full0 + 8 * s, (gi / S::kStages) & 1);
       const unsigned char* slot = smem + s * S::kSlotBytes;
       if (new_group) {
 #pragma unroll
@@ -369,70 +432,130 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (pending >= 0) mbar_arrive(empty0 + 8 * pending);
       pending = s;
     };
-    int i = 0;
-    for (; i + 1 < nb; i += 2) {
-      step(i, a0, a1);
-      step(i + 1, a1, a0);
-    }
-    if (i < nb) step(i, a0, a1);
-    wgmma_wait<0>();
 
-    // Epilogue. acc[k][j][e]: token 8j + 2t + (e & 1), column col + set_col(k) + (e >> 1);
-    // value c = 2k + e' of a token is column col + set_col(c / 2) + c % 2, so run r holds
-    // values kRunCols r .. kRunCols (r + 1) - 1, adjacent columns (one store).
-    const bool one_split = gridDim.z == 1;
-    const int n = n0 + col;
-    if (n >= N) return;  // N % 8 == 0: a run's columns are all in or all out
-    auto column = [&](int c) { return n + S::set_col(c / 2) + c % 2; };
-    float bv[2 * RS] = {};
-    if (one_split && bias_kind != kAuxNone)
+    // Epilogue of a piece. acc[k][j][e]: token 8j + 2t + (e & 1), column col + set_col(k) +
+    // (e >> 1); value c = 2k + e' of a token is column col + set_col(c / 2) + c % 2, so run r
+    // holds values kRunCols r .. kRunCols (r + 1) - 1, adjacent columns (one store). A whole
+    // tile goes to y with the bias, a part of one to its partial slot.
+    auto store = [&](const Piece& pc) {
+      const int n0 = pc.ntile * S::kCols, n = n0 + col;
+      if (n >= N) return;  // N % 8 == 0: a run's columns are all in or all out
+      const bool to_y = pc.part < 0;
+      auto column = [&](int c) { return n + S::set_col(c / 2) + c % 2; };
+      float bv[2 * RS] = {};
+      if (to_y && bias_kind != kAuxNone)
 #pragma unroll
-      for (int c = 0; c < 2 * RS; ++c)
-        if (c < S::kRunCols || column(c) < N) bv[c] = aux_load(bias, bias_kind, column(c));
-    const int m0 = blockIdx.x * TOKENS + 2 * t;
+        for (int c = 0; c < 2 * RS; ++c)
+          if (c < S::kRunCols || column(c) < N) bv[c] = aux_load(bias, bias_kind, column(c));
+      // partials: grid [splits, M, N]; stream-K [slots, TOKENS, kCols], a tile's own rows and
+      // columns (element (m, nr) of slot `part` at part_base + m * part_ld + nr)
+      const int m_tile = pc.mtile * TOKENS;
+      const int64_t part_ld = STREAM ? S::kCols : N;
+      const int64_t part_base = STREAM ? (int64_t(pc.part) * TOKENS - m_tile) * S::kCols - n0
+                                       : int64_t(pc.part) * M * N;
+      const int m0 = m_tile + 2 * t;
 #pragma unroll
-    for (int j = 0; j < TOKENS / 8; ++j) {
+      for (int j = 0; j < TOKENS / 8; ++j) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = m0 + 8 * j + h;
-        if (m >= M) continue;
-        float v[2 * RS];
+        for (int h = 0; h < 2; ++h) {
+          const int m = m0 + 8 * j + h;
+          if (m >= M) continue;
+          float v[2 * RS];
 #pragma unroll
-        for (int k = 0; k < RS; ++k) {
-          v[2 * k] = poisoned ? qnan() : acc[k][j][h];
-          v[2 * k + 1] = poisoned ? qnan() : acc[k][j][2 + h];
-        }
+          for (int k = 0; k < RS; ++k) {
+            v[2 * k] = poisoned ? qnan() : acc[k][j][h];
+            v[2 * k + 1] = poisoned ? qnan() : acc[k][j][2 + h];
+          }
 #pragma unroll
-        for (int r = 0; r < S::kRuns; ++r) {
-          constexpr int kC = S::kRunCols;
-          const int nr = column(kC * r);
-          if (r > 0 && nr >= N) continue;
-          if (one_split) {
-            alignas(2 * kC) T o[kC];
+          for (int r = 0; r < S::kRuns; ++r) {
+            constexpr int kC = S::kRunCols;
+            const int nr = column(kC * r);
+            if (r > 0 && nr >= N) continue;
+            if (to_y) {
+              alignas(2 * kC) T o[kC];
 #pragma unroll
-            for (int c = 0; c < kC; ++c) o[c] = Cvt<T>::from_f(v[kC * r + c] + bv[kC * r + c]);
-            T* dst = reinterpret_cast<T*>(out) + int64_t(m) * N + nr;
-            if constexpr (kC == 2) {
-              *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(o);
+              for (int c = 0; c < kC; ++c) o[c] = Cvt<T>::from_f(v[kC * r + c] + bv[kC * r + c]);
+              T* dst = y + int64_t(m) * N + nr;
+              if constexpr (kC == 2) {
+                *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(o);
+              } else {
+                *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(o);
+              }
             } else {
-              *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(o);
-            }
-          } else {
-            float* dst = reinterpret_cast<float*>(out) + (int64_t(blockIdx.z) * M + m) * N + nr;
-            if constexpr (kC == 2) {
-              *reinterpret_cast<float2*>(dst) = make_float2(v[2 * r], v[2 * r + 1]);
-            } else {
-              *reinterpret_cast<float4*>(dst) =
-                  make_float4(v[4 * r], v[4 * r + 1], v[4 * r + 2], v[4 * r + 3]);
+              float* dst = part + (part_base + int64_t(m) * part_ld + nr);
+              if constexpr (kC == 2) {
+                *reinterpret_cast<float2*>(dst) = make_float2(v[2 * r], v[2 * r + 1]);
+              } else {
+                *reinterpret_cast<float4*>(dst) =
+                    make_float4(v[4 * r], v[4 * r + 1], v[4 * r + 2], v[4 * r + 3]);
+              }
             }
           }
         }
       }
+    };
+
+    int gi = 0;  // blocks consumed so far, over all pieces: the ring position
+    Piece pc;
+    for (int u = sch.start<STREAM>(); sch.next_piece<STREAM>(u, pc);) {
+#pragma unroll
+      for (int a = 0; a < RS; ++a)
+#pragma unroll
+        for (int j = 0; j < TOKENS / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[a][j][e] = 0.f;
+      cur_group = -1;  // a piece starts with its columns' scales
+      poisoned = false;
+      TableChunks table(blocks, pc.jb0, pc.nb, R, G);
+      int i = 0;
+      for (; i + 1 < pc.nb; i += 2, gi += 2) {
+        step(table, i, gi, a0, a1);
+        step(table, i + 1, gi + 1, a1, a0);
+      }
+      if (i < pc.nb) step(table, i, gi++, a0, a1);
+      wgmma_wait<0>();
+      // the piece's last slot is released here: the next piece's copies may need it
+      if (pending >= 0) mbar_arrive(empty0 + 8 * pending);
+      pending = -1;
+      store(pc);
     }
   }
 #else
   __trap();  // launched only on compute capability 9.0, where the sm_90a code runs
 #endif
+}
+
+// Stream-K's second kernel: the tiles that CTA boundaries cut, each the sum of its pieces'
+// partials in CTA order (+ bias), rounded once into y. CTA (b - 1, c) takes part c of the tile
+// that boundary b (the first unit of CTA b) cuts, if b is the first boundary in that tile.
+template <typename T, int TOKENS, int COLS>
+__global__ void stream_fixup_kernel(const float* __restrict__ part, const void* __restrict__ bias,
+                                    int bias_kind, T* __restrict__ y, int M, int N,
+                                    Schedule sch) {
+  wait_prior_grid();  // the partials
+  allow_next_grid();
+  const int b = blockIdx.x + 1;
+  const int u = sch.first_unit(b);
+  if (u % sch.nblocks == 0) return;  // on a tile edge: cuts nothing
+  const int tile = u / sch.nblocks, start = tile * sch.nblocks;
+  const int p0 = sch.owner(start);
+  if (p0 + 1 != b) return;  // added up once, at its first cut
+  const int p1 = sch.owner(start + sch.nblocks - 1);
+  const int m_tile = tile % sch.mtiles * TOKENS, n0 = tile / sch.mtiles * COLS;
+  constexpr int kElems = TOKENS * COLS;
+  for (int e = blockIdx.y * blockDim.x + threadIdx.x; e < kElems; e += gridDim.y * blockDim.x) {
+    const int m = m_tile + e / COLS, n = n0 + e % COLS;
+    if (m >= M || n >= N) continue;
+    // CTA p0's piece of this tile is its last (slot 2 p0 + 1) unless its run starts here;
+    // every later CTA's is its first (slot 2 p)
+    float v = 0.f;
+    for (int p = p0; p <= p1; ++p) {
+      const int slot = 2 * p + (p == p0 && sch.first_unit(p0) != start);
+      v += part[int64_t(slot) * kElems + e];
+    }
+    if (bias_kind != kAuxNone) v += aux_load(bias, bias_kind, n);
+    y[int64_t(m) * N + n] = Cvt<T>::from_f(v);
+  }
 }
 
 template <typename T, int TOKENS, int RS>
@@ -445,28 +568,46 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
   const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
   const void* bias_p = bias_t.defined() ? bias_t.data_ptr() : nullptr;
   const int bias_kind = bias_t.defined() ? aux_kind(bias_t) : kAuxNone;
-  auto kernel = tile_gemm_kernel<T, TOKENS, RS>;
-  static int ready[64] = {};
-  allow_smem_once(ready, kernel, S::kSmemBytes);
   static_assert(S::kCols == tile_columns(TOKENS), "plan.h prices this tile's columns");
   const int mtiles = int((M + TOKENS - 1) / TOKENS);
   const int ntiles = (N + S::kCols - 1) / S::kCols;
   const Grid grid = tile_grid(M, N, nblocks, TOKENS, sm_count(), knobs());
-  const int bps = grid.blocks_per_split, splits = grid.splits;
+  const bool stream_k = grid.ctas > 0;
+  const int64_t units = int64_t(mtiles) * ntiles * nblocks;  // < 2^31 for stream-K (plan.cpp)
+  const Schedule sch{mtiles, nblocks, grid.blocks_per_split, grid.ctas,
+                     stream_k ? int(units / grid.ctas) : 0, stream_k ? int(units % grid.ctas) : 0};
+  auto kernel = stream_k ? tile_gemm_kernel<T, TOKENS, RS, true>
+                         : tile_gemm_kernel<T, TOKENS, RS, false>;
+  static int ready[2][64] = {};
+  allow_smem_once(ready[stream_k], kernel, S::kSmemBytes);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // fp32 partials: grid [splits, M, N] (several splits); stream-K two slots a CTA
   at::Tensor part;
-  if (splits > 1) part = at::empty({splits, M, N}, xs.options().dtype(at::kFloat));
-  launch_chained(kernel, dim3(mtiles, ntiles, splits), dim3(kThreads), S::kSmemBytes,
-                 stream,
+  if (grid.ctas > 1) {
+    part = at::empty({2 * grid.ctas, TOKENS, S::kCols}, xs.options().dtype(at::kFloat));
+  } else if (grid.ctas == 0 && grid.splits > 1) {
+    part = at::empty({grid.splits, M, N}, xs.options().dtype(at::kFloat));
+  }
+  const dim3 grid_dim = stream_k ? dim3(grid.ctas) : dim3(mtiles, ntiles, grid.splits);
+  const bool y_bias = stream_k || grid.splits == 1;  // the kernel writes whole tiles
+  T* y_p = reinterpret_cast<T*>(y.data_ptr());
+  float* part_p = part.defined() ? part.data_ptr<float>() : nullptr;
+  launch_chained(kernel, grid_dim, dim3(kThreads), S::kSmemBytes, stream,
                  reinterpret_cast<const T*>(xs.data_ptr()),
                  reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                  reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                  reinterpret_cast<const uint16_t*>(zeros.data_ptr()),
                  reinterpret_cast<const int32_t*>(blocks.data_ptr()),
-                 part.defined() ? nullptr : bias_p, bias_kind,
-                 part.defined() ? part.data_ptr() : y.data_ptr(), int(M), K, N,
-                 int(qweight.size(0)), int(scales.size(0)), bps);
-  if (part.defined()) reduce_splits<T>(part, bias_p, bias_kind, y.data_ptr(), stream);
+                 y_bias ? bias_p : nullptr, y_bias ? bias_kind : kAuxNone, y_p, part_p, int(M),
+                 K, N, int(qweight.size(0)), int(scales.size(0)), sch);
+  if (grid.ctas > 1) {
+    // one CTA row per boundary, each tile's elements in 8 parts of 256 threads
+    launch_chained(stream_fixup_kernel<T, TOKENS, S::kCols>, dim3(grid.ctas - 1, 8), dim3(256),
+                   0, stream, static_cast<const float*>(part_p), bias_p, bias_kind, y_p, int(M),
+                   N, sch);
+  } else if (part.defined()) {
+    reduce_splits<T>(part, bias_p, bias_kind, y.data_ptr(), stream);
+  }
 }
 
 template <typename T>

@@ -14,7 +14,7 @@ mkdir -p "$OUT" "$SCRATCH"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
-STEPS=${STEPS:-tile33 gather_large stack bench}
+STEPS=${STEPS:-stream_k stack bench}
 rc=0
 
 run_step() {  # run_step NAME: the commands of one step
@@ -42,6 +42,13 @@ run_step() {  # run_step NAME: the commands of one step
     tile_splits)  # the tile kernel's K splits at 64-256 tokens
       $SWEEP --Ms 64,128,256 --shapes 8192x28672,4096x4096,8192x8192 \
         --set MBWQ_TILE_SPLITS=0,1,2,3,4,6,8 ;;
+    stream_k)  # the tile kernel's stream-K schedule against its split grid (33-256 tokens)
+      $SWEEP --Ms 40,64,128,256 --shapes 8192x28672,28672x8192 --set MBWQ_TILE_STREAM=1,2 --matmul
+      $SWEEP --Ms 64,128,256 --shapes 4096x4096,8192x8192,4096x14336,14336x4096 \
+        --set MBWQ_TILE_STREAM=1,2 ;;
+    stream_k_bf16)  # the same in bf16 on the large layers
+      $SWEEP --Ms 64,256 --dtype bfloat16 --shapes 8192x28672,28672x8192 \
+        --set MBWQ_TILE_STREAM=1,2 ;;
     tile33)  # the tile kernel's start at 33 rows on small layers (6cda237) against 65 before
       $SWEEP --Ms 33,36,40 --shapes 4096x4096,4096x6144,4096x1024,2048x2048,2048x8192 \
         --set MBWQ_TILE_MIN_M=0,65 ;;
