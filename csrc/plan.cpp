@@ -157,6 +157,11 @@ int tile_tokens(int64_t M, const Knobs& k) {
 // sweeps in benchmarks/2026-12-07_speed_round.md show extra splits costing next to nothing). The
 // 512-column tiles (16-64 tokens) leave few CTAs on narrow layers, so they may take up to 32
 // splits of 8 blocks; the wider ones up to 16 splits of 16.
+// Stream-K where the model prices it below kTileStreamGain x the grid's cost (kTileStreamByCost;
+// until measured, only MBWQ_TILE_STREAM=2 asks for it).
+constexpr bool kTileStreamByCost = false;
+constexpr double kTileStreamGain = 0.95;
+
 Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, const Knobs& k) {
   constexpr double kBlockUs = 0.3, kPartialBytesPerUs = 6e6, kReduceUs = 4.0;
   const int cols = tile_columns(tokens);
@@ -183,8 +188,20 @@ Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, cons
   // more CTAs than units, and 32-bit unit numbers (the kernel's arithmetic); blocks_per_split
   // and splits describe the grid it replaces.
   const int64_t units = int64_t(g.tiles) * nblocks;
-  if (k.tile_stream == 2 && units > 0 && units < (int64_t(1) << 31))
-    g.ctas = int(std::min<int64_t>(std::max(1, sm_count), units));
+  if (units <= 0 || units >= (int64_t(1) << 31) || k.tile_stream == 1) return g;
+  const int ctas = int(std::min<int64_t>(std::max(1, sm_count), units));
+  bool stream = k.tile_stream == 2;
+  if (k.tile_stream == 0 && kTileStreamByCost && k.tile_splits == 0) {
+    // the same model: a run of ceil(units / ctas) blocks, and where runs cut tiles, up to two
+    // tile-sized partials a CTA and the second kernel
+    const double waves = std::ceil(double(g.tiles) * g.splits / sm_count);
+    double grid_cost = waves * (g.blocks_per_split + 4) * kBlockUs;
+    if (g.splits > 1) grid_cost += 2.0 * g.splits * M * N * 4 / kPartialBytesPerUs + kReduceUs;
+    double stream_cost = (std::ceil(double(units) / ctas) + 4) * kBlockUs;
+    if (ctas > 1) stream_cost += 2.0 * 2 * ctas * tokens * cols * 4 / kPartialBytesPerUs + kReduceUs;
+    stream = stream_cost < kTileStreamGain * grid_cost;
+  }
+  if (stream) g.ctas = ctas;
   return g;
 }
 
