@@ -61,9 +61,13 @@ run_step() {  # run_step NAME: the commands of one step
       $SWEEP --Ms 40,48,56,64 --shapes 4096x4096,4096x6144 --set MBWQ_TILE_MIN_M=0,1 ;;
     ncu_tile)  # what limits the tile kernel at 256 and 64 tokens
       OUT="$SCRATCH" scripts/experiments/ncu_tile.sh 256 64 ;;
-    bench)  # the bench record #26 asks for: bf16 beside fp16, M up to 4096, four layers
+    bench)  # the bench record #26 asks for: bf16 beside fp16, M up to 4096, four layers, and
+      # target 1's other formats at M = 1 (a second file of the same run: append its records
+      # to the run file when copying it into benchmarks/runs/)
       $PY scripts/bench.py --dtypes fp16,bf16 --Ms 1,16,32,64,128,256,1024,4096 \
         --formats q4_g128,mixed_2.5 --stack-blocks 0 --out "$OUT"
+      $PY scripts/bench.py --dtypes fp16 --Ms 1 --formats mixed_3.0,q2_g64 --stack-blocks 0 \
+        --out "$OUT/m1_formats.json"
       $PY scripts/bench_targets.py "$OUT" --commit "${MBWQ_COMMIT:-$(git rev-parse HEAD)}" ;;
     *) echo "speed_round: unknown step $1" >&2; return 2 ;;
   esac
