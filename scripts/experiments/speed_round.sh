@@ -49,6 +49,17 @@ run_step() {  # run_step NAME: the commands of one step
     stream_k_bf16)  # the same in bf16 on the large layers
       $SWEEP --Ms 64,256 --dtype bfloat16 --shapes 8192x28672,28672x8192 \
         --set MBWQ_TILE_STREAM=1,2 ;;
+    ncu_bf16)  # why bf16 x costs 1.7x the fp16 time at M = 1 (H100, 40933f4): the pipes' use
+      # of gemm_mma with each dtype; the bf16 decode adds one F2FP.BF16.F32.PACK_AB and two
+      # HADD2.F32 per weight pair, and a conversion pipe at 16 results per clock and SM would
+      # alone take ~63 us for the 8192 x 28672 layer (benchmarks/2026-12-08_stream_k.md)
+      for dt in float16 bfloat16; do
+        ncu --clock-control none -k regex:mma_gemm --launch-skip 1 --launch-count 1 \
+          --metrics "gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active" \
+          $PY scripts/experiments/profile_gemm.py --Ms 1 --dtype $dt >"$SCRATCH/ncu_$dt.log" 2>&1
+        echo "--- $dt"; grep -E "gpu__time|issue_active|pipe_" "$SCRATCH/ncu_$dt.log" |
+          awk '$NF + 0 >= 1' | head -30
+      done ;;
     tile33)  # the tile kernel's start at 33 rows on small layers (6cda237) against 65 before
       $SWEEP --Ms 33,36,40 --shapes 4096x4096,4096x6144,4096x1024,2048x2048,2048x8192 \
         --set MBWQ_TILE_MIN_M=0,65 ;;
