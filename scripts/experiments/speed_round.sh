@@ -51,8 +51,9 @@ run_step() {  # run_step NAME: the commands of one step
         --set MBWQ_TILE_STREAM=1,2 ;;
     ncu_bf16)  # why bf16 x costs 1.7x the fp16 time at M = 1 (H100, 40933f4): the pipes' use
       # of gemm_mma with each dtype; the bf16 decode adds one F2FP.BF16.F32.PACK_AB and two
-      # HADD2.F32 per weight pair, and a conversion pipe at 16 results per clock and SM would
-      # alone take ~63 us for the 8192 x 28672 layer (benchmarks/2026-12-08_stream_k.md)
+      # HADD2.F32 per weight pair; were the conversion 16 results per clock and SM (assumed,
+      # unchecked) it alone would take ~63 us for the 8192 x 28672 layer
+      # (benchmarks/2026-12-08_stream_k.md)
       for dt in float16 bfloat16; do
         ncu --clock-control none -k regex:mma_gemm --launch-skip 1 --launch-count 1 \
           --metrics "gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active" \
