@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -36,6 +37,40 @@ std::vector<int64_t> plan_op(int64_t M, int64_t K, int64_t N, int64_t R, at::Sca
                                knobs());
   return {int64_t(p.path), p.tile_tokens, p.mma_config, p.chunk_rows, p.grid.wc, p.grid.tiles,
           p.grid.splits, p.grid.blocks_per_split, p.grid.ctas};
+}
+
+// The stream-K schedule of the tile kernel (plan.h: StreamK) as the kernels follow it, for the
+// tests: [n, then n pieces of (cta, mtile, ntile, jb0, nb, part), then for every tile a run
+// boundary cuts: (tile, number of CTAs k, then their k partial slots in CTA order)].
+std::vector<int64_t> tile_schedule_op(int64_t mtiles, int64_t ntiles, int64_t nblocks,
+                                      int64_t ctas) {
+  const int64_t units = mtiles * ntiles * nblocks;
+  TORCH_CHECK_VALUE(mtiles >= 1 && ntiles >= 1 && nblocks >= 1 && units < (int64_t(1) << 31) &&
+                        ctas >= 1 && ctas <= units,
+                    "mbwq.tile_schedule: needs mtiles, ntiles, nblocks >= 1, their product "
+                    "< 2^31 and 1 <= ctas <= that product, got mtiles=", mtiles, " ntiles=",
+                    ntiles, " nblocks=", nblocks, " ctas=", ctas);
+  const StreamK sk = StreamK::of(int(mtiles), int(ntiles), int(nblocks), int(ctas));
+  std::vector<int64_t> pieces, cuts;
+  for (int p = 0; p < sk.ctas; ++p) {
+    for (int u = sk.first_unit(p); u < sk.first_unit(p + 1);) {
+      TilePiece pc;
+      u = sk.piece(p, u, pc);
+      pieces.insert(pieces.end(), {p, pc.mtile, pc.ntile, pc.jb0, pc.nb, pc.part});
+    }
+  }
+  for (int b = 1; b < sk.ctas; ++b) {
+    int p0 = 0, p1 = 0;
+    const int tile = sk.cut_tile(b, p0, p1);
+    if (tile < 0) continue;
+    cuts.insert(cuts.end(), {tile, p1 - p0 + 1});
+    for (int p = p0; p <= p1; ++p)
+      cuts.push_back(sk.part_slot(p, std::max(sk.first_unit(p), tile * sk.nblocks)));
+  }
+  std::vector<int64_t> out{int64_t(pieces.size() / 6)};
+  out.insert(out.end(), pieces.begin(), pieces.end());
+  out.insert(out.end(), cuts.begin(), cuts.end());
+  return out;
 }
 
 // Sets one tuning knob (plan.h: Knobs) and returns its previous value.
@@ -80,6 +115,11 @@ TORCH_LIBRARY(mbwq, m) {
   // Host-only, device-independent: answers on a CPU-only build as on a GPU one.
   m.def("plan(int M, int K, int N, int R, ScalarType dtype, int sm_count, bool wgmma, "
         "bool aligned=True) -> int[]", &mbwq::plan_op);
+  // The tile kernel's stream-K schedule (plan.h: StreamK) for these tile and block counts on
+  // `ctas` CTAs: the pieces each CTA computes and the partial slots each cut tile sums (layout:
+  // ops.cpp, tile_schedule_op). For tests; host-only.
+  m.def("tile_schedule(int mtiles, int ntiles, int nblocks, int ctas) -> int[]",
+        &mbwq::tile_schedule_op);
   // Tuning knobs for benchmarks and tests (plan.h: Knobs): set one by its environment name and
   // get its previous value back; reset_knobs() returns to the environment's values.
   m.def("set_knob(str name, int value) -> int", &mbwq::set_knob_op);

@@ -117,6 +117,67 @@ struct Grid {
   // order (gemm_tile.cu). 0: the grid.
   int ctas = 0;
 };
+// ---- stream-K (tile kernel) ----------------------------------------------------------------
+// Its rules are plain arithmetic on ints, used by gemm_tile.cu's kernels on the device and by
+// torch.ops.mbwq.tile_schedule on the host (the tests check them there, on any machine).
+#if defined(__CUDACC__)
+#define MBWQ_HOST_DEVICE __host__ __device__
+#else
+#define MBWQ_HOST_DEVICE
+#endif
+
+// One piece of a tile-kernel CTA's work: token tile mtile, column tile ntile, 32-row blocks
+// [jb0, jb0 + nb) of K; part -1: the tile's whole K (the CTA writes y), else the fp32 partial
+// slot it writes.
+struct TilePiece {
+  int mtile, ntile, jb0, nb, part;
+};
+
+// Grid::ctas CTAs over units = mtiles x ntiles x nblocks (< 2^31) laid end to end: unit u is
+// block u % nblocks of tile u / nblocks, tile t = token tile t % mtiles, column tile t / mtiles.
+// CTA p takes units [first_unit(p), first_unit(p + 1)), floor(p units / ctas) on: runs that
+// differ by one unit at most. A piece ends at a tile edge or at the run's end, so a CTA's first
+// and last piece may cover part of a tile: they write slots 2p and 2p + 1, and the tile's sum
+// is those slots' in CTA order. All 32-bit (units = q ctas + r): the kernel's copy warps have
+// 40 registers and a 64-bit division is a call.
+struct StreamK {
+  int mtiles, nblocks, ctas, q, r;
+
+  MBWQ_HOST_DEVICE static StreamK of(int mtiles, int ntiles, int nblocks, int ctas) {
+    const long long units = (long long)mtiles * ntiles * nblocks;
+    return StreamK{mtiles, nblocks, ctas, int(units / ctas), int(units % ctas)};
+  }
+  MBWQ_HOST_DEVICE int first_unit(int p) const { return p * q + p * r / ctas; }
+  // the CTA whose run holds unit u: the largest p with first_unit(p) <= u
+  MBWQ_HOST_DEVICE int owner(int u) const {
+    const long long units = (long long)q * ctas + r;
+    return int(((long long)u + 1) * ctas / units + (((long long)u + 1) * ctas % units != 0)) - 1;
+  }
+  // The slot of CTA p's piece that starts at unit u (when it is partial): its first or last.
+  MBWQ_HOST_DEVICE int part_slot(int p, int u) const { return 2 * p + (u != first_unit(p)); }
+  // CTA p's piece that starts at unit u (first_unit(p) <= u < first_unit(p + 1)); returns the
+  // unit after it.
+  MBWQ_HOST_DEVICE int piece(int p, int u, TilePiece& pc) const {
+    const int end = first_unit(p + 1), tile = u / nblocks, tile_end = (tile + 1) * nblocks;
+    const int stop = end < tile_end ? end : tile_end;
+    pc.mtile = tile % mtiles, pc.ntile = tile / mtiles;
+    pc.jb0 = u - tile * nblocks, pc.nb = stop - u;
+    pc.part = pc.jb0 == 0 && stop == tile_end ? -1 : part_slot(p, u);
+    return stop;
+  }
+  // The tile that the run boundary at first_unit(b) cuts (1 <= b < ctas), if b is the first
+  // boundary inside it, with the CTAs p0 .. p1 whose pieces it sums; else -1.
+  MBWQ_HOST_DEVICE int cut_tile(int b, int& p0, int& p1) const {
+    const int u = first_unit(b);
+    if (u % nblocks == 0) return -1;  // on a tile edge
+    const int tile = u / nblocks, start = tile * nblocks;
+    p0 = owner(start);
+    if (p0 + 1 != b) return -1;  // an earlier boundary cuts it too
+    p1 = owner(start + nblocks - 1);
+    return tile;
+  }
+};
+
 // `slots`: CTAs resident on the whole device (SM count x CTAs per SM).
 Grid mma_grid(const MmaConfig& c, int nblocks, int64_t N, int64_t M, double weight_bytes,
               int slots, const Knobs& k);

@@ -102,6 +102,59 @@ def test_stream_k_takes_one_cta_per_sm_or_per_unit(M, K, N):
     assert grid_plan["grid"]["ctas"] == 0
 
 
+def tile_schedule(mtiles, ntiles, nblocks, ctas):
+    """torch.ops.mbwq.tile_schedule decoded: the pieces [(cta, mtile, ntile, jb0, nb, part)] and
+    the cut tiles {tile: [partial slots in CTA order]}."""
+    v = torch.ops.mbwq.tile_schedule(mtiles, ntiles, nblocks, ctas)
+    n, i = v[0], 1
+    pieces = [tuple(v[i + 6 * k:i + 6 * k + 6]) for k in range(n)]
+    i += 6 * n
+    cuts = {}
+    while i < len(v):
+        tile, k = v[i], v[i + 1]
+        assert tile not in cuts
+        cuts[tile] = v[i + 2:i + 2 + k]
+        i += 2 + k
+    return pieces, cuts
+
+
+@given(mtiles=st.integers(1, 16), ntiles=st.integers(1, 300), nblocks=st.integers(1, 512),
+       ctas=st.integers(1, 264))
+def test_stream_k_schedule_covers_every_block_once_and_sums_every_cut_tile(mtiles, ntiles,
+                                                                             nblocks, ctas):
+    """The tile kernel's stream-K rules (plan.h: StreamK, the code the kernels run): every
+    (tile, block) unit in exactly one piece; runs of equal length to one unit; a piece is
+    whole or writes its CTA's first or last slot; every tile with a partial piece is summed
+    once, from exactly its pieces' slots in block order."""
+    ctas = min(ctas, mtiles * ntiles * nblocks)
+    pieces, cuts = tile_schedule(mtiles, ntiles, nblocks, ctas)
+    units = mtiles * ntiles * nblocks
+    seen, per_cta, parts, slots = 0, [0] * ctas, {}, set()
+    for cta, mtile, ntile, jb0, nb, part in pieces:
+        tile = mtile + mtiles * ntile
+        assert tile * nblocks + jb0 == seen, "pieces leave a gap or overlap"  # in unit order
+        assert nb >= 1 and jb0 + nb <= nblocks and 0 <= mtile < mtiles and 0 <= ntile < ntiles
+        seen += nb
+        per_cta[cta] += nb
+        if part < 0:
+            assert jb0 == 0 and nb == nblocks
+        else:
+            assert part in (2 * cta, 2 * cta + 1) and part not in slots
+            slots.add(part)
+            parts.setdefault(tile, []).append(part)
+    assert seen == units
+    assert max(per_cta) - min(per_cta) <= 1 and min(per_cta) >= 1
+    assert cuts == parts
+    assert len(cuts) <= ctas - 1
+
+
+def test_tile_schedule_names_bad_arguments():
+    with pytest.raises(ValueError, match="ctas=0"):
+        torch.ops.mbwq.tile_schedule(1, 2, 3, 0)
+    with pytest.raises(ValueError, match="ctas=7"):
+        torch.ops.mbwq.tile_schedule(1, 2, 3, 7)
+
+
 def test_bad_knobs_and_devices_are_named():
     with pytest.raises(ValueError, match="unknown knob MBWQ_TILE_MINM"):
         with mbwq_ops.ops.tuning(MBWQ_TILE_MINM=1):

@@ -206,33 +206,22 @@ struct TableChunks {
 
 // ---- the schedule ------------------------------------------------------------------------
 
-// One piece of a CTA's work: token tile mtile, column tile ntile, blocks [jb0, jb0 + nb) of K;
-// part -1: the tile's whole K (write y), else the partial slot it writes.
-struct Piece {
-  int mtile, ntile, jb0, nb, part;
-};
-
-// The pieces of every CTA (header: Schedules). ctas == 0: the (mtiles, ntiles, splits) grid;
-// else stream-K over units = mtiles * ntiles * nblocks = q * ctas + r (< 2^31: plan.cpp), tile
-// = mtile + mtiles * ntile. All 32-bit: a 64-bit division is a call that made the copy warps
-// (40 registers) spill.
+// The pieces of every CTA (header: Schedules): the (mtiles, ntiles, splits) grid, one piece a
+// CTA, or stream-K (plan.h: StreamK, whose rules these are).
+// StreamK's fields are copied in, not held as a member: nvcc 13.0's cicc crashed (segfault)
+// on this kernel with a struct-valued member in its parameter.
 struct Schedule {
-  int mtiles, nblocks, bps, ctas, q, r;
+  int bps;  // grid: blocks per split
+  int mtiles, nblocks, ctas, q, r;  // StreamK's fields (mtiles and nblocks in both)
 
-  // CTA p's first unit, floor(p * units / ctas) (CTA ctas: units)
-  __host__ __device__ int first_unit(int p) const { return p * q + p * r / ctas; }
-  // the CTA whose run holds unit u: the largest p with first_unit(p) <= u
-  __host__ __device__ int owner(int u) const {
-    const int64_t units = int64_t(q) * ctas + r;
-    return int(((int64_t(u) + 1) * ctas + units - 1) / units) - 1;
-  }
+  __device__ __forceinline__ StreamK sk() const { return StreamK{mtiles, nblocks, ctas, q, r}; }
   // The CTA's pieces in turn: u = start() before the first call, then advanced by each;
   // false when there are no more. Nothing else is carried from one call to the next (the copy
   // warps have 40 registers).
   template <bool STREAM>
-  __device__ __forceinline__ int start() const { return STREAM ? first_unit(blockIdx.x) : 0; }
+  __device__ __forceinline__ int start() const { return STREAM ? sk().first_unit(blockIdx.x) : 0; }
   template <bool STREAM>
-  __device__ __forceinline__ bool next_piece(int& u, Piece& pc) const {
+  __device__ __forceinline__ bool next_piece(int& u, TilePiece& pc) const {
     if constexpr (!STREAM) {  // the grid: one piece
       if (u > 0) return false;
       u = 1;
@@ -241,15 +230,8 @@ struct Schedule {
       pc.part = gridDim.z == 1 ? -1 : int(blockIdx.z);
       return true;
     } else {
-      const int p = blockIdx.x, end = first_unit(p + 1);
-      if (u >= end) return false;
-      const int tile = u / nblocks, tile_end = (tile + 1) * nblocks;
-      const int stop = min(end, tile_end);
-      pc.mtile = tile % mtiles, pc.ntile = tile / mtiles;
-      pc.jb0 = u - tile * nblocks, pc.nb = stop - u;
-      // the CTA's first piece (slot 2p) or its last (2p + 1): only those can be parts of a tile
-      pc.part = pc.jb0 == 0 && stop == tile_end ? -1 : 2 * p + (u != first_unit(p));
-      u = stop;
+      if (u >= sk().first_unit(blockIdx.x + 1)) return false;
+      u = sk().piece(blockIdx.x, u, pc);
       return true;
     }
   }
@@ -301,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const size_t row_bytes = size_t(N) * 4;
     if (role == 0) wait_prior_grid();  // xs comes from the gather kernel
     int gi = 0;  // blocks copied so far, over all pieces: the ring position
-    Piece pc;
+    TilePiece pc;
     for (int u = sch.start<STREAM>(); sch.next_piece<STREAM>(u, pc);) {
       const int n0 = pc.ntile * S::kCols;
       const uint32_t cols_bytes = uint32_t(min(S::kCols, N - n0)) * 4;  // N % 8 == 0: x 32
@@ -437,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (e >> 1); value c = 2k + e' of a token is column col + set_col(c / 2) + c % 2, so run r
     // holds values kRunCols r .. kRunCols (r + 1) - 1, adjacent columns (one store). A whole
     // tile goes to y with the bias, a part of one to its partial slot.
-    auto store = [&](const Piece& pc) {
+    auto store = [&](const TilePiece& pc) {
       const int n0 = pc.ntile * S::kCols, n = n0 + col;
       if (n >= N) return;  // N % 8 == 0: a run's columns are all in or all out
       const bool to_y = pc.part < 0;
@@ -496,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
 
     int gi = 0;  // blocks consumed so far, over all pieces: the ring position
-    Piece pc;
+    TilePiece pc;
     for (int u = sch.start<STREAM>(); sch.next_piece<STREAM>(u, pc);) {
 #pragma unroll
       for (int a = 0; a < RS; ++a)
@@ -527,32 +509,26 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // Stream-K's second kernel: the tiles that CTA boundaries cut, each the sum of its pieces'
 // partials in CTA order (+ bias), rounded once into y. CTA (b - 1, c) takes part c of the tile
-// that boundary b (the first unit of CTA b) cuts, if b is the first boundary in that tile.
+// that boundary b cuts first (StreamK::cut_tile).
 template <typename T, int TOKENS, int COLS>
 __global__ void stream_fixup_kernel(const float* __restrict__ part, const void* __restrict__ bias,
                                     int bias_kind, T* __restrict__ y, int M, int N,
-                                    Schedule sch) {
+                                    StreamK sk) {
   wait_prior_grid();  // the partials
   allow_next_grid();
-  const int b = blockIdx.x + 1;
-  const int u = sch.first_unit(b);
-  if (u % sch.nblocks == 0) return;  // on a tile edge: cuts nothing
-  const int tile = u / sch.nblocks, start = tile * sch.nblocks;
-  const int p0 = sch.owner(start);
-  if (p0 + 1 != b) return;  // added up once, at its first cut
-  const int p1 = sch.owner(start + sch.nblocks - 1);
-  const int m_tile = tile % sch.mtiles * TOKENS, n0 = tile / sch.mtiles * COLS;
+  int p0 = 0, p1 = 0;
+  const int tile = sk.cut_tile(blockIdx.x + 1, p0, p1);
+  if (tile < 0) return;
+  const int start = tile * sk.nblocks;
+  const int m_tile = tile % sk.mtiles * TOKENS, n0 = tile / sk.mtiles * COLS;
   constexpr int kElems = TOKENS * COLS;
   for (int e = blockIdx.y * blockDim.x + threadIdx.x; e < kElems; e += gridDim.y * blockDim.x) {
     const int m = m_tile + e / COLS, n = n0 + e % COLS;
     if (m >= M || n >= N) continue;
-    // CTA p0's piece of this tile is its last (slot 2 p0 + 1) unless its run starts here;
-    // every later CTA's is its first (slot 2 p)
+    // CTA p's piece of this tile starts at the later of its run's start and the tile's
     float v = 0.f;
-    for (int p = p0; p <= p1; ++p) {
-      const int slot = 2 * p + (p == p0 && sch.first_unit(p0) != start);
-      v += part[int64_t(slot) * kElems + e];
-    }
+    for (int p = p0; p <= p1; ++p)
+      v += part[int64_t(sk.part_slot(p, max(sk.first_unit(p), start))) * kElems + e];
     if (bias_kind != kAuxNone) v += aux_load(bias, bias_kind, n);
     y[int64_t(m) * N + n] = Cvt<T>::from_f(v);
   }
@@ -573,9 +549,10 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
   const int ntiles = (N + S::kCols - 1) / S::kCols;
   const Grid grid = tile_grid(M, N, nblocks, TOKENS, sm_count(), knobs());
   const bool stream_k = grid.ctas > 0;
-  const int64_t units = int64_t(mtiles) * ntiles * nblocks;  // < 2^31 for stream-K (plan.cpp)
-  const Schedule sch{mtiles, nblocks, grid.blocks_per_split, grid.ctas,
-                     stream_k ? int(units / grid.ctas) : 0, stream_k ? int(units % grid.ctas) : 0};
+  // units < 2^31 where the plan chose stream-K (plan.cpp)
+  const StreamK sk = stream_k ? StreamK::of(mtiles, ntiles, nblocks, grid.ctas)
+                              : StreamK{mtiles, nblocks, 0, 0, 0};
+  const Schedule sch{grid.blocks_per_split, sk.mtiles, sk.nblocks, sk.ctas, sk.q, sk.r};
   auto kernel = stream_k ? tile_gemm_kernel<T, TOKENS, RS, true>
                          : tile_gemm_kernel<T, TOKENS, RS, false>;
   static int ready[2][64] = {};
@@ -604,7 +581,7 @@ void launch(const at::Tensor& xs, int64_t M, const at::Tensor& qweight, const at
     // one CTA row per boundary, each tile's elements in 8 parts of 256 threads
     launch_chained(stream_fixup_kernel<T, TOKENS, S::kCols>, dim3(grid.ctas - 1, 8), dim3(256),
                    0, stream, static_cast<const float*>(part_p), bias_p, bias_kind, y_p, int(M),
-                   N, sch);
+                   N, sk);
   } else if (part.defined()) {
     reduce_splits<T>(part, bias_p, bias_kind, y.data_ptr(), stream);
   }
