@@ -3,7 +3,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -53,19 +52,16 @@ std::vector<int64_t> tile_schedule_op(int64_t mtiles, int64_t ntiles, int64_t nb
   const StreamK sk = StreamK::of(int(mtiles), int(ntiles), int(nblocks), int(ctas));
   std::vector<int64_t> pieces, cuts;
   for (int p = 0; p < sk.ctas; ++p) {
-    for (int u = sk.first_unit(p); u < sk.first_unit(p + 1);) {
-      TilePiece pc;
-      u = sk.piece(p, u, pc);
+    TilePiece pc;
+    for (int u = sk.first_unit(p); sk.next(p, u, pc);)
       pieces.insert(pieces.end(), {p, pc.mtile, pc.ntile, pc.jb0, pc.nb, pc.part});
-    }
   }
   for (int b = 1; b < sk.ctas; ++b) {
     int p0 = 0, p1 = 0;
     const int tile = sk.cut_tile(b, p0, p1);
     if (tile < 0) continue;
     cuts.insert(cuts.end(), {tile, p1 - p0 + 1});
-    for (int p = p0; p <= p1; ++p)
-      cuts.push_back(sk.part_slot(p, std::max(sk.first_unit(p), tile * sk.nblocks)));
+    for (int p = p0; p <= p1; ++p) cuts.push_back(sk.tile_slot(p, tile));
   }
   std::vector<int64_t> out{int64_t(pieces.size() / 6)};
   out.insert(out.end(), pieces.begin(), pieces.end());

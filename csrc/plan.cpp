@@ -167,6 +167,7 @@ Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, cons
   const int cols = tile_columns(tokens);
   Grid g;
   g.tiles = int((M + tokens - 1) / tokens) * int((N + cols - 1) / cols);
+  double grid_cost = 0;  // the model's price of the chosen grid (set by the search)
   if (k.tile_splits > 0) {
     const int s = std::min(k.tile_splits, nblocks);
     g.blocks_per_split = (nblocks + s - 1) / s;
@@ -181,7 +182,7 @@ Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, cons
           if (splits > 1) cost += 2.0 * splits * M * N * 4 / kPartialBytesPerUs + kReduceUs;
           return cost;
         },
-        nullptr);
+        &grid_cost);
   }
   g.splits = splits_of(nblocks, g.blocks_per_split);
   // Stream-K: one CTA per SM (the kernel's registers and shared memory allow no more), never
@@ -194,9 +195,6 @@ Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, cons
   if (k.tile_stream == 0 && kTileStreamByCost && k.tile_splits == 0) {
     // the same model: a run of ceil(units / ctas) blocks, and where runs cut tiles, up to two
     // tile-sized partials a CTA and the second kernel
-    const double waves = std::ceil(double(g.tiles) * g.splits / sm_count);
-    double grid_cost = waves * (g.blocks_per_split + 4) * kBlockUs;
-    if (g.splits > 1) grid_cost += 2.0 * g.splits * M * N * 4 / kPartialBytesPerUs + kReduceUs;
     double stream_cost = (std::ceil(double(units) / ctas) + 4) * kBlockUs;
     if (ctas > 1) stream_cost += 2.0 * 2 * ctas * tokens * cols * 4 / kPartialBytesPerUs + kReduceUs;
     stream = stream_cost < kTileStreamGain * grid_cost;

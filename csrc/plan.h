@@ -155,15 +155,24 @@ struct StreamK {
   }
   // The slot of CTA p's piece that starts at unit u (when it is partial): its first or last.
   MBWQ_HOST_DEVICE int part_slot(int p, int u) const { return 2 * p + (u != first_unit(p)); }
-  // CTA p's piece that starts at unit u (first_unit(p) <= u < first_unit(p + 1)); returns the
-  // unit after it.
-  MBWQ_HOST_DEVICE int piece(int p, int u, TilePiece& pc) const {
-    const int end = first_unit(p + 1), tile = u / nblocks, tile_end = (tile + 1) * nblocks;
+  // The slot CTA p's piece of tile `tile` writes: its piece starts at the later of its run's
+  // start and the tile's.
+  MBWQ_HOST_DEVICE int tile_slot(int p, int tile) const {
+    const int f = first_unit(p), start = tile * nblocks;
+    return part_slot(p, f > start ? f : start);
+  }
+  // CTA p's pieces in turn: u = first_unit(p) before the first call; each call sets pc to the
+  // piece that starts at u and moves u past it; false once the run is done.
+  MBWQ_HOST_DEVICE bool next(int p, int& u, TilePiece& pc) const {
+    const int end = first_unit(p + 1);
+    if (u >= end) return false;
+    const int tile = u / nblocks, tile_end = (tile + 1) * nblocks;
     const int stop = end < tile_end ? end : tile_end;
     pc.mtile = tile % mtiles, pc.ntile = tile / mtiles;
     pc.jb0 = u - tile * nblocks, pc.nb = stop - u;
     pc.part = pc.jb0 == 0 && stop == tile_end ? -1 : part_slot(p, u);
-    return stop;
+    u = stop;
+    return true;
   }
   // The tile that the run boundary at first_unit(b) cuts (1 <= b < ctas), if b is the first
   // boundary inside it, with the CTAs p0 .. p1 whose pieces it sums; else -1.

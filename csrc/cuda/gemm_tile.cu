@@ -230,9 +230,7 @@ struct Schedule {
       pc.part = gridDim.z == 1 ? -1 : int(blockIdx.z);
       return true;
     } else {
-      if (u >= sk().first_unit(blockIdx.x + 1)) return false;
-      u = sk().piece(blockIdx.x, u, pc);
-      return true;
+      return sk().next(blockIdx.x, u, pc);
     }
   }
 };
@@ -519,16 +517,13 @@ __global__ void stream_fixup_kernel(const float* __restrict__ part, const void* 
   int p0 = 0, p1 = 0;
   const int tile = sk.cut_tile(blockIdx.x + 1, p0, p1);
   if (tile < 0) return;
-  const int start = tile * sk.nblocks;
   const int m_tile = tile % sk.mtiles * TOKENS, n0 = tile / sk.mtiles * COLS;
   constexpr int kElems = TOKENS * COLS;
   for (int e = blockIdx.y * blockDim.x + threadIdx.x; e < kElems; e += gridDim.y * blockDim.x) {
     const int m = m_tile + e / COLS, n = n0 + e % COLS;
     if (m >= M || n >= N) continue;
-    // CTA p's piece of this tile starts at the later of its run's start and the tile's
     float v = 0.f;
-    for (int p = p0; p <= p1; ++p)
-      v += part[int64_t(sk.part_slot(p, max(sk.first_unit(p), start))) * kElems + e];
+    for (int p = p0; p <= p1; ++p) v += part[int64_t(sk.tile_slot(p, tile)) * kElems + e];
     if (bias_kind != kAuxNone) v += aux_load(bias, bias_kind, n);
     y[int64_t(m) * N + n] = Cvt<T>::from_f(v);
   }
