@@ -97,7 +97,7 @@ int select_mma_config(int64_t M, int64_t N, bool fp16, const Knobs& k) {
   if (forced >= 0 && forced < kNumMmaConfigs && mma_config_valid(kMmaConfigs[forced], M, N, fp16))
     return forced;
   for (int i = 0; i < kNumMmaConfigs; ++i)
-    if (mma_config_valid(kMmaConfigs[i], M, N, fp16)) return i;
+    if (!kMmaConfigs[i].opt_in && mma_config_valid(kMmaConfigs[i], M, N, fp16)) return i;
   return -1;
 }
 

@@ -16,8 +16,8 @@ namespace mbwq {
 // ---- tuning overrides -------------------------------------------------------------------
 // 0 = no override. Initial values come from the MBWQ_* environment variables named beside
 // each field, read once (the first time any is needed); set_knob changes one at run time
-// (mbwq_ops.ops.tuning for benchmarks and tests). Results never depend on them beyond the
-// order of fp32 additions.
+// (mbwq_ops.ops.tuning for benchmarks and tests). Results never depend on them beyond fp32
+// rounding: the order of fp32 additions, and the fold row's scale after the product.
 struct Knobs {
   int tile_min_m = 0;    // MBWQ_TILE_MIN_M: fewest rows on the tile kernel
   int tile_max_m = 0;    // MBWQ_TILE_MAX_M: most rows on the tile kernel
@@ -75,7 +75,11 @@ constexpr int64_t kTwoQuadMinN = 8192;      // columns from which 17-64 tokens t
 
 // One instantiation of the mma.sync kernel. MT token tiles of 8 (so 8 * MT tokens), QN quads of
 // 4 columns per lane, STAGES ring slots per warp, MIN_CTAS resident CTAs per SM its registers
-// are sized for; CTA_X: x copied once per XG-warp group instead of once per warp.
+// are sized for; CTA_X: x copied once per XG-warp group instead of once per warp; FOLD: the
+// scale after the product (csrc/cuda/mma_fold.cuh: raw codes into the mma, scale and zero once
+// per group and column in fp32; one row of fp16 x). An opt_in row is taken only where
+// MBWQ_MMA_CONFIG names it: it compiles and has its tests (tests/test_cuda.py forces every
+// row), but no GPU measurement has made it a default yet.
 struct MmaConfig {
   int max_m;             // the most rows it takes
   int mt, qn, stages, min_ctas;
@@ -85,23 +89,32 @@ struct MmaConfig {
   bool fp16_only;        // bf16's wider decode does not fit its registers
   int wc_options[2];     // column warps per CTA the split search may take (0 = unused slot)
   bool wc_knob;          // MBWQ_MMA_WC may force any column-warp count (x per warp only)
+  bool fold;             // scale after the product (max_m 1, one token tile, x per warp, fp16)
+  bool opt_in;           // only where MBWQ_MMA_CONFIG names it
 };
 
 // In order of preference: the first valid configuration is taken.
 constexpr MmaConfig kMmaConfigs[] = {
-    // max_m mt qn st ctas cta_x xg  wide   fp16   wc       knob
-    {8,      1, 2, 4, 2,   false, 1, false, false, {1, 2}, true},
-    {16,     2, 2, 3, 2,   false, 1, false, false, {2, 1}, true},
-    {32,     4, 2, 3, 2,   true,  2, true,  false, {8, 0}, false},
-    {32,     4, 1, 5, 2,   true,  2, false, false, {8, 0}, false},
-    {64,     8, 2, 3, 1,   true,  1, true,  true,  {8, 0}, false},
-    {64,     8, 1, 5, 2,   true,  1, false, false, {8, 0}, false},
+    // max_m mt qn st ctas cta_x xg  wide   fp16   wc       knob   fold   opt_in
+    {8,      1, 2, 4, 2,   false, 1, false, false, {1, 2}, true,  false, false},
+    {16,     2, 2, 3, 2,   false, 1, false, false, {2, 1}, true,  false, false},
+    {32,     4, 2, 3, 2,   true,  2, true,  false, {8, 0}, false, false, false},
+    {32,     4, 1, 5, 2,   true,  2, false, false, {8, 0}, false, false, false},
+    {64,     8, 2, 3, 1,   true,  1, true,  true,  {8, 0}, false, false, false},
+    {64,     8, 1, 5, 2,   true,  1, false, false, {8, 0}, false, false, false},
+    {1,      1, 2, 4, 2,   false, 1, false, true,  {1, 2}, true,  true,  true},
 };
 constexpr int kNumMmaConfigs = int(sizeof(kMmaConfigs) / sizeof(kMmaConfigs[0]));
+constexpr bool fold_rows_are_one_fp16_row_per_warp() {
+  for (const MmaConfig& c : kMmaConfigs)
+    if (c.fold && (c.max_m != 1 || c.mt != 1 || c.cta_x || !c.fp16_only)) return false;
+  return true;
+}
+static_assert(fold_rows_are_one_fp16_row_per_warp(), "fold: one row of fp16 x, x per warp");
 
 bool mma_config_valid(const MmaConfig& c, int64_t M, int64_t N, bool fp16);
-// Index into kMmaConfigs for 1 <= M <= kMmaMaxM rows: the first valid one, or the one
-// MBWQ_MMA_CONFIG names where that is valid.
+// Index into kMmaConfigs for 1 <= M <= kMmaMaxM rows: the first valid one that is not opt_in,
+// or the one MBWQ_MMA_CONFIG names where that is valid.
 int select_mma_config(int64_t M, int64_t N, bool fp16, const Knobs& k);
 
 // A grid of CTAs over (column tiles, K splits).

@@ -70,7 +70,8 @@ def tuning(**knobs: int) -> Iterator[None]:
     """Set kernel-choice knobs for the duration of a ``with`` block (benchmarks, tests):
     ``with mbwq_ops.ops.tuning(MBWQ_TILE_MIN_M=1): ...``. Names and meanings: csrc/plan.h
     (``Knobs``); their start values come from the same-named environment variables, read
-    once. Results never depend on knobs beyond the order of fp32 additions."""
+    once. Results never depend on knobs beyond fp32 rounding (the order of fp32 additions;
+    the opt-in fold row, ``MBWQ_MMA_CONFIG=7``, applies scales after the product)."""
     previous = {}
     try:
         for name, value in knobs.items():

@@ -168,6 +168,47 @@ def test_every_mma_configuration(name, knobs):
         assert ran == set(range(max(ran) + 1)), sorted(ran)
 
 
+@pytest.mark.parametrize("name", ["q4g128", "q2g64", "mixed_all", "mixed_432", "splitk",
+                                  "onesplit", "wide", "two_quads"])
+def test_fold_row(name, knobs):
+    # The scale-after-product row (mma_fold.cuh) named at one row of fp16 x: every width, one
+    # and several K splits, one and two column quads, bias or none; x as a strided view; close
+    # to the fp64 reference like the exact rows, and deterministic.
+    layer, W = layer_and_weight(SPECS[name])
+    K, N = layer.in_channels, layer.out_channels
+    knobs.set("MBWQ_MMA_CONFIG", FOLD_ROW + 1)
+    assert mbwq_ops.plan(1, K, N, torch.float16)["mma_config"] == FOLD_ROW
+    for seed in range(3):
+        x = rand_x(3, 2 * K, torch.float16, seed=seed, scale=4.0 ** (seed - 1))[1:2, ::2]
+        y = run_gemm(layer, x)
+        assert_close_to_reference(y, x, W, layer)
+        assert torch.equal(run_gemm(layer, x.contiguous()), y), (name, seed)
+
+
+def test_fold_row_where_scale_and_zero_cancel(knobs):
+    # Every weight exactly 0: codes all 15, zeros 15 * s with s a power of two. The exact rows
+    # give exactly the bias; the fold row (mma_fold.cuh: Accuracy) the bias plus fp32 rounding
+    # of the size of the terms it adds, sum |s c x| + |z x|, which do not cancel there.
+    layer, _ = layer_and_weight(SPECS["q4g128"])
+    g = torch.Generator().manual_seed(5)
+    s = torch.exp2(torch.randint(-10, -3, layer.scales.shape, generator=g).float()).half()
+    layer.qweight.fill_(-1)
+    layer.scales.copy_(s)
+    layer.zeros.copy_(s * 15)
+    x = rand_x(1, layer.in_channels, torch.float16, seed=6)
+    bias = layer.bias.reshape(1, -1)
+    assert torch.equal(run_gemm(layer, x), bias)  # the exact row
+    knobs.set("MBWQ_MMA_CONFIG", FOLD_ROW + 1)
+    y = run_gemm(layer, x)
+    spec = SPECS["q4g128"]
+    t = {"qweight": layer.qweight.cpu(), "scales": s.cpu(), "zeros": torch.zeros_like(s).cpu(),
+         "q_perm": layer.q_perm.cpu()}
+    terms = 2 * reference_weight(spec, t)  # |c s| + |z| = 2 * 15 s per weight
+    S_terms = reference.error_scale(x, terms, layer.channel_scale.reshape(-1))
+    err = (y.double().cpu() - bias.double().cpu()).abs()
+    assert (err <= 2.0 ** -18 * S_terms + 2.0 ** -11 * bias.abs().double().cpu() + 2.0 ** -24).all()
+
+
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
 def test_tile_kernel(name, knobs):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last
@@ -378,8 +419,12 @@ def test_bf16_large_values_and_fp16_finite():
             assert torch.isfinite(y).all()
 
 
+FOLD_ROW = 6  # plan.h: kMmaConfigs' scale-after-product row (opt-in: MBWQ_MMA_CONFIG=7)
+
 KERNEL_KNOBS = {
     "default": {},
+    # one row of fp16 x on the scale-after-product row (other calls keep the default rows)
+    "fold": {"MBWQ_MMA_CONFIG": str(FOLD_ROW + 1)},
     # every M on the tile kernel (wgmma devices): its 16-, 32- and 64-token tiles
     "tiles": {"MBWQ_TILE_MIN_M": "1"},
     # the same on the tile kernel's stream-K schedule

@@ -85,6 +85,22 @@ def test_knobs_move_the_boundaries_and_come_back():
     assert paths(K, N, Ms=range(1, 300), **H100) == before
 
 
+FOLD_ROW = 6  # plan.h: kMmaConfigs' scale-after-product row (opt-in)
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_fold_row_only_where_named(K, N):
+    # opt_in: the default plan never takes it; named, it serves one row of fp16 x only
+    for dtype in (torch.float16, torch.bfloat16):
+        assert all(mbwq_ops.plan(M, K, N, dtype, **H100)["mma_config"] != FOLD_ROW
+                   for M in range(1, 65))
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=FOLD_ROW + 1):
+        assert mbwq_ops.plan(1, K, N, **H100)["mma_config"] == FOLD_ROW
+        assert mbwq_ops.plan(1, K, N, **AMPERE)["mma_config"] == FOLD_ROW
+        assert mbwq_ops.plan(1, K, N, torch.bfloat16, **H100)["mma_config"] != FOLD_ROW
+        assert mbwq_ops.plan(2, K, N, **H100)["mma_config"] != FOLD_ROW
+
+
 @pytest.mark.parametrize("M,K,N", [(256, 8192, 28672), (64, 8192, 28672), (40, 256, 256),
                                    (600, 256, 8192), (129, 4096, 4096)])
 def test_stream_k_takes_one_cta_per_sm_or_per_unit(M, K, N):

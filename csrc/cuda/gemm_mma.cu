@@ -49,6 +49,7 @@
 #include "common.cuh"
 #include "launch.h"
 #include "mma_decode.cuh"
+#include "mma_fold.cuh"
 #include "mma_tile.cuh"
 #include "ptx.cuh"
 #include "split_reduce.cuh"
@@ -90,6 +91,22 @@ __device__ __forceinline__ void compute_block(const unsigned char* slot, const u
     quad_words<B, QN>(slot, q, g, t, lo, hi);
     compute_quad<B, QN, MT, T>(q, lo, hi, g, t, sc, nz, x, acc);
   }
+}
+
+// The same block for the fold row (mma_fold.cuh): raw codes times x sorted by offset class
+// into acc (C), and the block's sum of x into xsum (X).
+template <int B, int QN>
+__device__ __forceinline__ void compute_block_fold(const unsigned char* slot,
+                                                   const unsigned char* x, int g, int t,
+                                                   FragC (&acc)[2 * QN][1], FragC& xsum) {
+  const FoldB xb = fold_b<B>(x, g, t);
+#pragma unroll
+  for (int q = 0; q < QN; ++q) {
+    uint4 lo, hi;
+    quad_words<B, QN>(slot, q, g, t, lo, hi);
+    fold_quad<B, QN>(q, lo, hi, t, xb, acc);
+  }
+  fold_x_sum(xb, xsum);
 }
 
 // Shared memory of a CTA: each warp's ring of STAGES slots, then (CTA_X) the x rings, then the
@@ -186,14 +203,16 @@ struct LaneCopies {
 // ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
-// (log2_wc = 3).
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG>
+// (log2_wc = 3). FOLD: scale after the product (mma_fold.cuh; M == 1, fp16).
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG, bool FOLD>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
                     int log2_wc, int blocks_per_split) {
+  static_assert(!FOLD || (std::is_same_v<T, __half> && MT == 1 && !CTA_X),
+                "the fold row: one token tile of fp16 x, x per warp");
   using Rg = Slot<QN>;
   using Rx = Rings<QN, MT, STAGES, CTA_X, XG>;
   constexpr int kStages = STAGES;
@@ -225,6 +244,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 
   FragC acc[2 * QN][MT];
   fill_acc<MT, QN>(acc, 0.f);
+  // FOLD: the folded sums Y and the group's sum of x X (mma_fold.cuh); acc holds C
+  FragC folded[2 * QN] = {}, xsum = {};
 
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
   // scales and zeros only when starts_group says so.
@@ -279,7 +300,10 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     cp_async_commit();
   }
 
-  uint2 sc[QN], nz[QN];  // the lane's 4*QN scales and -zeros (fp16), this block's group
+  // the lane's 4*QN scales and -zeros (FOLD: zeros) in fp16, this block's group
+  uint2 sc[QN], nz[QN];
+  if constexpr (FOLD)    // the first group's fold adds 0 * 0
+    for (int q = 0; q < QN; ++q) sc[q] = nz[q] = make_uint2(0u, 0u);
   int cur_group = -1;
   int slot_c = 0, slot_i = kAhead;  // ring slots of the block computed / issued next
   // Blocks [i0, i1), a run of width B (0: invalid entries, which only keep the ring going).
@@ -303,14 +327,17 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
       if constexpr (B > 0) {
         if (starts_group(B, packed_group(my_meta[i]), cur_group)) {
+          if constexpr (FOLD) fold_group<QN>(acc, xsum, sc, nz, t, folded);
 #pragma unroll
           for (int q = 0; q < QN; ++q) {
             sc[q] = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 64 * q + 8 * g);
-            nz[q] = negate_halves(*reinterpret_cast<const uint2*>(
-                slot + Rg::kSzOffset + 2 * Rg::kCols + 64 * q + 8 * g));
+            const uint2 z = *reinterpret_cast<const uint2*>(
+                slot + Rg::kSzOffset + 2 * Rg::kCols + 64 * q + 8 * g);
+            nz[q] = FOLD ? z : negate_halves(z);  // the fold negates in its fma
           }
         }
-        compute_block<B, QN, MT, T>(slot, smem + x_off, g, t, sc, nz, acc);
+        if constexpr (FOLD) compute_block_fold<B, QN>(slot, smem + x_off, g, t, acc, xsum);
+        else compute_block<B, QN, MT, T>(slot, smem + x_off, g, t, sc, nz, acc);
       } else {
         cur_group = -1;
       }
@@ -333,6 +360,10 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     i = j;
   }
   cp_async_wait<0>();
+  if constexpr (FOLD) {  // the last group, then the classes' weights (mma_fold.cuh)
+    fold_group<QN>(acc, xsum, sc, nz, t, folded);
+    fold_finish<QN>(folded, t, acc);
+  }
   // An invalid table entry in the warp's range makes its tile NaN; found again here rather
   // than flagged in the loop, so that no register is held for it there.
   bool poisoned = false;
@@ -358,10 +389,10 @@ void run_config(const Call<T>& c) {
   constexpr MmaConfig cfg = kMmaConfigs[I];
   constexpr int MT = cfg.mt, QN = cfg.qn, STAGES = cfg.stages, MIN_CTAS = cfg.min_ctas,
                 XG = cfg.xg;
-  constexpr bool CTA_X = cfg.cta_x;
+  constexpr bool CTA_X = cfg.cta_x, FOLD = cfg.fold;
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG>;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
   const size_t table = kMmaMaxBlocksPerCta * sizeof(int2);  // longer K ranges are split
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
@@ -377,6 +408,9 @@ void run_config(const Call<T>& c) {
   launch_on_grid(kernel, grid, smem, c);
 }
 
+template <int I>
+using ConfigIndex = std::integral_constant<int, I>;  // a row of kMmaConfigs, as a type
+
 template <typename T>
 void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
             const at::Tensor& zeros, const at::Tensor& blocks,
@@ -389,19 +423,23 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
       bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
       y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
   // Token tiles and quads per lane by M, N and dtype: the table in plan.h. bf16 never takes
-  // the fp16-only configuration (its wider decode does not fit that kernel's registers).
-  static_assert(kNumMmaConfigs == 6, "one case per configuration of kMmaConfigs");
+  // an fp16-only configuration (its wider decode does not fit the registers, or the fold's
+  // subnormal codes are fp16 numbers), so those are not compiled for it.
+  static_assert(kNumMmaConfigs == 7, "one case per configuration of kMmaConfigs");
   const bool half = std::is_same_v<T, __half>;
+  auto run = [&](auto index) {
+    constexpr int I = decltype(index)::value;
+    if constexpr (!kMmaConfigs[I].fp16_only || std::is_same_v<T, __half>) run_config<T, I>(c);
+    else TORCH_CHECK(false, "mbwq: internal: fp16-only mma.sync configuration for bf16");
+  };
   switch (select_mma_config(M, c.qweight.size(1), half, knobs())) {
-    case 0: return run_config<T, 0>(c);
-    case 1: return run_config<T, 1>(c);
-    case 2: return run_config<T, 2>(c);
-    case 3: return run_config<T, 3>(c);
-    case 4:
-      if constexpr (!kMmaConfigs[4].fp16_only || std::is_same_v<T, __half>)
-        return run_config<T, 4>(c);
-      break;
-    case 5: return run_config<T, 5>(c);
+    case 0: return run(ConfigIndex<0>{});
+    case 1: return run(ConfigIndex<1>{});
+    case 2: return run(ConfigIndex<2>{});
+    case 3: return run(ConfigIndex<3>{});
+    case 4: return run(ConfigIndex<4>{});
+    case 5: return run(ConfigIndex<5>{});
+    case 6: return run(ConfigIndex<6>{});
   }
   TORCH_CHECK(false, "mbwq: internal: no mma.sync configuration for M = ", M);
 }

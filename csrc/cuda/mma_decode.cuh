@@ -35,6 +35,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "mma.cuh"  // FragA, FragB, FragC, BlockA, MmaOp
 
 namespace mbwq {
@@ -50,6 +52,28 @@ __device__ __forceinline__ uint32_t mask_or_magic(uint32_t v) {
   return d;
 }
 
+// True where a lane's bytes [t*bits, t*bits + bits) of a block may reach into word j0 + 1, so
+// that decode_pairs needs hi: every width but 2 and 4 (whose lanes stay inside one word).
+__host__ __device__ constexpr bool reads_next_word(int bits) { return bits != 2 && bits != 4; }
+
+// Where pair i = (c_i, c_{i+4}) of a width-B lane column sits once decode_pairs has moved it:
+// at bit E = pair_offset(B, i) of both halves of a word. The exact decode (code_pair) and the
+// fold decode (mma_fold.cuh, which sorts the products by E) both take the offsets from here.
+//
+//   B      2           3           4           5           6           8
+//   E    0 2 4 6     0 3 6 3     0 4 0 4     0 5 0 0     0 0 4 0     0 0 0 0
+__host__ __device__ constexpr int pair_offset(int B, int i) {
+  return B == 2 ? 2 * i
+       : B == 3 ? (i == 0 ? 0 : i == 2 ? 6 : 3)
+       : B == 4 ? 4 * (i % 2)
+       : B == 5 ? (i == 1 ? 5 : 0)
+       : B == 6 ? (i == 2 ? 4 : 0)
+       : 0;
+}
+// The two codes of pair i in its word: B bits at E in each half.
+template <int B, int E>
+constexpr uint32_t kPairMask = ((1u << B) - 1u) << E | ((1u << B) - 1u) << (16 + E);
+
 // The two codes of v selected by MASK, at bit offset E inside each half (see the header) ->
 // exact fp16 codes.
 template <int E, uint32_t MASK>
@@ -64,51 +88,65 @@ __device__ __forceinline__ __half2 code_pair(uint32_t word) {
   }
 }
 
-// True where a lane's bytes [t*bits, t*bits + bits) of a block may reach into word j0 + 1, so
-// that decode_pairs needs hi: every width but 2 and 4 (whose lanes stay inside one word).
-__host__ __device__ constexpr bool reads_next_word(int bits) { return bits != 2 && bits != 4; }
-
-// The lane's 8 codes of one column as exact fp16 pairs: p[i] = (c_i, c_{i+4}) (header).
+// The lane's 8 codes of one column as fp16 pairs: p[i] = (c_i, c_{i+4}) (header).
 struct CodePairs {
   __half2 p[4];
 };
 
+// The exact decode's pair maker: the two codes at bit E of word's halves -> exact fp16 codes.
+struct ExactCodes {
+  template <int B, int E>
+  static __device__ __forceinline__ __half2 pair(uint32_t word) {
+    return code_pair<E, kPairMask<B, E>>(word);
+  }
+};
+
 // The lane's 8 codes of one column as the pairs P0..P3 (header), from the two words that hold
-// its bytes [t*B, t*B + B): lo = word j0, hi = word j0 + 1. Bit layouts per width (format.h);
-// decode_pairs_reference below is the same result the slow, obvious way.
-template <int B>
+// its bytes [t*B, t*B + B): lo = word j0, hi = word j0 + 1. Per width, the codes are moved so
+// that pair i lies at bit pair_offset(B, i) of both halves of a word, and Make::pair<B, E>
+// turns that word into the pair's two values (ExactCodes above; the fold decode's subnormal
+// codes, mma_fold.cuh). Bit layouts per width: format.h; decode_pairs_reference below is the
+// exact decode the slow, obvious way.
+template <int B, typename Make = ExactCodes>
 __device__ __forceinline__ CodePairs decode_pairs(uint32_t lo, uint32_t hi, int t) {
   CodePairs out;
   __half2 (&p)[4] = out.p;
   const int sh = 8 * ((t * B) & 3);  // the lane's first bit inside lo
+  auto pair = [](auto i, uint32_t word) {
+    return Make::template pair<B, pair_offset(B, decltype(i)::value)>(word);
+  };
+  using I0 = std::integral_constant<int, 0>;
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I3 = std::integral_constant<int, 3>;
   if constexpr (B == 2) {
     // 16 bits: c0..c3 in byte (sh/8), c4..c7 in the next; spread them to bytes 0 and 2.
     const uint32_t v = __byte_perm(lo, 0u, 0x4140u + 0x0101u * (sh >> 3));
-    p[0] = code_pair<0, 0x00030003u>(v);
-    p[1] = code_pair<2, 0x000C000Cu>(v);
-    p[2] = code_pair<4, 0x00300030u>(v);
-    p[3] = code_pair<6, 0x00C000C0u>(v);
+    p[0] = pair(I0{}, v);
+    p[1] = pair(I1{}, v);
+    p[2] = pair(I2{}, v);
+    p[3] = pair(I3{}, v);
   } else if constexpr (B == 4) {
     // one word: c_i at bits 4i, c_{i+4} at 4i + 16, already 16 bits apart.
     const uint32_t v8 = lo >> 8;
-    p[0] = code_pair<0, 0x000F000Fu>(lo);
-    p[1] = code_pair<4, 0x00F000F0u>(lo);
-    p[2] = code_pair<0, 0x000F000Fu>(v8);
-    p[3] = code_pair<4, 0x00F000F0u>(v8);
+    p[0] = pair(I0{}, lo);
+    p[1] = pair(I1{}, lo);
+    p[2] = pair(I2{}, v8);
+    p[3] = pair(I3{}, v8);
   } else if constexpr (B == 8) {
     // c0..c3 = bytes of lo, c4..c7 = bytes of hi: byte i of each into halves 0 and 1.
-    p[0] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0400u));
-    p[1] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0501u));
-    p[2] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0602u));
-    p[3] = code_pair<0, 0x00FF00FFu>(__byte_perm(lo, hi, 0x0703u));
+    p[0] = pair(I0{}, __byte_perm(lo, hi, 0x0400u));
+    p[1] = pair(I1{}, __byte_perm(lo, hi, 0x0501u));
+    p[2] = pair(I2{}, __byte_perm(lo, hi, 0x0602u));
+    p[3] = pair(I3{}, __byte_perm(lo, hi, 0x0703u));
   } else if constexpr (B == 3) {
     // 24 bits, c_i at 3i. Move c4..c7 (bits 12..23) up by 4: c_{i+4} lands at 16 + 3i.
     const uint32_t v = __funnelshift_r(lo, hi, sh);
     const uint32_t u = (v & 0xFFFu) | ((v << 4) & 0xFFFFF000u);
-    p[0] = code_pair<0, 0x00070007u>(u);
-    p[1] = code_pair<3, 0x00380038u>(u);
-    p[2] = code_pair<6, 0x01C001C0u>(u);
-    p[3] = code_pair<3, 0x00380038u>(u >> 6);
+    p[0] = pair(I0{}, u);
+    p[1] = pair(I1{}, u);
+    p[2] = pair(I2{}, u);
+    p[3] = pair(I3{}, u >> 6);
   } else {
     // B = 5 (40 bits) or 6 (48 bits): L = bits 0..31, C = bits 4B..4B+31 (c4..c7 at 0, B, 2B,
     // 3B). u1 = low halves of L and C (c0, c1[, c2] | c4, c5[, c6]); u2 = their bits 8..23.
@@ -118,15 +156,15 @@ __device__ __forceinline__ CodePairs decode_pairs(uint32_t lo, uint32_t hi, int 
     const uint32_t u1 = __byte_perm(L, C, 0x5410u);
     const uint32_t u2 = __byte_perm(L, C, 0x6521u);
     if constexpr (B == 5) {  // c0 0, c1 5, c2 10, c3 15..19 (u2: 7)
-      p[0] = code_pair<0, 0x001F001Fu>(u1);
-      p[1] = code_pair<5, 0x03E003E0u>(u1);
-      p[2] = code_pair<0, 0x001F001Fu>(u1 >> 10);
-      p[3] = code_pair<0, 0x001F001Fu>(u2 >> 7);
+      p[0] = pair(I0{}, u1);
+      p[1] = pair(I1{}, u1);
+      p[2] = pair(I2{}, u1 >> 10);
+      p[3] = pair(I3{}, u2 >> 7);
     } else {  // B = 6: c0 0, c1 6, c2 12..17 (u2: 4), c3 18..23 (u2: 10)
-      p[0] = code_pair<0, 0x003F003Fu>(u1);
-      p[1] = code_pair<0, 0x003F003Fu>(u1 >> 6);
-      p[2] = code_pair<4, 0x03F003F0u>(u2);
-      p[3] = code_pair<0, 0x003F003Fu>(u2 >> 10);
+      p[0] = pair(I0{}, u1);
+      p[1] = pair(I1{}, u1 >> 6);
+      p[2] = pair(I2{}, u2);
+      p[3] = pair(I3{}, u2 >> 10);
     }
   }
   return out;

@@ -14,7 +14,7 @@ mkdir -p "$OUT" "$SCRATCH"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
-STEPS=${STEPS:-stream_k stack bench}
+STEPS=${STEPS:-fold stream_k stack bench}
 rc=0
 
 run_step() {  # run_step NAME: the commands of one step
@@ -42,6 +42,19 @@ run_step() {  # run_step NAME: the commands of one step
     tile_splits)  # the tile kernel's K splits at 64-256 tokens
       $SWEEP --Ms 64,128,256 --shapes 8192x28672,4096x4096,8192x8192 \
         --set MBWQ_TILE_SPLITS=0,1,2,3,4,6,8 ;;
+    fold)  # scale after the product (kMmaConfigs' fold row, MBWQ_MMA_CONFIG=7) against the
+      # exact M <= 8 row at one row of fp16 x: side by side, then the bench's plain-read ratios
+      # and the 32-block decode step with the row named, then Nsight Compute on both
+      $SWEEP --Ms 1 --formats q4_g128,q2_g64,mixed_2.5,mixed_3.0 \
+        --shapes 8192x28672,28672x8192,4096x4096,4096x14336,14336x4096 --set MBWQ_MMA_CONFIG=0,7
+      MBWQ_MMA_CONFIG=7 $PY scripts/bench.py --shapes 8192x28672,28672x8192 --dtypes fp16 \
+        --Ms 1 --formats q4_g128,q2_g64,mixed_2.5,mixed_3.0 --stack-blocks 32 \
+        --out "$OUT/fold_m1.json" | grep -E "^\||decode step|tok/s"
+      for c in 0 7; do  # per format: time, DRAM, issue use, instructions, the main stalls
+        echo "--- MBWQ_MMA_CONFIG=$c"; mkdir -p "$SCRATCH/ncu_fold_$c"
+        MBWQ_MMA_CONFIG=$c OUT="$SCRATCH/ncu_fold_$c" scripts/ncu_m1.sh 2>&1 | grep -E \
+          "gpu__time|dram__throughput|issue_active|inst_executed|stalled_(short|long|math|wait|dispatch|not_sel)"
+      done ;;
     stream_k)  # the tile kernel's stream-K schedule against its split grid (33-256 tokens)
       $SWEEP --Ms 40,64,128,256 --shapes 8192x28672,28672x8192 --set MBWQ_TILE_STREAM=1,2 --matmul
       $SWEEP --Ms 64,128,256 --shapes 4096x4096,8192x8192,4096x14336,14336x4096 \
