@@ -120,13 +120,21 @@ __device__ __forceinline__ void compute_block_fold(const unsigned char* slot,
 //                released by a barrier of the group per block
 //                  | warp 0: slot 0 [weights] slot 1 ... | warp 1 ... | group 0: x 0 | x 1 |
 //                  ... | group 1: x 0 | ... | table |
-template <int QN, int MT, int STAGES, bool CTA_X, int XG>
+//   FOLD:        one row of x, 64 bytes a block: each warp copies the x of kFoldXBlocks blocks
+//                at once (one 16-byte copy a lane), a chunk ahead, into one of its two x
+//                buffers (the kernel's run loop)
+//                  | warp 0: slot 0 [weights] slot 1 ... | warp 1 ... | warp 0: x 0 | x 1 |
+//                  warp 1: x 0 | ... | table |
+template <int QN, int MT, int STAGES, bool CTA_X, int XG, bool FOLD>
 struct Rings {
   static constexpr int kXBytes = MT * 8 * 64;
-  static constexpr int kSlotBytes = Slot<QN>::kSlotBytes + (CTA_X ? 0 : kXBytes);
+  static constexpr int kFoldXBlocks = 8;
+  static constexpr int kFoldXBytes = kFoldXBlocks * 64;  // 32 lanes x 16 bytes
+  static constexpr int kSlotBytes = Slot<QN>::kSlotBytes + (CTA_X || FOLD ? 0 : kXBytes);
   static constexpr int kWarpBytes = STAGES * kSlotBytes;
   static constexpr int kXRing = kWarps * kWarpBytes;
-  static constexpr int kBytes = kXRing + (CTA_X ? XG * STAGES * kXBytes : 0);
+  static constexpr int kBytes = kXRing + (CTA_X ? XG * STAGES * kXBytes : 0) +
+                                (FOLD ? kWarps * 2 * kFoldXBytes : 0);
   static constexpr int kXStride = CTA_X ? kXBytes : kSlotBytes;  // from one slot's x to the next
   static constexpr int kGroupThreads = kWarps * 32 / XG;  // CTA_X: the threads sharing a ring
   // CTA_X: the x group of warp `warp` (a constant 0 for one group)
@@ -137,6 +145,11 @@ struct Rings {
   static __device__ __forceinline__ int x_offset(int warp, int s) {
     return CTA_X ? kXRing + (x_group(warp) * STAGES + s) * kXBytes
                  : warp * kWarpBytes + s * kSlotBytes + Slot<QN>::kSlotBytes;
+  }
+  // FOLD: offset of the x of the warp's block i (counted from its first block)
+  static __device__ __forceinline__ int fold_x_offset(int warp, int i) {  // i >= 0
+    const unsigned u = unsigned(i);
+    return kXRing + (2 * warp + (u / kFoldXBlocks) % 2) * kFoldXBytes + (u % kFoldXBlocks) * 64;
   }
 };
 
@@ -214,7 +227,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   static_assert(!FOLD || (std::is_same_v<T, __half> && MT == 1 && !CTA_X),
                 "the fold row: one token tile of fp16 x, x per warp");
   using Rg = Slot<QN>;
-  using Rx = Rings<QN, MT, STAGES, CTA_X, XG>;
+  using Rx = Rings<QN, MT, STAGES, CTA_X, XG, FOLD>;
   constexpr int kStages = STAGES;
   constexpr int kAhead = kStages - 1;  // blocks in flight during a compute
   // All of the kernel's shared memory, and nothing static besides it: the slot layout's
@@ -261,18 +274,28 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   const int x_chunk = !CTA_X ? lane : XG > 1 ? int(threadIdx.x) % kXThreads : int(threadIdx.x);
   const bool x_copier = x_chunk < 32 * MT;
   const int x_token = x_chunk / 4, x_piece = x_chunk % 4;
-  const uint32_t x_dst = smem_s + Rx::x_offset(warp, 0) + 16 * x_chunk;  // slot 0
+  // slot 0 (FOLD: x buffer 0)
+  const uint32_t x_dst =
+      smem_s + (FOLD ? Rx::fold_x_offset(warp, 0) : Rx::x_offset(warp, 0)) + 16 * x_chunk;
   // the slot's x bytes from one copy to the next
   constexpr uint32_t kXDstStep = kXThreads * 16;
   // element offsets into xs, one register each (M * K < 2^32: M <= 64)
   uint32_t x_src[kXCopies];
 #pragma unroll
   for (int k = 0; k < kXCopies; ++k)
-    x_src[k] = uint32_t(min(x_token + kXTokenStep * k, M - 1)) * uint32_t(K) +
-               uint32_t(wb) * kBlockRows + 8 * x_piece;
+    x_src[k] = FOLD ? uint32_t(wb) * kBlockRows + 8 * x_chunk  // token 0, lane's 16 bytes
+                    : uint32_t(min(x_token + kXTokenStep * k, M - 1)) * uint32_t(K) +
+                          uint32_t(wb) * kBlockRows + 8 * x_piece;
+  // FOLD: the x of blocks 8c .. 8c + 7 into buffer c % 2, lane l block 8c + l / 4 (zero-filled
+  // past the warp's range)
+  static_assert(!FOLD || Rx::kFoldXBlocks == 8, "fold_x_chunk's block arithmetic");
+  auto fold_x_chunk = [&](int c) {
+    cp_async16(x_dst + (c & 1) * Rx::kFoldXBytes, xs + (x_src[0] + uint32_t(c) * 8 * kBlockRows),
+               8 * c + lane / 4 < nb);
+  };
   int issue_group = -1;
-  // Block i's weights, and its x, into ring slot `slot`; width B when the caller knows it
-  // (0: read from the table).
+  // Block i's weights into ring slot `slot`; width B when the caller knows it (0: read from the
+  // table). issue_x: its x (every row but the fold row's, whose x comes in chunks).
   auto issue_weights = [&](auto width, int i, int slot) {
     constexpr int B = decltype(width)::value;
     const int2 e = my_meta[i];
@@ -296,7 +319,11 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   wait_prior_grid();
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < nb) issue_x(s, s);
+    if constexpr (FOLD) {
+      if (s == 0) fold_x_chunk(0);  // blocks 0 .. 7, with block 0
+    } else if (s < nb) {
+      issue_x(s, s);
+    }
     cp_async_commit();
   }
 
@@ -312,18 +339,18 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // issue the next run's.
   auto run = [&](auto width, int i0, int i1) {
     constexpr int B = decltype(width)::value;
-    for (int i = i0; i < i1; ++i) {
+    auto step = [&](int i) {
       cp_async_wait<kAhead - 1>();
       ring_sync();
       const int n = i + kAhead;
       if (n < i1) issue_weights(width, n, slot_i);
       else if (n < nb) issue_weights(Width<0>{}, n, slot_i);
-      if (n < nb) issue_x(n, slot_i);
+      if (!FOLD && n < nb) issue_x(n, slot_i);
       slot_i = slot_i + 1 == kStages ? 0 : slot_i + 1;
       cp_async_commit();
 
       const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
-      const int x_off = Rx::x_offset(warp, slot_c);
+      const int x_off = FOLD ? Rx::fold_x_offset(warp, i) : Rx::x_offset(warp, slot_c);
       slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
       if constexpr (B > 0) {
         if (starts_group(B, packed_group(my_meta[i]), cur_group)) {
@@ -341,6 +368,22 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       } else {
         cur_group = -1;
       }
+    };
+    if constexpr (FOLD) {
+      // in chunks of 8 blocks, so that the next chunk's x is copied once per chunk, outside the
+      // block loop (inside it ptxas predicates the copy and every block pays for it): the
+      // chunk's group completes long before block 8c + 8 waits for it, and its buffer held
+      // chunk c - 1, which every lane has finished (the warp barrier)
+      for (int i = i0; i < i1;) {
+        const int stop = min(i1, (i | 7) + 1);
+        if ((i & 7) == 0) {
+          __syncwarp();
+          fold_x_chunk((i >> 3) + 1);
+        }
+        for (; i < stop; ++i) step(i);
+      }
+    } else {
+      for (int i = i0; i < i1; ++i) step(i);
     }
   };
   for (int i = 0; i < nb;) {
@@ -383,6 +426,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 //           (8 x 3 x 2560 + 3 x 4 KB + 8 KB = 80 KB)
 //   MT = 4 and 8 with one quad: QN 1, 5 stages, x per warpgroup / CTA
 //           (8 x 5 x 1408 + 2 x 5 x 2 KB / 5 x 4 KB + 8 KB = 83 KB)
+//   FOLD (one row): QN 2, 4 stages, x in chunks of 8 blocks (8 x 4 x 2560 + 8 x 1 KB + 8 KB =
+//           96 KB)
 // The grid (column warps, K splits) is mma_grid's choice for the CTAs the device holds.
 template <typename T, int I>
 void run_config(const Call<T>& c) {
@@ -393,7 +438,7 @@ void run_config(const Call<T>& c) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD>;
-  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG>::kBytes;
+  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG, FOLD>::kBytes;
   const size_t table = kMmaMaxBlocksPerCta * sizeof(int2);  // longer K ranges are split
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
   // warps the grid may take (1 where MBWQ_MMA_WC may force any count)

@@ -64,15 +64,15 @@ struct SubnormalCodes {
 };
 
 // The B registers of one block for width B: code[s] for k-step s (x where the pair's class is
-// the lane's column g, else 0) and all[s] (x in every column, for X). x: the block's x in its
-// ring slot, token 0 at offset 0, rows 8t .. 8t + 7 at 16t as [x0 x4 | x1 x5 | x2 x6 | x3 x7]
-// (mma_decode.cuh's header): register j of step s is pair 2s + j's rows.
+// the lane's column g, else 0) and all[s] (x in every column, for X). x: the block's 64 bytes
+// of x (the one row) in shared memory, rows 8t .. 8t + 7 at 16t as [x0 x4 | x1 x5 | x2 x6 |
+// x3 x7] (mma_decode.cuh's header): register j of step s is pair 2s + j's rows.
 struct FoldB {
   FragB code[2], all[2];
 };
 template <int B>
 __device__ __forceinline__ FoldB fold_b(const unsigned char* x, int g, int t) {
-  const uint4 xb = *reinterpret_cast<const uint4*>(x + 16 * t);  // every lane: token 0
+  const uint4 xb = *reinterpret_cast<const uint4*>(x + 16 * t);  // every lane: the one row
   const uint32_t v[4] = {xb.x, xb.y, xb.z, xb.w};
   FoldB b;
 #pragma unroll
