@@ -353,7 +353,8 @@ def test_gemm_property_vs_reference(case):
 def test_tensor_core_decoder_matches_its_reference():
     # mma_decode.cuh: decode_pairs (LOP3 / PRMT / funnel-shift tricks) against
     # decode_pairs_reference (each code read by its bit position), every width and lane position,
-    # on random words and on words with every bit set or one bit set
+    # on random words and on words with every bit set or one bit set; and the fold decode's
+    # subnormal pairs (mma_fold.cuh), which must be the reference codes shifted to their offset
     g = torch.Generator().manual_seed(random.randrange(1 << 30))
     words = torch.randint(-(1 << 31), 1 << 31, (1 << 16, 2), generator=g, dtype=torch.int64)
     one_bit = torch.tensor([[1 << b if b < 31 else -(1 << 31), 0] for b in range(32)]

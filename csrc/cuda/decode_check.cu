@@ -1,14 +1,17 @@
-// mbwq::decode_mismatches: the tensor-core decoder (mma_decode.cuh: decode_pairs, all bit
-// tricks) checked against its plain reference (decode_pairs_reference: each code read by its bit
-// position) on the device, for tests. Every thread takes one (lo, hi) word pair and decodes it
-// for every width and every lane position t; the result counts the fp16 pairs that differ
-// bitwise (0 when the two agree).
+// mbwq::decode_mismatches: the tensor-core decoders checked against their plain reference
+// (decode_pairs_reference: each code read by its bit position) on the device, for tests: the
+// exact decode (mma_decode.cuh: decode_pairs, all bit tricks) pair for pair, and the fold
+// decode (mma_fold.cuh: SubnormalCodes), whose pair i must be the fp16 subnormals
+// c * 2^(E - 24), bit pattern c << E, E = pair_offset(B, i). Every thread takes one (lo, hi)
+// word pair and decodes it for every width and every lane position t; the result counts the
+// fp16 pairs that differ bitwise (0 when all agree).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "mma_decode.cuh"
+#include "mma_fold.cuh"
 
 namespace mbwq {
 namespace cuda {
@@ -22,10 +25,16 @@ __device__ __forceinline__ int mismatches(uint32_t lo, uint32_t hi) {
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
     const CodePairs fast = decode_pairs<B>(lo, hi, t);
+    const CodePairs fold = decode_pairs<B, SubnormalCodes>(lo, hi, t);
     const CodePairs slow = decode_pairs_reference<B>(lo, hi, t);
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 4; ++i) {
       n += as_u32(fast.p[i]) != as_u32(slow.p[i]) ? 1 : 0;
+      const uint32_t c0 = __half2uint_rz(__low2half(slow.p[i]));
+      const uint32_t c1 = __half2uint_rz(__high2half(slow.p[i]));
+      const int E = pair_offset(B, i);
+      n += as_u32(fold.p[i]) != ((c0 << E) | (c1 << (16 + E))) ? 1 : 0;
+    }
   }
   return n;
 }
