@@ -89,6 +89,21 @@ FOLD_ROW = 6  # plan.h: kMmaConfigs' scale-after-product row (opt-in)
 
 
 @pytest.mark.parametrize("K,N", SHAPES)
+def test_cluster_reduction_only_where_named_and_possible(K, N):
+    # Grid::cluster: only with MBWQ_MMA_CLUSTER=1, on devices with clusters (wgmma), for 2-8 K
+    # splits of a row with one or two token tiles; always the whole split count
+    assert all(mbwq_ops.plan(M, K, N, **H100)["grid"]["cluster"] == 0 for M in range(1, 65))
+    for splits in (1, 2, 3, 5, 8, 9):
+        with mbwq_ops.ops.tuning(MBWQ_MMA_CLUSTER=1, MBWQ_MMA_SPLITS=splits):
+            for M in (1, 2, 8, 9, 16, 17, 32, 64):
+                g = mbwq_ops.plan(M, K, N, **H100)["grid"]
+                one_or_two_tiles = M <= 16
+                want = g["splits"] if 2 <= g["splits"] <= 8 and one_or_two_tiles else 0
+                assert g["cluster"] == want, (splits, M, g)
+                assert mbwq_ops.plan(M, K, N, **AMPERE)["grid"]["cluster"] == 0
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
 def test_fold_row_only_where_named(K, N):
     # opt_in: the default plan never takes it; named, it serves one row of fp16 x only
     for dtype in (torch.float16, torch.bfloat16):
