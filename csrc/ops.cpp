@@ -80,6 +80,8 @@ int64_t set_knob_op(std::string name, int64_t value) {
 
 void reset_knobs_op() { reset_knobs(); }
 
+std::string knob_settings_op() { return knob_settings(knobs()); }
+
 at::Tensor decode_mismatches_cpu(const at::Tensor& words) {
   TORCH_CHECK_VALUE(false, "mbwq.decode_mismatches checks the CUDA decoder: pass words on a CUDA "
                            "device, got ", words.device());
@@ -101,8 +103,10 @@ TORCH_LIBRARY(mbwq, m) {
   // is accumulated in fp32 and rounded once. channel_scale [K] and bias [N] are optional.
   // Kernels multiply by dequant's fp16 weights (bf16 activations: those rounded to bf16) or,
   // on the CPU's small-M path, by code*scale - zero rounded once to fp32 (at most half an
-  // fp16 ulp from dequant's weight); never a factored form, so no intermediate overflows where
-  // the plain dot product would not.
+  // fp16 ulp from dequant's weight); never a factored form in fp16, so no intermediate
+  // overflows where the plain dot product would not. (The opt-in fold row, MBWQ_MMA_CONFIG=7,
+  // applies scale and zero after the product: every factored intermediate is fp32, at most
+  // 255 |x| K in size.)
   m.def("gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor blocks, Tensor perm, "
         "Tensor? channel_scale, Tensor? bias) -> Tensor");
 
@@ -120,6 +124,8 @@ TORCH_LIBRARY(mbwq, m) {
   // get its previous value back; reset_knobs() returns to the environment's values.
   m.def("set_knob(str name, int value) -> int", &mbwq::set_knob_op);
   m.def("reset_knobs() -> ()", &mbwq::reset_knobs_op);
+  // The knobs that are set (not 0), as "NAME=value,..." ("" when the plan chooses everything).
+  m.def("knob_settings() -> str", &mbwq::knob_settings_op);
 
   // Self-check of the CUDA tensor-core decoder (cuda/decode_check.cu): for every word pair of
   // words (int32 [n, 2]), every width and lane position, the number of decoded fp16 code pairs

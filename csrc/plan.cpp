@@ -63,6 +63,14 @@ int set_knob(const std::string& name, int64_t value) {
 
 void reset_knobs() { current() = from_environment(); }
 
+std::string knob_settings(const Knobs& k) {
+  std::string s;
+  for (const KnobField& f : kKnobFields)
+    if (k.*f.field != 0)
+      s += std::string(s.empty() ? "" : ",") + f.name + "=" + std::to_string(k.*f.field);
+  return s;
+}
+
 // ---- the split search ---------------------------------------------------------------------
 namespace {
 

@@ -41,6 +41,9 @@ const Knobs& knobs();
 // reset_knobs() goes back to the environment's values.
 int set_knob(const std::string& name, int64_t value);
 void reset_knobs();
+// "NAME=value,..." of the knobs that are not 0, in Knobs' order ("" for the plan's own
+// choices): what a benchmark record says it ran under.
+std::string knob_settings(const Knobs& k);
 
 // ---- paths ------------------------------------------------------------------------------
 enum class GemmPath : int {

@@ -66,6 +66,12 @@ def plan(M: int, K: int, N: int, dtype: torch.dtype = torch.float16, *, bits: fl
                      "ctas": v[8], "cluster": v[9]}}
 
 
+def knob_settings() -> str:
+    """The kernel-choice knobs in effect that are not 0, as ``"NAME=value,..."`` (``""``: the
+    plan chooses everything; csrc/plan.h ``Knobs``). Benchmark records carry it."""
+    return torch.ops.mbwq.knob_settings.default()
+
+
 @contextlib.contextmanager
 def tuning(**knobs: int) -> Iterator[None]:
     """Set kernel-choice knobs for the duration of a ``with`` block (benchmarks, tests):

@@ -37,6 +37,10 @@ Render tables from a folder of runs with scripts/bench_tables.py.
 It also times a decode step (M = 1) through transformer blocks shaped like Llama-3-8B's (32; 8
 with --quick), with separate projections and with q/k/v and gate/up fused (records with
 "kind": "decode_stack"; --stack-blocks 0 skips it).
+
+Every record says which kernel-choice knobs (csrc/plan.h, MBWQ_* environment variables) it ran
+under: "knobs" is "" for the plan's own choices, else e.g. "MBWQ_MMA_CONFIG=7".
+scripts/bench_tables.py and scripts/bench_targets.py read only the "" records.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS_DIR = os.path.join(ROOT, "benchmarks", "runs")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import mbwq_ops  # noqa: E402,F401 - registers torch.ops.mbwq
+import mbwq_ops  # noqa: E402 - registers torch.ops.mbwq
 from mbwq_ops.apps.args import DTYPES  # noqa: E402
 import read_probe  # noqa: E402
 from bench_tables import run_file_name  # noqa: E402
@@ -65,7 +69,8 @@ from timing import copies_for, time_eager, time_graph  # noqa: E402
 
 ALL_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 ALL_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K, N)
-RECORD_KEYS = ["device", "torch", "commit", "date", "shape", "format", "bpw", "M", "us", "layer_us",
+RECORD_KEYS = ["device", "torch", "commit", "date", "knobs", "shape", "format", "bpw", "M", "us",
+               "layer_us",
                "matmul_fp16_us", "matmul_bf16_us", "int4pack_us", "weight_bytes",
                "read_bw_tbs", "eff_tbs", "pct_bw", "read_same_bytes_us", "pct_read_same",
                "speedup_fp16", "dtype", "speedup_matmul"]
@@ -269,7 +274,10 @@ def main():
           f"{bw['sum_tbs']:.2f} TB/s, read probe {bw['probe_tbs']:.2f} TB/s, copy "
           f"{bw['copy_tbs']:.2f} TB/s -> {read_bw:.2f} TB/s")
     common = {"device": device, "torch": torch.__version__, "commit": commit_id(),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+              "knobs": mbwq_ops.ops.knob_settings()}
+    if common["knobs"]:
+        print(f"knobs: {common['knobs']} (records marked; the tables and targets skip them)")
     out_path = output_path(args.out, common)
 
     records = []

@@ -38,8 +38,9 @@ def run_file_name(rec: dict) -> str:
     return f"{rec['date']}_{rec['commit'][:7]}_{card_name(rec['device'])}.json"
 
 
-def load_runs(paths: Iterable[str]) -> List[dict]:
-    """Every record of the given run files and folders of run files (*.json, by name)."""
+def load_runs(paths: Iterable[str], with_knobs: bool = False) -> List[dict]:
+    """Every record of the given run files and folders of run files (*.json, by name) that ran
+    under the plan's own choices (bench.py's "knobs" empty or absent); with_knobs: every one."""
     recs = []
     for path in paths:
         files = sorted(glob.glob(os.path.join(path, "*.json"))) if os.path.isdir(path) else [path]
@@ -49,7 +50,7 @@ def load_runs(paths: Iterable[str]) -> List[dict]:
             if not isinstance(run, list):
                 raise ValueError(f"{name}: a run file holds a JSON list of records, "
                                  f"got {type(run).__name__}")
-            recs += run
+            recs += [r for r in run if with_knobs or not r.get("knobs")]
     return recs
 
 

@@ -143,6 +143,19 @@ def test_run_file_name_and_loading(tmp_path):
         bench_tables.load_runs([str(tmp_path)])
 
 
+def test_records_made_under_knobs_stay_out_of_tables_and_targets(tmp_path):
+    # bench.py marks each record with the knobs it ran under ("" = the plan's own choices);
+    # only those "" (or older, unmarked) records may reach the README tables and the targets
+    rng = random.Random()
+    card = {"device": "NVIDIA H100 80GB HBM3"}
+    plain = [dict(r, knobs="", **card) for r in make_records(rng)]
+    older = [dict(r, **card) for r in make_records(rng)]  # runs from before the field
+    forced = [dict(r, knobs="MBWQ_MMA_CONFIG=7", **card) for r in make_records(rng)]
+    write_run(tmp_path, plain + forced + older)
+    assert bench_tables.load_runs([str(tmp_path)]) == plain + older
+    assert bench_tables.load_runs([str(tmp_path)], with_knobs=True) == plain + forced + older
+
+
 def test_cli_asks_for_a_device_when_a_commit_ran_on_two_cards(tmp_path):
     rng = random.Random()
     write_run(tmp_path, [dict(r, device="NVIDIA H200") for r in make_records(rng)])

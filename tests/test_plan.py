@@ -88,6 +88,17 @@ def test_knobs_move_the_boundaries_and_come_back():
 FOLD_ROW = 6  # plan.h: kMmaConfigs' scale-after-product row (opt-in)
 
 
+def test_knob_settings_name_the_knobs_that_are_set():
+    # what bench.py writes into each record: the knobs that are not 0, in plan.h's Knobs order
+    with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=0, MBWQ_TILE_MIN_M=0, MBWQ_MMA_CLUSTER=0):
+        base = [s for s in mbwq_ops.ops.knob_settings().split(",") if s]
+        with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=3, MBWQ_TILE_MIN_M=40, MBWQ_MMA_CLUSTER=1):
+            now = mbwq_ops.ops.knob_settings().split(",")
+    assert not any(s.startswith(("MBWQ_MMA_SPLITS=", "MBWQ_TILE_MIN_M=")) for s in base)
+    added = [s for s in now if s not in base]
+    assert added == ["MBWQ_TILE_MIN_M=40", "MBWQ_MMA_SPLITS=3", "MBWQ_MMA_CLUSTER=1"]
+
+
 @pytest.mark.parametrize("K,N", SHAPES)
 def test_cluster_reduction_only_where_named_and_possible(K, N):
     # Grid::cluster: only with MBWQ_MMA_CLUSTER=1, on devices with clusters (wgmma), for 2-8 K
