@@ -470,16 +470,16 @@ bool run_config(const Call<T>& c) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
   auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD, false, GATHER>;
-  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG, FOLD, GATHER>::kBytes +
-                       (GATHER ? kMmaGatherMaxBytes : 0);
+  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG, FOLD, GATHER>::kBytes;
   const size_t table = kMmaMaxBlocksPerCta * sizeof(int2);  // longer K ranges are split
+  const size_t gathered_x_bytes = GATHER ? kMmaGatherMaxBytes : 0;  // after the table
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
   // warps the grid may take (1 where MBWQ_MMA_WC may force any count)
   int min_wc = cfg.wc_knob ? 1 : kWarps;
   for (const int wc : cfg.wc_options)
     if (wc > 0) min_wc = std::min(min_wc, wc);
   const size_t red = size_t(kWarps - min_wc) * 2 * QN * MT * 4 * 32 * sizeof(float);
-  const size_t smem = std::max(rings + table, red);
+  const size_t smem = std::max(rings + table + gathered_x_bytes, red);
   static int ctas_per_sm[64] = {};
   const int slots = resident_ctas(ctas_per_sm, kernel, smem);
   Grid grid = mma_grid(cfg, nblocks, N, M, double(c.qweight.numel()) * 4, slots, knobs());
