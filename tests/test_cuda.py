@@ -185,6 +185,28 @@ def test_fold_row(name, knobs):
         assert torch.equal(run_gemm(layer, x.contiguous()), y), (name, seed)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("gather", [0, 1])
+def test_fold_row_infinite_x_as_the_exact_row(value, gather, knobs):
+    # s * sum(c x) - z * sum(x) would be inf - inf = NaN for an infinite x; a warp whose x holds
+    # one recomputes its range with the exact decode (gemm_mma.cu: exact_range), so every output
+    # is the exact row's: the same infinities (w * inf, the reference's) and NaNs, bit for bit.
+    for name in ("mixed_all", "splitk", "two_quads"):
+        layer, _ = layer_and_weight(SPECS[name])
+        K = layer.in_channels
+        x = rand_x(1, K, torch.float16, seed=3)
+        x[0, random.Random(K).randrange(K)] = value
+        exact = run_gemm(layer, x)
+        knobs.set("MBWQ_MMA_CONFIG", FOLD_ROW + 1)
+        knobs.set("MBWQ_MMA_GATHER", gather)
+        y = run_gemm(layer, x)
+        knobs.set("MBWQ_MMA_CONFIG", 0)
+        knobs.set("MBWQ_MMA_GATHER", 0)
+        assert not torch.isfinite(exact).any(), name  # every column meets the infinity
+        torch.testing.assert_close(y, exact, rtol=0, atol=0, equal_nan=True,
+                                   msg=f"{name} {value} gather={gather}")
+
+
 def test_fold_row_where_scale_and_zero_cancel(knobs):
     # Every weight exactly 0: codes all 15, zeros 15 * s with s a power of two. The exact rows
     # give exactly the bias; the fold row (mma_fold.cuh: Accuracy) the bias plus fp32 rounding

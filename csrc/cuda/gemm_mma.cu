@@ -110,6 +110,57 @@ __device__ __forceinline__ void compute_block_fold(const unsigned char* slot,
   fold_x_sum(xb, xsum);
 }
 
+// The fold row's answer for a warp whose x holds an infinity or NaN (mma_fold.cuh): its blocks
+// [0, nb) again with the exact decode (compute_quad's: weights as exact fp16 numbers, so that
+// an infinite x meets them as in the reference), reading the words, scales and zeros from
+// global memory and block i's x (the one row, 16 bytes a lane as in the rings) from x_of(i);
+// into acc, from 0, in the exact rows' layout. Invalid blocks are skipped: their tile is NaN.
+template <int QN, typename XOf>
+__device__ __forceinline__ void exact_range(FragC (&acc)[2 * QN][1], const int2* my_meta, int nb,
+                                         const uint32_t* __restrict__ qweight,
+                                         const uint16_t* __restrict__ scales,
+                                         const uint16_t* __restrict__ zeros, int N, int n_warp,
+                                         int g, int t, XOf x_of) {
+  fill_acc<1, QN>(acc, 0.f);
+  for (int i = 0; i < nb; ++i) {
+    const int2 e = my_meta[i];
+    const int bits = packed_bits(e), group = packed_group(e);
+    const uint4 xb = x_of(i);
+    const uint32_t keep = g == 0 ? ~0u : 0u;  // the one row is token 0: B column 0
+    const FragB b0{{xb.x & keep, xb.y & keep}}, b1{{xb.z & keep, xb.w & keep}};
+    with_width(bits, [&](auto width) {
+      constexpr int B = decltype(width)::value;
+      if constexpr (B > 0) {
+        uint2 sc[QN], nz[QN];
+        uint4 lo[QN], hi[QN];
+#pragma unroll
+        for (int q = 0; q < QN; ++q) {
+          const int n = n_warp + 32 * q + 4 * g;  // the lane's 4 columns (N % 8 == 0)
+          const bool in = n < N;
+          const size_t row = size_t(uint32_t(e.y) + (t * B) / 4) * N + n;
+          lo[q] = in ? *reinterpret_cast<const uint4*>(qweight + row) : make_uint4(0, 0, 0, 0);
+          hi[q] = in && reads_next_word(B) ? *reinterpret_cast<const uint4*>(qweight + row + N)
+                                           : lo[q];
+          const size_t gi = size_t(group) * N + n;
+          sc[q] = in ? *reinterpret_cast<const uint2*>(scales + gi) : make_uint2(0, 0);
+          nz[q] = negate_halves(in ? *reinterpret_cast<const uint2*>(zeros + gi)
+                                   : make_uint2(0, 0));
+        }
+#pragma unroll
+        for (int q = 0; q < QN; ++q) {
+          BlockA a[2];
+          decode_quad<B, QN, __half>(q, lo[q], hi[q], t, sc, nz, a);
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            MmaOp<__half>::run(acc[2 * q + k][0], a[k].step[0], b0);
+            MmaOp<__half>::run(acc[2 * q + k][0], a[k].step[1], b1);
+          }
+        }
+      }
+    });
+  }
+}
+
 // Shared memory of a CTA: each warp's ring of STAGES slots, then (CTA_X) the x rings, then the
 // block table. A block's x is MT token tiles of 8 tokens x 32 k (64 bytes per token,
 // token-major), copied like the weights so that the only waits in the loop are on the rings'
@@ -269,8 +320,10 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 
   FragC acc[2 * QN][MT];
   fill_acc<MT, QN>(acc, 0.f);
-  // FOLD: the folded sums Y and the group's sum of x X (mma_fold.cuh); acc holds C
+  // FOLD: the folded sums Y and the group's sum of x X (mma_fold.cuh); acc holds C; whether
+  // every group's X was finite
   FragC folded[2 * QN] = {}, xsum = {};
+  bool x_finite = true;
 
   // Producer side: block i's copies go to ring slot i % kStages (kept as rotating indices);
   // scales and zeros only when starts_group says so.
@@ -384,7 +437,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
       if constexpr (B > 0) {
         if (starts_group(B, packed_group(my_meta[i]), cur_group)) {
-          if constexpr (FOLD) fold_group<QN>(acc, xsum, sc, nz, t, folded);
+          if constexpr (FOLD) fold_group<QN>(acc, xsum, sc, nz, t, folded, x_finite);
 #pragma unroll
           for (int q = 0; q < QN; ++q) {
             sc[q] = *reinterpret_cast<const uint2*>(slot + Rg::kSzOffset + 64 * q + 8 * g);
@@ -434,8 +487,17 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   }
   cp_async_wait<0>();
   if constexpr (FOLD) {  // the last group, then the classes' weights (mma_fold.cuh)
-    fold_group<QN>(acc, xsum, sc, nz, t, folded);
-    fold_finish<QN>(folded, t, acc);
+    fold_group<QN>(acc, xsum, sc, nz, t, folded, x_finite);
+    if (__all_sync(~0u, x_finite)) {
+      fold_finish<QN>(folded, t, acc);
+    } else {  // an infinity or NaN in the warp's x: the exact decode (mma_fold.cuh)
+      const unsigned char* gathered = smem + gathered_x;  // GATHER: the CTA's x
+      exact_range<QN>(acc, my_meta, nb, qweight, scales, zeros, N, n_warp, g, t, [&](int i) {
+        return GATHER ? *reinterpret_cast<const uint4*>(gathered + 64 * i + 16 * t)
+                      : *reinterpret_cast<const uint4*>(xs + (uint32_t(wb + i) * kBlockRows +
+                                                             8 * t));
+      });
+    }
   }
   // An invalid table entry in the warp's range makes its tile NaN; found again here rather
   // than flagged in the loop, so that no register is held for it there.

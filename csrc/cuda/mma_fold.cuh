@@ -34,7 +34,12 @@
 // Accuracy. The products are exact; what rounds is fp32: the mma's sums, s * C, z * X and the
 // sums over groups. The error is a few fp32 units of the terms' size, sum |s c x| + |z x|,
 // rather than of sum |w x| as with the exact fp16 weight; the two differ only where a group's
-// c * s and z nearly cancel (tests/test_cuda.py: test_fold_row_accuracy).
+// c * s and z nearly cancel (tests/test_cuda.py: test_fold_row_where_scale_and_zero_cancel).
+//
+// Infinite x. The exact rows give w * inf, the reference's +-inf; here s * C - z * X would be
+// inf - inf = NaN. So fold_group notes whether every group's X was finite, and a warp for which
+// one was not recomputes its range with the exact decode instead (gemm_mma.cu: exact_range), a
+// slow path for inputs that are already broken; the loop pays one compare per group.
 // ---------------------------------------------------------------------------------------
 #pragma once
 #include <cuda_fp16.h>
@@ -121,10 +126,12 @@ __device__ __forceinline__ float lane_column(const uint2 (&v)[QN], int u) {
 // The end of a group: Y += s * C, Y[class 0] += -z * X * 2^-24, then C and X back to 0 (above).
 // sc / zr: the group's scales and zeros, 4 QN columns a lane in the exact decode's layout. Only
 // lanes t = 0 hold class 0, so the others add 0 * z.
+// finite: cleared when X is not (an infinity or NaN in the group's x).
 template <int QN>
 __device__ __forceinline__ void fold_group(FragC (&acc)[2 * QN][1], FragC& xsum,
                                            const uint2 (&sc)[QN], const uint2 (&zr)[QN], int t,
-                                           FragC (&y)[2 * QN]) {
+                                           FragC (&y)[2 * QN], bool& finite) {
+  finite = finite && isfinite(xsum.r[0]);
   const float xs = xsum.r[0] * (t == 0 ? 0x1p-24f : 0.f);
 #pragma unroll
   for (int q = 0; q < QN; ++q)
