@@ -103,13 +103,13 @@ def check_against_reference(y, x, W, cs, bias, device):
     assert (edge_ok | ~near_top).all(), "a result near the overflow threshold is neither close nor inf"
 
 
-@pytest.mark.parametrize("device", device_params())
-@settings(max_examples=60)
-@given(data=st.data())
-def test_gemm_any_x_layout_magnitude_and_nonfinite(device, data):
+def fuzz_one_case(data, device, dtypes, Ms):
+    """One drawn case of the op-boundary contract (module docstring): layer, dtype, M, layout,
+    magnitude, non-finite values; the result against the reference, through the layer and as a
+    contiguous copy."""
     spec = data.draw(layer_specs(max_k_blocks=24, max_n=40), label="layer")
-    dtype = data.draw(st.sampled_from(dtypes_for(device)), label="dtype")
-    M = data.draw(st.sampled_from(M_VALUES), label="M")
+    dtype = data.draw(st.sampled_from(dtypes), label="dtype")
+    M = data.draw(st.sampled_from(Ms), label="M")
     layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
     exponent = data.draw(st.sampled_from(EXPONENTS[dtype]), label="exponent")
     nonfinite = data.draw(st.sampled_from(NONFINITE), label="nonfinite")
@@ -127,6 +127,24 @@ def test_gemm_any_x_layout_magnitude_and_nonfinite(device, data):
     assert torch.equal(mbwq_ops.gemm(x.contiguous(), layer.qweight, layer.scales, layer.zeros,
                                      layer._blocks, layer._perm, cs, t.get("bias")).nan_to_num(),
                        y.nan_to_num())
+
+
+@pytest.mark.parametrize("device", device_params())
+@settings(max_examples=60)
+@given(data=st.data())
+def test_gemm_any_x_layout_magnitude_and_nonfinite(device, data):
+    fuzz_one_case(data, device, dtypes_for(device), M_VALUES)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@settings(max_examples=40)
+@given(data=st.data())
+def test_fold_row_any_x_layout_magnitude_and_nonfinite(data):
+    # the same contract on the opt-in fold row (one row of fp16 x; csrc/cuda/mma_fold.cuh),
+    # gathering its own x, its K splits added in a cluster
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=7, MBWQ_MMA_GATHER=1, MBWQ_MMA_CLUSTER=1):
+        fuzz_one_case(data, "cuda", [torch.float16], [1])
 
 
 @pytest.mark.parametrize("device", device_params())
