@@ -34,8 +34,6 @@ struct Knobs {
                          // K splits, 2 = stream-K (Grid::ctas); 0 = the plan's choice
   int mma_cluster = 0;   // MBWQ_MMA_CLUSTER: 1 = the mma.sync kernel adds its K splits inside
                          // a thread-block cluster (Grid::cluster) where it can
-  int mma_gather = 0;    // MBWQ_MMA_GATHER: 1 = the fold row gathers its CTAs' x itself where
-                         // it fits (mma_gathers_x), with no gather kernel before it
 };
 const Knobs& knobs();
 // name: the environment variable's name (MBWQ_TILE_MIN_M, ...); value >= 0. Returns the
@@ -112,8 +110,6 @@ constexpr MmaConfig kMmaConfigs[] = {
     {1,      1, 2, 4, 2,   false, 1, false, true,  {1, 2}, true,  true,  true},
 };
 constexpr int kNumMmaConfigs = int(sizeof(kMmaConfigs) / sizeof(kMmaConfigs[0]));
-constexpr int kMmaFoldRow = 6;  // the row with fold (MBWQ_MMA_CONFIG = kMmaFoldRow + 1)
-static_assert(kMmaConfigs[kMmaFoldRow].fold, "kMmaFoldRow names the fold row");
 constexpr bool fold_rows_are_one_fp16_row_per_warp() {
   for (const MmaConfig& c : kMmaConfigs)
     if (c.fold && (c.max_m != 1 || c.mt != 1 || c.cta_x || !c.fp16_only)) return false;
@@ -152,13 +148,6 @@ struct Grid {
   // partials and the second kernel (or one split).
   int cluster = 0;
 };
-// The fold row (one row of x) reads x, perm and channel_scale itself: each CTA gathers its K
-// range of x (64 bytes a block) into shared memory before its loop, so that no gather kernel
-// runs before it. MBWQ_MMA_GATHER=1, and the range must fit kMmaGatherMaxBytes (the CTA's
-// shared memory then still allows two CTAs an SM).
-constexpr int kMmaGatherMaxBytes = 24 * 1024;
-bool mma_gathers_x(const MmaConfig& c, const Grid& g, const Knobs& k);
-
 // ---- stream-K (tile kernel) ----------------------------------------------------------------
 // Its rules are plain arithmetic on ints, used by gemm_tile.cu's kernels on the device and by
 // torch.ops.mbwq.tile_schedule on the host (the tests check them there, on any machine).
@@ -256,7 +245,6 @@ struct GemmPlan {
   int mma_config = -1;      // kMma: kMmaConfigs index of the first row chunk
   int64_t chunk_rows = 0;   // kMma: rows per call (kMmaMaxM; the last chunk may be shorter)
   Grid grid;                // the first kernel's grid (kMma: for slots = SMs x min_ctas)
-  bool gathers_x = false;   // kMma: the kernel gathers x itself (mma_gathers_x), no gather kernel
 };
 
 // R: qweight's rows (packed bytes = 4 R N). tensor_core_dtype: x is fp16 or bf16 (fp16: x is

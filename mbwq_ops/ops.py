@@ -49,8 +49,7 @@ def plan(M: int, K: int, N: int, dtype: torch.dtype = torch.float16, *, bits: fl
     ``chunk_rows`` and the first kernel's ``grid`` (``wc``, ``tiles``, ``splits``,
     ``blocks_per_split``; the mma.sync grid is priced for the CTAs per SM its configuration is
     sized for; ``ctas`` > 0: the tile kernel's stream-K schedule on that many CTAs instead;
-    ``cluster`` > 0: the mma.sync kernel's K splits added inside a cluster of that many CTAs);
-    ``gathers_x``: the kernel gathers x itself, with no gather kernel before it."""
+    ``cluster`` > 0: the mma.sync kernel's K splits added inside a cluster of that many CTAs)."""
     if sm_count is None or wgmma is None:
         dev = torch.device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else None)
@@ -63,7 +62,6 @@ def plan(M: int, K: int, N: int, dtype: torch.dtype = torch.float16, *, bits: fl
     R = int(K * bits) // 32 if qweight_rows is None else qweight_rows
     v = torch.ops.mbwq.plan.default(M, K, N, R, dtype, sm_count, bool(wgmma), aligned)
     return {"path": PATHS[v[0]], "tile_tokens": v[1], "mma_config": v[2], "chunk_rows": v[3],
-            "gathers_x": bool(v[10]),
             "grid": {"wc": v[4], "tiles": v[5], "splits": v[6], "blocks_per_split": v[7],
                      "ctas": v[8], "cluster": v[9]}}
 

@@ -186,8 +186,7 @@ def test_fold_row(name, knobs):
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
-@pytest.mark.parametrize("gather", [0, 1])
-def test_fold_row_infinite_x_as_the_exact_row(value, gather, knobs):
+def test_fold_row_infinite_x_as_the_exact_row(value, knobs):
     # s * sum(c x) - z * sum(x) would be inf - inf = NaN for an infinite x; a warp whose x holds
     # one recomputes its range with the exact decode (gemm_mma.cu: exact_range), so every output
     # is the exact row's: the same infinities (w * inf, the reference's) and NaNs, bit for bit.
@@ -198,13 +197,11 @@ def test_fold_row_infinite_x_as_the_exact_row(value, gather, knobs):
         x[0, random.Random(K).randrange(K)] = value
         exact = run_gemm(layer, x)
         knobs.set("MBWQ_MMA_CONFIG", FOLD_ROW + 1)
-        knobs.set("MBWQ_MMA_GATHER", gather)
         y = run_gemm(layer, x)
         knobs.set("MBWQ_MMA_CONFIG", 0)
-        knobs.set("MBWQ_MMA_GATHER", 0)
         assert not torch.isfinite(exact).any(), name  # every column meets the infinity
         torch.testing.assert_close(y, exact, rtol=0, atol=0, equal_nan=True,
-                                   msg=f"{name} {value} gather={gather}")
+                                   msg=f"{name} {value}")
 
 
 def test_fold_row_where_scale_and_zero_cancel(knobs):
@@ -229,39 +226,6 @@ def test_fold_row_where_scale_and_zero_cancel(knobs):
     S_terms = reference.error_scale(x, terms, layer.channel_scale.reshape(-1))
     err = (y.double().cpu() - bias.double().cpu()).abs()
     assert (err <= 2.0 ** -18 * S_terms + 2.0 ** -11 * bias.abs().double().cpu() + 2.0 ** -24).all()
-
-
-@pytest.mark.parametrize("name", ["q4g128", "q2g64", "mixed_all", "splitk", "onesplit",
-                                  "two_quads"])
-def test_fold_row_gathers_x_itself(name, knobs):
-    # MBWQ_MMA_GATHER=1 (plan.h mma_gathers_x): the fold row reads x, perm and channel_scale
-    # and gathers its CTAs' K ranges itself (gather.cuh's rule), with no gather kernel before
-    # it: the same bits as the fold row reading gather_x's xs, for channel_scale in fp16, bf16,
-    # fp32 or absent, bias or not, a random, identity or constant perm, one and several K splits
-    # (with and without clusters); NaN everywhere for a perm entry out of range
-    layer, W = layer_and_weight(SPECS[name])
-    q, s, z, blocks, perm, cs, bias = gemm_args(layer)
-    K, N = layer.in_channels, layer.out_channels
-    knobs.set("MBWQ_MMA_CONFIG", FOLD_ROW + 1)
-    perms = [perm, torch.empty(0, dtype=torch.int32, device="cuda")]
-    settings = [{}, {"MBWQ_MMA_SPLITS": 2}, {"MBWQ_MMA_SPLITS": 3, "MBWQ_MMA_CLUSTER": 1}]
-    for env in settings if K // 32 >= 3 else settings[:1]:
-        for k, v in env.items():
-            knobs.set(k, v)
-        for seed, (cs_v, bias_v, perm_v) in enumerate([
-                (cs, bias, perms[0]), (cs.float(), None, perms[0]),
-                (cs.to(torch.bfloat16), bias, perms[1]), (None, None, perms[0])]):
-            x = rand_x(2, K, torch.float16, seed=seed)[1:]
-            knobs.set("MBWQ_MMA_GATHER", 0)
-            ref = mbwq_ops.gemm(x, q, s, z, blocks, perm_v, cs_v, bias_v)
-            knobs.set("MBWQ_MMA_GATHER", 1)
-            assert mbwq_ops.plan(1, K, N, torch.float16)["gathers_x"]
-            y = mbwq_ops.gemm(x, q, s, z, blocks, perm_v, cs_v, bias_v)
-            assert torch.equal(y, ref), (name, env, seed)
-        bad = torch.full((K,), K + 5, dtype=torch.int32, device="cuda")
-        assert torch.isnan(mbwq_ops.gemm(x, q, s, z, blocks, bad, cs, bias)).all()
-        for k in env:
-            knobs.set(k, 0)
 
 
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
@@ -518,9 +482,9 @@ KERNEL_KNOBS = {
     "fold": {"MBWQ_MMA_CONFIG": str(FOLD_ROW + 1)},
     # three K splits added inside a cluster (up to 16 rows on wgmma devices)
     "cluster": {"MBWQ_MMA_CLUSTER": "1", "MBWQ_MMA_SPLITS": "3"},
-    # one row on the fold row gathering x itself, its splits added in a cluster
-    "fold_gather": {"MBWQ_MMA_CONFIG": str(FOLD_ROW + 1), "MBWQ_MMA_GATHER": "1",
-                    "MBWQ_MMA_CLUSTER": "1"},
+    # one row on the fold row, its splits added in a cluster
+    "fold_cluster": {"MBWQ_MMA_CONFIG": str(FOLD_ROW + 1), "MBWQ_MMA_CLUSTER": "1",
+                     "MBWQ_MMA_SPLITS": "3"},
     # every M on the tile kernel (wgmma devices): its 16-, 32- and 64-token tiles
     "tiles": {"MBWQ_TILE_MIN_M": "1"},
     # the same on the tile kernel's stream-K schedule

@@ -141,9 +141,8 @@ def test_gemm_any_x_layout_magnitude_and_nonfinite(device, data):
 @settings(max_examples=40)
 @given(data=st.data())
 def test_fold_row_any_x_layout_magnitude_and_nonfinite(data):
-    # the same contract on the opt-in fold row (one row of fp16 x; csrc/cuda/mma_fold.cuh),
-    # gathering its own x, its K splits added in a cluster
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=7, MBWQ_MMA_GATHER=1, MBWQ_MMA_CLUSTER=1):
+    # the same contract on the opt-in fold row (one row of fp16 x; csrc/cuda/mma_fold.cuh)
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=7):
         fuzz_one_case(data, "cuda", [torch.float16], [1])
 
 

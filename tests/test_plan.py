@@ -88,26 +88,6 @@ def test_knobs_move_the_boundaries_and_come_back():
 FOLD_ROW = 6  # plan.h: kMmaConfigs' scale-after-product row (opt-in)
 
 
-@pytest.mark.parametrize("K,N", SHAPES)
-def test_fold_row_gathers_x_only_where_named_and_it_fits(K, N):
-    # plan.h mma_gathers_x: the fold row with MBWQ_MMA_GATHER=1, where a CTA's K range of one
-    # row (64 bytes a block) fits kMmaGatherMaxBytes (24 KB)
-    for M in (1, 2, 16):
-        assert not mbwq_ops.plan(M, K, N, **H100)["gathers_x"]
-    with mbwq_ops.ops.tuning(MBWQ_MMA_GATHER=1):
-        assert not mbwq_ops.plan(1, K, N, **H100)["gathers_x"]  # not the fold row
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=FOLD_ROW + 1, MBWQ_MMA_GATHER=1):
-        for dev in (H100, AMPERE):
-            p = mbwq_ops.plan(1, K, N, **dev)
-            assert p["gathers_x"] == (p["grid"]["blocks_per_split"] * 64 <= 24 * 1024), p
-            assert not mbwq_ops.plan(2, K, N, **dev)["gathers_x"]
-            assert not mbwq_ops.plan(1, K, N, torch.bfloat16, **dev)["gathers_x"]
-        for splits in (1, 2, 4):  # forced splits shorten the range: 4096 blocks / 4 fit
-            with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=splits):
-                p = mbwq_ops.plan(1, K, N, **H100)
-                assert p["gathers_x"] == (p["grid"]["blocks_per_split"] * 64 <= 24 * 1024)
-
-
 def test_knob_settings_name_the_knobs_that_are_set():
     # what bench.py writes into each record: the knobs that are not 0, in plan.h's Knobs order
     with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=0, MBWQ_TILE_MIN_M=0, MBWQ_MMA_CLUSTER=0):

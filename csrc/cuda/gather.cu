@@ -1,7 +1,9 @@
-// x brought into the order the weights are stored in, once per gemm call: xs[m, k'] for stored
-// row k at the position k' its consumer expects (XOrder, launch.h: plain, k' = k, for cuBLAS, or
-// the interleaved chunk orders of the tensor-core kernels), each element as gather.cuh defines
-// it (x scaled by channel_scale at perm[k], NaN for a perm entry out of range).
+// x brought into the order the weights are stored in, once per gemm call:
+//
+//     xs[m, k'] = round_T(x[m, perm[k]] * channel_scale[perm[k]])     (NaN if perm[k] is out of
+//                                                                      range)
+// where k' is the position the consumer expects stored row k at (XOrder, launch.h): plain
+// (k' = k, for cuBLAS) or the interleaved chunk orders of the tensor-core kernels.
 //
 // Two kernels, one result:
 //  * direct: one thread per 16-byte output chunk, each element read from global memory at its
@@ -28,7 +30,6 @@
 
 #include "../format.h"
 #include "common.cuh"
-#include "gather.cuh"
 #include "launch.h"
 #include "pdl.cuh"
 
@@ -42,6 +43,27 @@ constexpr int kStagedThreads = 256;
 // CTAs cannot hold two such rows (below Hopper) rows that do not fit take the direct gather.
 constexpr int kStagedMaxBytes = int(kGatherStagedMaxBytes);
 
+// The raw activations and how to bring them into stored row order.
+template <typename T>
+struct XArgs {
+  const T* x;           // [M, K]
+  const int32_t* perm;  // stored row -> input feature, or nullptr (identity)
+  const void* cs;       // channel_scale or nullptr
+  int cs_kind;
+};
+
+// Stored row of element i of 16-byte chunk c. Within 32-row block b = c / 4, chunk c % 4 holds
+// (mma_decode.cuh, wgmma.cuh):
+//   plain:           rows 8c .. 8c + 7
+//   mma.sync order:  rows 8c .. 8c + 7 as [0 4 1 5 2 6 3 7] (one load = both k-steps' B regs)
+//   tile order:      rows 32b + p + 4i, i = 0..7, p = c % 4 (one piece of wgmma's B operand)
+template <XOrder O>
+__device__ __forceinline__ int chunk_row(int c, int i) {
+  if constexpr (O == XOrder::kTile) return 32 * (c / 4) + c % 4 + 4 * i;
+  if constexpr (O == XOrder::kMma) return 8 * c + i / 2 + 4 * (i % 2);
+  return 8 * c + i;
+}
+
 // Element offset in xs of chunk c of row m. Every order but the tile order keeps rows apart
 // (row m at m * K); the tile order keeps each H-token x 32-row block together (H = 1 << shift,
 // the tile's tokens), in the layout of gemm_tile's shared-memory slot (piece p = c % 4 of token
@@ -54,6 +76,59 @@ __device__ __forceinline__ int64_t chunk_dst(int m, int c, int K, int shift) {
     return (((tile_block * 4 + c % 4) << shift) + (m & ((1 << shift) - 1))) * 8;
   }
   return int64_t(m) * K + 8 * c;
+}
+
+// round_T(v * cs), the value the scaled x holds (v itself when there is no scale).
+template <typename T>
+__device__ __forceinline__ T scaled(const XArgs<T>& a, T v, float cs) {
+  return a.cs_kind == kAuxNone ? v : Cvt<T>::from_f(Cvt<T>::to_f(v) * cs);
+}
+
+// channel_scale[j[e]] as float (1 without a scale); one switch for all eight loads, so that
+// they are issued together.
+template <int KIND>
+__device__ __forceinline__ void load_scales8_as(const void* p, const int (&j)[8], float (&cs)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) cs[e] = aux_load(p, KIND, j[e]);  // KIND folds aux_load's switch
+}
+template <typename T>
+__device__ __forceinline__ void load_scales8(const XArgs<T>& a, const int (&j)[8], float (&cs)[8]) {
+  switch (a.cs_kind) {
+    case kAuxHalf: load_scales8_as<kAuxHalf>(a.cs, j, cs); break;
+    case kAuxBF16: load_scales8_as<kAuxBF16>(a.cs, j, cs); break;
+    case kAuxFloat: load_scales8_as<kAuxFloat>(a.cs, j, cs); break;
+    default:
+#pragma unroll
+      for (int e = 0; e < 8; ++e) cs[e] = 1.f;
+  }
+}
+
+// The source of element e of chunk c: perm[k] (or k) for its stored row k in order O. Outside
+// [0, K) marks a bad perm entry (NaN).
+template <XOrder O, typename T>
+__device__ __forceinline__ int chunk_source(const XArgs<T>& a, int c, int e) {
+  const int k = chunk_row<O>(c, e);
+  return a.perm != nullptr ? a.perm[k] : k;
+}
+
+// Eight elements of x at sources src[e] (NaN where src[e] is outside [0, K)), scaled. Loads in
+// three rounds (perm entries before this, then x, then channel_scale) so that a thread waits
+// for three memory latencies, not one chain per element.
+template <typename T>
+__device__ __forceinline__ void load8(const XArgs<T>& a, const T* row, const int (&src)[8], int K,
+                                      T (&o)[8]) {
+  bool ok[8];
+  int j[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    ok[e] = unsigned(src[e]) < unsigned(K);
+    j[e] = ok[e] ? src[e] : 0;
+    o[e] = row[j[e]];
+  }
+  float cs[8];
+  load_scales8(a, j, cs);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) o[e] = ok[e] ? scaled(a, o[e], cs[e]) : Cvt<T>::from_f(qnan());
 }
 
 // Eight elements (16 bytes of fp16 / bf16, 32 of fp32) to 16-byte aligned `dst`.

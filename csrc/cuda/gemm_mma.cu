@@ -47,7 +47,6 @@
 
 #include "../format.h"
 #include "common.cuh"
-#include "gather.cuh"
 #include "launch.h"
 #include "mma_decode.cuh"
 #include "mma_fold.cuh"
@@ -177,10 +176,7 @@ __device__ __forceinline__ void exact_range(FragC (&acc)[2 * QN][1], const int2*
 //                buffers (the kernel's run loop)
 //                  | warp 0: slot 0 [weights] slot 1 ... | warp 1 ... | warp 0: x 0 | x 1 |
 //                  warp 1: x 0 | ... | table |
-//   GATHER:      (FOLD) the CTA gathers the x of its whole K range before its loop, after the
-//                table (mma_gathers_x: at most kMmaGatherMaxBytes)
-//                  | warp 0: slot 0 [weights] slot 1 ... | warp 1 ... | table | x of the range |
-template <int QN, int MT, int STAGES, bool CTA_X, int XG, bool FOLD, bool GATHER>
+template <int QN, int MT, int STAGES, bool CTA_X, int XG, bool FOLD>
 struct Rings {
   static constexpr int kXBytes = MT * 8 * 64;
   static constexpr int kFoldXBlocks = 8;
@@ -189,9 +185,7 @@ struct Rings {
   static constexpr int kWarpBytes = STAGES * kSlotBytes;
   static constexpr int kXRing = kWarps * kWarpBytes;
   static constexpr int kBytes = kXRing + (CTA_X ? XG * STAGES * kXBytes : 0) +
-                                (FOLD && !GATHER ? kWarps * 2 * kFoldXBytes : 0);
-  // GATHER: the gathered x, after the block table
-  static constexpr int kGatheredX = kBytes + kMmaMaxBlocksPerCta * int(sizeof(int2));
+                                (FOLD ? kWarps * 2 * kFoldXBytes : 0);
   static constexpr int kXStride = CTA_X ? kXBytes : kSlotBytes;  // from one slot's x to the next
   static constexpr int kGroupThreads = kWarps * 32 / XG;  // CTA_X: the threads sharing a ring
   // CTA_X: the x group of warp `warp` (a constant 0 for one group)
@@ -275,22 +269,18 @@ struct LaneCopies {
 // CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
 // (log2_wc = 3). FOLD: scale after the product (mma_fold.cuh; M == 1, fp16). CLUSTER: launched
 // in clusters of the K splits of a column tile, which add up inside the cluster (Grid::cluster).
-// GATHER (FOLD): xs is the raw x (one row), which the CTA gathers with perm and channel_scale
-// (xcs of kind xcs_kind) itself (gather.cuh), for its K range, before its loop.
 template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG, bool FOLD,
-          bool CLUSTER, bool GATHER>
+          bool CLUSTER>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const int32_t* __restrict__ blocks, const void* __restrict__ bias,
                     int bias_kind, void* __restrict__ out, int M, int K, int N, int R, int G,
-                    int log2_wc, int blocks_per_split, const int32_t* __restrict__ perm,
-                    const void* __restrict__ xcs, int xcs_kind) {
+                    int log2_wc, int blocks_per_split) {
   static_assert(!FOLD || (std::is_same_v<T, __half> && MT == 1 && !CTA_X),
                 "the fold row: one token tile of fp16 x, x per warp");
-  static_assert(!GATHER || FOLD, "x gathered in the kernel: the fold row only");
   using Rg = Slot<QN>;
-  using Rx = Rings<QN, MT, STAGES, CTA_X, XG, FOLD, GATHER>;
+  using Rx = Rings<QN, MT, STAGES, CTA_X, XG, FOLD>;
   constexpr int kStages = STAGES;
   constexpr int kAhead = kStages - 1;  // blocks in flight during a compute
   // All of the kernel's shared memory, and nothing static besides it: the slot layout's
@@ -382,32 +372,15 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   // weights).
   for (int s = 0; s < kAhead && s < nb; ++s) issue_weights(Width<0>{}, s, s);
   wait_prior_grid();
-  if constexpr (GATHER) {
-    // the CTA's K range of x, gathered (gather.cuh) into the kMma order of xs, while the first
-    // blocks' weights are on their way; one 16-byte chunk (8 stored rows) a thread at a time
-    const XArgs<T> a{xs, perm, xcs, xcs_kind};
-    T* x_range = reinterpret_cast<T*>(smem + Rx::kGatheredX);
-    for (int c = threadIdx.x; c < 4 * r.len; c += blockDim.x) {
-      int src[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) src[e] = chunk_source<XOrder::kMma>(a, 4 * r.jb0 + c, e);
-      alignas(16) T o[8];
-      load8(a, xs, src, K, o);
-      *reinterpret_cast<uint4*>(x_range + 8 * c) = *reinterpret_cast<const uint4*>(o);
-    }
-    __syncthreads();
-  }
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
     if constexpr (FOLD) {
-      if (!GATHER && s == 0) fold_x_chunk(0);  // blocks 0 .. 7, with block 0
+      if (s == 0) fold_x_chunk(0);  // blocks 0 .. 7, with block 0
     } else if (s < nb) {
       issue_x(s, s);
     }
     cp_async_commit();
   }
-  // GATHER: the byte offset of the warp's first block's x
-  const int gathered_x = Rx::kGatheredX + (wb - r.jb0) * 64;
 
   // the lane's 4*QN scales and -zeros (FOLD: zeros) in fp16, this block's group
   uint2 sc[QN], nz[QN];
@@ -432,8 +405,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
       cp_async_commit();
 
       const unsigned char* slot = ring + slot_c * Rx::kSlotBytes;
-      const int x_off = GATHER ? gathered_x + 64 * i
-                        : FOLD ? Rx::fold_x_offset(warp, i) : Rx::x_offset(warp, slot_c);
+      const int x_off = FOLD ? Rx::fold_x_offset(warp, i) : Rx::x_offset(warp, slot_c);
       slot_c = slot_c + 1 == kStages ? 0 : slot_c + 1;
       if constexpr (B > 0) {
         if (starts_group(B, packed_group(my_meta[i]), cur_group)) {
@@ -452,7 +424,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
         cur_group = -1;
       }
     };
-    if constexpr (FOLD && !GATHER) {
+    if constexpr (FOLD) {
       // in chunks of 8 blocks, so that the next chunk's x is copied once per chunk, outside the
       // block loop (inside it ptxas predicates the copy and every block pays for it): the
       // chunk's group completes long before block 8c + 8 waits for it, and its buffer held
@@ -491,11 +463,8 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     if (__all_sync(~0u, x_finite)) {
       fold_finish<QN>(folded, t, acc);
     } else {  // an infinity or NaN in the warp's x: the exact decode (mma_fold.cuh)
-      const unsigned char* gathered = smem + gathered_x;  // GATHER: the CTA's x
       exact_range<QN>(acc, my_meta, nb, qweight, scales, zeros, N, n_warp, g, t, [&](int i) {
-        return GATHER ? *reinterpret_cast<const uint4*>(gathered + 64 * i + 16 * t)
-                      : *reinterpret_cast<const uint4*>(xs + (uint32_t(wb + i) * kBlockRows +
-                                                             8 * t));
+        return *reinterpret_cast<const uint4*>(xs + (uint32_t(wb + i) * kBlockRows + 8 * t));
       });
     }
   }
@@ -519,45 +488,39 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
 //   MT = 4 and 8 with one quad: QN 1, 5 stages, x per warpgroup / CTA
 //           (8 x 5 x 1408 + 2 x 5 x 2 KB / 5 x 4 KB + 8 KB = 83 KB)
 //   FOLD (one row): QN 2, 4 stages, x in chunks of 8 blocks (8 x 4 x 2560 + 8 x 1 KB + 8 KB =
-//           96 KB), or GATHER: the CTA's gathered x (8 x 4 x 2560 + 8 KB + 24 KB = 112 KB)
+//           96 KB)
 // The grid (column warps, K splits) is mma_grid's choice for the CTAs the device holds.
-// GATHER: the fold row gathering x itself (c.xs is the raw row of x); returns false, launching
-// nothing, where the grid's K range is too long for that (mma_gathers_x).
-template <typename T, int I, bool GATHER = false>
-bool run_config(const Call<T>& c) {
+template <typename T, int I>
+void run_config(const Call<T>& c) {
   constexpr MmaConfig cfg = kMmaConfigs[I];
   constexpr int MT = cfg.mt, QN = cfg.qn, STAGES = cfg.stages, MIN_CTAS = cfg.min_ctas,
                 XG = cfg.xg;
   constexpr bool CTA_X = cfg.cta_x, FOLD = cfg.fold;
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD, false, GATHER>;
-  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG, FOLD, GATHER>::kBytes;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD, false>;
+  const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG, FOLD>::kBytes;
   const size_t table = kMmaMaxBlocksPerCta * sizeof(int2);  // longer K ranges are split
-  const size_t gathered_x_bytes = GATHER ? kMmaGatherMaxBytes : 0;  // after the table
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
   // warps the grid may take (1 where MBWQ_MMA_WC may force any count)
   int min_wc = cfg.wc_knob ? 1 : kWarps;
   for (const int wc : cfg.wc_options)
     if (wc > 0) min_wc = std::min(min_wc, wc);
   const size_t red = size_t(kWarps - min_wc) * 2 * QN * MT * 4 * 32 * sizeof(float);
-  const size_t smem = std::max(rings + table + gathered_x_bytes, red);
+  const size_t smem = std::max(rings + table, red);
   static int ctas_per_sm[64] = {};
   const int slots = resident_ctas(ctas_per_sm, kernel, smem);
   Grid grid = mma_grid(cfg, nblocks, N, M, double(c.qweight.numel()) * 4, slots, knobs());
-  if (GATHER && !mma_gathers_x(cfg, grid, knobs())) return false;
   grid.cluster = mma_cluster(cfg, grid.splits, wgmma_available(), knobs());
   if constexpr (MT <= 2) {  // mma_cluster's rows: a second instantiation with the cluster epilogue
     if (grid.cluster > 1) {
-      auto clustered = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD, true, GATHER>;
+      auto clustered = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD, true>;
       static int clustered_ctas_per_sm[64] = {};
       resident_ctas(clustered_ctas_per_sm, clustered, smem);  // raises its shared-memory limit
-      launch_on_grid(clustered, grid, smem, c);
-      return true;
+      return launch_on_grid(clustered, grid, smem, c);
     }
   }
   launch_on_grid(kernel, grid, smem, c);
-  return true;
 }
 
 template <int I>
@@ -597,30 +560,6 @@ void launch(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& s
 }
 
 }  // namespace
-
-void gemm_mma_row(const at::Tensor& x, const at::Tensor& perm,
-                  const std::optional<at::Tensor>& channel_scale, const at::Tensor& qweight,
-                  const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
-                  const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  TORCH_CHECK(x.size(0) == 1 && x.scalar_type() == at::kHalf && x.is_contiguous() &&
-                  mma_supported(x, qweight, scales, zeros),
-              "mbwq: internal: the gathering fold row takes one contiguous row of fp16 x");
-  const at::Tensor bias_t = bias.has_value() ? aux_tensor(*bias) : at::Tensor();
-  const at::Tensor cs_t = channel_scale.has_value() ? aux_tensor(*channel_scale) : at::Tensor();
-  Call<__half> c{x, qweight, scales, zeros, blocks,
-                 bias_t.defined() ? bias_t.data_ptr() : nullptr,
-                 bias_t.defined() ? aux_kind(bias_t) : kAuxNone,
-                 y.data_ptr(), c10::cuda::getCurrentCUDAStream()};
-  c.perm = perm.numel() > 0 ? perm.data_ptr<int32_t>() : nullptr;
-  c.cs = cs_t.defined() ? cs_t.data_ptr() : nullptr;
-  c.cs_kind = cs_t.defined() ? aux_kind(cs_t) : kAuxNone;
-  if (run_config<__half, kMmaFoldRow, true>(c)) return;
-  // the device's grid gives a CTA more of K than its shared memory holds: the gather kernel,
-  // then the fold row reading the gathered x
-  at::Tensor xs = at::empty({x.size(0), x.size(1)}, x.options());
-  gather_x(x, perm, channel_scale, xs, XOrder::kMma);
-  gemm_mma(xs, qweight, scales, zeros, blocks, bias, y);
-}
 
 bool mma_supported(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros) {

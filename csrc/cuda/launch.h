@@ -32,13 +32,6 @@ enum class XOrder { kPlain, kMma, kTile };
 void gemm_mma(const at::Tensor& xs, const at::Tensor& qweight, const at::Tensor& scales,
               const at::Tensor& zeros, const at::Tensor& blocks,
               const std::optional<at::Tensor>& bias, at::Tensor& y);
-// gemm_mma for one contiguous row of fp16 x on the fold row that gathers x itself (plan.h:
-// mma_gathers_x): no gather kernel before it; where the device's grid gives a CTA more of K
-// than that allows, gather_x and gemm_mma instead.
-void gemm_mma_row(const at::Tensor& x, const at::Tensor& perm,
-                  const std::optional<at::Tensor>& channel_scale, const at::Tensor& qweight,
-                  const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& blocks,
-                  const std::optional<at::Tensor>& bias, at::Tensor& y);
 
 // y[M, N] = xs @ Wstored + bias for many tokens on wgmma devices (wgmma_available()): CTA tiles
 // of `tokens` tokens (plan.h: tile_tokens) x tile_columns(tokens) columns, every weight decoded

@@ -246,10 +246,6 @@ struct Call {
   int bias_kind;
   void* out;
   cudaStream_t stream;
-  // the fold row gathering x itself (gemm_mma_row): xs is the raw x, these its perm and scale
-  const int32_t* perm = nullptr;
-  const void* cs = nullptr;
-  int cs_kind = kAuxNone;
 };
 
 // CTAs of kWarps warps and `smem` bytes of dynamic shared memory that the whole current device
@@ -288,8 +284,7 @@ void launch_on_grid(Kernel kernel, const Grid& gc, size_t smem, const Call<T>& c
                              reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
                              reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
                              part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G,
-                             __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split, c.perm,
-                             c.cs, c.cs_kind);
+                             __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split);
   if (part.defined()) reduce_splits<T>(part, c.bias, c.bias_kind, c.out, c.stream);
 }
 

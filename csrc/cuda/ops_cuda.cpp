@@ -3,8 +3,7 @@
 // plan that ../plan.h makes from shapes, dtypes, alignment and the device:
 //
 //   GemmPath::kTile           gather x in tile order, gemm_tile.cu (wgmma, Hopper)
-//   GemmPath::kMma            gather x in mma order, gemm_mma.cu per row chunk (mma.sync); the
-//                             fold row with MBWQ_MMA_GATHER=1 gathers one row itself
+//   GemmPath::kMma            gather x in mma order, gemm_mma.cu per row chunk (mma.sync)
 //   GemmPath::kDequantMatmul  gather x (perm, channel_scale) + dequantize W in stored order
 //                             into x's dtype + cuBLAS
 //
@@ -84,10 +83,6 @@ at::Tensor gemm_cuda(const at::Tensor& x_, const at::Tensor& qweight_, const at:
       return y;
     }
     case GemmPath::kMma: {
-      if (plan.gathers_x) {  // one row, gathered by the GEMM kernel itself
-        cuda::gemm_mma_row(x, perm, channel_scale, qweight, scales, zeros, blocks, bias, y);
-        return y;
-      }
       // One gather serves every row chunk: the mma.sync order keeps each row on its own.
       at::Tensor xs = at::empty_like(x);
       cuda::gather_x(x, perm, channel_scale, xs, cuda::XOrder::kMma);

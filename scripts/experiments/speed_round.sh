@@ -43,12 +43,10 @@ run_step() {  # run_step NAME: the commands of one step
       $SWEEP --Ms 64,128,256 --shapes 8192x28672,4096x4096,8192x8192 \
         --set MBWQ_TILE_SPLITS=0,1,2,3,4,6,8 ;;
     fold)  # scale after the product (kMmaConfigs' fold row, MBWQ_MMA_CONFIG=7) against the
-      # exact M <= 8 row at one row of fp16 x, with and without its own x gather
-      # (MBWQ_MMA_GATHER=1): side by side, then the bench's plain-read ratios and the 32-block
-      # decode step with the row named, then Nsight Compute on both
+      # exact M <= 8 row at one row of fp16 x: side by side, then the bench's plain-read ratios
+      # and the 32-block decode step with the row named, then Nsight Compute on both
       $SWEEP --Ms 1 --formats q4_g128,q2_g64,mixed_2.5,mixed_3.0 \
-        --shapes 8192x28672,28672x8192,4096x4096,4096x14336,14336x4096 --set MBWQ_MMA_CONFIG=0,7 \
-        --set MBWQ_MMA_GATHER=0,1
+        --shapes 8192x28672,28672x8192,4096x4096,4096x14336,14336x4096 --set MBWQ_MMA_CONFIG=0,7
       MBWQ_MMA_CONFIG=7 $PY scripts/bench.py --shapes 8192x28672,28672x8192 --dtypes fp16 \
         --Ms 1 --formats q4_g128,q2_g64,mixed_2.5,mixed_3.0 --stack-blocks 32 \
         --out "$OUT/fold_m1.json" | grep -E "^\||decode step|tok/s"
@@ -62,8 +60,7 @@ run_step() {  # run_step NAME: the commands of one step
       # 32-block decode step with it, and with the fold row too
       $SWEEP --Ms 1,16 --formats q4_g128,mixed_2.5 \
         --shapes 4096x4096,4096x6144,14336x4096,4096x1024,8192x8192 --set MBWQ_MMA_CLUSTER=0,1
-      for env in "MBWQ_MMA_CLUSTER=1" "MBWQ_MMA_CLUSTER=1 MBWQ_MMA_CONFIG=7" \
-          "MBWQ_MMA_CLUSTER=1 MBWQ_MMA_CONFIG=7 MBWQ_MMA_GATHER=1"; do
+      for env in "MBWQ_MMA_CLUSTER=1" "MBWQ_MMA_CLUSTER=1 MBWQ_MMA_CONFIG=7"; do
         echo "--- $env"
         env $env $PY scripts/bench.py --shapes 4096x4096 --formats q4_g128,mixed_2.5 --Ms 1 \
           --dtypes fp16 --stack-blocks 32 --out "$SCRATCH/stack_cluster.json" |

@@ -14,9 +14,8 @@ csrc/cuda/ops_cuda.cpp; a large minimum turns it off), MBWQ_TILE_TOKENS (16, 32,
 256 tokens per CTA tile), MBWQ_TILE_SPLITS (its K splits, csrc/cuda/gemm_tile.cu),
 MBWQ_TILE_STREAM (1: its grid of tiles x K splits, 2: its stream-K schedule),
 MBWQ_MMA_CONFIG (1 + an index into csrc/plan.h's kMmaConfigs: that configuration wherever it
-is valid for the row count), MBWQ_MMA_CLUSTER (1: the mma.sync kernel's K splits added
-inside a thread-block cluster instead of by a second kernel) and MBWQ_MMA_GATHER (1: the fold
-row gathers its own x, no gather kernel).
+is valid for the row count) and MBWQ_MMA_CLUSTER (1: the mma.sync kernel's K splits added
+inside a thread-block cluster instead of by a second kernel).
 --matmul adds torch.matmul in the activation dtype on the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).
