@@ -211,7 +211,8 @@ Grid tile_grid(int64_t M, int64_t N, int nblocks, int tokens, int sm_count, cons
     // the same model: a run of ceil(units / ctas) blocks, and where runs cut tiles, up to two
     // tile-sized partials a CTA and the second kernel
     double stream_cost = (std::ceil(double(units) / ctas) + 4) * kBlockUs;
-    if (ctas > 1) stream_cost += 2.0 * 2 * ctas * tokens * cols * 4 / kPartialBytesPerUs + kReduceUs;
+    if (ctas > 1)
+      stream_cost += 2.0 * 2 * ctas * tokens * cols * 4 / kPartialBytesPerUs + kReduceUs;
     stream = stream_cost < kTileStreamGain * grid_cost;
   }
   if (stream) g.ctas = ctas;

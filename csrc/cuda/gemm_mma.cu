@@ -150,10 +150,7 @@ __device__ __forceinline__ void exact_range(FragC (&acc)[2 * QN][1], const int2*
           BlockA a[2];
           decode_quad<B, QN, __half>(q, lo[q], hi[q], t, sc, nz, a);
 #pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            MmaOp<__half>::run(acc[2 * q + k][0], a[k].step[0], b0);
-            MmaOp<__half>::run(acc[2 * q + k][0], a[k].step[1], b1);
-          }
+          for (int k = 0; k < 2; ++k) MmaOp<__half>::run_block(acc[2 * q + k][0], a[k], b0, b1);
         }
       }
     });

@@ -58,6 +58,12 @@ struct MmaOp {
       MBWQ_MMA_M16N8K16("bf16");
     }
   }
+  // Both k-steps of a 32-row block: d += step 0 x b0, then step 1 x b1.
+  static __device__ __forceinline__ void run_block(FragC& d, const BlockA& a, FragB b0,
+                                                   FragB b1) {
+    run(d, a.step[0], b0);
+    run(d, a.step[1], b1);
+  }
   // fp16: the pair as it is; bf16: each weight rounded to bf16 (fp16 -> fp32 is exact, so
   // this is the one rounding).
   static __device__ __forceinline__ uint32_t from_fp16x2(__half2 w) {

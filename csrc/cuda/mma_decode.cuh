@@ -200,22 +200,32 @@ __device__ __forceinline__ uint32_t scale_word(const uint2 (&v)[QN], int u) {
   return (u % 4) < 2 ? v[u / 4].x : v[u / 4].y;
 }
 
+// Two columns' fp16 pairs into a block's A registers (as T), one column per A row, each pair
+// through value(pair, column) first (column 0: a, 1: b): pair s of column a (A row g) lands in
+// step s / 2, register 2 (s % 2), pair s of column b (A row g + 8) in register 2 (s % 2) + 1:
+// the FragA layout above.
+template <typename T, typename Value>
+__device__ __forceinline__ void place_pairs(const CodePairs& pa, const CodePairs& pb,
+                                            BlockA& a, Value value) {
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    a.step[s / 2].r[2 * (s % 2)] = MmaOp<T>::from_fp16x2(value(pa.p[s], 0));
+    a.step[s / 2].r[2 * (s % 2) + 1] = MmaOp<T>::from_fp16x2(value(pb.p[s], 1));
+  }
+}
+
 // Two columns' codes of one 32-row block of width B as exact fp16 weights (as T), one column
 // per A row: the lane's words lo_a / hi_a of its A-row-g column and lo_b / hi_b of its A-row-g+8
 // column (hi: row j0 + 1, unused for widths 2 and 4), with each column's scale and -zero as
-// (v, v) pairs. Pair s of the two columns lands in step s / 2, registers 2 (s % 2) (column a)
-// and 2 (s % 2) + 1 (column b): the FragA layout above.
+// (v, v) pairs, placed by place_pairs.
 template <int B, typename T>
 __device__ __forceinline__ void decode_columns(uint32_t lo_a, uint32_t hi_a, uint32_t lo_b,
                                                uint32_t hi_b, int t, __half2 sa, __half2 za,
                                                __half2 sb, __half2 zb, BlockA& a) {
-  const CodePairs pa = decode_pairs<B>(lo_a, hi_a, t);
-  const CodePairs pb = decode_pairs<B>(lo_b, hi_b, t);
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    a.step[s / 2].r[2 * (s % 2)] = MmaOp<T>::from_fp16x2(__hfma2(pa.p[s], sa, za));
-    a.step[s / 2].r[2 * (s % 2) + 1] = MmaOp<T>::from_fp16x2(__hfma2(pb.p[s], sb, zb));
-  }
+  place_pairs<T>(decode_pairs<B>(lo_a, hi_a, t), decode_pairs<B>(lo_b, hi_b, t), a,
+                 [&](__half2 c, int column) {
+                   return column == 0 ? __hfma2(c, sa, za) : __hfma2(c, sb, zb);
+                 });
 }
 
 // Half k of one quad (4 columns) of a 32-row block of width B: the lane's words lo (row j0) and
@@ -257,10 +267,7 @@ __device__ __forceinline__ void compute_quad(int q, const uint4& lo, const uint4
     const uint4 xb = *reinterpret_cast<const uint4*>(x + (8 * mt + g) * 64 + 16 * t);
     const FragB b0{{xb.x, xb.y}}, b1{{xb.z, xb.w}};
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      MmaOp<T>::run(acc[2 * q + k][mt], a[k].step[0], b0);
-      MmaOp<T>::run(acc[2 * q + k][mt], a[k].step[1], b1);
-    }
+    for (int k = 0; k < 2; ++k) MmaOp<T>::run_block(acc[2 * q + k][mt], a[k], b0, b1);
   }
 }
 

@@ -98,13 +98,8 @@ __device__ __forceinline__ void fold_quad(int q, const uint4& lo, const uint4& h
     const CodePairs pa = decode_pairs<B, SubnormalCodes>(comp(lo, k), comp(hi, k), t);
     const CodePairs pb = decode_pairs<B, SubnormalCodes>(comp(lo, k + 2), comp(hi, k + 2), t);
     BlockA a;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {  // the FragA layout of decode_columns
-      a.step[s / 2].r[2 * (s % 2)] = MmaOp<__half>::from_fp16x2(pa.p[s]);
-      a.step[s / 2].r[2 * (s % 2) + 1] = MmaOp<__half>::from_fp16x2(pb.p[s]);
-    }
-    MmaOp<__half>::run(acc[2 * q + k][0], a.step[0], xb.code[0]);
-    MmaOp<__half>::run(acc[2 * q + k][0], a.step[1], xb.code[1]);
+    place_pairs<__half>(pa, pb, a, [](__half2 c, int) { return c; });  // the subnormal codes
+    MmaOp<__half>::run_block(acc[2 * q + k][0], a, xb.code[0], xb.code[1]);
   }
 }
 
@@ -112,8 +107,7 @@ __device__ __forceinline__ void fold_quad(int q, const uint4& lo, const uint4& h
 __device__ __forceinline__ void fold_x_sum(const FoldB& xb, FragC& xsum) {
   constexpr uint32_t kOnes = 0x3C003C00u;  // (1.0, 1.0) in fp16
   const FragA ones{{kOnes, kOnes, kOnes, kOnes}};
-  MmaOp<__half>::run(xsum, ones, xb.all[0]);
-  MmaOp<__half>::run(xsum, ones, xb.all[1]);
+  MmaOp<__half>::run_block(xsum, BlockA{{ones, ones}}, xb.all[0], xb.all[1]);
 }
 
 // The lane's value of column u (quad u / 4, half u % 4) in a group's scales or -zeros, in fp32.

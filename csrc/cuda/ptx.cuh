@@ -1,7 +1,7 @@
 // Small PTX wrappers of the mma.sync GEMM (gemm_mma.cu): cp.async copies into shared memory
-// and their groups, named barriers, thread-block clusters. (The tile kernel's wgmma, bulk-copy and mbarrier wrappers
-// are in wgmma.cuh; programmatic dependent launch in pdl.cuh; the mma instruction and its
-// fragments in mma.cuh.)
+// and their groups, named barriers, thread-block clusters. (The tile kernel's wgmma, bulk-copy
+// and mbarrier wrappers are in wgmma.cuh; programmatic dependent launch in pdl.cuh; the mma
+// instruction and its fragments in mma.cuh.)
 #pragma once
 #include <stdint.h>
 
