@@ -22,7 +22,7 @@ namespace {
 
 // The plan for a gemm of these shapes on a device of `sm_count` multiprocessors (wgmma: the
 // tile kernel can run there), as [path, tile_tokens, mma_config, chunk_rows, wc, tiles,
-// splits, blocks_per_split, ctas, cluster]; mbwq_ops.plan names the fields.
+// splits, blocks_per_split, ctas]; mbwq_ops.plan names the fields.
 std::vector<int64_t> plan_op(int64_t M, int64_t K, int64_t N, int64_t R, at::ScalarType dtype,
                              int64_t sm_count, bool wgmma, bool aligned) {
   TORCH_CHECK_VALUE(M >= 0 && K >= 0 && N >= 0 && R >= 0 && sm_count >= 1,
@@ -35,7 +35,7 @@ std::vector<int64_t> plan_op(int64_t M, int64_t K, int64_t N, int64_t R, at::Sca
   const GemmPlan p = plan_gemm(M, K, N, R, half || dtype == at::kBFloat16, half, aligned, dev,
                                knobs());
   return {int64_t(p.path), p.tile_tokens, p.mma_config, p.chunk_rows, p.grid.wc, p.grid.tiles,
-          p.grid.splits, p.grid.blocks_per_split, p.grid.ctas, p.grid.cluster};
+          p.grid.splits, p.grid.blocks_per_split, p.grid.ctas};
 }
 
 // The stream-K schedule of the tile kernel (plan.h: StreamK) as the kernels follow it, for the

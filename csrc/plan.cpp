@@ -24,7 +24,6 @@ constexpr KnobField kKnobFields[] = {
     {"MBWQ_MMA_WC", &Knobs::mma_wc},           {"MBWQ_GATHER_MIN_M", &Knobs::gather_min_m},
     {"MBWQ_MMA_NO_WGMMA", &Knobs::no_wgmma},   {"MBWQ_MMA_NO_PDL", &Knobs::no_pdl},
     {"MBWQ_MMA_CONFIG", &Knobs::mma_config},   {"MBWQ_TILE_STREAM", &Knobs::tile_stream},
-    {"MBWQ_MMA_CLUSTER", &Knobs::mma_cluster},
 };
 
 Knobs from_environment() {
@@ -108,12 +107,6 @@ int select_mma_config(int64_t M, int64_t N, bool fp16, const Knobs& k) {
   for (int i = 0; i < kNumMmaConfigs; ++i)
     if (!kMmaConfigs[i].opt_in && mma_config_valid(kMmaConfigs[i], M, N, fp16)) return i;
   return -1;
-}
-
-int mma_cluster(const MmaConfig& c, int splits, bool clusters, const Knobs& k) {
-  return k.mma_cluster == 1 && clusters && c.mt <= 2 && splits >= 2 && splits <= kMmaMaxCluster
-             ? splits
-             : 0;
 }
 
 // Cost model: the time is waves x (blocks per warp + the ring's ramp of `stages` blocks), and
@@ -252,7 +245,6 @@ GemmPlan plan_gemm(int64_t M, int64_t K, int64_t N, int64_t R, bool tensor_core_
     // (cudaOccupancyMaxActiveBlocksPerMultiprocessor), which gives the same on Hopper
     p.grid = mma_grid(c, nblocks, N, p.chunk_rows, 4.0 * double(R) * double(N),
                       std::max(1, dev.sm_count) * c.min_ctas, k);
-    p.grid.cluster = mma_cluster(c, p.grid.splits, dev.wgmma, k);
     return p;
   }
   p.path = GemmPath::kDequantMatmul;

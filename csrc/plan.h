@@ -32,8 +32,6 @@ struct Knobs {
   int mma_config = 0;    // MBWQ_MMA_CONFIG: 1 + the kMmaConfigs index to take where it is valid
   int tile_stream = 0;   // MBWQ_TILE_STREAM: the tile kernel's schedule, 1 = a grid of tiles x
                          // K splits, 2 = stream-K (Grid::ctas); 0 = the plan's choice
-  int mma_cluster = 0;   // MBWQ_MMA_CLUSTER: 1 = the mma.sync kernel adds its K splits inside
-                         // a thread-block cluster (Grid::cluster) where it can
 };
 const Knobs& knobs();
 // name: the environment variable's name (MBWQ_TILE_MIN_M, ...); value >= 0. Returns the
@@ -122,14 +120,6 @@ bool mma_config_valid(const MmaConfig& c, int64_t M, int64_t N, bool fp16);
 // or the one MBWQ_MMA_CONFIG names where that is valid.
 int select_mma_config(int64_t M, int64_t N, bool fp16, const Knobs& k);
 
-// Grid::cluster for an mma.sync grid of `splits` K splits: MBWQ_MMA_CLUSTER=1 on a device with
-// thread-block clusters (clusters: compute capability 9.0), 2 to kMmaMaxCluster (the portable
-// cluster size) splits, and one or two token tiles (finish_tile stages the CTA's sums, 16 MT
-// floats a lane and column quad, in shared memory). Else 0.
-constexpr int kMmaMaxCluster = 8;
-int mma_cluster(const MmaConfig& c, int splits, bool clusters, const Knobs& k);
-
-
 // A grid of CTAs over (column tiles, K splits).
 struct Grid {
   int wc = 0;                // column warps per CTA (mma.sync; 0 for the tile kernel)
@@ -142,11 +132,6 @@ struct Grid {
   // count; tiles cut by a CTA boundary leave fp32 partials that a second kernel adds in CTA
   // order (gemm_tile.cu). 0: the grid.
   int ctas = 0;
-  // mma.sync, K splits: the `splits` CTAs of a column tile form one thread-block cluster and add
-  // their partials through distributed shared memory in split order before writing y
-  // (mma_tile.cuh: finish_tile), instead of fp32 partials and reduce_splits; the same sums. 0:
-  // partials and the second kernel (or one split).
-  int cluster = 0;
 };
 // ---- stream-K (tile kernel) ----------------------------------------------------------------
 // Its rules are plain arithmetic on ints, used by gemm_tile.cu's kernels on the device and by

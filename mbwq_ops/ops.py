@@ -48,8 +48,7 @@ def plan(M: int, K: int, N: int, dtype: torch.dtype = torch.float16, *, bits: fl
     (one of ``PATHS``), ``tile_tokens``, ``mma_config`` (index into plan.h's kMmaConfigs),
     ``chunk_rows`` and the first kernel's ``grid`` (``wc``, ``tiles``, ``splits``,
     ``blocks_per_split``; the mma.sync grid is priced for the CTAs per SM its configuration is
-    sized for; ``ctas`` > 0: the tile kernel's stream-K schedule on that many CTAs instead;
-    ``cluster`` > 0: the mma.sync kernel's K splits added inside a cluster of that many CTAs)."""
+    sized for; ``ctas`` > 0: the tile kernel's stream-K schedule on that many CTAs instead)."""
     if sm_count is None or wgmma is None:
         dev = torch.device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else None)
@@ -63,7 +62,7 @@ def plan(M: int, K: int, N: int, dtype: torch.dtype = torch.float16, *, bits: fl
     v = torch.ops.mbwq.plan.default(M, K, N, R, dtype, sm_count, bool(wgmma), aligned)
     return {"path": PATHS[v[0]], "tile_tokens": v[1], "mma_config": v[2], "chunk_rows": v[3],
             "grid": {"wc": v[4], "tiles": v[5], "splits": v[6], "blocks_per_split": v[7],
-                     "ctas": v[8], "cluster": v[9]}}
+                     "ctas": v[8]}}
 
 
 def knob_settings() -> str:

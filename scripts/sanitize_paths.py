@@ -8,8 +8,7 @@ warp or once per CTA, row chunks of 64 tokens; one or two column quads per lane 
 8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token tiles at M
 = 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32 and 64 tokens
 at M = 1, 17 and 40 through MBWQ_TILE_MIN_M, its stream-K schedule at M = 40, 100 and 200
-through MBWQ_TILE_STREAM; the scale-after-product row at M = 1 through MBWQ_MMA_CONFIG; K
-splits added inside a thread-block cluster at M = 1, 3 and 12 through MBWQ_MMA_CLUSTER), the x gather element by element and through
+through MBWQ_TILE_STREAM; the scale-after-product row at M = 1 through MBWQ_MMA_CONFIG), the x gather element by element and through
 shared memory (from 32 rows; several rows a CTA at M = 1200), one and several K splits (+ the
 split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale and bias in
 several dtypes or absent, identity and random perm; the large-M path (x gather + stored-order
@@ -66,10 +65,8 @@ def main():
     small = {"MBWQ_TILE_MIN_M": "1"}
     stream = {"MBWQ_TILE_MIN_M": "1", "MBWQ_TILE_STREAM": "2"}
     fold = {"MBWQ_MMA_CONFIG": "7"}  # the scale-after-product row (plan.h), one row of fp16 x
-    cluster = {"MBWQ_MMA_CLUSTER": "1", "MBWQ_MMA_SPLITS": "2"}  # splits added in a cluster
-    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}, stream], 1: [small, fold, cluster,
-                                                         dict(fold, **cluster)], 17: [small],
-            40: [small, stream], 100: [stream], 3: [cluster], 12: [cluster]}
+    knob = {200: [{"MBWQ_TILE_SPLITS": "2"}, stream], 1: [small, fold], 17: [small],
+            40: [small, stream], 100: [stream]}
     checked = 0
     for K, N, groups, use_mbw, opts in specs:
         spec = (K, N, [g.bits for g in groups], opts)  # for assertion messages
@@ -115,8 +112,7 @@ def main():
     bad[0, 0] = 7
     bad[1, 1] = 1 << 20
     bad[2, 2] = -3
-    for M, env in ((2, {}), (1, fold), (2, cluster), (1, dict(fold, **cluster)), (40, {}),
-                   (100, {}), (200, {}), (1200, {})):
+    for M, env in ((2, {}), (1, fold), (40, {}), (100, {}), (200, {}), (1200, {})):
         x = torch.randn(M, K0, dtype=torch.float16, device="cuda")
         bad_perm = torch.full((K0,), 1 << 20, dtype=torch.int32, device="cuda")
         with mbwq_ops.ops.tuning(**env):

@@ -229,41 +229,6 @@ def test_fold_row_where_scale_and_zero_cancel(knobs):
 
 
 @pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
-def test_mma_cluster_adds_splits(name, knobs):
-    # Grid::cluster (MBWQ_MMA_CLUSTER=1): the K splits of a column tile add up inside their
-    # thread-block cluster in split order, as reduce_splits adds the partials: the same bits as
-    # the same split count without clusters, for 2-8 splits, one and two token tiles, fp16 and
-    # bf16, with or without bias, and on the fold row
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("thread-block clusters: compute capability 9.0")
-    layer, W = layer_and_weight(SPECS[name])
-    K, N = layer.in_channels, layer.out_channels
-    nblocks = K // 32
-    for splits in (2, 3, 5, 8):
-        if splits > nblocks:
-            continue
-        for dtype in DTYPES:
-            for M in (1, 3, 9, 16):
-                x = rand_x(M, K, dtype, seed=M + splits)
-                knobs.set("MBWQ_MMA_SPLITS", splits)
-                knobs.set("MBWQ_MMA_CLUSTER", 0)
-                plain = run_gemm(layer, x)
-                knobs.set("MBWQ_MMA_CLUSTER", 1)
-                grid = mbwq_ops.plan(M, K, N, dtype)["grid"]
-                assert grid["cluster"] == grid["splits"] >= 2, grid
-                y = run_gemm(layer, x)
-                assert torch.equal(y, plain), (name, splits, dtype, M)
-                assert_close_to_reference(y, x, W, layer)
-        knobs.set("MBWQ_MMA_CONFIG", FOLD_ROW + 1)  # the fold row, one row of fp16 x
-        x = rand_x(1, K, torch.float16, seed=splits)
-        knobs.set("MBWQ_MMA_CLUSTER", 0)
-        plain = run_gemm(layer, x)
-        knobs.set("MBWQ_MMA_CLUSTER", 1)
-        assert torch.equal(run_gemm(layer, x), plain), (name, splits, "fold")
-        knobs.set("MBWQ_MMA_CONFIG", 0)
-
-
-@pytest.mark.parametrize("name", ["q4g128", "mixed_all", "splitk", "wide", "two_quads"])
 def test_tile_kernel(name, knobs):
     # gemm_tile.cu: 128-token tiles (M = 65 .. 128) and 256-token tiles (129 .. 256), the last
     # one part padding; partial column tiles (wide: 6152 columns); every width (mixed_all); K
@@ -480,11 +445,6 @@ KERNEL_KNOBS = {
     "default": {},
     # one row of fp16 x on the scale-after-product row (other calls keep the default rows)
     "fold": {"MBWQ_MMA_CONFIG": str(FOLD_ROW + 1)},
-    # three K splits added inside a cluster (up to 16 rows on wgmma devices)
-    "cluster": {"MBWQ_MMA_CLUSTER": "1", "MBWQ_MMA_SPLITS": "3"},
-    # one row on the fold row, its splits added in a cluster
-    "fold_cluster": {"MBWQ_MMA_CONFIG": str(FOLD_ROW + 1), "MBWQ_MMA_CLUSTER": "1",
-                     "MBWQ_MMA_SPLITS": "3"},
     # every M on the tile kernel (wgmma devices): its 16-, 32- and 64-token tiles
     "tiles": {"MBWQ_TILE_MIN_M": "1"},
     # the same on the tile kernel's stream-K schedule

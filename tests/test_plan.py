@@ -90,28 +90,13 @@ FOLD_ROW = 6  # plan.h: kMmaConfigs' scale-after-product row (opt-in)
 
 def test_knob_settings_name_the_knobs_that_are_set():
     # what bench.py writes into each record: the knobs that are not 0, in plan.h's Knobs order
-    with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=0, MBWQ_TILE_MIN_M=0, MBWQ_MMA_CLUSTER=0):
+    with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=0, MBWQ_TILE_MIN_M=0, MBWQ_TILE_STREAM=0):
         base = [s for s in mbwq_ops.ops.knob_settings().split(",") if s]
-        with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=3, MBWQ_TILE_MIN_M=40, MBWQ_MMA_CLUSTER=1):
+        with mbwq_ops.ops.tuning(MBWQ_MMA_SPLITS=3, MBWQ_TILE_MIN_M=40, MBWQ_TILE_STREAM=2):
             now = mbwq_ops.ops.knob_settings().split(",")
     assert not any(s.startswith(("MBWQ_MMA_SPLITS=", "MBWQ_TILE_MIN_M=")) for s in base)
     added = [s for s in now if s not in base]
-    assert added == ["MBWQ_TILE_MIN_M=40", "MBWQ_MMA_SPLITS=3", "MBWQ_MMA_CLUSTER=1"]
-
-
-@pytest.mark.parametrize("K,N", SHAPES)
-def test_cluster_reduction_only_where_named_and_possible(K, N):
-    # Grid::cluster: only with MBWQ_MMA_CLUSTER=1, on devices with clusters (wgmma), for 2-8 K
-    # splits of a row with one or two token tiles; always the whole split count
-    assert all(mbwq_ops.plan(M, K, N, **H100)["grid"]["cluster"] == 0 for M in range(1, 65))
-    for splits in (1, 2, 3, 5, 8, 9):
-        with mbwq_ops.ops.tuning(MBWQ_MMA_CLUSTER=1, MBWQ_MMA_SPLITS=splits):
-            for M in (1, 2, 8, 9, 16, 17, 32, 64):
-                g = mbwq_ops.plan(M, K, N, **H100)["grid"]
-                one_or_two_tiles = M <= 16
-                want = g["splits"] if 2 <= g["splits"] <= 8 and one_or_two_tiles else 0
-                assert g["cluster"] == want, (splits, M, g)
-                assert mbwq_ops.plan(M, K, N, **AMPERE)["grid"]["cluster"] == 0
+    assert added == ["MBWQ_TILE_MIN_M=40", "MBWQ_MMA_SPLITS=3", "MBWQ_TILE_STREAM=2"]
 
 
 @pytest.mark.parametrize("K,N", SHAPES)

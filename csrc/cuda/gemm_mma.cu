@@ -264,10 +264,8 @@ struct LaneCopies {
 // ring slot.
 // out: splits == 1 -> y [M, N] (T) with bias; else fp32 partials [splits, M, N].
 // CTA_X: x rings shared by XG groups of warps (Rings); the caller passes WC == kWarps
-// (log2_wc = 3). FOLD: scale after the product (mma_fold.cuh; M == 1, fp16). CLUSTER: launched
-// in clusters of the K splits of a column tile, which add up inside the cluster (Grid::cluster).
-template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG, bool FOLD,
-          bool CLUSTER>
+// (log2_wc = 3). FOLD: scale after the product (mma_fold.cuh; M == 1, fp16).
+template <typename T, int MT, int QN, int STAGES, int MIN_CTAS, bool CTA_X, int XG, bool FOLD>
 __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
     mma_gemm_kernel(const T* __restrict__ xs, const uint32_t* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
@@ -470,7 +468,7 @@ __global__ void __launch_bounds__(kWarps * 32, MIN_CTAS)
   bool poisoned = false;
   for (int k = lane; k < nb; k += 32) poisoned |= packed_bits(my_meta[k]) == 0;
   poisoned = __any_sync(~0u, poisoned);
-  finish_tile<T, MT, QN, CLUSTER>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
+  finish_tile<T, MT, QN>(acc, poisoned, smem, log2_wc, bias, bias_kind, out, M, N);
 }
 
 // One launch of configuration I of kMmaConfigs (plan.h): MT token tiles, QN quads per lane,
@@ -495,7 +493,7 @@ void run_config(const Call<T>& c) {
   constexpr bool CTA_X = cfg.cta_x, FOLD = cfg.fold;
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int nblocks = K / kBlockRows;
-  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD, false>;
+  auto kernel = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD>;
   const size_t rings = Rings<QN, MT, STAGES, CTA_X, XG, FOLD>::kBytes;
   const size_t table = kMmaMaxBlocksPerCta * sizeof(int2);  // longer K ranges are split
   // finish_tile: the sums of the kWarps - WC warps that are not k-warp 0, for the fewest column
@@ -507,16 +505,7 @@ void run_config(const Call<T>& c) {
   const size_t smem = std::max(rings + table, red);
   static int ctas_per_sm[64] = {};
   const int slots = resident_ctas(ctas_per_sm, kernel, smem);
-  Grid grid = mma_grid(cfg, nblocks, N, M, double(c.qweight.numel()) * 4, slots, knobs());
-  grid.cluster = mma_cluster(cfg, grid.splits, wgmma_available(), knobs());
-  if constexpr (MT <= 2) {  // mma_cluster's rows: a second instantiation with the cluster epilogue
-    if (grid.cluster > 1) {
-      auto clustered = mma_gemm_kernel<T, MT, QN, STAGES, MIN_CTAS, CTA_X, XG, FOLD, true>;
-      static int clustered_ctas_per_sm[64] = {};
-      resident_ctas(clustered_ctas_per_sm, clustered, smem);  // raises its shared-memory limit
-      return launch_on_grid(clustered, grid, smem, c);
-    }
-  }
+  const Grid grid = mma_grid(cfg, nblocks, N, M, double(c.qweight.numel()) * 4, slots, knobs());
   launch_on_grid(kernel, grid, smem, c);
 }
 

@@ -1,7 +1,7 @@
 // Pieces of the mma.sync GEMM (gemm_mma.cu) around the decode: the warp's range of blocks,
 // the block table in shared memory, group changes, the deterministic reduction of the k-warps'
-// sums at the end (and of the K splits' inside a cluster), and the host side of a launch (the
-// grid, the K split partials and their reduction).
+// sums at the end, and the host side of a launch (the grid, the K split partials and their
+// reduction).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,7 +15,6 @@
 #include "launch.h"
 #include "mma_decode.cuh"
 #include "pdl.cuh"
-#include "ptx.cuh"
 #include "split_reduce.cuh"
 
 namespace mbwq {
@@ -112,56 +111,10 @@ __device__ __forceinline__ void stage_table(int2* meta, const int32_t* __restric
   __syncthreads();
 }
 
-// Grid::cluster: the K splits of a column tile are the `ranks` CTAs of one cluster, rank =
-// split. Each CTA stores its tile's sums (k-warp 0's registers, `holder`) in shared memory as
-// [column warp][register][lane]; then rank r adds entries r B, r B + 1, ... (B threads a CTA,
-// every ranks B-th run) of all the copies in rank order, as reduce_splits adds partials in
-// split order, adds the bias and writes y. The first cluster barrier: every copy is stored
-// before any is read; the second: no CTA leaves (its shared memory) while a peer reads it.
-template <typename T, int MT, int QN>
-__device__ __forceinline__ void cluster_add_splits(const FragC (&acc)[2 * QN][MT], bool holder,
-                                                   float* tile, int WC, int wc, int ranks,
-                                                   const void* __restrict__ bias,
-                                                   int bias_kind, T* __restrict__ y, int M,
-                                                   int N) {
-  constexpr int kRegs = 2 * QN * MT * 4;
-  const int lane = threadIdx.x % 32;
-  __syncthreads();  // the k-warp sums have been read: `tile` reuses their shared memory
-  if (holder) {
-#pragma unroll
-    for (int i = 0; i < 2 * QN; ++i)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          tile[(wc * kRegs + (i * MT + mt) * 4 + e) * 32 + lane] = acc[i][mt].r[e];
-  }
-  cluster_sync();
-  const int entries = WC * kRegs * 32;
-  for (int idx = cluster_rank() * blockDim.x + threadIdx.x; idx < entries;
-       idx += ranks * blockDim.x) {
-    // entry -> (column warp w, register (i MT + mt) 4 + e, lane (g, t)) -> (token, column) as
-    // finish_tile stores them
-    const int l = idx % 32, reg = (idx / 32) % kRegs, w = idx / (32 * kRegs);
-    const int e = reg % 4, mt = (reg / 4) % MT, i = reg / (4 * MT);
-    const int m = 8 * mt + 2 * (l % 4) + (e & 1);
-    const int n = (blockIdx.x * WC + w) * 32 * QN + 32 * (i / 2) + 4 * (l / 4) + i % 2 +
-                  (e >= 2 ? 2 : 0);
-    if (m >= M || n >= N) continue;
-    float v = 0.f;
-    for (int s = 0; s < ranks; ++s) v += ld_peer_shared(tile + idx, s);
-    if (bias_kind != kAuxNone) v += aux_load(bias, bias_kind, n);
-    y[int64_t(m) * N + n] = Cvt<T>::from_f(v);
-  }
-  cluster_sync();
-}
-
 // Add the k-warps' partial sums in the fixed order kw = 0, 1, ..., WK - 1 (deterministic) and
-// write the tile: y (T, + bias) when the grid has one K split, fp32 partials otherwise, or
-// (CLUSTER: the kernel launched in clusters, Grid::cluster) y after adding the splits inside
-// the cluster. Reuses shared memory from offset 0: every warp must be done with its table and
-// ring.
-template <typename T, int MT, int QN, bool CLUSTER>
+// write the tile: y (T, + bias) when the grid has one K split, fp32 partials otherwise.
+// Reuses shared memory from offset 0: every warp must be done with its table and ring.
+template <typename T, int MT, int QN>
 __device__ __forceinline__ void finish_tile(FragC (&acc)[2 * QN][MT], bool poisoned,
                                             unsigned char* smem, int log2_wc,
                                             const void* __restrict__ bias, int bias_kind,
@@ -185,8 +138,8 @@ __device__ __forceinline__ void finish_tile(FragC (&acc)[2 * QN][MT], bool poiso
         for (int e = 0; e < 4; ++e) dst[((i * MT + mt) * 4 + e) * 32] = acc[i][mt].r[e];
   }
   __syncthreads();
-  if (!CLUSTER && kw > 0) return;  // CLUSTER: every thread takes part in the cluster's barriers
-  for (int k = 1; k < WK && (!CLUSTER || kw == 0); ++k) {
+  if (kw > 0) return;
+  for (int k = 1; k < WK; ++k) {
     const float* src = red + ((k - 1) * WC + wc) * kRegs * 32 + lane;
 #pragma unroll
     for (int i = 0; i < 2 * QN; ++i)
@@ -194,11 +147,6 @@ __device__ __forceinline__ void finish_tile(FragC (&acc)[2 * QN][MT], bool poiso
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][mt].r[e] += src[((i * MT + mt) * 4 + e) * 32];
-  }
-  if constexpr (CLUSTER) {
-    cluster_add_splits<T, MT, QN>(acc, kw == 0, red, WC, wc, cluster_ctas(), bias, bias_kind,
-                                  reinterpret_cast<T*>(out), M, N);
-    return;
   }
 
   // Accumulator of mma i = 2q + k, tile mt: e = 0, 1 -> lane column 4q + k, tokens 8mt + 2t, +1;
@@ -264,27 +212,25 @@ int resident_ctas(int (&cache)[64], Kernel kernel, size_t smem) {
 
 // Launch an mma.sync GEMM kernel (gemm_mma.cu's argument list) on grid gc: with one K split
 // it writes y (+ bias) itself, with several it writes fp32 partials that reduce_splits adds
-// up in split order, or, in clusters (gc.cluster), adds them itself in the same order.
+// up in split order.
 template <typename T, typename Kernel>
 void launch_on_grid(Kernel kernel, const Grid& gc, size_t smem, const Call<T>& c) {
   const int M = c.xs.size(0), K = c.xs.size(1), N = c.qweight.size(1);
   const int R = c.qweight.size(0), G = c.scales.size(0);
   at::Tensor part;
   void* dst = c.out;
-  if (gc.splits > 1 && gc.cluster == 0) {
+  if (gc.splits > 1) {
     part = at::empty({gc.splits, M, N}, c.xs.options().dtype(at::kFloat));
     dst = part.data_ptr();
   }
-  // Grid::cluster: the splits of a column tile add up inside their cluster (finish_tile)
-  launch_chained_in_clusters(kernel, dim3(gc.tiles, gc.splits), dim3(kWarps * 32), smem,
-                             c.stream, unsigned(gc.cluster > 1 ? gc.cluster : 1),
-                             reinterpret_cast<const T*>(c.xs.data_ptr()),
-                             reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
-                             reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
-                             reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
-                             reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
-                             part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G,
-                             __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split);
+  launch_chained(kernel, dim3(gc.tiles, gc.splits), dim3(kWarps * 32), smem, c.stream,
+                 reinterpret_cast<const T*>(c.xs.data_ptr()),
+                 reinterpret_cast<const uint32_t*>(c.qweight.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(c.scales.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(c.zeros.data_ptr()),
+                 reinterpret_cast<const int32_t*>(c.blocks.data_ptr()),
+                 part.defined() ? nullptr : c.bias, c.bias_kind, dst, M, K, N, R, G,
+                 __builtin_ctz(unsigned(gc.wc)), gc.blocks_per_split);
   if (part.defined()) reduce_splits<T>(part, c.bias, c.bias_kind, c.out, c.stream);
 }
 

@@ -28,40 +28,22 @@ __device__ __forceinline__ void wait_prior_grid() {
 #endif
 }
 
-// launch_chained with every `cluster_y` CTAs along y forming one thread-block cluster
-// (compute capability 9.0; grid.y a multiple of cluster_y; 1: no clusters).
 template <typename... KArgs, typename... Args>
-void launch_chained_in_clusters(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                                cudaStream_t stream, unsigned cluster_y, Args... args) {
+void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                    cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   // per device: a process may hold GPUs of several kinds
-  if (pdl_enabled()) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  if (cluster_y > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = cluster_y;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
+  const bool use = pdl_enabled();
   cfg.attrs = attr;
-  cfg.numAttrs = n;
+  cfg.numAttrs = use ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...));
-}
-
-template <typename... KArgs, typename... Args>
-void launch_chained(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                    cudaStream_t stream, Args... args) {
-  launch_chained_in_clusters(kernel, grid, block, smem, stream, 1u, args...);
 }
 
 }  // namespace cuda

@@ -14,7 +14,7 @@ mkdir -p "$OUT" "$SCRATCH"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-420}
 SWEEP="$PY scripts/experiments/sweep_mma.py"
-STEPS=${STEPS:-fold cluster stream_k stack bench}
+STEPS=${STEPS:-fold stream_k stack bench}
 rc=0
 
 run_step() {  # run_step NAME: the commands of one step
@@ -54,17 +54,6 @@ run_step() {  # run_step NAME: the commands of one step
         echo "--- MBWQ_MMA_CONFIG=$c"; mkdir -p "$SCRATCH/ncu_fold_$c"
         MBWQ_MMA_CONFIG=$c OUT="$SCRATCH/ncu_fold_$c" scripts/ncu_m1.sh 2>&1 | grep -E \
           "gpu__time|dram__throughput|issue_active|inst_executed|stalled_(short|long|math|wait|dispatch|not_sel)"
-      done ;;
-    cluster)  # K splits added inside a thread-block cluster (MBWQ_MMA_CLUSTER=1) against the
-      # partials + reduce_splits kernel, on the layers that split at M = 1 and 16; then the
-      # 32-block decode step with it, and with the fold row too
-      $SWEEP --Ms 1,16 --formats q4_g128,mixed_2.5 \
-        --shapes 4096x4096,4096x6144,14336x4096,4096x1024,8192x8192 --set MBWQ_MMA_CLUSTER=0,1
-      for env in "MBWQ_MMA_CLUSTER=1" "MBWQ_MMA_CLUSTER=1 MBWQ_MMA_CONFIG=7"; do
-        echo "--- $env"
-        env $env $PY scripts/bench.py --shapes 4096x4096 --formats q4_g128,mixed_2.5 --Ms 1 \
-          --dtypes fp16 --stack-blocks 32 --out "$SCRATCH/stack_cluster.json" |
-          grep -E "decode step|tok/s"
       done ;;
     stream_k)  # the tile kernel's stream-K schedule against its split grid (33-256 tokens)
       $SWEEP --Ms 40,64,128,256 --shapes 8192x28672,28672x8192 --set MBWQ_TILE_STREAM=1,2 --matmul

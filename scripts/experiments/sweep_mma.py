@@ -12,10 +12,9 @@ which the x gather stages rows in shared memory, csrc/cuda/gather.cu), MBWQ_TILE
 MBWQ_TILE_MAX_M (the rows the many-token tile kernel takes on compute capability 9.0,
 csrc/cuda/ops_cuda.cpp; a large minimum turns it off), MBWQ_TILE_TOKENS (16, 32, 64, 128 or
 256 tokens per CTA tile), MBWQ_TILE_SPLITS (its K splits, csrc/cuda/gemm_tile.cu),
-MBWQ_TILE_STREAM (1: its grid of tiles x K splits, 2: its stream-K schedule),
+MBWQ_TILE_STREAM (1: its grid of tiles x K splits, 2: its stream-K schedule) and
 MBWQ_MMA_CONFIG (1 + an index into csrc/plan.h's kMmaConfigs: that configuration wherever it
-is valid for the row count) and MBWQ_MMA_CLUSTER (1: the mma.sync kernel's K splits added
-inside a thread-block cluster instead of by a second kernel).
+is valid for the row count).
 --matmul adds torch.matmul in the activation dtype on the same problem, timed the same way.
 Every combination is timed like scripts/bench.py (CUDA-graph replays over weight copies larger
 than L2, median).
