@@ -74,6 +74,13 @@ run_step() {  # run_step NAME: the commands of one step
         echo "--- $dt"; grep -E "gpu__time|issue_active|pipe_" "$SCRATCH/ncu_$dt.log" |
           awk '$NF + 0 >= 1' | head -30
       done ;;
+    large_m_tile)  # target 3 above 256 rows: the tile kernel (its grid and stream-K) against
+      # dequantize + cuBLAS (MBWQ_TILE_MAX_M=0, the plan's 256), with torch.matmul beside
+      $SWEEP --Ms 384,512,1024,2048 --shapes 8192x28672,4096x4096 --matmul \
+        --set MBWQ_TILE_MAX_M=0,100000 --set MBWQ_TILE_STREAM=1,2 ;;
+    fixed_cost)  # target 3's worst ratios (4096^2 and 8192^2 at 64-256 rows: 0.52-0.64x fp16
+      # at 40933f4): which of the gather, the tile kernel and the split reduction takes the time
+      $PY scripts/experiments/kernel_breakdown.py --shapes 4096x4096,8192x8192 --Ms 64,128,256 ;;
     tile33)  # the tile kernel's start at 33 rows on small layers (6cda237) against 65 before
       $SWEEP --Ms 33,36,40 --shapes 4096x4096,4096x6144,4096x1024,2048x2048,2048x8192 \
         --set MBWQ_TILE_MIN_M=0,65 ;;
