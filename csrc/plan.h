@@ -89,7 +89,8 @@ struct MmaConfig {
   bool cta_x;
   int xg;
   bool needs_wide_n;     // only for N >= kTwoQuadMinN (two quads leave narrow layers few CTAs)
-  bool fp16_only;        // bf16's wider decode does not fit its registers
+  bool fp16_only;        // fp16 x only: bf16's wider decode does not fit its registers, or
+                         // (fold) the codes enter the mma as fp16 numbers
   int wc_options[2];     // column warps per CTA the split search may take (0 = unused slot)
   bool wc_knob;          // MBWQ_MMA_WC may force any column-warp count (x per warp only)
   bool fold;             // scale after the product (max_m 1, one token tile, x per warp, fp16)

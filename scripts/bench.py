@@ -70,8 +70,7 @@ from timing import copies_for, time_eager, time_graph  # noqa: E402
 ALL_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 ALL_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K, N)
 RECORD_KEYS = ["device", "torch", "commit", "date", "knobs", "shape", "format", "bpw", "M", "us",
-               "layer_us",
-               "matmul_fp16_us", "matmul_bf16_us", "int4pack_us", "weight_bytes",
+               "layer_us", "matmul_fp16_us", "matmul_bf16_us", "int4pack_us", "weight_bytes",
                "read_bw_tbs", "eff_tbs", "pct_bw", "read_same_bytes_us", "pct_read_same",
                "speedup_fp16", "dtype", "speedup_matmul"]
 GEMM_DTYPES = ("fp16", "bf16")  # names of mbwq_ops.apps.args.DTYPES that --dtypes takes

@@ -5,15 +5,15 @@
 
 Paths: the tensor-core kernel (fp16/bf16: one, two, four and eight 8-token tiles, x copied per
 warp or once per CTA, row chunks of 64 tokens; one or two column quads per lane (two on the
-8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token tiles at M
-= 100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32 and 64 tokens
-at M = 1, 17 and 40 through MBWQ_TILE_MIN_M, its stream-K schedule at M = 40, 100 and 200
-through MBWQ_TILE_STREAM; the scale-after-product row at M = 1 through MBWQ_MMA_CONFIG), the x gather element by element and through
-shared memory (from 32 rows; several rows a CTA at M = 1200), one and several K splits (+ the
-split reduction), every width, fp16 / bf16 / fp32 activations, channel_scale and bias in
-several dtypes or absent, identity and random perm; the large-M path (x gather + stored-order
-dequant + cuBLAS); dequant with 4-column and 1-column threads in every output dtype; misaligned
-qweight; invalid blocks / perm entries (NaN, no OOB).
+8192-column layer); on compute capability 9.0 the many-token tile kernel, 128-token tiles at M =
+100 and 256-token tiles at M = 200, with one and two K splits, tiles of 16, 32 and 64 tokens at
+M = 1, 17 and 40 through MBWQ_TILE_MIN_M, its stream-K schedule at M = 40, 100 and 200 through
+MBWQ_TILE_STREAM; the scale-after-product row at M = 1 through MBWQ_MMA_CONFIG), the x gather
+element by element and through shared memory (from 32 rows; several rows a CTA at M = 1200), one
+and several K splits (+ the split reduction), every width, fp16 / bf16 / fp32 activations,
+channel_scale and bias in several dtypes or absent, identity and random perm; the large-M path
+(x gather + stored-order dequant + cuBLAS); dequant with 4-column and 1-column threads in every
+output dtype; misaligned qweight; invalid blocks / perm entries (NaN, no OOB).
 Each result is compared with the CPU kernel, so the script also fails on wrong numbers.
 """
 from __future__ import annotations

@@ -14,6 +14,9 @@ import torch
 import mbwq_ops
 from mbwq_ops import format as fmt
 
+# csrc/plan.h: kMmaConfigs' scale-after-product row (opt-in: MBWQ_MMA_CONFIG=FOLD_ROW + 1)
+FOLD_ROW = 6
+
 
 @dataclass
 class LayerSpec:

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 import mbwq_ops
 from mbwq_ops import reference
-from layers import LayerSpec, error_bound, make_layer, random_mixed_spec, reference_weight
+from layers import (FOLD_ROW, LayerSpec, error_bound, make_layer, random_mixed_spec,
+                    reference_weight)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -438,8 +439,6 @@ def test_bf16_large_values_and_fp16_finite():
             y = run_gemm(layer, x)
             assert torch.isfinite(y).all()
 
-
-FOLD_ROW = 6  # plan.h: kMmaConfigs' scale-after-product row (opt-in: MBWQ_MMA_CONFIG=7)
 
 KERNEL_KNOBS = {
     "default": {},

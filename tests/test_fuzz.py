@@ -27,7 +27,7 @@ from hypothesis import given, settings, strategies as st
 import mbwq_ops
 from mbwq_ops import reference
 
-from layers import LayerSpec, device_params, error_bound, make_layer, reference_weight
+from layers import FOLD_ROW, LayerSpec, device_params, error_bound, make_layer, reference_weight
 from strategies import dtypes_for, layer_specs
 
 # Row counts: 0, the CPU direct kernel (<= 16) and its edge, mma.sync (<= 64), the tile kernel
@@ -142,7 +142,7 @@ def test_gemm_any_x_layout_magnitude_and_nonfinite(device, data):
 @given(data=st.data())
 def test_fold_row_any_x_layout_magnitude_and_nonfinite(data):
     # the same contract on the opt-in fold row (one row of fp16 x; csrc/cuda/mma_fold.cuh)
-    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=7):
+    with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=FOLD_ROW + 1):
         fuzz_one_case(data, "cuda", [torch.float16], [1])
 
 

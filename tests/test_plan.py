@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import mbwq_ops
+from layers import FOLD_ROW
 
 H100 = dict(sm_count=132, wgmma=True)
 AMPERE = dict(sm_count=108, wgmma=False)
@@ -83,9 +84,6 @@ def test_knobs_move_the_boundaries_and_come_back():
     with mbwq_ops.ops.tuning(MBWQ_MMA_CONFIG=99):  # no such configuration: the default
         assert mbwq_ops.plan(3, K, N, **H100)["mma_config"] == default
     assert paths(K, N, Ms=range(1, 300), **H100) == before
-
-
-FOLD_ROW = 6  # plan.h: kMmaConfigs' scale-after-product row (opt-in)
 
 
 def test_knob_settings_name_the_knobs_that_are_set():
